@@ -1,0 +1,102 @@
+"""Where a model or adapter comes from: a local folder, a local file, or a Hub id.
+
+A `Source` turns file names relative to the model's root (`config.json`,
+`model-00001-of-00002.safetensors`) into local paths, fetching each one only
+when it is asked for, so a Hub download brings only the index, the config and
+the shards that hold tensors the run actually reads.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter_fix.errors import SourceNotFoundError
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How Hub ids are resolved. Passed explicitly, never read from globals, so tests are offline.
+
+    revision: branch, tag or commit (an `@revision` in the id wins over it).
+    cache_dir: the Hub cache folder (default: huggingface_hub's).
+    offline: use only what is already in the cache; never touch the network.
+    endpoint: the Hub's URL (default: huggingface_hub's, or HF_ENDPOINT).
+    token: an access token; None uses the usual Hub environment (HF_TOKEN, saved login).
+    """
+
+    revision: str | None = None
+    cache_dir: Path | None = None
+    offline: bool = False
+    endpoint: str | None = None
+    token: str | None = None
+
+
+class Source(ABC):
+    """A model or adapter whose files can be fetched one by one.
+
+    `identity` says where it came from, for provenance: an absolute path, or
+    `org/name@<commit sha>` for the Hub. `single_file` is set when the source
+    is one weights file rather than a folder.
+    """
+
+    identity: str
+    single_file: Path | None = None
+
+    @abstractmethod
+    def fetch(self, filename: str) -> Path | None:
+        """Local path of `filename` (relative to the root), or None if the source lacks it."""
+
+    @abstractmethod
+    def list_files(self) -> list[str]:
+        """Every file name in the source, relative to its root, sorted."""
+
+    def __str__(self) -> str:
+        return self.identity
+
+
+class LocalSource(Source):
+    """A folder or a single file on local disk."""
+
+    def __init__(self, path: Path) -> None:
+        path = path.expanduser()
+        if not path.exists():
+            raise SourceNotFoundError(
+                "no such file or folder. Give a local folder, a .safetensors file, or a "
+                "Hub id such as org/name or org/name@revision.",
+                path=path,
+            )
+        self.root = path.resolve()
+        self.identity = str(self.root)
+        if self.root.is_file():
+            self.single_file = self.root
+
+    def fetch(self, filename: str) -> Path | None:
+        if self.single_file is not None:
+            return self.single_file if filename == self.single_file.name else None
+        candidate = self.root / filename
+        return candidate if candidate.is_file() else None
+
+    def list_files(self) -> list[str]:
+        if self.single_file is not None:
+            return [self.single_file.name]
+        return sorted(
+            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()
+        )
+
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
+
+
+def open_source(spec: str, options: HubOptions | None = None) -> Source:
+    """A local path if one exists at `spec`, else a Hub id `org/name[@revision]`."""
+    options = options or HubOptions()
+    path = Path(spec).expanduser()
+    match = HUB_ID.match(spec)
+    if path.exists() or match is None or spec.startswith((".", "/", "~")):
+        return LocalSource(path)
+    from adapter_fix.hub import HubSource
+
+    return HubSource(match["repo"], match["revision"] or options.revision, options)
