@@ -82,9 +82,7 @@ class LocalSource(Source):
     def list_files(self) -> list[str]:
         if self.single_file is not None:
             return [self.single_file.name]
-        return sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()
-        )
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
 
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")

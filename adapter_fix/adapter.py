@@ -1,0 +1,363 @@
+"""A PEFT LoRA adapter: its config, its modules, their scaling and keys.
+
+Mirrors PEFT's own rules (peft/tuners/lora): scaling is `lora_alpha / r`, or
+`lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` / `alpha_pattern`
+keys match a module name the way `peft.utils.other.get_pattern_key` does
+(the first key, in config order, that matches the end of the name at a dot
+boundary); `target_modules` matches the way `check_target_module_exists` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapter_fix.checkpoint import Checkpoint, refuse_pickles
+from adapter_fix.errors import (
+    IncompatibleModelsError,
+    InvalidAdapterError,
+    SourceNotFoundError,
+)
+from adapter_fix.sources import Source
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+ROLES = (*FACTOR_ROLES, "lora_magnitude_vector")
+
+ADAPTER_KEY = re.compile(
+    r"^(?P<prefix>base_model\.model\.)?(?P<module>.+?)\.(?P<role>" + "|".join(ROLES) + r")"
+    r"(?:\.(?P<adapter>(?!weight$)[^.]+))?(?P<suffix>\.weight)?$"
+)
+
+# Config fields whose presence changes what a LoRA module computes beyond s * B @ A.
+UNSUPPORTED_FEATURES = {
+    "use_dora": "DoRA (weight-decomposed LoRA) rescales the merged weight by a magnitude vector",
+    "lora_bias": "LoRA bias adds a trainable bias to lora_B",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not a linear LoRA module",
+    "layer_replication": "layer replication shares base weights across layers",
+}
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """One tensor key of a PEFT adapter file, split into its parts.
+
+    `base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight` is
+    prefix `base_model.model.`, module `model.layers.0.mlp.up_proj`, role
+    `lora_A`, adapter name `default`, suffix `.weight`.
+    """
+
+    module: str
+    role: str
+    prefix: str = PEFT_PREFIX
+    adapter_name: str | None = None
+    suffix: str = ".weight"
+
+    @classmethod
+    def parse(cls, key: str) -> AdapterKey | None:
+        """The parts of a LoRA key, or None for a key that is not a LoRA factor or magnitude."""
+        match = ADAPTER_KEY.match(key)
+        if match is None:
+            return None
+        return cls(
+            module=match["module"],
+            role=match["role"],
+            prefix=match["prefix"] or "",
+            adapter_name=match["adapter"],
+            suffix=match["suffix"] or "",
+        )
+
+    def format(self) -> str:
+        """The key string; `AdapterKey.parse(k).format() == k` for every LoRA key."""
+        adapter = f".{self.adapter_name}" if self.adapter_name else ""
+        return f"{self.prefix}{self.module}.{self.role}{adapter}{self.suffix}"
+
+    @property
+    def base_weight_key(self) -> str:
+        """The key of the weight this LoRA factor updates, as the base model names it."""
+        return f"{self.module}.weight"
+
+    @classmethod
+    def from_base_weight_key(cls, weight_key: str, role: str, **parts: Any) -> AdapterKey:
+        """The inverse of `base_weight_key` for a given role (and optional prefix/name/suffix)."""
+        if not weight_key.endswith(".weight"):
+            raise ValueError(f"not a weight key: {weight_key!r}")
+        return cls(module=weight_key[: -len(".weight")], role=role, **parts)
+
+
+def resolve_weight_key(module: str, available: Collection[str], label: str) -> str:
+    """The checkpoint key of `module`'s weight, tolerating a different key prefix.
+
+    An exact `{module}.weight` wins. Otherwise a checkpoint key that is a
+    dot-boundary suffix of it (a checkpoint saved without the task head's
+    prefix, e.g. GPT-2's `h.0.attn.c_attn.weight` for `transformer.h.0...`),
+    or that ends with it (a checkpoint with an extra prefix). More than one
+    candidate is an error that lists them.
+    """
+    wanted = f"{module}.weight"
+    if wanted in available:
+        return wanted
+    candidates = sorted(
+        key
+        for key in available
+        if key.endswith(".weight") and (wanted.endswith(f".{key}") or key.endswith(f".{wanted}"))
+    )
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise IncompatibleModelsError(
+            f"{label} has no weight for adapter module {module!r} (looked for {wanted!r} and the "
+            "same name with a different prefix). Is this the model the adapter was trained on?",
+            key=wanted,
+        )
+    raise IncompatibleModelsError(
+        f"{label}: the weight of adapter module {module!r} is ambiguous; candidates: "
+        f"{', '.join(candidates)}.",
+        key=wanted,
+    )
+
+
+def pattern_key(patterns: Collection[str], module: str) -> str | None:
+    """The first pattern matching `module` as PEFT's `get_pattern_key` does, or None."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return pattern
+    return None
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def config_rank(config: Mapping[str, Any], module: str) -> int:
+    """The rank PEFT gives `module`: its `rank_pattern` entry, else `r`."""
+    patterns: Mapping[str, int] = config.get("rank_pattern") or {}
+    key = pattern_key(patterns, module)
+    return int(patterns[key]) if key is not None else int(config["r"])
+
+
+def config_alpha(config: Mapping[str, Any], module: str) -> float:
+    """The alpha PEFT gives `module`: its `alpha_pattern` entry, else `lora_alpha`."""
+    patterns: Mapping[str, float] = config.get("alpha_pattern") or {}
+    key = pattern_key(patterns, module)
+    return float(patterns[key]) if key is not None else float(config["lora_alpha"])
+
+
+def is_targeted(module: str, target_modules: str | Collection[str] | None) -> bool:
+    """Whether PEFT's `check_target_module_exists` would put a LoRA layer on `module`."""
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            return True
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-adapted module.
+
+    `shape` is `(m, n)`, the orientation of the update `dW` (METHOD.md,
+    Notation): out x in for linear layers, also for `fan_in_fan_out` layers
+    whose stored weight is `n x m` (`weight_transposed`), and vocab x dim for
+    embeddings, whose update is `(s * B @ A)^T` (`factors_transposed`).
+    """
+
+    name: str
+    kind: str  # "linear", "conv1d" (fan_in_fan_out) or "embedding"
+    key_a: str
+    key_b: str
+    rank: int
+    alpha: float
+    scaling: float
+    shape: tuple[int, int]
+    dtype: str
+
+    @property
+    def weight_transposed(self) -> bool:
+        return self.kind == "conv1d"
+
+    @property
+    def factors_transposed(self) -> bool:
+        return self.kind == "embedding"
+
+    @property
+    def stored_weight_shape(self) -> tuple[int, int]:
+        """The shape of this module's weight as a checkpoint stores it."""
+        m, n = self.shape
+        return (n, m) if self.weight_transposed else (m, n)
+
+
+@dataclass
+class LoraAdapter:
+    """A parsed PEFT LoRA adapter: config, modules, and the tensors carried as they are."""
+
+    source: Source
+    config: dict[str, Any]
+    config_path: Path
+    weights: Checkpoint
+    modules: list[LoraModule]
+    carried_keys: list[str]
+    unsupported: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.weights.header(WEIGHTS_NAME).path
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    def scaling_for(self, module: str, rank: int) -> float:
+        """The scaling PEFT applies to `module` at `rank`, under this config's alpha rules."""
+        return lora_scaling(self.alpha_for(module), rank, self.use_rslora)
+
+    def alpha_for(self, module: str) -> float:
+        return config_alpha(self.config, module)
+
+
+def load_adapter(source: Source) -> LoraAdapter:
+    """Parse `adapter_config.json` and the headers of `adapter_model.safetensors`.
+
+    Reads no tensor data. Raises InvalidAdapterError for what is not a LoRA
+    adapter PEFT could load; records softer problems in `warnings`.
+    """
+    config_path = source.fetch(CONFIG_NAME)
+    if config_path is None:
+        if source.single_file is not None:
+            raise InvalidAdapterError(
+                f"an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}; got a single file.",
+                path=source.identity,
+            )
+        raise SourceNotFoundError(
+            f"no {CONFIG_NAME}: not a PEFT adapter folder.", path=source.identity
+        )
+    config = _read_config(config_path)
+    if source.fetch(WEIGHTS_NAME) is None:
+        refuse_pickles(source, "ADAPTER")
+        raise SourceNotFoundError(f"no {WEIGHTS_NAME} next to {CONFIG_NAME}.", path=source.identity)
+    weights = Checkpoint.open(source, "ADAPTER", WEIGHTS_NAME)
+    modules, carried, warnings = _modules(config, weights)
+    unsupported = {name: why for name, why in UNSUPPORTED_FEATURES.items() if config.get(name)}
+    if any("lora_magnitude_vector" in key for key in carried):
+        unsupported.setdefault("use_dora", UNSUPPORTED_FEATURES["use_dora"])
+    if "use_dora" in unsupported:
+        warnings.append("DoRA adapter: inspect reports it, but repair does not support DoRA yet.")
+    return LoraAdapter(
+        source, config, config_path, weights, modules, carried, unsupported, warnings
+    )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidAdapterError(
+            f"cannot parse the adapter config ({error}).", path=path
+        ) from None
+    if not isinstance(config, dict):
+        raise InvalidAdapterError("the adapter config is not a JSON object.", path=path)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise InvalidAdapterError(
+            f"peft_type is {config.get('peft_type')!r}; adapter-fix repairs LoRA adapters only.",
+            path=path,
+        )
+    for name in ("r", "lora_alpha"):
+        value = config.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise InvalidAdapterError(
+                f"{name!r} must be a positive number, got {value!r}.", path=path, key=name
+            )
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise InvalidAdapterError(f"{name!r} must be an object.", path=path, key=name)
+    return config
+
+
+def _modules(
+    config: dict[str, Any], weights: Checkpoint
+) -> tuple[list[LoraModule], list[str], list[str]]:
+    """Pair lora_A / lora_B keys into modules; everything else is carried unchanged."""
+    factors: dict[str, dict[str, str]] = {}
+    carried: list[str] = []
+    for key in weights:
+        parsed = AdapterKey.parse(key)
+        if parsed is None or parsed.role not in FACTOR_ROLES:
+            carried.append(key)
+            continue
+        factors.setdefault(parsed.module, {})[parsed.role.removeprefix("lora_")] = key
+    path = weights.header(WEIGHTS_NAME).path
+    modules: list[LoraModule] = []
+    warnings: list[str] = []
+    for name, roles in factors.items():
+        embedding = "embedding_A" in roles or "embedding_B" in roles
+        key_a = roles.get("embedding_A" if embedding else "A")
+        key_b = roles.get("embedding_B" if embedding else "B")
+        if key_a is None or key_b is None:
+            present = ", ".join(sorted(roles.values()))
+            raise InvalidAdapterError(
+                f"module {name!r} has {present} but not its partner factor (incomplete file).",
+                path=path,
+                key=present,
+            )
+        info_a, info_b = weights.info(key_a), weights.info(key_b)
+        if len(info_a.shape) != 2 or len(info_b.shape) != 2:
+            raise InvalidAdapterError(
+                f"module {name!r} has factors of shape {list(info_a.shape)} and "
+                f"{list(info_b.shape)}; only linear and embedding LoRA (2-D factors) are "
+                "supported, not convolution LoRA.",
+                path=path,
+                key=key_a,
+            )
+        if info_a.shape[0] != info_b.shape[1]:
+            raise InvalidAdapterError(
+                f"module {name!r}: lora_A has rank {info_a.shape[0]} but lora_B has rank "
+                f"{info_b.shape[1]}; the factors do not multiply.",
+                path=path,
+                key=key_b,
+            )
+        rank = info_a.shape[0]
+        if info_a.dtype != info_b.dtype:
+            warnings.append(f"{name}: lora_A is {info_a.dtype} but lora_B is {info_b.dtype}.")
+        expected_rank = config_rank(config, name)
+        if rank != expected_rank:
+            warnings.append(
+                f"{name}: the factors have rank {rank} but the config says r={expected_rank}: "
+                "PEFT will refuse to load this adapter (size mismatch)."
+            )
+        if not is_targeted(name, config.get("target_modules")):
+            warnings.append(
+                f"{name}: not matched by target_modules {config.get('target_modules')!r}; PEFT "
+                "creates no LoRA layer there and silently drops these tensors."
+            )
+        if embedding:
+            kind, shape = "embedding", (info_a.shape[1], info_b.shape[0])
+        else:
+            kind = "conv1d" if config.get("fan_in_fan_out") else "linear"
+            shape = (info_b.shape[0], info_a.shape[1])
+        alpha = config_alpha(config, name)
+        modules.append(
+            LoraModule(
+                name=name,
+                kind=kind,
+                key_a=key_a,
+                key_b=key_b,
+                rank=rank,
+                alpha=alpha,
+                scaling=lora_scaling(alpha, rank, bool(config.get("use_rslora"))),
+                shape=shape,
+                dtype=info_a.dtype,
+            )
+        )
+    return modules, carried, warnings

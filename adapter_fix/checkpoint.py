@@ -1,0 +1,325 @@
+"""Lazy tensor index over single-file or sharded safetensors checkpoints.
+
+The header of a safetensors file is validated before any data is touched, and
+each tensor is read with one positioned read into a buffer of its own size:
+no memory map, so the resident memory of a run is the tensors it holds, not
+the pages of the shards it has looked at. No file stays open between reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from adapter_fix.errors import (
+    CONVERT_HINT,
+    PICKLE_SUFFIXES,
+    CorruptCheckpointError,
+    NonFiniteError,
+    SourceNotFoundError,
+    UnsafeFormatError,
+)
+from adapter_fix.sources import Source
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: enough to read it without reading anything else."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: tensors in file order, and the string metadata."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate the header of one .safetensors file without reading tensor data."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise UnsafeFormatError(f"pickle checkpoint refused. {CONVERT_HINT}", path=path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, "the file is shorter than a safetensors header (8 bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise _corrupt(path, f"the header claims {header_len} bytes, the file has {size}")
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise SourceNotFoundError(f"cannot read the file ({error.strerror}).", path=path) from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _corrupt(path, "__metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        tensors[key] = _tensor_info(path, key, entry, data_start, size)
+    return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+def _tensor_info(path: Path, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise _corrupt(path, "the header entry is not an object", key)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _corrupt(path, f"unsupported dtype {dtype!r}", key)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _corrupt(path, f"invalid shape {shape!r}", key)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"invalid data_offsets {offsets!r}", key)
+    nbytes = offsets[1] - offsets[0]
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if nbytes != expected:
+        raise _corrupt(
+            path, f"holds {nbytes} bytes but shape {shape} of {dtype} needs {expected}", key
+        )
+    if data_start + offsets[1] > size:
+        raise _corrupt(
+            path,
+            f"the data ends at byte {data_start + offsets[1]} but the file has {size}: "
+            "the file is truncated (an interrupted download or copy?); fetch it again",
+            key,
+        )
+    return TensorInfo(key, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
+
+
+def _corrupt(path: Path, what: str, key: str | None = None) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"not a valid safetensors file: {what}.", path=path, key=key)
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with a single positioned read; the result owns its memory."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    try:
+        with info.file.open("rb") as handle:
+            handle.seek(info.offset)
+            got = handle.readinto(buffer.numpy()) if info.nbytes else 0
+    except OSError as error:
+        raise SourceNotFoundError(f"cannot read ({error.strerror}).", path=info.file) from None
+    if got != info.nbytes:
+        raise _corrupt(info.file, "the file ended before the tensor's data", info.key)
+    return buffer.view(info.torch_dtype).reshape(info.shape)
+
+
+def check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
+    """Raise NonFiniteError naming file and key when a float tensor holds NaN or Inf."""
+    if info.dtype in FLOAT_DTYPES and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(
+            f"{bad} of {tensor.numel()} values are NaN or Inf. A repair cannot be computed from "
+            "non-finite weights: check the checkpoint (a diverged fine-tune or a broken export).",
+            path=info.file,
+            key=info.key,
+        )
+
+
+class Checkpoint:
+    """Keys, shapes and dtypes of a checkpoint, and its tensors one at a time.
+
+    A sharded checkpoint is listed from its index alone; a shard is fetched
+    (downloaded, for the Hub) and its header parsed only when a tensor in it
+    is first asked for. `reads` records every key read, in order, so tests can
+    prove a run streams.
+    """
+
+    def __init__(self, label: str, source: Source, weight_map: dict[str, str]) -> None:
+        self.label = label
+        self.source = source
+        self.weight_map = weight_map
+        self.reads: list[str] = []
+        self._headers: dict[str, SafetensorsHeader] = {}
+
+    @classmethod
+    def open(cls, source: Source, label: str, filename: str | None = None) -> Checkpoint:
+        """Open a model checkpoint (index, single file) or one named file of a source."""
+        if source.single_file is not None:
+            header = read_header(source.single_file)
+            checkpoint = cls(label, source, dict.fromkeys(header.tensors, source.single_file.name))
+            checkpoint._headers[source.single_file.name] = header
+            return checkpoint
+        if filename is not None:
+            return cls._open_file(source, label, filename)
+        index = source.fetch(INDEX_NAME)
+        if index is not None:
+            return cls(label, source, _read_index(index, source))
+        if source.fetch(SINGLE_NAME) is not None:
+            return cls._open_file(source, label, SINGLE_NAME)
+        refuse_pickles(source, label)
+        raise SourceNotFoundError(
+            f"{label}: no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}) in {source}. "
+            "Point at the folder that holds the model's weights.",
+            path=source.identity,
+        )
+
+    @classmethod
+    def _open_file(cls, source: Source, label: str, filename: str) -> Checkpoint:
+        path = source.fetch(filename)
+        if path is None:
+            raise SourceNotFoundError(f"{label}: {filename} is missing.", path=source.identity)
+        header = read_header(path)
+        checkpoint = cls(label, source, dict.fromkeys(header.tensors, filename))
+        checkpoint._headers[filename] = header
+        return checkpoint
+
+    def keys(self) -> list[str]:
+        """Every tensor key, in index (or file) order."""
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def files(self) -> list[str]:
+        """The weight files, in first-use order."""
+        return list(dict.fromkeys(self.weight_map.values()))
+
+    def header(self, filename: str) -> SafetensorsHeader:
+        """The validated header of one weight file, fetching the file on first use."""
+        if filename not in self._headers:
+            path = self.source.fetch(filename)
+            if path is None:
+                raise CorruptCheckpointError(
+                    f"{self.label}: the index lists shard {filename!r}, which is missing. "
+                    "Download the checkpoint again or fix the index.",
+                    path=self.source.identity,
+                )
+            self._headers[filename] = read_header(path)
+        return self._headers[filename]
+
+    def info(self, key: str) -> TensorInfo:
+        """Shape, dtype and location of one tensor, without reading its data."""
+        filename = self.weight_map.get(key)
+        if filename is None:
+            raise CorruptCheckpointError(f"{self.label}: no tensor {key!r}.", path=self.source)
+        header = self.header(filename)
+        info = header.tensors.get(key)
+        if info is None:
+            raise CorruptCheckpointError(
+                f"{self.label}: the index lists this tensor in {filename}, which lacks it: "
+                "the checkpoint is incomplete or its index is stale.",
+                path=header.path,
+                key=key,
+            )
+        return info
+
+    def read(self, key: str, *, finite: bool = True) -> torch.Tensor:
+        """Read one tensor; with `finite`, NaN or Inf is an error naming file and key."""
+        info = self.info(key)
+        tensor = read_tensor(info)
+        if finite:
+            check_finite(tensor, info)
+        self.reads.append(key)
+        return tensor
+
+    def metadata(self) -> dict[str, str]:
+        """The header metadata of the first weight file."""
+        return self.header(self.files()[0]).metadata if self.weight_map else {}
+
+
+def _read_index(path: Path, source: Source) -> dict[str, str]:
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CorruptCheckpointError(
+            "not a valid safetensors index: expected a JSON object with a 'weight_map'.",
+            path=path,
+        ) from None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError("'weight_map' must map keys to shard names.", path=path)
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not _is_plain_relative(shard):
+            raise CorruptCheckpointError(
+                f"the index points this key at {shard!r}, outside the checkpoint folder. "
+                "Shard names must be plain file names next to the index; refusing to follow it.",
+                path=path,
+                key=key,
+            )
+        if Path(shard).suffix in PICKLE_SUFFIXES:
+            raise UnsafeFormatError(f"the index lists a pickle shard. {CONVERT_HINT}", path=path)
+    return dict(weight_map)
+
+
+def _is_plain_relative(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return bool(parts) and not os.path.isabs(name) and ".." not in parts and ":" not in name
+
+
+def refuse_pickles(source: Source, label: str) -> None:
+    """Raise UnsafeFormatError when the source holds pickle weights (listed, never fetched)."""
+    pickles = [name for name in source.list_files() if Path(name).suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise UnsafeFormatError(
+            f"{label}: only pickle weights found ({', '.join(pickles[:3])}). {CONVERT_HINT}",
+            path=source.identity,
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (`torch.bfloat16` -> "BF16")."""
+    return DTYPE_NAMES[dtype]
