@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter_fix.checkpoint import Checkpoint, refuse_pickles
+from adapter_fix.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, refuse_pickles
 from adapter_fix.errors import (
     IncompatibleModelsError,
     InvalidAdapterError,
@@ -42,6 +42,7 @@ UNSUPPORTED_FEATURES = {
     "lora_bias": "LoRA bias adds a trainable bias to lora_B",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not a linear LoRA module",
     "layer_replication": "layer replication shares base weights across layers",
+    "use_qalora": "QA-LoRA pools the input before lora_A, so lora_A's width is not the layer's",
 }
 
 
@@ -234,11 +235,15 @@ def load_adapter(source: Source) -> LoraAdapter:
     """
     config_path = source.fetch(CONFIG_NAME)
     if config_path is None:
-        if source.single_file is not None:
+        if source.single_file or source.fetch(INDEX_NAME) or source.fetch(SINGLE_NAME):
+            # A model given as ADAPTER: validate it (bad index, pickles), then say what it is.
+            model = Checkpoint.open(source, "ADAPTER")
             raise InvalidAdapterError(
-                f"an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}; got a single file.",
+                f"no {CONFIG_NAME}: this is a model checkpoint ({len(model.keys())} tensors), "
+                "not a PEFT adapter. ADAPTER is the folder an adapter's save_pretrained writes.",
                 path=source.identity,
             )
+        refuse_pickles(source, "ADAPTER")
         raise SourceNotFoundError(
             f"no {CONFIG_NAME}: not a PEFT adapter folder.", path=source.identity
         )

@@ -1,0 +1,127 @@
+"""`adapter-fix inspect`: what is in an adapter, module by module, with warnings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from adapter_fix import __version__
+from adapter_fix.adapter import LoraAdapter, LoraModule
+from adapter_fix.solve import as_factored, update_spectrum
+
+SCHEMA = "adapter-fix/inspect"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One LoRA module as inspect reports it; `update_norm` is `||s B A||_F`."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scaling: float
+    dtype: str
+    update_norm: float | None  # None when a factor holds NaN or Inf
+    effective_rank: float | None
+    finite: bool
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    summary: dict[str, Any]
+    modules: list[ModuleSummary]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The versioned JSON document `inspect --json` prints."""
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "tool": {"name": "adapter-fix", "version": __version__},
+            "adapter": self.summary,
+            "modules": [{**asdict(module), "shape": list(module.shape)} for module in self.modules],
+            "warnings": self.warnings,
+        }
+
+
+def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
+    """Read the adapter's factors (small) and summarise them; reads no model weights."""
+    warnings = list(adapter.warnings)
+    modules = [_summarise(adapter, module, warnings) for module in adapter.modules]
+    for key in adapter.carried_keys:
+        if not _finite(adapter.weights.read(key, finite=False)):
+            warnings.append(f"{key}: holds NaN or Inf values.")
+    weights = adapter.weights
+    infos = [weights.info(key) for key in weights]
+    config = adapter.config
+    summary = {
+        "source": adapter.source.identity,
+        "peft_type": config.get("peft_type"),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "scaling_rule": "lora_alpha / sqrt(r) (rsLoRA)" if adapter.use_rslora else "lora_alpha / r",
+        "rank_pattern": config.get("rank_pattern") or {},
+        "alpha_pattern": config.get("alpha_pattern") or {},
+        "target_modules": _jsonable(config.get("target_modules")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
+        "modules_to_save": config.get("modules_to_save") or [],
+        "unsupported_features": adapter.unsupported,
+        "module_count": len(modules),
+        "tensor_count": len(infos),
+        "parameter_count": sum(info.numel for info in infos),
+        "dtypes": sorted({info.dtype for info in infos}),
+        "file": str(adapter.weights_path),
+        "file_size": adapter.weights_path.stat().st_size,
+        "carried_keys": adapter.carried_keys,
+    }
+    return InspectResult(summary, modules, warnings)
+
+
+def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) -> ModuleSummary:
+    lora_a = adapter.weights.read(module.key_a, finite=False)
+    lora_b = adapter.weights.read(module.key_b, finite=False)
+    finite = _finite(lora_a) and _finite(lora_b)
+    if finite:
+        spectrum = update_spectrum(as_factored(lora_b, lora_a, module.scaling))
+        norm = float(spectrum.square().sum().sqrt())
+        effective = effective_rank(spectrum)
+    else:
+        warnings.append(f"{module.name}: lora_A or lora_B holds NaN or Inf values.")
+        norm, effective = None, None
+    if norm == 0.0:
+        warnings.append(f"{module.name}: the update is all zero (lora_A or lora_B is zero).")
+    return ModuleSummary(
+        name=module.name,
+        kind=module.kind,
+        shape=module.shape,
+        rank=module.rank,
+        alpha=module.alpha,
+        scaling=module.scaling,
+        dtype=module.dtype,
+        update_norm=norm,
+        effective_rank=effective,
+        finite=finite,
+    )
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): exp of the entropy of normalised singular values; 0 if all zero."""
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    p = singular_values[singular_values > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def _jsonable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set | tuple) else value

@@ -1,0 +1,51 @@
+"""A progress bar on stderr for the module-by-module repair."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from adapter_fix.repair import ModuleResult
+
+
+class ModuleProgress:
+    """Modules done, weights read, ETA; silent when disabled or when stderr is not a terminal."""
+
+    def __init__(self, console: Console, total: int, *, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]repair"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("modules, {task.fields[tensors]} weights read, {task.fields[current]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=True,
+        )
+        self.task = self.progress.add_task("repair", total=total, tensors=0, current="")
+
+    def __enter__(self) -> ModuleProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.progress.__exit__(kind, error, trace)
+
+    def advance(self, module: ModuleResult) -> None:
+        done = self.progress.tasks[0].completed + 1
+        self.progress.update(self.task, advance=1, tensors=2 * done, current=module.name)

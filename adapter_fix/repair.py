@@ -1,0 +1,528 @@
+"""The streaming repair: module by module, two weights in memory at a time.
+
+For each LoRA module, in adapter order: read its base and aligned weights
+(only those two tensors), form the displacement, find the safety subspace,
+solve in factored form, keep the small results, and release the large
+tensors before the next module. Peak memory is a small multiple of the
+largest module; depth does not matter. Safe LoRA must see every module's
+similarity before it selects, so it keeps only the small per-module
+candidates (`m x r`), never a weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapter_fix import __version__
+from adapter_fix.adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    LoraAdapter,
+    LoraModule,
+    config_rank,
+    lora_scaling,
+    resolve_weight_key,
+)
+from adapter_fix.checkpoint import PICKLE_SUFFIXES, Checkpoint, read_header, read_tensor
+from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
+from adapter_fix.solve import (
+    FactoredUpdate,
+    as_factored,
+    csulora,
+    decompose,
+    project,
+    safelora_candidate,
+    safelora_select,
+    to_lora_factors,
+    update_metrics,
+)
+from adapter_fix.subspace import module_seed, safety_subspace
+from adapter_fix.writer import atomic_directory, write_safetensors
+
+METHODS = ("csulora", "project", "safelora", "none")
+REPORT_NAME = "repair_report.json"
+REPORT_SCHEMA = "adapter-fix/repair-report"
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """Every choice a repair makes, built once from the CLI and passed down whole."""
+
+    method: str = "csulora"
+    energy: float = 0.9
+    max_rank: int = 128
+    rank: int | None = None
+    strength: float = 1.0
+    output_rank: str = "keep"
+    safelora_select: str = "number"
+    safelora_layers: int = 10
+    safelora_threshold: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+
+    def parameters(self) -> dict[str, Any]:
+        """The options that shape the result, for provenance (no device: it does not)."""
+        parameters = asdict(self)
+        parameters.pop("device")
+        return parameters
+
+
+@dataclass
+class ModuleResult:
+    """What the repair did to one module (METHOD.md §6)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    scaling: float
+    action: str = "unchanged"
+    reason: str | None = None
+    subspace_rank: int = 0
+    captured_energy: float = 0.0
+    subspace_method: str | None = None
+    displacement_norm: float = 0.0
+    update_norm: float = 0.0
+    rho_before: dict[str, float] = field(default_factory=dict)
+    rho_after: dict[str, float] = field(default_factory=dict)
+    attenuation: dict[str, float] | None = None
+    repaired_norm: float = 0.0
+    relative_change: float = 0.0
+    cosine: float = 1.0
+    truncation_residual: float = 0.0
+    output_rank: int = 0
+    safelora_similarity: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+@dataclass
+class Timings:
+    read_s: float = 0.0
+    subspace_s: float = 0.0
+    solve_s: float = 0.0
+    write_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class RepairResult:
+    """Everything a run reports: per module, totals, timings, provenance."""
+
+    options: RepairOptions
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+    output: str | None = None
+
+    def totals(self) -> dict[str, Any]:
+        before = sum(m.update_norm**2 for m in self.modules)
+        after = sum(m.repaired_norm**2 for m in self.modules)
+        counts: dict[str, int] = {}
+        for module in self.modules:
+            counts[module.action] = counts.get(module.action, 0) + 1
+        changed = sorted(self.modules, key=lambda m: m.relative_change, reverse=True)
+        return {
+            "modules": len(self.modules),
+            "actions": counts,
+            "energy_kept": after / before if before > 0 else 1.0,
+            "changed_most": [
+                {"name": m.name, "relative_change": m.relative_change}
+                for m in changed[:5]
+                if m.relative_change > 0
+            ],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The versioned `repair_report.json` document."""
+        return {
+            "schema": REPORT_SCHEMA,
+            "version": REPORT_VERSION,
+            "tool": {"name": "adapter-fix", "version": __version__},
+            "inputs": self.inputs,
+            "parameters": self.options.parameters(),
+            "output": self.output,
+            "modules": [m.to_json() for m in self.modules],
+            "totals": self.totals(),
+            "timings": asdict(self.timings),
+        }
+
+
+@dataclass
+class _Outcome:
+    """A module's report row and, when it changes, its new factors (PEFT orientation)."""
+
+    report: ModuleResult
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    safelora: tuple[torch.Tensor, ModuleResult] | None = None
+
+
+class _Clock:
+    def __init__(self, timings: Timings) -> None:
+        self.timings = timings
+
+    def measure(self, name: str) -> _Lap:
+        return _Lap(self.timings, name)
+
+
+class _Lap:
+    def __init__(self, timings: Timings, name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *_: object) -> None:
+        elapsed = time.perf_counter() - self.start
+        setattr(self.timings, self.name, getattr(self.timings, self.name) + elapsed)
+
+
+def check_output_path(out: Path, inputs: list[Path]) -> None:
+    """Refuse an OUT that is, holds, or lies inside an input: a repair never touches its inputs."""
+    out = out.resolve()
+    for path in inputs:
+        path = path.resolve()
+        folder = path if path.is_dir() else path.parent
+        if out.is_relative_to(folder) or path.is_relative_to(out):
+            raise OutputError(
+                f"the output would overlap the input {path}; adapter-fix never writes inside "
+                "or over an input. Choose another -o folder.",
+                path=out,
+            )
+
+
+def repair(
+    base: Checkpoint,
+    aligned: Checkpoint,
+    adapter: LoraAdapter,
+    options: RepairOptions,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    on_module: Callable[[ModuleResult], None] | None = None,
+) -> RepairResult:
+    """Repair `adapter` module by module and, unless the method is `none`, write it to `out`."""
+    if adapter.unsupported:
+        feature, why = next(iter(adapter.unsupported.items()))
+        raise InvalidAdapterError(
+            f"the adapter uses {feature}: {why}. adapter-fix cannot repair it yet; "
+            "`adapter-fix inspect` still reports it.",
+            path=adapter.config_path,
+            key=feature,
+        )
+    _check_ranks(adapter)
+    if base.source.identity == aligned.source.identity:
+        raise IncompatibleModelsError(
+            "BASE and ALIGNED are the same files, so the alignment displacement is zero. "
+            "BASE is the pretrained model, ALIGNED the chat model the adapter was trained on.",
+            path=base.source.identity,
+        )
+    started = time.perf_counter()
+    timings = Timings()
+    clock = _Clock(timings)
+    # Every key and shape is checked from headers before any weight is read: fail fast.
+    weight_keys = [_weight_keys(base, aligned, module) for module in adapter.modules]
+    outcomes = []
+    for module, keys in zip(adapter.modules, weight_keys, strict=True):
+        outcome = _repair_module(base, aligned, adapter, module, keys, options, clock)
+        outcomes.append(outcome)
+        if on_module is not None:
+            on_module(outcome.report)
+    if options.method == "safelora":
+        _select_safelora(outcomes, options)
+    inputs = {
+        "base": base.source.identity,
+        "aligned": aligned.source.identity,
+        "adapter": adapter.source.identity,
+        "adapter_sha256": _sha256(adapter.weights_path),
+    }
+    result = RepairResult(options, inputs, [o.report for o in outcomes], timings)
+    if options.method != "none" and out is not None:
+        with clock.measure("write_s"):
+            result.output = str(out.resolve())
+            _write(adapter, outcomes, result, out, force)
+    timings.total_s = time.perf_counter() - started
+    return result
+
+
+def _check_ranks(adapter: LoraAdapter) -> None:
+    for module in adapter.modules:
+        expected = adapter.config.get("rank_pattern") or {}
+        configured = config_rank(adapter.config, module.name)
+        if module.rank != configured:
+            raise InvalidAdapterError(
+                f"module {module.name!r} has rank {module.rank} but the config gives it "
+                f"r={configured} (rank_pattern: {expected}); PEFT could not load it either.",
+                path=adapter.config_path,
+                key=module.key_a,
+            )
+
+
+def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> tuple[str, str]:
+    """The keys of `module`'s weight in BASE and ALIGNED, with shapes checked (headers only)."""
+    base_key = resolve_weight_key(module.name, base.weight_map, f"BASE ({base.source})")
+    aligned_key = resolve_weight_key(module.name, aligned.weight_map, f"ALIGNED ({aligned.source})")
+    base_info, aligned_info = base.info(base_key), aligned.info(aligned_key)
+    if base_info.shape != aligned_info.shape:
+        raise IncompatibleModelsError(
+            f"BASE has shape {list(base_info.shape)} but ALIGNED has "
+            f"{list(aligned_info.shape)} for this weight: they are not the same architecture.",
+            path=aligned_info.file,
+            key=aligned_key,
+        )
+    if base_info.shape != module.stored_weight_shape:
+        hint = (
+            " The stored weight is the transpose: set fan_in_fan_out in the adapter config?"
+            if base_info.shape == module.stored_weight_shape[::-1]
+            else ""
+        )
+        raise IncompatibleModelsError(
+            f"the weight has shape {list(base_info.shape)} but adapter module {module.name!r} "
+            f"({module.kind}) needs {list(module.stored_weight_shape)}.{hint}",
+            path=base_info.file,
+            key=base_key,
+        )
+    return base_key, aligned_key
+
+
+def _read_displacement(
+    base: Checkpoint, aligned: Checkpoint, module: LoraModule, keys: tuple[str, str]
+) -> tuple[torch.Tensor, float]:
+    """`D = W_a - W_b` (float32, `dW` orientation) and `||W_a||_F`, one weight copy at a time."""
+    base_key, aligned_key = keys
+    displacement = aligned.read(aligned_key).to(torch.float32)
+    aligned_norm = float(torch.linalg.vector_norm(displacement))
+    displacement.sub_(base.read(base_key))
+    if module.weight_transposed:
+        displacement = displacement.T
+    return displacement, aligned_norm
+
+
+def _read_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, A)` in `dW` orientation: `dW = s * B @ A`, shape `m x n`."""
+    lora_a = adapter.weights.read(module.key_a)
+    lora_b = adapter.weights.read(module.key_b)
+    if module.factors_transposed:
+        return lora_a.T, lora_b.T
+    return lora_b, lora_a
+
+
+def _repair_module(
+    base: Checkpoint,
+    aligned: Checkpoint,
+    adapter: LoraAdapter,
+    module: LoraModule,
+    keys: tuple[str, str],
+    options: RepairOptions,
+    clock: _Clock,
+) -> _Outcome:
+    report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+    with clock.measure("read_s"):
+        displacement, aligned_norm = _read_displacement(base, aligned, module, keys)
+        lora_b, lora_a = _read_factors(adapter, module)
+    with clock.measure("subspace_s"):
+        subspace = safety_subspace(
+            displacement.to(options.device),
+            energy=options.energy,
+            max_rank=options.max_rank,
+            rank=options.rank,
+            seed=module_seed(options.seed, module.name),
+            reference_norm=aligned_norm,
+        )
+    original = as_factored(lora_b, lora_a, module.scaling)
+    report.subspace_rank = subspace.rank
+    report.captured_energy = subspace.captured_energy
+    report.subspace_method = subspace.method
+    report.displacement_norm = subspace.displacement_norm
+    with clock.measure("solve_s"):
+        candidate = None
+        if options.method == "safelora" and subspace.has_signal:
+            candidate = safelora_candidate(lora_b, lora_a, displacement)
+        del displacement
+        decomposition = decompose(lora_b, lora_a, module.scaling, subspace)
+        report.update_norm = decomposition.update_norm
+        report.rho_before = _rho(decomposition)
+        report.rho_after = dict(report.rho_before)
+        report.repaired_norm = decomposition.update_norm
+        report.output_rank = module.rank
+        if not subspace.has_signal:
+            report.reason = f"no safety signal: {subspace.no_signal_reason}"
+            return _Outcome(report)
+        if decomposition.update_norm == 0.0:
+            report.reason = "the update is zero"
+            return _Outcome(report)
+        if options.method == "none":
+            report.action = "analysed"
+            return _Outcome(report)
+        if candidate is not None:
+            projected = as_factored(candidate.projected_b, lora_a, module.scaling)
+            selected = replace(report, action="repaired", safelora_similarity=candidate.similarity)
+            _fill_metrics(selected, original, projected, subspace)
+            report.safelora_similarity = candidate.similarity
+            report.reason = "similarity above the Safe LoRA selection"
+            return _Outcome(report, safelora=(candidate.projected_b, selected))
+        if options.method == "project":
+            solution = project(decomposition)
+        else:
+            solution, a_partial, a_off = csulora(decomposition, options.strength)
+            report.attenuation = {"partial": a_partial, "off": a_off}
+        factors = to_lora_factors(
+            solution,
+            rank=module.rank if options.output_rank == "keep" else None,
+            output_scaling=lambda rank: lora_scaling(module.alpha, rank, adapter.use_rslora),
+        )
+        written = as_factored(
+            factors.lora_b,
+            factors.lora_a,
+            lora_scaling(module.alpha, factors.rank, adapter.use_rslora),
+        )
+        report.action = "repaired"
+        report.output_rank = factors.rank
+        report.truncation_residual = factors.truncation_residual
+        _fill_metrics(report, original, written, subspace)
+        new_b, new_a = factors.lora_b, factors.lora_a
+        if module.factors_transposed:
+            new_b, new_a = new_a.T, new_b.T
+        return _Outcome(report, lora_a=new_a, lora_b=new_b)
+
+
+def _rho(decomposition: Any) -> dict[str, float]:
+    return {
+        "full": decomposition.rho_full,
+        "partial": decomposition.rho_partial,
+        "off": decomposition.rho_off,
+    }
+
+
+def _fill_metrics(
+    report: ModuleResult, original: FactoredUpdate, repaired: FactoredUpdate, subspace: Any
+) -> None:
+    metrics = update_metrics(original, repaired, subspace)
+    report.repaired_norm = metrics.norm
+    report.relative_change = metrics.relative_change
+    report.cosine = metrics.cosine
+    report.rho_after = {
+        "full": metrics.rho_full,
+        "partial": metrics.rho_partial,
+        "off": metrics.rho_off,
+    }
+
+
+def _select_safelora(outcomes: list[_Outcome], options: RepairOptions) -> None:
+    """Safe LoRA's global selection; selected modules get `B <- C B`, `A` unchanged."""
+    similarities = {
+        o.report.name: o.safelora[1].safelora_similarity
+        for o in outcomes
+        if o.safelora is not None and o.safelora[1].safelora_similarity is not None
+    }
+    chosen = safelora_select(
+        similarities,
+        select=options.safelora_select,
+        number=options.safelora_layers,
+        threshold=options.safelora_threshold,
+    )
+    for outcome in outcomes:
+        if outcome.safelora is None or outcome.report.name not in chosen:
+            continue
+        projected_b, selected = outcome.safelora
+        outcome.report = selected
+        outcome.report.reason = None
+        outcome.lora_b, outcome.lora_a = projected_b, None
+        if outcome.report.kind == "embedding":
+            outcome.lora_b, outcome.lora_a = None, projected_b.T
+
+
+def _write(
+    adapter: LoraAdapter,
+    outcomes: list[_Outcome],
+    result: RepairResult,
+    out: Path,
+    force: bool,
+) -> None:
+    """Write OUT atomically: tensors in input order and dtypes, config, other files, report."""
+    modules = {m.name: m for m in adapter.modules}
+    replaced: dict[str, torch.Tensor] = {}
+    config = json.loads(adapter.config_path.read_text())
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for outcome in outcomes:
+        module = modules[outcome.report.name]
+        if outcome.lora_a is not None:
+            replaced[module.key_a] = outcome.lora_a
+        if outcome.lora_b is not None:
+            replaced[module.key_b] = outcome.lora_b
+        if outcome.report.output_rank != module.rank:
+            rank_pattern[module.name] = outcome.report.output_rank
+            alpha_pattern[module.name] = module.alpha
+    if rank_pattern:
+        # Full module names first: PEFT takes the first pattern that matches.
+        config["rank_pattern"] = {**rank_pattern, **(config.get("rank_pattern") or {})}
+        config["alpha_pattern"] = {**alpha_pattern, **(config.get("alpha_pattern") or {})}
+    weights = adapter.weights
+    header = weights.header(WEIGHTS_NAME)
+    order = sorted(header.tensors.values(), key=lambda info: info.offset)
+    tensors = []
+    for info in order:
+        if info.key in replaced:
+            tensors.append((info.key, replaced[info.key].to(info.torch_dtype).contiguous()))
+        else:
+            tensors.append((info.key, read_tensor(info)))
+    metadata = {
+        **header.metadata,
+        "adapter_fix.version": __version__,
+        "adapter_fix.method": result.options.method,
+        "adapter_fix.parameters": json.dumps(result.options.parameters(), sort_keys=True),
+        "adapter_fix.adapter_sha256": result.inputs["adapter_sha256"],
+        "adapter_fix.base": result.inputs["base"],
+        "adapter_fix.aligned": result.inputs["aligned"],
+    }
+    with atomic_directory(out, force=force) as staging:
+        for name in adapter.source.list_files():
+            if name in (WEIGHTS_NAME, CONFIG_NAME, REPORT_NAME) or Path(name).suffix in (
+                PICKLE_SUFFIXES
+            ):
+                continue
+            source_path = adapter.source.fetch(name)
+            if source_path is not None:
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source_path.read_bytes())
+        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (staging / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        _verify(staging / WEIGHTS_NAME, tensors)
+
+
+def _verify(path: Path, expected: list[tuple[str, torch.Tensor]]) -> None:
+    """Re-read what was written and compare it tensor by tensor before it is renamed into place."""
+    header = read_header(path)
+    if list(header.tensors) != [key for key, _ in expected]:
+        raise OutputError("the written file's keys differ from what was meant.", path=path)
+    for key, tensor in expected:
+        if not torch.equal(_bytes(read_tensor(header.tensors[key])), _bytes(tensor)):
+            raise OutputError(
+                "a tensor read back differs from what was written.", path=path, key=key
+            )
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(-1).view(torch.uint8)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,262 @@
+"""Results -> terminal tables (rich, on stderr), JSON, Markdown and HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from adapter_fix.errors import OutputError
+from adapter_fix.inspect import InspectResult
+from adapter_fix.repair import ModuleResult, RepairResult
+
+
+def _number(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}g}"
+
+
+def render_inspect(result: InspectResult, console: Console) -> None:
+    """The inspect summary, the per-module table and the warnings."""
+    summary = result.summary
+    overview = Table.grid(padding=(0, 2))
+    overview.add_column(style="bold")
+    overview.add_column()
+    rows = {
+        "adapter": summary["source"],
+        "PEFT type": summary["peft_type"],
+        "base model": summary["base_model_name_or_path"] or "(not set)",
+        "r / alpha": f"{summary['r']} / {summary['lora_alpha']}",
+        "scaling": summary["scaling_rule"],
+        "target modules": str(summary["target_modules"]),
+        "modules": str(summary["module_count"]),
+        "parameters": f"{summary['parameter_count']:,} in {summary['tensor_count']} tensors",
+        "dtypes": ", ".join(summary["dtypes"]),
+        "file": f"{summary['file']} ({summary['file_size']:,} bytes)",
+    }
+    if summary["rank_pattern"] or summary["alpha_pattern"]:
+        rows["patterns"] = f"rank {summary['rank_pattern']}, alpha {summary['alpha_pattern']}"
+    if summary["carried_keys"]:
+        rows["carried"] = f"{len(summary['carried_keys'])} tensors kept as they are"
+    for name, value in rows.items():
+        overview.add_row(name, str(value))
+    console.print(overview)
+
+    table = Table(title="LoRA modules", title_justify="left")
+    for column in ("module", "kind", "shape m x n", "rank", "scaling", "||dW||_F", "eff. rank"):
+        table.add_column(column, justify="left" if column in ("module", "kind") else "right")
+    table.add_column("finite")
+    for module in result.modules:
+        table.add_row(
+            module.name,
+            module.kind,
+            f"{module.shape[0]} x {module.shape[1]}",
+            str(module.rank),
+            _number(module.scaling),
+            "-" if module.update_norm is None else _number(module.update_norm),
+            "-" if module.effective_rank is None else f"{module.effective_rank:.2f}",
+            "yes" if module.finite else "[red]NO[/red]",
+        )
+    console.print(table)
+    for warning in result.warnings:
+        console.print(Text.assemble(("warning: ", "yellow"), warning))
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _rho(rho: dict[str, float]) -> str:
+    if not rho:
+        return "-"
+    return "/".join(f"{100 * rho[c]:.0f}" for c in ("full", "partial", "off"))
+
+
+def _attenuation(module: ModuleResult) -> str:
+    if module.attenuation is None:
+        return "-"
+    return f"{module.attenuation['partial']:.3f}/{module.attenuation['off']:.3f}"
+
+
+REPAIR_COLUMNS = (
+    ("module", "left"),
+    ("k", "right"),
+    ("captured", "right"),
+    ("||dW||", "right"),
+    ("rho F/H/O %", "right"),
+    ("after %", "right"),
+    ("a_H/a_O", "right"),
+    ("||X||", "right"),
+    ("rel. change", "right"),
+    ("cos", "right"),
+    ("trunc.", "right"),
+    ("action", "left"),
+)
+
+
+def _repair_row(module: ModuleResult) -> list[str]:
+    action = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    return [
+        module.name,
+        str(module.subspace_rank),
+        _percent(module.captured_energy),
+        _number(module.update_norm),
+        _rho(module.rho_before),
+        _rho(module.rho_after),
+        _attenuation(module),
+        _number(module.repaired_norm),
+        _percent(module.relative_change),
+        f"{module.cosine:.4f}",
+        _number(module.truncation_residual, 3),
+        action,
+    ]
+
+
+def _summary_lines(result: RepairResult) -> list[str]:
+    totals = result.totals()
+    timings = result.timings
+    actions = ", ".join(f"{count} {action}" for action, count in totals["actions"].items())
+    read_share = timings.read_s / timings.total_s if timings.total_s > 0 else 0.0
+    lines = [
+        f"method {result.options.method}: {totals['modules']} modules ({actions})",
+        f"energy kept: {_percent(totals['energy_kept'])} (sum ||X||^2 / sum ||dW||^2)",
+        f"time: {timings.total_s:.2f} s, {_percent(read_share)} reading weights "
+        f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
+        f"write {timings.write_s:.2f} s)",
+    ]
+    if totals["changed_most"]:
+        most = ", ".join(
+            f"{m['name']} ({_percent(m['relative_change'])})" for m in totals["changed_most"]
+        )
+        lines.append(f"changed most: {most}")
+    if result.output:
+        lines.append(f"written: {result.output}")
+    elif result.options.method == "none":
+        lines.append("--method none: analysis only, nothing written")
+    return lines
+
+
+def render_repair(result: RepairResult, console: Console, max_rows: int = 40) -> None:
+    """The diff table (collapsed to the modules changed most when long) and the summary."""
+    modules = result.modules
+    shown = modules
+    if len(modules) > max_rows:
+        shown = sorted(modules, key=lambda m: m.relative_change, reverse=True)[:max_rows]
+    table = Table(title="adapter-fix repair", title_justify="left")
+    for name, justify in REPAIR_COLUMNS:
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for module in shown:
+        table.add_row(*(Text(cell) for cell in _repair_row(module)))
+    console.print(table)
+    if len(shown) < len(modules):
+        console.print(
+            f"{len(modules) - len(shown)} more modules not shown (the table lists the "
+            f"{len(shown)} changed most); every module is in the report file "
+            "(--report report.md / .html / .json)."
+        )
+    for line in _summary_lines(result):
+        console.print(Text(line))
+
+
+def markdown_report(result: RepairResult) -> str:
+    """The same content as the terminal, as Markdown (fits a pull-request comment)."""
+    header = [name for name, _ in REPAIR_COLUMNS]
+    lines = [
+        "# adapter-fix repair report",
+        "",
+        *(f"- {line}" for line in _summary_lines(result)),
+        f"- inputs: base `{result.inputs['base']}`, aligned `{result.inputs['aligned']}`, "
+        f"adapter `{result.inputs['adapter']}`",
+        f"- parameters: `{json.dumps(result.options.parameters(), sort_keys=True)}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" if j == "left" else "---:" for _, j in REPAIR_COLUMNS) + " |",
+    ]
+    for module in result.modules:
+        cells = [cell.replace("|", "\\|") for cell in _repair_row(module)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "rho F/H/O: share of the update's energy fully inside, partly inside and outside "
+        "the safety subspace, before and after; a_H/a_O: CSULoRA attenuation factors."
+    )
+    return "\n".join(lines) + "\n"
+
+
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _heatmap(result: RepairResult, value: Callable[[ModuleResult], float], title: str) -> str:
+    """A layer x module-type grid, shaded by `value` in [0, 1]."""
+    cells: dict[tuple[int, str], float] = {}
+    for module in result.modules:
+        match = LAYER.search(module.name)
+        layer = int(match.group(1)) if match else -1
+        cells[(layer, module.name.rsplit(".", 1)[-1])] = value(module)
+    layers = sorted({layer for layer, _ in cells})
+    kinds = list(dict.fromkeys(kind for _, kind in cells))
+    rows = ["<tr><th>layer</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in kinds) + "</tr>"]
+    for layer in layers:
+        row = [f"<th>{layer if layer >= 0 else '-'}</th>"]
+        for kind in kinds:
+            if (layer, kind) not in cells:
+                row.append("<td></td>")
+                continue
+            shade = max(0.0, min(1.0, cells[(layer, kind)]))
+            color = f"rgba(200,40,40,{shade:.3f})"
+            row.append(f'<td style="background:{color}">{100 * shade:.0f}</td>')
+        rows.append("<tr>" + "".join(row) + "</tr>")
+    return f"<h2>{html.escape(title)}</h2><table class='heat'>{''.join(rows)}</table>"
+
+
+def html_report(result: RepairResult) -> str:
+    """One self-contained HTML page (no network): summary, heatmaps, the full table."""
+    summary = "".join(f"<li>{html.escape(line)}</li>" for line in _summary_lines(result))
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in REPAIR_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _repair_row(m)) + "</tr>"
+        for m in result.modules
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}.heat td{width:3.5em;text-align:center}"
+    )
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>adapter-fix repair report"
+        f"</title><style>{style}</style></head><body><h1>adapter-fix repair report</h1>"
+        f"<ul>{summary}</ul>"
+        + _heatmap(result, lambda m: m.relative_change, "relative change ||X - dW|| / ||dW|| (%)")
+        + _heatmap(
+            result,
+            lambda m: m.rho_before.get("off", 0.0),
+            "off-subspace energy of the update before repair, rho_O (%)",
+        )
+        + f"<h2>modules</h2><table><tr>{head}</tr>{body}</table></body></html>\n"
+    )
+
+
+REPORT_FORMATS: dict[str, Callable[[RepairResult], str]] = {
+    ".json": lambda result: json.dumps(result.to_json(), indent=2) + "\n",
+    ".md": markdown_report,
+    ".html": html_report,
+}
+
+
+def write_report(result: RepairResult, path: Path) -> None:
+    """Write one report file, its format chosen by the extension (.json, .md, .html)."""
+    render = REPORT_FORMATS.get(path.suffix.lower())
+    if render is None:
+        raise OutputError(
+            f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(result))
+    except OSError as error:
+        raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None

@@ -1,0 +1,409 @@
+"""`adapter-fix repair` end to end on the fixtures: PEFT loads the output, logits match a
+dense hand merge, runs are reproducible, the run streams, and failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from adapter_fix import checkpoint as checkpoint_module
+from adapter_fix import repair as repair_module
+from adapter_fix.adapter import load_adapter
+from adapter_fix.checkpoint import Checkpoint
+from adapter_fix.cli import main
+from adapter_fix.repair import RepairOptions, repair
+from adapter_fix.sources import LocalSource
+
+CASES = {
+    "llama": ("llama-base", "llama-aligned", "llama-lora"),
+    "llama-rslora": ("llama-base", "llama-aligned-single", "llama-rslora"),
+    "llama-embed": ("llama-base", "llama-aligned", "llama-embed-lora"),
+    "gpt2": ("gpt2-base", "gpt2-aligned", "gpt2-lora"),
+}
+TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127]])
+
+
+def run(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["repair", *(str(a) for a in args)])
+    return result.exit_code, result.stderr
+
+
+def paths(fixtures_dir: Path, case: str) -> list[Path]:
+    return [fixtures_dir / name for name in CASES[case]]
+
+
+def repaired_update(out: Path, key_a: str, key_b: str, scaling: float) -> torch.Tensor:
+    tensors = load_file(out / "adapter_model.safetensors")
+    return scaling * tensors[key_b].double() @ tensors[key_a].double()
+
+
+def hand_merged_logits(aligned: Path, adapter: Path) -> torch.Tensor:
+    """Merge the written adapter densely, by hand, with PEFT's documented scaling rules."""
+    model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    state = model.state_dict()
+    for key in tensors:
+        if not key.endswith(("lora_A.weight", "lora_embedding_A")):
+            continue
+        embedding = key.endswith("lora_embedding_A")
+        stem = key.removesuffix(".lora_A.weight").removesuffix(".lora_embedding_A")
+        module = stem.removeprefix("base_model.model.")
+        a = tensors[key].double()
+        b = tensors[f"{stem}.lora_embedding_B" if embedding else f"{stem}.lora_B.weight"].double()
+        rank = a.shape[0]
+        alpha = config["lora_alpha"]
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = value
+                break
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        update = scaling * b @ a
+        if embedding or config.get("fan_in_fan_out"):
+            update = update.T
+        state[f"{module}.weight"] = (state[f"{module}.weight"].double() + update).float()
+    for key in tensors:
+        if key == "base_model.model.lm_head.weight":
+            state["lm_head.weight"] = tensors[key].float()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def peft_logits(aligned: Path, adapter: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    messages = " ".join(str(w.message).lower() for w in caught)
+    assert "missing" not in messages and "unexpected" not in messages, messages
+    written = load_file(adapter / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(peft_model)
+    assert set(loaded) == set(written)
+    for key, tensor in written.items():
+        assert torch.equal(loaded[key].to(tensor.dtype), tensor), key
+    peft_model = peft_model.float().eval()
+    with torch.no_grad():
+        return peft_model(TOKENS).logits
+
+
+@pytest.mark.parametrize("method", ["csulora", "project", "safelora"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_loads_the_repair_and_its_logits_equal_a_hand_merge(
+    fixtures_dir: Path, tmp_path: Path, case: str, method: str
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, case)
+    out = tmp_path / "out"
+    code, stderr = run(base, aligned, adapter, "-o", out, "--method", method, "--quiet")
+    assert code == 0, stderr
+    assert torch.allclose(peft_logits(aligned, out), hand_merged_logits(aligned, out), atol=1e-4)
+    original = load_file(adapter / "adapter_model.safetensors")
+    written = load_file(out / "adapter_model.safetensors")
+    assert list(written) == list(original)
+    for key, tensor in original.items():
+        assert written[key].dtype == tensor.dtype
+        assert written[key].shape == tensor.shape
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["schema"] == "adapter-fix/repair-report"
+    assert {m["action"] for m in report["modules"]} <= {"repaired", "unchanged"}
+    assert "repaired" in {m["action"] for m in report["modules"]}
+
+
+def dense_csulora(
+    displacement: torch.Tensor, update: torch.Tensor, energy: float, strength: float
+) -> torch.Tensor:
+    """METHOD.md §1-§3 computed densely with an exact SVD, as an independent reference."""
+    u, s, vh = torch.linalg.svd(displacement.double())
+    captured = torch.cumsum(s**2, 0) / (s**2).sum()
+    k = int((captured < energy - 1e-12).sum()) + 1
+    p = u[:, :k] @ u[:, :k].T
+    q = vh[:k].T @ vh[:k]
+    p_out = torch.eye(p.shape[0], dtype=torch.float64) - p
+    q_out = torch.eye(q.shape[0], dtype=torch.float64) - q
+    full, off = p @ update @ q, p_out @ update @ q_out
+    partial = update - full - off
+    total = update.square().sum()
+    a_h = 1 / (1 + strength * partial.square().sum() / total)
+    a_o = 1 / (1 + strength * off.square().sum() / total)
+    return full + a_h * partial + a_o * off
+
+
+def test_written_update_is_the_closest_safe_update_of_method_md(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    out = tmp_path / "out"
+    code, stderr = run(
+        base, aligned, adapter, "-o", out, "--output-rank", "exact", "--strength", "3", "-q"
+    )
+    assert code == 0, stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    w_base = load_file(base / "model.safetensors")
+    w_aligned = load_file(aligned.parent / "llama-aligned-single" / "model.safetensors")
+    original = load_file(adapter / "adapter_model.safetensors")
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        stem = f"base_model.model.{module}"
+        key_a, key_b = f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+        update = 2.0 * original[key_b].double() @ original[key_a].double()
+        displacement = w_aligned[f"{module}.weight"] - w_base[f"{module}.weight"]
+        expected = dense_csulora(displacement, update, 0.9, 3.0)
+        rank = config["rank_pattern"][module]
+        written = repaired_update(out, key_a, key_b, config["alpha_pattern"][module] / rank)
+        assert torch.allclose(written, expected, atol=1e-5), module
+
+
+def test_exact_output_rank_writes_rank_patterns_peft_loads(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    out = tmp_path / "out"
+    code, stderr = run(base, aligned, adapter, "-o", out, "--output-rank", "exact", "-q")
+    assert code == 0, stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"]
+    assert max(config["rank_pattern"].values()) > config["r"]
+    assert torch.allclose(peft_logits(aligned, out), hand_merged_logits(aligned, out), atol=1e-4)
+
+
+def test_strength_zero_keeps_the_update(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    out = tmp_path / "out"
+    code, _ = run(base, aligned, adapter, "-o", out, "--strength", "0", "-q")
+    assert code == 0
+    original = load_file(adapter / "adapter_model.safetensors")
+    for key in original:
+        if key.endswith("lora_A.weight"):
+            key_b = key.replace("lora_A", "lora_B")
+            before = original[key_b].double() @ original[key].double()
+            after = repaired_update(out, key, key_b, 1.0)
+            assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_untouched_tensors_and_other_files_are_kept(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama-rslora")
+    source = tmp_path / "adapter"
+    shutil.copytree(adapter, source)
+    (source / "README.md").write_text("model card")
+    out = tmp_path / "out"
+    code, stderr = run(base, aligned, source, "-o", out, "-q")
+    assert code == 0, stderr
+    assert (out / "README.md").read_text() == "model card"
+    assert (out / "adapter_config.json").read_text() == json.dumps(
+        json.loads((source / "adapter_config.json").read_text()), indent=2
+    ) + "\n"
+    with safe_open(out / "adapter_model.safetensors", framework="pt") as handle:
+        lm_head = handle.get_tensor("base_model.model.lm_head.weight")
+        metadata = handle.metadata()
+    assert torch.equal(
+        lm_head, load_file(source / "adapter_model.safetensors")["base_model.model.lm_head.weight"]
+    )
+    assert metadata["format"] == "pt"
+    assert metadata["adapter_fix.method"] == "csulora"
+    assert metadata["adapter_fix.base"] == str(base.resolve())
+    assert len(metadata["adapter_fix.adapter_sha256"]) == 64
+
+
+def test_same_inputs_and_seed_give_byte_identical_output(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    outputs = []
+    for name in ("one", "two"):
+        code, _ = run(base, aligned, adapter, "-o", tmp_path / name, "--seed", "7", "-q")
+        assert code == 0
+        outputs.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_sharded_and_single_file_aligned_give_the_same_tensors(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    single = fixtures_dir / "llama-aligned-single"
+    assert run(base, aligned, adapter, "-o", tmp_path / "a", "-q")[0] == 0
+    assert run(base, single, adapter, "-o", tmp_path / "b", "-q")[0] == 0
+    sharded = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    single = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(sharded[key], single[key]) for key in sharded)
+
+
+def test_method_none_writes_nothing_and_reports(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    report = tmp_path / "analysis.json"
+    code, stderr = run(
+        base, aligned, adapter, "-o", tmp_path / "out", "--method", "none", "--report", report
+    )
+    assert code == 0, stderr
+    assert not (tmp_path / "out").exists()
+    document = json.loads(report.read_text())
+    assert {m["action"] for m in document["modules"]} == {"analysed"}
+    assert "adapter-fix repair" in stderr
+
+
+def test_reports_in_three_formats(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    reports = [tmp_path / f"report.{ext}" for ext in ("json", "md", "html")]
+    args = [a for r in reports for a in ("--report", r)]
+    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", *args)
+    assert code == 0, stderr
+    document = json.loads(reports[0].read_text())
+    assert len(document["modules"]) == 14
+    for field in (
+        "subspace_rank",
+        "captured_energy",
+        "rho_before",
+        "rho_after",
+        "attenuation",
+        "relative_change",
+        "cosine",
+        "truncation_residual",
+        "action",
+    ):
+        assert field in document["modules"][0]
+    assert 0 < document["totals"]["energy_kept"] <= 1
+    markdown = reports[1].read_text()
+    assert "| model.layers.0.self_attn.q_proj |" in markdown
+    page = reports[2].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "q_proj" in page
+    assert "http://" not in page and "https://" not in page
+    assert "energy kept" in stderr
+
+
+@pytest.mark.parametrize("method", ["csulora", "safelora"])
+def test_run_reads_exactly_the_adapted_weights_each_once(
+    fixtures_dir: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_path, aligned_path, adapter_path = paths(fixtures_dir, "llama")
+    data_reads: list[tuple[Path, str]] = []
+    real_read = checkpoint_module.read_tensor
+
+    def recording_read(info: checkpoint_module.TensorInfo) -> torch.Tensor:
+        data_reads.append((info.file.parent, info.key))
+        return real_read(info)
+
+    monkeypatch.setattr(checkpoint_module, "read_tensor", recording_read)
+    base = Checkpoint.open(LocalSource(base_path), "BASE")
+    aligned = Checkpoint.open(LocalSource(aligned_path), "ALIGNED")
+    adapter = load_adapter(LocalSource(adapter_path))
+    repair(base, aligned, adapter, RepairOptions(method=method))
+    expected = sorted(f"{m.name}.weight" for m in adapter.modules)
+    for folder in (base_path, aligned_path):
+        assert sorted(key for parent, key in data_reads if parent == folder) == expected
+    assert len(expected) == 14
+
+
+def test_output_inside_an_input_is_refused(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    for out in (adapter, adapter / "fixed", aligned, fixtures_dir):
+        code, stderr = run(base, aligned, adapter, "-o", out, "--force")
+        assert code == 9, stderr
+        assert "overlap" in stderr
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def test_existing_output_needs_force(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stderr = run(base, aligned, adapter, "-o", out)
+    assert code == 9 and "--force" in stderr
+    assert run(base, aligned, adapter, "-o", out, "--force", "-q")[0] == 0
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_failure_mid_write_leaves_no_output(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    previous = tmp_path / "out"
+    previous.mkdir()
+    (previous / "keep.txt").write_text("old")
+
+    def interrupted(path: Path, *args: object) -> None:
+        path.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repair_module, "write_safetensors", interrupted)
+    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "new", "-q")
+    assert code == 130, stderr
+    code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
+    assert code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (previous / "keep.txt").read_text() == "old"
+
+
+def test_dora_is_refused_with_exit_6(fixtures_dir: Path, tmp_path: Path) -> None:
+    code, stderr = run(
+        fixtures_dir / "llama-base",
+        fixtures_dir / "llama-aligned",
+        fixtures_dir / "llama-dora",
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 6 and "DoRA" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_base_model_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
+    code, stderr = run(
+        fixtures_dir / "gpt2-base",
+        fixtures_dir / "llama-aligned",
+        fixtures_dir / "llama-lora",
+        "-o",
+        tmp_path / "out",
+    )
+    assert code == 7 and "no weight for adapter module 'model.layers.0." in stderr
+
+
+def test_same_base_and_aligned_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, _, adapter = paths(fixtures_dir, "llama")
+    code, stderr = run(base, base, adapter, "-o", tmp_path / "out")
+    assert code == 7 and "same files" in stderr
+
+
+def test_shape_mismatch_between_base_and_aligned_exits_7(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    broken = tmp_path / "base"
+    broken.mkdir()
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 16)
+    save_file(tensors, broken / "model.safetensors")
+    code, stderr = run(broken, aligned, adapter, "-o", tmp_path / "out")
+    assert code == 7 and "model.layers.0.self_attn.q_proj.weight" in stderr
+
+
+def test_nan_in_aligned_exits_8_naming_file_and_key(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, _, adapter = paths(fixtures_dir, "llama")
+    broken = tmp_path / "aligned"
+    broken.mkdir()
+    tensors = load_file(fixtures_dir / "llama-aligned-single" / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
+    save_file(tensors, broken / "model.safetensors")
+    code, stderr = run(base, broken, adapter, "-o", tmp_path / "out")
+    assert code == 8
+    assert "model.layers.1.mlp.up_proj.weight" in stderr and "model.safetensors" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_base_exits_4(fixtures_dir: Path, tmp_path: Path) -> None:
+    _, aligned, adapter = paths(fixtures_dir, "llama")
+    pickled = tmp_path / "base"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
+    code, stderr = run(pickled, aligned, adapter, "-o", tmp_path / "out")
+    assert code == 4 and "safe_serialization" in stderr
