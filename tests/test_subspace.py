@@ -83,14 +83,15 @@ def test_energy_selection_picks_the_smallest_rank_reaching_the_energy(energy: fl
     torch.testing.assert_close(subspace.singular_values, values[:expected], rtol=1e-12, atol=0)
 
 
-def test_randomized_energy_selection_picks_the_smallest_rank_on_a_clear_spectrum() -> None:
-    values = [10.0 * 0.7**index for index in range(40)]
+def test_randomized_energy_selection_grows_k_and_picks_the_smallest_rank() -> None:
+    values = [0.93**index for index in range(120)]
     displacement = with_spectrum(300, 500, values).float()
     total = sum(value * value for value in values)
-    for energy in (0.5, 0.9, 0.99):
+    for energy, expected in ((0.5, 5), (0.9, 16), (0.99, 32), (0.999, 48)):
+        assert smallest_rank_reaching(torch.tensor(values), total, energy) == expected
         subspace = safety_subspace(displacement, energy=energy, exact_below=0)
         assert subspace.method == "randomized"
-        assert subspace.rank == smallest_rank_reaching(torch.tensor(values), total, energy)
+        assert subspace.rank == expected
 
 
 def test_energy_that_cannot_be_reached_stops_at_max_rank() -> None:
