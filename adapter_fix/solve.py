@@ -1,0 +1,378 @@
+"""The repair, as pure functions on LoRA factors (METHOD.md §2-§5).
+
+An update is always kept factored, `X = s L R` with `L` (`m x q`) and `R`
+(`q x n`), `q` a small multiple of the LoRA rank `r`: no function here builds an
+`m x n` (or `m x m`) matrix, so each costs `O((m + n) q^2)` beyond the
+products with the subspace bases. Everything is float64.
+
+Norms of factored products go through the triangular factors of two thin QRs,
+`||L R||_F = ||R_L R_R^T||_F` with `L = Q_L R_L`, `R^T = Q_R R_R`. It is as
+cheap as the Gram form `trace((L^T L)(R R^T))` of METHOD.md §2 and, unlike it,
+does not square the rounding error: the norm of a difference of nearly equal
+updates (the relative change at a small strength) stays accurate to ~1e-16
+instead of ~1e-8. Inner products (cosines) use the Gram form, whose error is
+already ~1e-16 relative to the norms.
+
+Pure math: imports torch, numpy and the standard library only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy
+import torch
+
+from adapter_fix.subspace import Subspace, frobenius_norm
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class FactoredUpdate:
+    """An update `X = scaling * left @ right`, never formed densely."""
+
+    left: Tensor
+    """`m x q`, float64."""
+    right: Tensor
+    """`q x n`, float64."""
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """`dW = s B A` split against a subspace into `F + H + O` (METHOD.md §2).
+
+    `F = s b_in a_in`, `H = s (b_in a_out + b_out a_in)`, `O = s b_out a_out`.
+    The `rho_*` are each component's share of `||F||^2 + ||H||^2 + ||O||^2`
+    (which is `||dW||_F^2`, the components being orthogonal), so they sum to 1
+    to rounding; all three are 0 when `dW == 0`.
+    """
+
+    scaling: float
+    b_in: Tensor
+    """`U (U^T B)`, `m x r`, float64."""
+    b_out: Tensor
+    """`B - b_in`, `m x r`, float64."""
+    a_in: Tensor
+    """`(A V) V^T`, `r x n`, float64."""
+    a_out: Tensor
+    """`A - a_in`, `r x n`, float64."""
+    update_norm: float
+    """`||dW||_F`."""
+    rho_full: float
+    """`rho_F = ||F||^2 / ||dW||^2`."""
+    rho_partial: float
+    """`rho_H = ||H||^2 / ||dW||^2`."""
+    rho_off: float
+    """`rho_O = ||O||^2 / ||dW||^2`."""
+    lora_b: Tensor
+    """`B`, `m x r`, float64 (so `csulora` at strength 0 returns `dW` bit for bit)."""
+    lora_a: Tensor
+    """`A`, `r x n`, float64."""
+
+
+@dataclass(frozen=True)
+class UpdateMetrics:
+    """How a repaired update `X` compares with the original `dW` (METHOD.md §6)."""
+
+    norm: float
+    """`||X||_F`."""
+    relative_change: float
+    """`||X - dW||_F / ||dW||_F` (0.0 when `dW == 0`)."""
+    cosine: float
+    """`<dW, X>_F / (||dW|| ||X||)`; 1.0 when both are zero, 0.0 when exactly one is."""
+    rho_full: float
+    """`rho_F` of `X` against the same subspace."""
+    rho_partial: float
+    """`rho_H` of `X`."""
+    rho_off: float
+    """`rho_O` of `X`."""
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """New LoRA factors with `output_scaling(rank) * lora_b @ lora_a` the (truncated) update."""
+
+    lora_b: Tensor
+    """`m x r'`, float64."""
+    lora_a: Tensor
+    """`r' x n`, float64."""
+    rank: int
+    """`r'`."""
+    truncation_residual: float
+    """`||X - X_r'||_F / ||X||_F` (0.0 when nothing was truncated, or when `X == 0`)."""
+
+
+@dataclass(frozen=True)
+class SafeLoraCandidate:
+    """Safe LoRA's projection of one module (Hsu et al. 2024), before selection."""
+
+    similarity: float
+    """Cosine between flattened `B~ A` and `B A`, rounded to 5 decimals."""
+    projected_b: Tensor
+    """`B~ = D (D^T B) / ||D||_F`, `m x r`, float64."""
+
+
+def as_factored(lora_b: Tensor, lora_a: Tensor, scaling: float) -> FactoredUpdate:
+    """`dW = scaling * lora_b @ lora_a` (`m x r`, `r x n`, any float dtype) as float64 factors."""
+    if lora_b.ndim != 2 or lora_a.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"LoRA factors do not chain: B is {tuple(lora_b.shape)}, A is {tuple(lora_a.shape)}"
+        )
+    return FactoredUpdate(lora_b.double(), lora_a.double(), float(scaling))
+
+
+def decompose(lora_b: Tensor, lora_a: Tensor, scaling: float, subspace: Subspace) -> Decomposition:
+    """Split `dW = scaling * lora_b @ lora_a` into its F/H/O components against `subspace`.
+
+    `lora_b` is `m x r`, `lora_a` is `r x n` (any float dtype; computed in
+    float64), `subspace.left` is `m x k`, `subspace.right` is `n x k`. A
+    subspace without signal (`k = 0`) puts the whole update in `O`.
+    """
+    update = as_factored(lora_b, lora_a, scaling)
+    b, a, s = update.left, update.right, update.scaling
+    left = subspace.left.to(device=b.device, dtype=torch.float64)
+    right = subspace.right.to(device=b.device, dtype=torch.float64)
+    if left.shape[0] != b.shape[0] or right.shape[0] != a.shape[1]:
+        raise ValueError(
+            f"update {b.shape[0]} x {a.shape[1]} does not match the subspace "
+            f"{left.shape[0]} x {right.shape[0]}"
+        )
+    b_in = left @ (left.T @ b)
+    a_in = (a @ right) @ right.T
+    b_out, a_out = b - b_in, a - a_in
+    full = _product_norm(b_in, a_in, s) ** 2
+    partial = _product_norm(torch.cat([b_in, b_out], 1), torch.cat([a_out, a_in], 0), s) ** 2
+    off = _product_norm(b_out, a_out, s) ** 2
+    total = full + partial + off
+    rho = (full / total, partial / total, off / total) if total > 0 else (0.0, 0.0, 0.0)
+    return Decomposition(
+        scaling=s,
+        b_in=b_in,
+        b_out=b_out,
+        a_in=a_in,
+        a_out=a_out,
+        update_norm=_product_norm(b, a, s),
+        rho_full=rho[0],
+        rho_partial=rho[1],
+        rho_off=rho[2],
+        lora_b=b,
+        lora_a=a,
+    )
+
+
+def csulora(decomposition: Decomposition, strength: float) -> tuple[FactoredUpdate, float, float]:
+    """The closest safe update `X* = F + a_H H + a_O O` (METHOD.md §3).
+
+    `a_H = 1 / (1 + strength rho_H)`, `a_O = 1 / (1 + strength rho_O)`. In
+    factored form `X* = s L M`, `L = [b_in, b_out]` (`m x 2r`),
+    `M = [[a_in + a_H a_out], [a_H a_in + a_O a_out]]` (`2r x n`). When both
+    factors are 1 (strength 0, or no H and O) it returns `dW`'s own factors, so
+    strength 0 gives back `dW` exactly.
+
+    Returns:
+        `(X*, a_H, a_O)`.
+    """
+    if not (math.isfinite(strength) and strength >= 0):
+        raise ValueError(f"strength must be a finite number >= 0, got {strength}")
+    a_partial = 1.0 / (1.0 + strength * decomposition.rho_partial)
+    a_off = 1.0 / (1.0 + strength * decomposition.rho_off)
+    d = decomposition
+    if a_partial == 1.0 and a_off == 1.0:
+        return FactoredUpdate(d.lora_b, d.lora_a, d.scaling), a_partial, a_off
+    left = torch.cat([d.b_in, d.b_out], 1)
+    right = torch.cat([d.a_in + a_partial * d.a_out, a_partial * d.a_in + a_off * d.a_out], 0)
+    return FactoredUpdate(left, right, d.scaling), a_partial, a_off
+
+
+def project(decomposition: Decomposition) -> FactoredUpdate:
+    """Hard projection `X = F = s b_in a_in` (`m x r`, `r x n`): the `strength -> inf` limit."""
+    return FactoredUpdate(decomposition.b_in, decomposition.a_in, decomposition.scaling)
+
+
+def update_metrics(
+    original: FactoredUpdate, repaired: FactoredUpdate, subspace: Subspace
+) -> UpdateMetrics:
+    """Compare `X = repaired` with `dW = original` (same `m x n`), all in factored form."""
+    original = as_factored(original.left, original.right, original.scaling)
+    repaired = as_factored(repaired.left, repaired.right, repaired.scaling)
+    original_norm = _product_norm(original.left, original.right, original.scaling)
+    repaired_norm = _product_norm(repaired.left, repaired.right, repaired.scaling)
+    difference_norm = _product_norm(
+        torch.cat([repaired.scaling * repaired.left, -original.scaling * original.left], 1),
+        torch.cat([repaired.right, original.right], 0),
+        1.0,
+    )
+    if original_norm > 0 and repaired_norm > 0:
+        inner = (
+            original.scaling
+            * repaired.scaling
+            * _trace_of_product(original.left.T @ repaired.left, repaired.right @ original.right.T)
+        )
+        cosine = max(-1.0, min(1.0, inner / (original_norm * repaired_norm)))
+    else:
+        cosine = 1.0 if original_norm == repaired_norm else 0.0
+    parts = decompose(repaired.left, repaired.right, repaired.scaling, subspace)
+    return UpdateMetrics(
+        norm=repaired_norm,
+        relative_change=difference_norm / original_norm if original_norm > 0 else 0.0,
+        cosine=cosine,
+        rho_full=parts.rho_full,
+        rho_partial=parts.rho_partial,
+        rho_off=parts.rho_off,
+    )
+
+
+def update_spectrum(update: FactoredUpdate) -> Tensor:
+    """Singular values of `X = s L R`, float64, descending, `min(m, n, q)` of them."""
+    return torch.linalg.svdvals(_core(update)[2])
+
+
+def to_lora_factors(
+    update: FactoredUpdate,
+    *,
+    rank: int | None,
+    output_scaling: Callable[[int], float],
+    tolerance: float = 1e-12,
+) -> LoraFactors:
+    """Refactor `X = s L R` (`m x q`, `q x n`) into LoRA factors (METHOD.md §4).
+
+    QR of `L` and of `R^T`, SVD of the small core. Singular values at or below
+    `tolerance * sigma_max` are rounding noise and count as zero (they are
+    neither kept nor part of the residual).
+
+    Args:
+        update: the update `X`.
+        rank: `r'` for a best rank-`r'` approximation (Eckart-Young), zero-padded
+            when `X`'s numerical rank is lower, so the factors are always
+            `m x r'` and `r' x n` (a drop-in replacement); None keeps every
+            singular value above the tolerance (at least one).
+        output_scaling: the scaling PEFT applies to a module of rank `r'`
+            (`alpha / r'` or `alpha / sqrt(r')`); it is divided out, so
+            `output_scaling(r') * lora_b @ lora_a` is the truncated `X`.
+        tolerance: relative threshold for numerical zeros.
+
+    Each kept `sigma_i / output_scaling(r')` is split evenly (its square root on
+    each side); each left singular vector's largest-magnitude entry is made
+    positive (the first such entry on a tie), so the output is deterministic.
+    """
+    if rank is not None and rank < 1:
+        raise ValueError(f"the output rank must be >= 1, got {rank}")
+    left_basis, right_basis, core = _core(update)
+    core_left, values, core_right_t = torch.linalg.svd(core, full_matrices=False)
+    numerical = int((values > tolerance * values[0]).sum())
+    kept = min(numerical, rank) if rank is not None else max(1, numerical)
+    output_rank = rank if rank is not None else kept
+    scale = float(output_scaling(output_rank))
+    if not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"output_scaling({output_rank}) = {scale} cannot be divided out")
+    energies = values[:numerical].square()
+    total = float(energies.sum())
+    residual = math.sqrt(float(energies[kept:].sum()) / total) if total > 0 else 0.0
+
+    singular_left = left_basis @ core_left[:, :kept]
+    singular_right = right_basis @ core_right_t[:kept].T
+    peaks = singular_left.abs().argmax(0, keepdim=True)
+    signs = torch.where(singular_left.gather(0, peaks) < 0, -1.0, 1.0).to(singular_left)
+    root = (values[:kept] / abs(scale)).sqrt()
+    lora_b = singular_left.new_zeros(singular_left.shape[0], output_rank)
+    lora_a = singular_right.new_zeros(output_rank, singular_right.shape[0])
+    lora_b[:, :kept] = singular_left * (signs * root * math.copysign(1.0, scale))
+    lora_a[:kept] = (singular_right * (signs * root)).T
+    return LoraFactors(lora_b, lora_a, output_rank, residual)
+
+
+def safelora_candidate(lora_b: Tensor, lora_a: Tensor, displacement: Tensor) -> SafeLoraCandidate:
+    """Safe LoRA's projected `B~ = C B`, `C = D D^T / ||D||_F`, and its similarity.
+
+    `lora_b` is `m x r`, `lora_a` is `r x n`, `displacement` is `D`, `m x n`
+    (nonzero). `B~` is computed as `D (D^T B) / ||D||_F` in float32 (float64 for
+    a float64 `D`), never forming `C` (`m x m`). The similarity is the cosine
+    between flattened `B~ A` and `B A`, by Gram matrices, rounded with
+    `numpy.round(., 5)`; 0.0 when either is zero (torch's `cosine_similarity`,
+    which the reference uses, clamps the denominator the same way).
+
+    Matched against the public reference (IBM/SafeLoRA `model.py`,
+    `SafeLoRA.get_aligned_matrix` and `projected_weighted`): `C` is
+    `torch.mm(vec, vec.t()) / torch.norm(vec)` with `vec = W_aligned - W_base`;
+    the module's new `B` is `torch.mm(C, B)` and `A` is untouched; the
+    similarity is `numpy.round(cosine_similarity((C B A).reshape(1, -1),
+    (B A).reshape(1, -1)).item(), 5)`, without the LoRA scaling (it cancels).
+    """
+    b = lora_b.double()
+    a = lora_a.double()
+    if displacement.shape != (b.shape[0], a.shape[1]) or b.shape[1] != a.shape[0]:
+        raise ValueError(
+            f"displacement {tuple(displacement.shape)} does not match B {tuple(b.shape)} "
+            f"and A {tuple(a.shape)}"
+        )
+    norm = frobenius_norm(displacement)
+    if norm == 0:
+        raise ValueError("Safe LoRA needs a nonzero displacement: C = D D^T / ||D||_F")
+    work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
+    matrix = displacement.to(work_dtype)
+    reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
+    projected_b = (matrix @ reduced).to(device=b.device, dtype=torch.float64) / norm
+    row_gram = a @ a.T
+    inner = _trace_of_product(projected_b.T @ b, row_gram)
+    projected_norm_sq = _trace_of_product(projected_b.T @ projected_b, row_gram)
+    original_norm_sq = _trace_of_product(b.T @ b, row_gram)
+    if projected_norm_sq > 0 and original_norm_sq > 0:
+        cosine = inner / math.sqrt(projected_norm_sq * original_norm_sq)
+    else:
+        cosine = 0.0
+    return SafeLoraCandidate(float(numpy.round(cosine, 5)), projected_b)
+
+
+def safelora_select(
+    similarities: Mapping[str, float],
+    *,
+    select: str = "number",
+    number: int = 10,
+    threshold: float = 0.5,
+) -> set[str]:
+    """The modules Safe LoRA projects, given each module's rounded similarity.
+
+    `"number"`: every module whose similarity is at most the `number`-th lowest
+    value (ties included; every module when there are fewer). `"threshold"`:
+    every module with similarity `<= threshold`.
+
+    Matched against IBM/SafeLoRA `model.py` (`SafeLoRA.__init__`): for
+    `number` it takes `thrs = numpy.sort(cos)[:num_proj_layers][-1]` and
+    projects every layer with `cos <= thrs`; for `threshold`, `cos <= threshold`.
+    """
+    if select == "number":
+        if number < 1:
+            raise ValueError(f"the number of Safe LoRA modules must be >= 1, got {number}")
+        if not similarities:
+            return set()
+        cutoff = sorted(similarities.values())[:number][-1]
+    elif select == "threshold":
+        cutoff = threshold
+    else:
+        raise ValueError(f"Safe LoRA selection must be 'number' or 'threshold', got {select!r}")
+    return {name for name, similarity in similarities.items() if similarity <= cutoff}
+
+
+def _core(update: FactoredUpdate) -> tuple[Tensor, Tensor, Tensor]:
+    """`(Q_L, Q_R, C)` with `X = Q_L C Q_R^T`: `Q_L` `m x a`, `Q_R` `n x b`, `C` `a x b`.
+
+    From thin QRs `L = Q_L R_L`, `R^T = Q_R R_R`: `C = s R_L R_R^T`, so `X`
+    and `C` share singular values and `||X||_F = ||C||_F`.
+    """
+    left_basis, left_triangle = torch.linalg.qr(update.left.double())
+    right_basis, right_triangle = torch.linalg.qr(update.right.double().T)
+    return left_basis, right_basis, update.scaling * (left_triangle @ right_triangle.T)
+
+
+def _product_norm(left: Tensor, right: Tensor, scaling: float) -> float:
+    """`||scaling * left @ right||_F` for `left` `m x q`, `right` `q x n`."""
+    return float(torch.linalg.matrix_norm(_core(FactoredUpdate(left, right, scaling))[2]))
+
+
+def _trace_of_product(first: Tensor, second: Tensor) -> float:
+    """`trace(first @ second)` for `first` `a x b`, `second` `b x a`, without the product."""
+    return float((first * second.T).sum())
