@@ -13,7 +13,7 @@ updates (the relative change at a small strength) stays accurate to ~1e-16
 instead of ~1e-8. Inner products (cosines) use the Gram form, whose error is
 already ~1e-16 relative to the norms.
 
-Pure math: imports torch, numpy and the standard library only.
+Pure math: imports torch, numpy, the standard library and `subspace` only.
 """
 
 from __future__ import annotations

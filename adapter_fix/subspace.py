@@ -216,8 +216,8 @@ def frobenius_norm(matrix: torch.Tensor) -> float:
     float64 copy small.
     """
     block_rows = max(1, 2**20 // max(1, matrix.shape[-1]))
-    total = sum(float(block.double().square().sum()) for block in matrix.split(block_rows))
-    return math.sqrt(total)
+    total = sum(block.double().square().sum() for block in matrix.split(block_rows))
+    return math.sqrt(float(total))
 
 
 def _check_arguments(
