@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy
@@ -387,7 +388,9 @@ def test_exact_output_rank_reconstructs_the_update(problem: Problem, strength: f
     [lambda rank: 16.0 / rank, lambda rank: 16.0 / math.sqrt(rank), lambda rank: -2.0],
     ids=["alpha/r", "rslora", "negative"],
 )
-def test_output_scaling_is_divided_out_and_singular_values_split_evenly(output_scaling) -> None:
+def test_output_scaling_is_divided_out_and_singular_values_split_evenly(
+    output_scaling: Callable[[int], float],
+) -> None:
     problem = random_problem(12, 9, lora_rank=3, rank=2, seed=5)
     update = as_factored(problem.lora_b, problem.lora_a, problem.scaling)
     factors = to_lora_factors(update, rank=None, output_scaling=output_scaling)
