@@ -35,7 +35,11 @@ Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 pickle refused,
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    """Tables and progress go to stderr; logs (not a terminal) get room for the wide tables."""
+    console = Console(stderr=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200
+    return console
 
 
 def reports_errors(command: F) -> F:

@@ -9,7 +9,7 @@ import torch
 
 from adapter_fix import __version__
 from adapter_fix.adapter import LoraAdapter, LoraModule
-from adapter_fix.solve import as_factored, update_spectrum
+from adapter_fix.solve import as_factored, effective_rank, update_spectrum
 
 SCHEMA = "adapter-fix/inspect"
 SCHEMA_VERSION = 1
@@ -108,15 +108,6 @@ def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) ->
         effective_rank=effective,
         finite=finite,
     )
-
-
-def effective_rank(singular_values: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp of the entropy of normalised singular values; 0 if all zero."""
-    total = singular_values.sum()
-    if total <= 0:
-        return 0.0
-    p = singular_values[singular_values > 0] / total
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def _finite(tensor: torch.Tensor) -> bool:

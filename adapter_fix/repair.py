@@ -340,6 +340,13 @@ def _repair_module(
             seed=module_seed(options.seed, module.name),
             reference_norm=aligned_norm,
         )
+        if options.device != "cpu":
+            subspace = replace(
+                subspace,
+                left=subspace.left.cpu(),
+                right=subspace.right.cpu(),
+                singular_values=subspace.singular_values.cpu(),
+            )
     original = as_factored(lora_b, lora_a, module.scaling)
     report.subspace_rank = subspace.rank
     report.captured_energy = subspace.captured_energy
@@ -377,6 +384,9 @@ def _repair_module(
         else:
             solution, a_partial, a_off = csulora(decomposition, options.strength)
             report.attenuation = {"partial": a_partial, "off": a_off}
+            if a_partial == a_off == 1.0:
+                report.reason = "attenuation is 1 (strength 0): the update is kept as it is"
+                return _Outcome(report)
         factors = to_lora_factors(
             solution,
             rank=module.rank if options.output_rank == "keep" else None,

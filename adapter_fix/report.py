@@ -49,7 +49,8 @@ def render_inspect(result: InspectResult, console: Console) -> None:
 
     table = Table(title="LoRA modules", title_justify="left")
     for column in ("module", "kind", "shape m x n", "rank", "scaling", "||dW||_F", "eff. rank"):
-        table.add_column(column, justify="left" if column in ("module", "kind") else "right")
+        justify = "left" if column in ("module", "kind") else "right"
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     table.add_column("finite")
     for module in result.modules:
         table.add_row(
@@ -149,7 +150,7 @@ def render_repair(result: RepairResult, console: Console, max_rows: int = 40) ->
         shown = sorted(modules, key=lambda m: m.relative_change, reverse=True)[:max_rows]
     table = Table(title="adapter-fix repair", title_justify="left")
     for name, justify in REPAIR_COLUMNS:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for module in shown:
         table.add_row(*(Text(cell) for cell in _repair_row(module)))
     console.print(table)

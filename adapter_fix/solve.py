@@ -231,6 +231,18 @@ def update_spectrum(update: FactoredUpdate) -> Tensor:
     return torch.linalg.svdvals(_core(update)[2])
 
 
+def effective_rank(singular_values: Tensor) -> float:
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values.
+
+    singular_values: `(q,)`, non-negative. 0.0 when all are zero; `q` when all are equal.
+    """
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    shares = singular_values[singular_values > 0] / total
+    return float(torch.exp(-(shares * shares.log()).sum()))
+
+
 def to_lora_factors(
     update: FactoredUpdate,
     *,

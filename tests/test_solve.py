@@ -18,6 +18,7 @@ from adapter_fix.solve import (
     as_factored,
     csulora,
     decompose,
+    effective_rank,
     project,
     safelora_candidate,
     safelora_select,
@@ -498,3 +499,9 @@ def test_safelora_selection_refuses_unknown_rules() -> None:
         safelora_select({"a": 0.1}, select="top")
     with pytest.raises(ValueError):
         safelora_select({"a": 0.1}, number=0)
+
+
+def test_effective_rank_counts_equal_singular_values_and_is_zero_for_zero() -> None:
+    assert effective_rank(torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)) == pytest.approx(3.0)
+    assert effective_rank(torch.tensor([1.0, 0.0], dtype=torch.float64)) == pytest.approx(1.0)
+    assert effective_rank(torch.zeros(4, dtype=torch.float64)) == 0.0
