@@ -48,7 +48,7 @@ def render_inspect(result: InspectResult, console: Console) -> None:
     console.print(overview)
 
     table = Table(title="LoRA modules", title_justify="left")
-    for column in ("module", "kind", "shape m x n", "rank", "scaling", "||dW||_F", "eff. rank"):
+    for column in ("module", "kind", "shape m x n", "rank", "scaling", "‖dW‖_F", "eff. rank"):
         justify = "left" if column in ("module", "kind") else "right"
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     table.add_column("finite")
@@ -88,11 +88,11 @@ REPAIR_COLUMNS = (
     ("module", "left"),
     ("k", "right"),
     ("captured", "right"),
-    ("||dW||", "right"),
+    ("‖dW‖", "right"),
     ("rho F/H/O %", "right"),
     ("after %", "right"),
     ("a_H/a_O", "right"),
-    ("||X||", "right"),
+    ("‖X‖", "right"),
     ("rel. change", "right"),
     ("cos", "right"),
     ("trunc.", "right"),
@@ -125,7 +125,7 @@ def _summary_lines(result: RepairResult) -> list[str]:
     read_share = timings.read_s / timings.total_s if timings.total_s > 0 else 0.0
     lines = [
         f"method {result.options.method}: {totals['modules']} modules ({actions})",
-        f"energy kept: {_percent(totals['energy_kept'])} (sum ||X||^2 / sum ||dW||^2)",
+        f"energy kept: {_percent(totals['energy_kept'])} (Σ‖X‖² / Σ‖dW‖²)",
         f"time: {timings.total_s:.2f} s, {_percent(read_share)} reading weights "
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
@@ -175,7 +175,7 @@ def markdown_report(result: RepairResult) -> str:
         f"adapter `{result.inputs['adapter']}`",
         f"- parameters: `{json.dumps(result.options.parameters(), sort_keys=True)}`",
         "",
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in header) + " |",
         "| " + " | ".join("---" if j == "left" else "---:" for _, j in REPAIR_COLUMNS) + " |",
     ]
     for module in result.modules:
@@ -232,7 +232,7 @@ def html_report(result: RepairResult) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>adapter-fix repair report"
         f"</title><style>{style}</style></head><body><h1>adapter-fix repair report</h1>"
         f"<ul>{summary}</ul>"
-        + _heatmap(result, lambda m: m.relative_change, "relative change ||X - dW|| / ||dW|| (%)")
+        + _heatmap(result, lambda m: m.relative_change, "relative change ‖X − dW‖ / ‖dW‖ (%)")
         + _heatmap(
             result,
             lambda m: m.rho_before.get("off", 0.0),

@@ -4,6 +4,7 @@ dense hand merge, runs are reproducible, the run streams, and failures leave not
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -271,6 +272,9 @@ def test_reports_in_three_formats(fixtures_dir: Path, tmp_path: Path) -> None:
     assert 0 < document["totals"]["energy_kept"] <= 1
     markdown = reports[1].read_text()
     assert "| model.layers.0.self_attn.q_proj |" in markdown
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 14
+    assert len({len(re.findall(r"(?<!\\)\|", row)) for row in rows}) == 1
     page = reports[2].read_text()
     assert page.startswith("<!DOCTYPE html>") and "q_proj" in page
     assert "http://" not in page and "https://" not in page
