@@ -377,7 +377,7 @@ def _repair_module(
             selected = replace(report, action="repaired", safelora_similarity=candidate.similarity)
             _fill_metrics(selected, original, projected, subspace)
             report.safelora_similarity = candidate.similarity
-            report.reason = "similarity above the Safe LoRA selection"
+            report.reason = f"Safe LoRA similarity {candidate.similarity:.5f}, not selected"
             return _Outcome(report, safelora=(candidate.projected_b, selected))
         if options.method == "project":
             solution = project(decomposition)
@@ -447,7 +447,7 @@ def _select_safelora(outcomes: list[_Outcome], options: RepairOptions) -> None:
             continue
         projected_b, selected = outcome.safelora
         outcome.report = selected
-        outcome.report.reason = None
+        outcome.report.reason = f"Safe LoRA similarity {selected.safelora_similarity:.5f}, selected"
         outcome.lora_b, outcome.lora_a = projected_b, None
         if outcome.report.kind == "embedding":
             outcome.lora_b, outcome.lora_a = None, projected_b.T

@@ -409,3 +409,32 @@ def test_pickle_base_exits_4(fixtures_dir: Path, tmp_path: Path) -> None:
     (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
     code, stderr = run(pickled, aligned, adapter, "-o", tmp_path / "out")
     assert code == 4 and "safe_serialization" in stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ((), lambda sims: sorted(sims)[9]),
+        (("--safelora-layers", "3"), lambda sims: sorted(sims)[2]),
+        (("--safelora-select", "threshold", "--safelora-threshold", "0.9"), lambda _: 0.9),
+    ],
+)
+def test_safelora_selects_by_similarity_and_changes_only_b(
+    fixtures_dir: Path, tmp_path: Path, options: tuple[str, ...], expected: object
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    out = tmp_path / "out"
+    code, stderr = run(base, aligned, adapter, "-o", out, "--method", "safelora", "-q", *options)
+    assert code == 0, stderr
+    modules = json.loads((out / "repair_report.json").read_text())["modules"]
+    similarities = [m["safelora_similarity"] for m in modules]
+    cut = expected(similarities)  # type: ignore[operator]
+    original = load_file(adapter / "adapter_model.safetensors")
+    written = load_file(out / "adapter_model.safetensors")
+    for module in modules:
+        selected = module["safelora_similarity"] <= cut
+        assert module["action"] == ("repaired" if selected else "unchanged")
+        stem = f"base_model.model.{module['name']}"
+        assert torch.equal(written[f"{stem}.lora_A.weight"], original[f"{stem}.lora_A.weight"])
+        same_b = torch.equal(written[f"{stem}.lora_B.weight"], original[f"{stem}.lora_B.weight"])
+        assert same_b != selected
