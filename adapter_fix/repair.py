@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,7 @@ from adapter_fix.solve import (
     to_lora_factors,
     update_metrics,
 )
-from adapter_fix.subspace import module_seed, safety_subspace
+from adapter_fix.subspace import frobenius_norm, module_seed, safety_subspace
 from adapter_fix.writer import atomic_directory, write_safetensors
 
 METHODS = ("csulora", "project", "safelora", "none")
@@ -299,11 +300,19 @@ def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> t
 def _read_displacement(
     base: Checkpoint, aligned: Checkpoint, module: LoraModule, keys: tuple[str, str]
 ) -> tuple[torch.Tensor, float]:
-    """`D = W_a - W_b` (float32, `dW` orientation) and `||W_a||_F`, one weight copy at a time."""
+    """`D = W_a - W_b` (float32, `dW` orientation) and `||W_a||_F`, one weight copy at a time.
+
+    NaN or Inf in either weight makes `||W_a||` or the sum of `D` non-finite: two
+    cheap passes instead of an isfinite scan of each weight. Only then are the
+    two weights read again, to name the one at fault.
+    """
     base_key, aligned_key = keys
-    displacement = aligned.read(aligned_key).to(torch.float32)
-    aligned_norm = float(torch.linalg.vector_norm(displacement))
-    displacement.sub_(base.read(base_key))
+    displacement = aligned.read(aligned_key, finite=False).to(torch.float32)
+    aligned_norm = frobenius_norm(displacement)
+    displacement.sub_(base.read(base_key, finite=False))
+    if not (math.isfinite(aligned_norm) and bool(torch.isfinite(displacement.sum()))):
+        for checkpoint, key in ((aligned, aligned_key), (base, base_key)):
+            checkpoint.read(key)  # raises NonFiniteError naming file and key
     if module.weight_transposed:
         displacement = displacement.T
     return displacement, aligned_norm

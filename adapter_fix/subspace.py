@@ -209,15 +209,20 @@ def safety_subspace(
 
 
 def frobenius_norm(matrix: torch.Tensor) -> float:
-    """`||matrix||_F`, accumulated in float64 over row blocks of ~1M entries.
+    """`||matrix||_F`, as float32 norms of blocks of ~16K entries summed in float64.
 
-    torch's float32 norm accumulates in float32: on a 4096 x 14336 matrix it
-    was 0.5% off, enough to misstate the captured energy. Blocks keep the
-    float64 copy small.
+    torch's float32 norm of a whole 4096 x 14336 matrix was 0.5% off, enough to
+    misstate the captured energy; per-block norms stay within ~1e-7 relative
+    and take one pass (27 ms there), where a float64 copy took ~10x longer. A
+    transposed view is read in its storage order (the norm does not change).
     """
-    block_rows = max(1, 2**20 // max(1, matrix.shape[-1]))
-    total = sum(block.double().square().sum() for block in matrix.split(block_rows))
-    return math.sqrt(float(total))
+    if not matrix.is_contiguous() and matrix.T.is_contiguous():
+        matrix = matrix.T
+    block_rows = max(1, 2**14 // max(1, matrix.shape[-1]))
+    # torch reduces strided blocks less accurately than contiguous ones: copy those (small).
+    blocks = (block.contiguous() for block in matrix.split(block_rows))
+    norms = torch.stack([torch.linalg.vector_norm(block) for block in blocks])
+    return math.sqrt(float(norms.double().square().sum()))
 
 
 def _check_arguments(

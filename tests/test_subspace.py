@@ -133,7 +133,7 @@ def test_captured_energy_is_what_the_bases_capture() -> None:
     assert math.isclose(
         float(subspace.singular_values.square().sum()) / total,
         subspace.captured_energy,
-        rel_tol=1e-12,
+        rel_tol=1e-6,  # ||D||_F is summed from float32 block norms (frobenius_norm)
     )
     assert bool((subspace.singular_values[:-1] >= subspace.singular_values[1:]).all())
 
@@ -172,11 +172,13 @@ def test_sketch_as_wide_as_the_matrix_falls_back_to_the_exact_svd() -> None:
     assert subspace.method == "exact"
 
 
-def test_frobenius_norm_accumulates_in_float64() -> None:
+@pytest.mark.parametrize("transpose", [False, True])
+def test_frobenius_norm_is_accurate_to_float64_within_1e7(transpose: bool) -> None:
     generator = torch.Generator().manual_seed(0)
     matrix = torch.randn(1500, 1100, generator=generator) * 0.01 + 0.02
     expected = numpy.linalg.norm(matrix.numpy().astype(numpy.float64))
-    assert math.isclose(frobenius_norm(matrix), expected, rel_tol=1e-12)
+    view = matrix.T if transpose else matrix
+    assert math.isclose(frobenius_norm(view), expected, rel_tol=1e-7)
 
 
 @pytest.mark.parametrize(
