@@ -12,18 +12,29 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+import shutil
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter_fix.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, refuse_pickles
+import torch
+
+from adapter_fix.checkpoint import (
+    FLOAT_WEIGHT_DTYPES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    refuse_pickles,
+)
 from adapter_fix.errors import (
+    PICKLE_SUFFIXES,
     IncompatibleModelsError,
     InvalidAdapterError,
     SourceNotFoundError,
 )
 from adapter_fix.sources import Source
+from adapter_fix.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,16 +104,15 @@ class AdapterKey:
         return cls(module=weight_key[: -len(".weight")], role=role, **parts)
 
 
-def resolve_weight_key(module: str, available: Collection[str], label: str) -> str:
-    """The checkpoint key of `module`'s weight, tolerating a different key prefix.
+def resolve_weight_key(wanted: str, available: Collection[str], label: str) -> str:
+    """The checkpoint key of the weight named `wanted`, tolerating a different key prefix.
 
-    An exact `{module}.weight` wins. Otherwise a checkpoint key that is a
+    An exact match wins. Otherwise a checkpoint key that is a
     dot-boundary suffix of it (a checkpoint saved without the task head's
     prefix, e.g. GPT-2's `h.0.attn.c_attn.weight` for `transformer.h.0...`),
     or that ends with it (a checkpoint with an extra prefix). More than one
     candidate is an error that lists them.
     """
-    wanted = f"{module}.weight"
     if wanted in available:
         return wanted
     candidates = sorted(
@@ -114,12 +124,12 @@ def resolve_weight_key(module: str, available: Collection[str], label: str) -> s
         return candidates[0]
     if not candidates:
         raise IncompatibleModelsError(
-            f"{label} has no weight for adapter module {module!r} (looked for {wanted!r} and the "
-            "same name with a different prefix). Is this the model the adapter was trained on?",
+            f"{label} has no weight {wanted!r} (nor the same name with another prefix) for the "
+            "adapter's module. Is this the model the adapter was trained on?",
             key=wanted,
         )
     raise IncompatibleModelsError(
-        f"{label}: the weight of adapter module {module!r} is ambiguous; candidates: "
+        f"{label}: the adapter's weight {wanted!r} is ambiguous; candidates: "
         f"{', '.join(candidates)}.",
         key=wanted,
     )
@@ -192,6 +202,11 @@ class LoraModule:
         return self.kind == "embedding"
 
     @property
+    def weight_key(self) -> str:
+        """The key of the weight this module updates, as the base model names it."""
+        return AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
+
+    @property
     def stored_weight_shape(self) -> tuple[int, int]:
         """The shape of this module's weight as a checkpoint stores it."""
         m, n = self.shape
@@ -218,13 +233,6 @@ class LoraAdapter:
     @property
     def use_rslora(self) -> bool:
         return bool(self.config.get("use_rslora", False))
-
-    def scaling_for(self, module: str, rank: int) -> float:
-        """The scaling PEFT applies to `module` at `rank`, under this config's alpha rules."""
-        return lora_scaling(self.alpha_for(module), rank, self.use_rslora)
-
-    def alpha_for(self, module: str) -> float:
-        return config_alpha(self.config, module)
 
 
 def load_adapter(source: Source) -> LoraAdapter:
@@ -278,16 +286,46 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"peft_type is {config.get('peft_type')!r}; adapter-fix repairs LoRA adapters only.",
             path=path,
         )
-    for name in ("r", "lora_alpha"):
-        value = config.get(name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise InvalidAdapterError(
-                f"{name!r} must be a positive number, got {value!r}.", path=path, key=name
-            )
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
+    _check_number(path, "r", config.get("r"), integer=True)
+    _check_number(path, "lora_alpha", config.get("lora_alpha"), integer=False)
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
             raise InvalidAdapterError(f"{name!r} must be an object.", path=path, key=name)
+        for pattern, value in patterns.items():
+            _check_regex(path, f"{name}[{pattern!r}]", pattern)
+            _check_number(path, f"{name}[{pattern!r}]", value, integer=integer)
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _check_regex(path, "target_modules", targets)
+    elif not (
+        targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise InvalidAdapterError(
+            f"'target_modules' must be a list of names or a regex, got {targets!r}.",
+            path=path,
+            key="target_modules",
+        )
     return config
+
+
+def _check_number(path: Path, name: str, value: object, *, integer: bool) -> None:
+    """A positive number (an int where PEFT needs one), else InvalidAdapterError."""
+    kinds = int if integer else int | float
+    if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise InvalidAdapterError(f"{name} must be {what}, got {value!r}.", path=path, key=name)
+
+
+def _check_regex(path: Path, name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise InvalidAdapterError(
+            f"{name} is not a valid regular expression ({error}); PEFT could not use it either.",
+            path=path,
+            key=name,
+        ) from None
 
 
 def _modules(
@@ -296,13 +334,21 @@ def _modules(
     """Pair lora_A / lora_B keys into modules; everything else is carried unchanged."""
     factors: dict[str, dict[str, str]] = {}
     carried: list[str] = []
+    names: set[str | None] = set()
     for key in weights:
         parsed = AdapterKey.parse(key)
         if parsed is None or parsed.role not in FACTOR_ROLES:
             carried.append(key)
             continue
         factors.setdefault(parsed.module, {})[parsed.role.removeprefix("lora_")] = key
+        names.add(parsed.adapter_name)
     path = weights.header(WEIGHTS_NAME).path
+    if len(names) > 1:
+        raise InvalidAdapterError(
+            f"the file holds several adapters ({', '.join(sorted(map(str, names)))}); "
+            "save each adapter to its own folder and repair them one at a time.",
+            path=path,
+        )
     modules: list[LoraModule] = []
     warnings: list[str] = []
     for name, roles in factors.items():
@@ -332,6 +378,14 @@ def _modules(
                 path=path,
                 key=key_b,
             )
+        for info in (info_a, info_b):
+            if info.dtype not in FLOAT_WEIGHT_DTYPES:
+                raise InvalidAdapterError(
+                    f"module {name!r}: factor dtype {info.dtype} is not a float LoRA factor "
+                    "(F16, BF16, F32 or F64); quantized adapters are not supported.",
+                    path=path,
+                    key=info.key,
+                )
         rank = info_a.shape[0]
         if info_a.dtype != info_b.dtype:
             warnings.append(f"{name}: lora_A is {info_a.dtype} but lora_B is {info_b.dtype}.")
@@ -366,3 +420,77 @@ def _modules(
             )
         )
     return modules, carried, warnings
+
+
+COMPANION_SKIP_SUFFIXES = (
+    *PICKLE_SUFFIXES,
+    ".safetensors",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+)
+
+
+def companion_files(source: Source) -> list[str]:
+    """The adapter folder's other top-level files (model card, tokenizer files) to copy.
+
+    Weights of any format, hidden files and subfolders (checkpoints, .git) are
+    left out, so a Hub adapter repository costs only small downloads.
+    """
+    return [
+        name
+        for name in source.list_files()
+        if "/" not in name
+        and not name.startswith(".")
+        and name not in (CONFIG_NAME, WEIGHTS_NAME)
+        and not name.endswith(COMPANION_SKIP_SUFFIXES)
+    ]
+
+
+def write_adapter(
+    adapter: LoraAdapter,
+    out: Path,
+    *,
+    replacements: Mapping[str, torch.Tensor],
+    ranks: Mapping[str, int],
+    metadata: dict[str, str],
+    extra_files: Mapping[str, Callable[[], str]],
+    force: bool,
+) -> None:
+    """Write the adapter with `replacements` to `out`, atomically, and verify it.
+
+    Keys, key order and dtypes are the input's; a replaced tensor is cast to
+    its key's dtype, every other tensor is copied byte for byte. `ranks` gives
+    modules whose rank changed (`--output-rank exact`): they get full-name
+    `rank_pattern` / `alpha_pattern` entries, placed first and winning over
+    older entries for the same name, since PEFT takes the first pattern that
+    matches. `extra_files` are rendered last (the report carries the timings).
+    """
+    header = adapter.weights.header(WEIGHTS_NAME)
+    entries: list[Entry] = [
+        (key, replacements[key].to(info.torch_dtype).contiguous())
+        if key in replacements
+        else (key, info)
+        for key, info in header.tensors.items()
+    ]
+    config = json.loads(adapter.config_path.read_text())
+    if ranks:
+        alphas = {module.name: module.alpha for module in adapter.modules}
+        for name, values in (
+            ("rank_pattern", ranks),
+            ("alpha_pattern", {m: alphas[m] for m in ranks}),
+        ):
+            older = config.get(name) or {}
+            config[name] = {**values, **{k: v for k, v in older.items() if k not in values}}
+    companions = companion_files(adapter.source)
+    with atomic_directory(out, force=force) as staging:
+        for name in companions:
+            path = adapter.source.fetch(name)
+            if path is not None:
+                shutil.copyfile(path, staging / name)
+        write_safetensors(staging / WEIGHTS_NAME, entries, metadata)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        verify_safetensors(staging / WEIGHTS_NAME, entries)
+        for name, render in extra_files.items():
+            (staging / name).write_text(render())

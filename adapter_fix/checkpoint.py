@@ -25,6 +25,7 @@ from adapter_fix.errors import (
     NonFiniteError,
     SourceNotFoundError,
     UnsafeFormatError,
+    unsafe_format,
 )
 from adapter_fix.sources import Source
 
@@ -43,7 +44,8 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# Dtypes of weights and LoRA factors the math accepts; others are quantized and need scales.
+FLOAT_WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
@@ -84,7 +86,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Parse and validate the header of one .safetensors file without reading tensor data."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
-        raise UnsafeFormatError(f"pickle checkpoint refused. {CONVERT_HINT}", path=path)
+        raise unsafe_format(path)
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -164,10 +166,19 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     return buffer.view(info.torch_dtype).reshape(info.shape)
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf (always true for integer tensors; FP8 is checked through float32)."""
+    if not tensor.is_floating_point():
+        return True
+    if tensor.element_size() == 1:
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(tensor: torch.Tensor, info: TensorInfo) -> None:
     """Raise NonFiniteError naming file and key when a float tensor holds NaN or Inf."""
-    if info.dtype in FLOAT_DTYPES and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not is_finite(tensor):
+        bad = int((~torch.isfinite(tensor.float())).sum())
         raise NonFiniteError(
             f"{bad} of {tensor.numel()} values are NaN or Inf. A repair cannot be computed from "
             "non-finite weights: check the checkpoint (a diverged fine-tune or a broken export).",
@@ -228,15 +239,8 @@ class Checkpoint:
         """Every tensor key, in index (or file) order."""
         return list(self.weight_map)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
-
     def __iter__(self) -> Iterator[str]:
         return iter(self.weight_map)
-
-    def files(self) -> list[str]:
-        """The weight files, in first-use order."""
-        return list(dict.fromkeys(self.weight_map.values()))
 
     def header(self, filename: str) -> SafetensorsHeader:
         """The validated header of one weight file, fetching the file on first use."""
@@ -275,10 +279,6 @@ class Checkpoint:
             check_finite(tensor, info)
         self.reads.append(key)
         return tensor
-
-    def metadata(self) -> dict[str, str]:
-        """The header metadata of the first weight file."""
-        return self.header(self.files()[0]).metadata if self.weight_map else {}
 
 
 def _read_index(path: Path, source: Source) -> dict[str, str]:

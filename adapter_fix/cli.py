@@ -18,10 +18,10 @@ from rich.text import Text
 from adapter_fix import __version__
 from adapter_fix.adapter import load_adapter
 from adapter_fix.checkpoint import Checkpoint
-from adapter_fix.errors import AdapterFixError, OutputError, StrictWarningsError
+from adapter_fix.errors import AdapterFixError, StrictWarningsError
 from adapter_fix.inspect import inspect_adapter
 from adapter_fix.progress import ModuleProgress
-from adapter_fix.repair import METHODS, RepairOptions, check_output_path
+from adapter_fix.repair import METHODS, RepairOptions, check_outputs
 from adapter_fix.repair import repair as run_repair
 from adapter_fix.report import REPORT_FORMATS, render_inspect, render_repair, write_report
 from adapter_fix.sources import HubOptions, LocalSource, open_source
@@ -50,6 +50,8 @@ def reports_errors(command: F) -> F:
         console = stderr_console()
         try:
             return command(*args, **kwargs)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
         except AdapterFixError as error:
             console.print(
                 Text.assemble((f"adapter-fix: {error.title}: ", "bold red"), error.render()),
@@ -271,7 +273,7 @@ def repair(
     """
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
-        raise click.UsageError("-o/--out is required unless --method none.")
+        raise click.UsageError("-o/--out is required unless --method none")
     for path in reports:
         if path.suffix.lower() not in REPORT_FORMATS:
             raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
@@ -279,11 +281,9 @@ def repair(
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = [open_source(spec, hub) for spec in (base, aligned, adapter)]
-    if out is not None and options.method != "none":
-        local = [Path(s.identity) for s in sources if isinstance(s, LocalSource)]
-        check_output_path(out, local)
-        if out.exists() and not force:
-            raise OutputError("the output already exists; pass --force to replace it.", path=out)
+    out = out if options.method != "none" else None
+    local = [Path(s.identity) for s in sources if isinstance(s, LocalSource)]
+    check_outputs(out, reports, local, force=force)
     lora = load_adapter(sources[2])
     base_checkpoint = Checkpoint.open(sources[0], "BASE")
     aligned_checkpoint = Checkpoint.open(sources[1], "ALIGNED")
@@ -296,7 +296,7 @@ def repair(
             aligned_checkpoint,
             lora,
             options,
-            out=out if options.method != "none" else None,
+            out=out,
             force=force,
             on_module=progress.advance,
         )

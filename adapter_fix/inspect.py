@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from adapter_fix import __version__
 from adapter_fix.adapter import LoraAdapter, LoraModule
+from adapter_fix.checkpoint import is_finite
 from adapter_fix.solve import as_factored, effective_rank, update_spectrum
 
 SCHEMA = "adapter-fix/inspect"
@@ -54,7 +53,7 @@ def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
     warnings = list(adapter.warnings)
     modules = [_summarise(adapter, module, warnings) for module in adapter.modules]
     for key in adapter.carried_keys:
-        if not _finite(adapter.weights.read(key, finite=False)):
+        if not is_finite(adapter.weights.read(key, finite=False)):
             warnings.append(f"{key}: holds NaN or Inf values.")
     weights = adapter.weights
     infos = [weights.info(key) for key in weights]
@@ -86,7 +85,7 @@ def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
 def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) -> ModuleSummary:
     lora_a = adapter.weights.read(module.key_a, finite=False)
     lora_b = adapter.weights.read(module.key_b, finite=False)
-    finite = _finite(lora_a) and _finite(lora_b)
+    finite = is_finite(lora_a) and is_finite(lora_b)
     if finite:
         spectrum = update_spectrum(as_factored(lora_b, lora_a, module.scaling))
         norm = float(spectrum.square().sum().sqrt())
@@ -108,10 +107,6 @@ def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) ->
         effective_rank=effective,
         finite=finite,
     )
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def _jsonable(value: Any) -> Any:

@@ -46,6 +46,5 @@ class ModuleProgress:
     ) -> None:
         self.progress.__exit__(kind, error, trace)
 
-    def advance(self, module: ModuleResult) -> None:
-        done = self.progress.tasks[0].completed + 1
-        self.progress.update(self.task, advance=1, tensors=2 * done, current=module.name)
+    def advance(self, module: ModuleResult, weights_read: int) -> None:
+        self.progress.update(self.task, advance=1, tensors=weights_read, current=module.name)

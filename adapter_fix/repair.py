@@ -11,11 +11,12 @@ candidates (`m x r`), never a weight.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,19 @@ import torch
 
 from adapter_fix import __version__
 from adapter_fix.adapter import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     LoraAdapter,
     LoraModule,
     config_rank,
     lora_scaling,
     resolve_weight_key,
+    write_adapter,
 )
-from adapter_fix.checkpoint import PICKLE_SUFFIXES, Checkpoint, read_header, read_tensor
+from adapter_fix.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
 from adapter_fix.solve import (
+    Decomposition,
     FactoredUpdate,
+    UpdateMetrics,
     as_factored,
     csulora,
     decompose,
@@ -45,8 +47,8 @@ from adapter_fix.solve import (
     to_lora_factors,
     update_metrics,
 )
-from adapter_fix.subspace import frobenius_norm, module_seed, safety_subspace
-from adapter_fix.writer import atomic_directory, write_safetensors
+from adapter_fix.subspace import Subspace, frobenius_norm, module_seed, safety_subspace
+from adapter_fix.writer import check_output_target
 
 METHODS = ("csulora", "project", "safelora", "none")
 REPORT_NAME = "repair_report.json"
@@ -159,6 +161,14 @@ class RepairResult:
         }
 
 
+@dataclass(frozen=True)
+class _SafeLoraChoice:
+    """What Safe LoRA would write for a module if the global selection picks it."""
+
+    projected_b: torch.Tensor
+    report: ModuleResult
+
+
 @dataclass
 class _Outcome:
     """A module's report row and, when it changes, its new factors (PEFT orientation)."""
@@ -166,39 +176,55 @@ class _Outcome:
     report: ModuleResult
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
-    safelora: tuple[torch.Tensor, ModuleResult] | None = None
+    safelora: _SafeLoraChoice | None = None
 
 
 class _Clock:
-    def __init__(self, timings: Timings) -> None:
-        self.timings = timings
+    """Adds the time spent in each phase to `timings`; total runs from construction."""
 
-    def measure(self, name: str) -> _Lap:
-        return _Lap(self.timings, name)
+    def __init__(self) -> None:
+        self.timings = Timings()
+        self.started = time.perf_counter()
+        self.running: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def measure(self, phase: str) -> Iterator[None]:
+        self.running[phase] = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - self.running.pop(phase)
+            setattr(self.timings, phase, getattr(self.timings, phase) + elapsed)
+
+    def now(self) -> Timings:
+        """The timings so far, phases still running included."""
+        now = time.perf_counter()
+        timings = replace(self.timings, total_s=now - self.started)
+        for phase, since in self.running.items():
+            setattr(timings, phase, getattr(timings, phase) + now - since)
+        return timings
 
 
-class _Lap:
-    def __init__(self, timings: Timings, name: str) -> None:
-        self.timings, self.name = timings, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *_: object) -> None:
-        elapsed = time.perf_counter() - self.start
-        setattr(self.timings, self.name, getattr(self.timings, self.name) + elapsed)
+def check_outputs(
+    out: Path | None, reports: Sequence[Path], inputs: Sequence[Path], *, force: bool
+) -> None:
+    """Before any work: refuse outputs that overlap an input, or an OUT that may not be replaced."""
+    if out is not None:
+        check_output_target(out.resolve(), force=force)
+    for path in [*([out] if out is not None else []), *reports]:
+        check_output_path(path, inputs)
 
 
-def check_output_path(out: Path, inputs: list[Path]) -> None:
-    """Refuse an OUT that is, holds, or lies inside an input: a repair never touches its inputs."""
+def check_output_path(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output (OUT, a report) that is, holds, or lies inside an input folder."""
     out = out.resolve()
     for path in inputs:
         path = path.resolve()
         folder = path if path.is_dir() else path.parent
         if out.is_relative_to(folder) or path.is_relative_to(out):
             raise OutputError(
-                f"the output would overlap the input {path}; adapter-fix never writes inside "
-                "or over an input. Choose another -o folder.",
+                f"this output would overlap the input {path}; adapter-fix never writes inside "
+                "or over an input. Choose another path.",
                 path=out,
             )
 
@@ -211,9 +237,12 @@ def repair(
     *,
     out: Path | None = None,
     force: bool = False,
-    on_module: Callable[[ModuleResult], None] | None = None,
+    on_module: Callable[[ModuleResult, int], None] | None = None,
 ) -> RepairResult:
-    """Repair `adapter` module by module and, unless the method is `none`, write it to `out`."""
+    """Repair `adapter` module by module and, unless the method is `none`, write it to `out`.
+
+    `on_module(result, weights_read)` is called after each module (progress).
+    """
     if adapter.unsupported:
         feature, why = next(iter(adapter.unsupported.items()))
         raise InvalidAdapterError(
@@ -223,23 +252,15 @@ def repair(
             key=feature,
         )
     _check_ranks(adapter)
-    if base.source.identity == aligned.source.identity:
-        raise IncompatibleModelsError(
-            "BASE and ALIGNED are the same files, so the alignment displacement is zero. "
-            "BASE is the pretrained model, ALIGNED the chat model the adapter was trained on.",
-            path=base.source.identity,
-        )
-    started = time.perf_counter()
-    timings = Timings()
-    clock = _Clock(timings)
-    # Every key and shape is checked from headers before any weight is read: fail fast.
+    clock = _Clock()
+    # Every key, shape and dtype is checked from headers before any weight is read: fail fast.
     weight_keys = [_weight_keys(base, aligned, module) for module in adapter.modules]
     outcomes = []
     for module, keys in zip(adapter.modules, weight_keys, strict=True):
         outcome = _repair_module(base, aligned, adapter, module, keys, options, clock)
         outcomes.append(outcome)
         if on_module is not None:
-            on_module(outcome.report)
+            on_module(outcome.report, len(base.reads) + len(aligned.reads))
     if options.method == "safelora":
         _select_safelora(outcomes, options)
     inputs = {
@@ -248,23 +269,23 @@ def repair(
         "adapter": adapter.source.identity,
         "adapter_sha256": _sha256(adapter.weights_path),
     }
-    result = RepairResult(options, inputs, [o.report for o in outcomes], timings)
+    result = RepairResult(options, inputs, [o.report for o in outcomes], clock.timings)
     if options.method != "none" and out is not None:
+        result.output = str(out.resolve())
         with clock.measure("write_s"):
-            result.output = str(out.resolve())
-            _write(adapter, outcomes, result, out, force)
-    timings.total_s = time.perf_counter() - started
+            _write(adapter, outcomes, result, out, force, clock)
+    result.timings = clock.now()
     return result
 
 
 def _check_ranks(adapter: LoraAdapter) -> None:
     for module in adapter.modules:
-        expected = adapter.config.get("rank_pattern") or {}
         configured = config_rank(adapter.config, module.name)
         if module.rank != configured:
+            patterns = adapter.config.get("rank_pattern") or {}
             raise InvalidAdapterError(
                 f"module {module.name!r} has rank {module.rank} but the config gives it "
-                f"r={configured} (rank_pattern: {expected}); PEFT could not load it either.",
+                f"r={configured} (rank_pattern: {patterns}); PEFT could not load it either.",
                 path=adapter.config_path,
                 key=module.key_a,
             )
@@ -272,9 +293,20 @@ def _check_ranks(adapter: LoraAdapter) -> None:
 
 def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> tuple[str, str]:
     """The keys of `module`'s weight in BASE and ALIGNED, with shapes checked (headers only)."""
-    base_key = resolve_weight_key(module.name, base.weight_map, f"BASE ({base.source})")
-    aligned_key = resolve_weight_key(module.name, aligned.weight_map, f"ALIGNED ({aligned.source})")
+    base_key = resolve_weight_key(module.weight_key, base.weight_map, f"BASE ({base.source})")
+    aligned_key = resolve_weight_key(
+        module.weight_key, aligned.weight_map, f"ALIGNED ({aligned.source})"
+    )
     base_info, aligned_info = base.info(base_key), aligned.info(aligned_key)
+    if base_info.file == aligned_info.file:
+        raise IncompatibleModelsError(
+            "BASE and ALIGNED are the same file, so the alignment displacement is zero. "
+            "BASE is the pretrained model, ALIGNED the chat model the adapter was trained on.",
+            path=base_info.file,
+            key=base_key,
+        )
+    for info in (base_info, aligned_info):
+        _check_weight_dtype(info)
     if base_info.shape != aligned_info.shape:
         raise IncompatibleModelsError(
             f"BASE has shape {list(base_info.shape)} but ALIGNED has "
@@ -295,6 +327,16 @@ def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> t
             key=base_key,
         )
     return base_key, aligned_key
+
+
+def _check_weight_dtype(info: TensorInfo) -> None:
+    if info.dtype not in FLOAT_WEIGHT_DTYPES:
+        raise IncompatibleModelsError(
+            f"the weight is {info.dtype}, not a float16/bfloat16/float32/float64 weight: "
+            "quantized checkpoints (int8, FP8 with scales) must be dequantized first.",
+            path=info.file,
+            key=info.key,
+        )
 
 
 def _read_displacement(
@@ -387,7 +429,7 @@ def _repair_module(
             _fill_metrics(selected, original, projected, subspace)
             report.safelora_similarity = candidate.similarity
             report.reason = f"Safe LoRA similarity {candidate.similarity:.5f}, not selected"
-            return _Outcome(report, safelora=(candidate.projected_b, selected))
+            return _Outcome(report, safelora=_SafeLoraChoice(candidate.projected_b, selected))
         if options.method == "project":
             solution = project(decomposition)
         else:
@@ -416,34 +458,26 @@ def _repair_module(
         return _Outcome(report, lora_a=new_a, lora_b=new_b)
 
 
-def _rho(decomposition: Any) -> dict[str, float]:
-    return {
-        "full": decomposition.rho_full,
-        "partial": decomposition.rho_partial,
-        "off": decomposition.rho_off,
-    }
+def _rho(shares: Decomposition | UpdateMetrics) -> dict[str, float]:
+    return {"full": shares.rho_full, "partial": shares.rho_partial, "off": shares.rho_off}
 
 
 def _fill_metrics(
-    report: ModuleResult, original: FactoredUpdate, repaired: FactoredUpdate, subspace: Any
+    report: ModuleResult, original: FactoredUpdate, repaired: FactoredUpdate, subspace: Subspace
 ) -> None:
     metrics = update_metrics(original, repaired, subspace)
     report.repaired_norm = metrics.norm
     report.relative_change = metrics.relative_change
     report.cosine = metrics.cosine
-    report.rho_after = {
-        "full": metrics.rho_full,
-        "partial": metrics.rho_partial,
-        "off": metrics.rho_off,
-    }
+    report.rho_after = _rho(metrics)
 
 
 def _select_safelora(outcomes: list[_Outcome], options: RepairOptions) -> None:
     """Safe LoRA's global selection; selected modules get `B <- C B`, `A` unchanged."""
     similarities = {
-        o.report.name: o.safelora[1].safelora_similarity
+        o.report.name: o.safelora.report.safelora_similarity
         for o in outcomes
-        if o.safelora is not None and o.safelora[1].safelora_similarity is not None
+        if o.safelora is not None and o.safelora.report.safelora_similarity is not None
     }
     chosen = safelora_select(
         similarities,
@@ -454,7 +488,7 @@ def _select_safelora(outcomes: list[_Outcome], options: RepairOptions) -> None:
     for outcome in outcomes:
         if outcome.safelora is None or outcome.report.name not in chosen:
             continue
-        projected_b, selected = outcome.safelora
+        projected_b, selected = outcome.safelora.projected_b, outcome.safelora.report
         outcome.report = selected
         outcome.report.reason = f"Safe LoRA similarity {selected.safelora_similarity:.5f}, selected"
         outcome.lora_b, outcome.lora_a = projected_b, None
@@ -468,37 +502,22 @@ def _write(
     result: RepairResult,
     out: Path,
     force: bool,
+    clock: _Clock,
 ) -> None:
-    """Write OUT atomically: tensors in input order and dtypes, config, other files, report."""
+    """Write OUT: the new factors, exact-rank patterns, provenance metadata, the report."""
     modules = {m.name: m for m in adapter.modules}
-    replaced: dict[str, torch.Tensor] = {}
-    config = json.loads(adapter.config_path.read_text())
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
     for outcome in outcomes:
         module = modules[outcome.report.name]
         if outcome.lora_a is not None:
-            replaced[module.key_a] = outcome.lora_a
+            replacements[module.key_a] = outcome.lora_a
         if outcome.lora_b is not None:
-            replaced[module.key_b] = outcome.lora_b
+            replacements[module.key_b] = outcome.lora_b
         if outcome.report.output_rank != module.rank:
-            rank_pattern[module.name] = outcome.report.output_rank
-            alpha_pattern[module.name] = module.alpha
-    if rank_pattern:
-        # Full module names first: PEFT takes the first pattern that matches.
-        config["rank_pattern"] = {**rank_pattern, **(config.get("rank_pattern") or {})}
-        config["alpha_pattern"] = {**alpha_pattern, **(config.get("alpha_pattern") or {})}
-    weights = adapter.weights
-    header = weights.header(WEIGHTS_NAME)
-    order = sorted(header.tensors.values(), key=lambda info: info.offset)
-    tensors = []
-    for info in order:
-        if info.key in replaced:
-            tensors.append((info.key, replaced[info.key].to(info.torch_dtype).contiguous()))
-        else:
-            tensors.append((info.key, read_tensor(info)))
+            ranks[module.name] = outcome.report.output_rank
     metadata = {
-        **header.metadata,
+        **adapter.weights.header(adapter.weights_path.name).metadata,
         "adapter_fix.version": __version__,
         "adapter_fix.method": result.options.method,
         "adapter_fix.parameters": json.dumps(result.options.parameters(), sort_keys=True),
@@ -506,37 +525,20 @@ def _write(
         "adapter_fix.base": result.inputs["base"],
         "adapter_fix.aligned": result.inputs["aligned"],
     }
-    with atomic_directory(out, force=force) as staging:
-        for name in adapter.source.list_files():
-            if name in (WEIGHTS_NAME, CONFIG_NAME, REPORT_NAME) or Path(name).suffix in (
-                PICKLE_SUFFIXES
-            ):
-                continue
-            source_path = adapter.source.fetch(name)
-            if source_path is not None:
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(source_path.read_bytes())
-        write_safetensors(staging / WEIGHTS_NAME, tensors, metadata)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (staging / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        _verify(staging / WEIGHTS_NAME, tensors)
 
+    def report() -> str:
+        result.timings = clock.now()
+        return json.dumps(result.to_json(), indent=2) + "\n"
 
-def _verify(path: Path, expected: list[tuple[str, torch.Tensor]]) -> None:
-    """Re-read what was written and compare it tensor by tensor before it is renamed into place."""
-    header = read_header(path)
-    if list(header.tensors) != [key for key, _ in expected]:
-        raise OutputError("the written file's keys differ from what was meant.", path=path)
-    for key, tensor in expected:
-        if not torch.equal(_bytes(read_tensor(header.tensors[key])), _bytes(tensor)):
-            raise OutputError(
-                "a tensor read back differs from what was written.", path=path, key=key
-            )
-
-
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(-1).view(torch.uint8)
+    write_adapter(
+        adapter,
+        out,
+        replacements=replacements,
+        ranks=ranks,
+        metadata=metadata,
+        extra_files={REPORT_NAME: report},
+        force=force,
+    )
 
 
 def _sha256(path: Path) -> str:

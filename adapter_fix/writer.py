@@ -1,4 +1,4 @@
-"""Writing results: safetensors files in a given key order, and folders that appear atomically."""
+"""Writing results: safetensors files that stream carried tensors; atomic output folders."""
 
 from __future__ import annotations
 
@@ -12,41 +12,78 @@ from pathlib import Path
 
 import torch
 
-from adapter_fix.checkpoint import dtype_name
+from adapter_fix.checkpoint import TensorInfo, dtype_name, read_header
 from adapter_fix.errors import OutputError
 
+CHUNK_BYTES = 16 << 20
 
-def write_safetensors(
-    path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]
-) -> None:
-    """Write `tensors` in the given order (header and data alike), with string metadata.
+# A tensor to write: new data, or an existing tensor whose bytes are copied as they are.
+Entry = tuple[str, torch.Tensor | TensorInfo]
 
-    The header is padded with spaces to a multiple of 8 bytes, as the
-    safetensors library does, so the data of every tensor is aligned.
+
+def _layout(value: torch.Tensor | TensorInfo) -> tuple[str, list[int], int]:
+    if isinstance(value, TensorInfo):
+        return value.dtype, list(value.shape), value.nbytes
+    return dtype_name(value.dtype), list(value.shape), value.numel() * value.element_size()
+
+
+def write_safetensors(path: Path, entries: Sequence[Entry], metadata: dict[str, str]) -> None:
+    """Write `entries` in the given order (header and data alike), with string metadata.
+
+    New tensors are written from memory; copied ones stream from their file in
+    16 MB chunks, so a large carried tensor (a 1 GB `lm_head` in
+    `modules_to_save`) never sits in memory. The header is padded with spaces
+    to a multiple of 8 bytes, as the safetensors library does.
     """
     header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}
     offset = 0
-    payloads = []
-    for key, tensor in tensors:
-        data = tensor.detach().contiguous().cpu()
-        nbytes = data.numel() * data.element_size()
-        header[key] = {
-            "dtype": dtype_name(data.dtype),
-            "shape": list(data.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        payloads.append(data)
+    for key, value in entries:
+        dtype, shape, nbytes = _layout(value)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with path.open("wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
-        for data in payloads:
-            if data.numel():
-                handle.write(data.view(-1).view(torch.uint8).numpy().data)
+        for _, value in entries:
+            for chunk in _chunks(value):
+                handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def verify_safetensors(path: Path, entries: Sequence[Entry]) -> None:
+    """Re-read `path` and compare every tensor's bytes with what was meant, chunk by chunk."""
+    header = read_header(path)
+    if list(header.tensors) != [key for key, _ in entries]:
+        raise OutputError("the written file's keys differ from what was meant.", path=path)
+    for key, value in entries:
+        written = header.tensors[key]
+        if _layout(value) != (written.dtype, list(written.shape), written.nbytes) or any(
+            ours != theirs for ours, theirs in zip(_chunks(value), _chunks(written), strict=True)
+        ):
+            raise OutputError(
+                "a tensor read back differs from what was written.", path=path, key=key
+            )
+
+
+def _chunks(value: torch.Tensor | TensorInfo) -> Iterator[bytes]:
+    """The raw bytes of a tensor, in chunks of at most CHUNK_BYTES."""
+    if isinstance(value, TensorInfo):
+        with value.file.open("rb") as handle:
+            handle.seek(value.offset)
+            left = value.nbytes
+            while left:
+                chunk = handle.read(min(CHUNK_BYTES, left))
+                if not chunk:
+                    raise OutputError("the file ended early while copying.", path=value.file)
+                left -= len(chunk)
+                yield chunk
+        return
+    data = value.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    for start in range(0, len(data), CHUNK_BYTES):
+        yield data[start : start + CHUNK_BYTES].tobytes()
 
 
 @contextlib.contextmanager
@@ -57,8 +94,7 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
     untouched: no half-written output ever appears under the final name.
     """
     out = out.resolve()
-    if out.exists() and not force:
-        raise OutputError("the output already exists; pass --force to replace it.", path=out)
+    check_output_target(out, force=force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -69,8 +105,18 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
     try:
         yield staging
         _replace(staging, out)
+    except OSError as error:
+        raise OutputError(f"writing the output failed ({error.strerror}).", path=out) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_target(out: Path, *, force: bool) -> None:
+    """Refuse an existing OUT without --force, and an OUT that is a file."""
+    if out.exists() and not out.is_dir():
+        raise OutputError("the output exists and is not a folder; choose another -o.", path=out)
+    if out.exists() and not force:
+        raise OutputError("the output already exists; pass --force to replace it.", path=out)
 
 
 def _replace(staging: Path, out: Path) -> None:
@@ -85,7 +131,4 @@ def _replace(staging: Path, out: Path) -> None:
     except OSError:
         retired.rename(out)
         raise
-    if retired.is_dir():
-        shutil.rmtree(retired)
-    else:
-        retired.unlink()
+    shutil.rmtree(retired)

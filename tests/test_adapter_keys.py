@@ -70,33 +70,36 @@ KEYS = {
 
 
 def test_exact_weight_key_wins() -> None:
-    assert resolve_weight_key("model.layers.0.self_attn.q_proj", KEYS, "BASE") == (
+    assert resolve_weight_key("model.layers.0.self_attn.q_proj.weight", KEYS, "BASE") == (
         "model.layers.0.self_attn.q_proj.weight"
     )
 
 
 def test_checkpoint_without_the_head_prefix_is_found() -> None:
     assert (
-        resolve_weight_key("transformer.h.0.attn.c_attn", KEYS, "BASE") == "h.0.attn.c_attn.weight"
+        resolve_weight_key("transformer.h.0.attn.c_attn.weight", KEYS, "BASE")
+        == "h.0.attn.c_attn.weight"
     )
 
 
 def test_checkpoint_with_an_extra_prefix_is_found() -> None:
     keys = {"language_model.model.layers.0.self_attn.q_proj.weight"}
-    assert resolve_weight_key("model.layers.0.self_attn.q_proj", keys, "BASE") == next(iter(keys))
+    assert resolve_weight_key("model.layers.0.self_attn.q_proj.weight", keys, "BASE") == next(
+        iter(keys)
+    )
 
 
 def test_ambiguous_weight_key_lists_candidates() -> None:
     keys = {"a.model.layers.0.q.weight", "b.model.layers.0.q.weight"}
     with pytest.raises(IncompatibleModelsError) as error:
-        resolve_weight_key("model.layers.0.q", keys, "BASE")
+        resolve_weight_key("model.layers.0.q.weight", keys, "BASE")
     assert "a.model.layers.0.q.weight" in error.value.render()
     assert "b.model.layers.0.q.weight" in error.value.render()
 
 
 def test_missing_weight_key_is_an_error_naming_the_module() -> None:
-    with pytest.raises(IncompatibleModelsError, match=r"model\.layers\.9\.q"):
-        resolve_weight_key("model.layers.9.q", KEYS, "BASE")
+    with pytest.raises(IncompatibleModelsError, match=r"model\.layers\.9\.q\.weight"):
+        resolve_weight_key("model.layers.9.q.weight", KEYS, "BASE")
 
 
 def test_pattern_key_matches_at_dot_boundaries_first_key_wins() -> None:

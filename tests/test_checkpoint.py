@@ -62,7 +62,7 @@ def test_single_file_lists_keys_shapes_and_reads_exact_tensors(tmp_path: Path) -
 def test_a_single_safetensors_file_path_is_a_checkpoint(tmp_path: Path) -> None:
     save_file(_tensors(), tmp_path / "weights.safetensors")
     checkpoint = Checkpoint.open(LocalSource(tmp_path / "weights.safetensors"), "BASE")
-    assert "a.weight" in checkpoint
+    assert "a.weight" in checkpoint.weight_map
 
 
 def test_sharded_checkpoint_is_listed_from_the_index_without_opening_shards(

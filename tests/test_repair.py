@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from adapter_fix import adapter as adapter_module
 from adapter_fix import checkpoint as checkpoint_module
-from adapter_fix import repair as repair_module
 from adapter_fix.adapter import load_adapter
 from adapter_fix.checkpoint import Checkpoint
 from adapter_fix.cli import main
@@ -163,10 +163,11 @@ def test_written_update_is_the_closest_safe_update_of_method_md(
         assert torch.allclose(written, expected, atol=1e-5), module
 
 
+@pytest.mark.parametrize("case", ["llama", "llama-rslora"])
 def test_exact_output_rank_writes_rank_patterns_peft_loads(
-    fixtures_dir: Path, tmp_path: Path
+    fixtures_dir: Path, tmp_path: Path, case: str
 ) -> None:
-    base, aligned, adapter = paths(fixtures_dir, "llama")
+    base, aligned, adapter = paths(fixtures_dir, case)
     out = tmp_path / "out"
     code, stderr = run(base, aligned, adapter, "-o", out, "--output-rank", "exact", "-q")
     assert code == 0, stderr
@@ -338,7 +339,7 @@ def test_failure_mid_write_leaves_no_output(
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(repair_module, "write_safetensors", interrupted)
+    monkeypatch.setattr(adapter_module, "write_safetensors", interrupted)
     code, stderr = run(base, aligned, adapter, "-o", tmp_path / "new", "-q")
     assert code == 130, stderr
     code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
@@ -367,13 +368,13 @@ def test_wrong_base_model_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
         "-o",
         tmp_path / "out",
     )
-    assert code == 7 and "no weight for adapter module 'model.layers.0." in stderr
+    assert code == 7 and "has no weight 'model.layers.0." in stderr
 
 
 def test_same_base_and_aligned_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
     base, _, adapter = paths(fixtures_dir, "llama")
     code, stderr = run(base, base, adapter, "-o", tmp_path / "out")
-    assert code == 7 and "same files" in stderr
+    assert code == 7 and "same file" in stderr
 
 
 def test_shape_mismatch_between_base_and_aligned_exits_7(
@@ -438,3 +439,96 @@ def test_safelora_selects_by_similarity_and_changes_only_b(
         assert torch.equal(written[f"{stem}.lora_A.weight"], original[f"{stem}.lora_A.weight"])
         same_b = torch.equal(written[f"{stem}.lora_B.weight"], original[f"{stem}.lora_B.weight"])
         assert same_b != selected
+
+
+def test_usage_errors_exit_2(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    code, stderr = run(base, aligned, adapter)
+    assert code == 2 and "-o/--out is required" in stderr
+    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "--report", "x.txt")
+    assert code == 2 and "--report" in stderr
+
+
+def test_write_failure_exits_9_and_leaves_nothing(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+
+    def disk_full(path: Path, *args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapter_module, "write_safetensors", disk_full)
+    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "-q")
+    assert code == 9 and "No space left on device" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_path_inside_an_input_is_refused_before_any_work(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    config = (adapter / "adapter_config.json").read_bytes()
+    report = adapter / "adapter_config.json"
+    code, stderr = run(
+        base, aligned, adapter, "-o", tmp_path / "out", "--report", report.with_suffix(".json")
+    )
+    assert code == 9 and "overlap" in stderr
+    assert (adapter / "adapter_config.json").read_bytes() == config
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_that_is_a_file_is_refused(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    (tmp_path / "out").write_text("a file")
+    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "--force")
+    assert code == 9 and "not a folder" in stderr
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_same_model_as_folder_and_file_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, _, adapter = paths(fixtures_dir, "llama")
+    code, stderr = run(base, base / "model.safetensors", adapter, "-o", tmp_path / "out")
+    assert code == 7 and "same file" in stderr
+
+
+def test_quantized_aligned_weights_exit_7(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, _, adapter = paths(fixtures_dir, "llama")
+    quantized = tmp_path / "aligned"
+    quantized.mkdir()
+    tensors = load_file(fixtures_dir / "llama-aligned-single" / "model.safetensors")
+    tensors = {k: (v * 100).to(torch.int8) if v.ndim == 2 else v for k, v in tensors.items()}
+    save_file(tensors, quantized / "model.safetensors")
+    code, stderr = run(base, quantized, adapter, "-o", tmp_path / "out")
+    assert code == 7 and "I8" in stderr and "dequantized" in stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"rank_pattern": {"q_proj": "x"}}, "rank_pattern['q_proj'] must be a positive integer"),
+        ({"alpha_pattern": {"q_[": 4}}, "not a valid regular expression"),
+        ({"r": 4.5}, "r must be a positive integer"),
+        ({"target_modules": 7}, "target_modules"),
+    ],
+)
+def test_invalid_config_values_exit_6(
+    fixtures_dir: Path, tmp_path: Path, change: dict[str, object], words: str
+) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    folder = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    code, stderr = run(base, aligned, folder, "-o", tmp_path / "out")
+    assert code == 6 and words in stderr, stderr
+
+
+def test_integer_lora_factors_exit_6(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    folder = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file(
+        {k: (v * 100).to(torch.int32) for k, v in tensors.items()},
+        folder / "adapter_model.safetensors",
+    )
+    code, stderr = run(base, aligned, folder, "-o", tmp_path / "out")
+    assert code == 6 and "I32" in stderr
