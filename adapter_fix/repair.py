@@ -32,7 +32,7 @@ from adapter_fix.adapter import (
     resolve_weight_key,
     write_adapter,
 )
-from adapter_fix.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
 from adapter_fix.solve import (
     Decomposition,
@@ -379,6 +379,7 @@ def _repair_module(
     clock: _Clock,
 ) -> _Outcome:
     report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+    dtype = DTYPES[module.dtype]  # metrics describe what is written: factors in this dtype
     with clock.measure("read_s"):
         displacement, aligned_norm = _read_displacement(base, aligned, module, keys)
         lora_b, lora_a = _read_factors(adapter, module)
@@ -424,7 +425,7 @@ def _repair_module(
             report.action = "analysed"
             return _Outcome(report)
         if candidate is not None:
-            projected = as_factored(candidate.projected_b, lora_a, module.scaling)
+            projected = as_factored(candidate.projected_b.to(dtype), lora_a, module.scaling)
             selected = replace(report, action="repaired", safelora_similarity=candidate.similarity)
             _fill_metrics(selected, original, projected, subspace)
             report.safelora_similarity = candidate.similarity
@@ -444,8 +445,8 @@ def _repair_module(
             output_scaling=lambda rank: lora_scaling(module.alpha, rank, adapter.use_rslora),
         )
         written = as_factored(
-            factors.lora_b,
-            factors.lora_a,
+            factors.lora_b.to(dtype),
+            factors.lora_a.to(dtype),
             lora_scaling(module.alpha, factors.rank, adapter.use_rslora),
         )
         report.action = "repaired"
