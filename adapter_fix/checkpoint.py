@@ -8,6 +8,7 @@ the pages of the shards it has looked at. No file stays open between reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import torch
 
@@ -155,12 +157,8 @@ def _corrupt(path: Path, what: str, key: str | None = None) -> CorruptCheckpoint
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a single positioned read; the result owns its memory."""
     buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    try:
-        with info.file.open("rb") as handle:
-            handle.seek(info.offset)
-            got = handle.readinto(buffer.numpy()) if info.nbytes else 0
-    except OSError as error:
-        raise SourceNotFoundError(f"cannot read ({error.strerror}).", path=info.file) from None
+    with _opened(info) as handle:
+        got = handle.readinto(buffer.numpy()) if info.nbytes else 0
     if got != info.nbytes:
         raise _corrupt(info.file, "the file ended before the tensor's data", info.key)
     return buffer.view(info.torch_dtype).reshape(info.shape)
@@ -279,6 +277,44 @@ class Checkpoint:
             check_finite(tensor, info)
         self.reads.append(key)
         return tensor
+
+    def read_rows(
+        self, key: str, block_bytes: int = 4 << 20
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """One tensor in blocks of whole rows (~`block_bytes` each), read into one reused buffer.
+
+        Yields `(rows, block)`; each block is only valid until the next one.
+        Blocks small enough for the CPU cache make converting and subtracting
+        a weight run at the speed of reading it. No finiteness check here: the
+        caller folds it into reductions it computes anyway.
+        """
+        info = self.info(key)
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // rows if rows else 0
+        per_block = max(1, block_bytes // max(1, row_bytes))
+        buffer = torch.empty(min(rows, per_block) * row_bytes, dtype=torch.uint8)
+        with _opened(info) as handle:
+            for start in range(0, rows, per_block):
+                count = min(per_block, rows - start)
+                view = buffer[: count * row_bytes]
+                if handle.readinto(view.numpy()) != view.numel():
+                    raise _corrupt(info.file, "the file ended before the tensor's data", key)
+                yield (
+                    slice(start, start + count),
+                    view.view(info.torch_dtype).reshape(count, *info.shape[1:]),
+                )
+        self.reads.append(key)
+
+
+@contextlib.contextmanager
+def _opened(info: TensorInfo) -> Iterator[BinaryIO]:
+    """The tensor's file, positioned at its data; OS errors become adapter-fix errors."""
+    try:
+        with info.file.open("rb") as handle:
+            handle.seek(info.offset)
+            yield handle
+    except OSError as error:
+        raise SourceNotFoundError(f"cannot read ({error.strerror}).", path=info.file) from None
 
 
 def _read_index(path: Path, source: Source) -> dict[str, str]:

@@ -341,23 +341,31 @@ def _check_weight_dtype(info: TensorInfo) -> None:
 
 def _read_displacement(
     base: Checkpoint, aligned: Checkpoint, module: LoraModule, keys: tuple[str, str]
-) -> tuple[torch.Tensor, float]:
-    """`D = W_a - W_b` (float32, `dW` orientation) and `||W_a||_F`, one weight copy at a time.
+) -> tuple[torch.Tensor, float, float]:
+    """`D = W_a - W_b` (float32, `dW` orientation), `||W_a||_F` and `||D||_F`.
 
-    NaN or Inf in either weight makes `||W_a||` or the sum of `D` non-finite: two
-    cheap passes instead of an isfinite scan of each weight. Only then are the
-    two weights read again, to name the one at fault.
+    Both weights stream in cache-sized row blocks straight into `D`, and the
+    norms are taken block by block while the block is hot: the read costs what
+    reading the bytes costs. NaN or Inf in either weight makes a norm
+    non-finite; only then are the weights read whole, to name the one at fault.
     """
     base_key, aligned_key = keys
-    displacement = aligned.read(aligned_key, finite=False).to(torch.float32)
-    aligned_norm = frobenius_norm(displacement)
-    displacement.sub_(base.read(base_key, finite=False))
-    if not (math.isfinite(aligned_norm) and bool(torch.isfinite(displacement.sum()))):
+    displacement = torch.empty(aligned.info(aligned_key).shape, dtype=torch.float32)
+    aligned_squares = displacement_squares = 0.0
+    for rows, block in aligned.read_rows(aligned_key):
+        target = displacement[rows]
+        target.copy_(block)
+        aligned_squares += frobenius_norm(target) ** 2
+    for rows, block in base.read_rows(base_key):
+        target = displacement[rows]
+        target.sub_(block)
+        displacement_squares += frobenius_norm(target) ** 2
+    if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
         for checkpoint, key in ((aligned, aligned_key), (base, base_key)):
             checkpoint.read(key)  # raises NonFiniteError naming file and key
     if module.weight_transposed:
         displacement = displacement.T
-    return displacement, aligned_norm
+    return displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
 
 
 def _read_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,7 +389,9 @@ def _repair_module(
     report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
     dtype = DTYPES[module.dtype]  # metrics describe what is written: factors in this dtype
     with clock.measure("read_s"):
-        displacement, aligned_norm = _read_displacement(base, aligned, module, keys)
+        displacement, aligned_norm, displacement_norm = _read_displacement(
+            base, aligned, module, keys
+        )
         lora_b, lora_a = _read_factors(adapter, module)
     with clock.measure("subspace_s"):
         subspace = safety_subspace(
@@ -391,6 +401,7 @@ def _repair_module(
             rank=options.rank,
             seed=module_seed(options.seed, module.name),
             reference_norm=aligned_norm,
+            displacement_norm=displacement_norm,
         )
         if options.device != "cpu":
             subspace = replace(
@@ -425,12 +436,13 @@ def _repair_module(
             report.action = "analysed"
             return _Outcome(report)
         if candidate is not None:
-            projected = as_factored(candidate.projected_b.to(dtype), lora_a, module.scaling)
+            projected_b = candidate.projected_b.to(dtype)
+            projected = as_factored(projected_b, lora_a, module.scaling)
             selected = replace(report, action="repaired", safelora_similarity=candidate.similarity)
             _fill_metrics(selected, original, projected, subspace)
             report.safelora_similarity = candidate.similarity
             report.reason = f"Safe LoRA similarity {candidate.similarity:.5f}, not selected"
-            return _Outcome(report, safelora=_SafeLoraChoice(candidate.projected_b, selected))
+            return _Outcome(report, safelora=_SafeLoraChoice(projected_b, selected))
         if options.method == "project":
             solution = project(decomposition)
         else:
@@ -453,7 +465,8 @@ def _repair_module(
         report.output_rank = factors.rank
         report.truncation_residual = factors.truncation_residual
         _fill_metrics(report, original, written, subspace)
-        new_b, new_a = factors.lora_b, factors.lora_a
+        # Kept until the write: in the adapter's dtype, so memory does not grow with depth.
+        new_b, new_a = factors.lora_b.to(dtype), factors.lora_a.to(dtype)
         if module.factors_transposed:
             new_b, new_a = new_a.T, new_b.T
         return _Outcome(report, lora_a=new_a, lora_b=new_b)

@@ -228,7 +228,7 @@ def update_metrics(
 
 def update_spectrum(update: FactoredUpdate) -> Tensor:
     """Singular values of `X = s L R`, float64, descending, `min(m, n, q)` of them."""
-    return torch.linalg.svdvals(_core(update)[2])
+    return torch.linalg.svdvals(_core_values(update))
 
 
 def effective_rank(singular_values: Tensor) -> float:
@@ -380,9 +380,16 @@ def _core(update: FactoredUpdate) -> tuple[Tensor, Tensor, Tensor]:
     return left_basis, right_basis, update.scaling * (left_triangle @ right_triangle.T)
 
 
+def _core_values(update: FactoredUpdate) -> Tensor:
+    """`C` of `_core` alone: the triangular factors only (`mode="r"`), no `Q` is formed."""
+    left_triangle = torch.linalg.qr(update.left.double(), mode="r").R
+    right_triangle = torch.linalg.qr(update.right.double().T, mode="r").R
+    return update.scaling * (left_triangle @ right_triangle.T)
+
+
 def _product_norm(left: Tensor, right: Tensor, scaling: float) -> float:
     """`||scaling * left @ right||_F` for `left` `m x q`, `right` `q x n`."""
-    return float(torch.linalg.matrix_norm(_core(FactoredUpdate(left, right, scaling))[2]))
+    return float(torch.linalg.matrix_norm(_core_values(FactoredUpdate(left, right, scaling))))
 
 
 def _trace_of_product(first: Tensor, second: Tensor) -> float:

@@ -112,6 +112,7 @@ def safety_subspace(
     rank: int | None = None,
     seed: int = 0,
     reference_norm: float | None = None,
+    displacement_norm: float | None = None,
     relative_tolerance: float = 1e-6,
     exact_below: int = EXACT_BELOW,
     oversampling: int = OVERSAMPLING,
@@ -136,6 +137,8 @@ def safety_subspace(
         reference_norm: `||W_a||_F`; a displacement with
             `||D||_F <= relative_tolerance * reference_norm` has no signal.
             None: only an exactly zero displacement has none.
+        displacement_norm: `||D||_F` when the caller has it already (computed
+            while reading `D`, as `frobenius_norm` would), saving a pass over `D`.
         relative_tolerance: see `reference_norm`.
         exact_below: use the exact SVD when `min(m, n) < exact_below` (see
             `EXACT_BELOW`); also used whenever the sketch would be as wide as
@@ -163,7 +166,7 @@ def safety_subspace(
     work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
     matrix = displacement.to(work_dtype)
     rows, cols = matrix.shape
-    norm = frobenius_norm(matrix)
+    norm = frobenius_norm(matrix) if displacement_norm is None else displacement_norm
     if not math.isfinite(norm):
         raise ValueError("the displacement holds NaN or Inf values")
     reason = _no_signal_reason(norm, reference_norm, relative_tolerance)

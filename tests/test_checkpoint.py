@@ -200,3 +200,17 @@ def test_writer_output_is_read_by_the_safetensors_library_in_the_given_order(
         for key, tensor in order:
             assert torch.equal(handle.get_tensor(key), tensor)
     assert list(read_header(tmp_path / "out.safetensors").tensors) == [k for k, _ in order]
+
+
+def test_row_blocks_reassemble_the_tensor_and_record_one_read(tmp_path: Path) -> None:
+    tensors = {"w": torch.randn(37, 5).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    checkpoint = Checkpoint.open(LocalSource(tmp_path), "BASE")
+    rebuilt = torch.empty(37, 5, dtype=torch.bfloat16)
+    blocks = 0
+    for rows, block in checkpoint.read_rows("w", block_bytes=64):
+        rebuilt[rows] = block
+        blocks += 1
+    assert torch.equal(rebuilt, tensors["w"])
+    assert blocks == 37 // (64 // 10) + 1
+    assert checkpoint.reads == ["w"]

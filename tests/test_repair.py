@@ -288,13 +288,14 @@ def test_run_reads_exactly_the_adapted_weights_each_once(
 ) -> None:
     base_path, aligned_path, adapter_path = paths(fixtures_dir, "llama")
     data_reads: list[tuple[Path, str]] = []
-    real_read = checkpoint_module.read_tensor
+    real_open = checkpoint_module._opened
 
-    def recording_read(info: checkpoint_module.TensorInfo) -> torch.Tensor:
+    def recording_open(info: checkpoint_module.TensorInfo) -> object:
         data_reads.append((info.file.parent, info.key))
-        return real_read(info)
+        return real_open(info)
 
-    monkeypatch.setattr(checkpoint_module, "read_tensor", recording_read)
+    # Every read of tensor data, whole or in row blocks, goes through _opened.
+    monkeypatch.setattr(checkpoint_module, "_opened", recording_open)
     base = Checkpoint.open(LocalSource(base_path), "BASE")
     aligned = Checkpoint.open(LocalSource(aligned_path), "ALIGNED")
     adapter = load_adapter(LocalSource(adapter_path))
