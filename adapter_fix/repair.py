@@ -216,12 +216,11 @@ def check_outputs(
 
 
 def check_output_path(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output (OUT, a report) that is, holds, or lies inside an input folder."""
+    """Refuse an output (OUT, a report) that is or holds an input, or lies in an input folder."""
     out = out.resolve()
     for path in inputs:
         path = path.resolve()
-        folder = path if path.is_dir() else path.parent
-        if out.is_relative_to(folder) or path.is_relative_to(out):
+        if out.is_relative_to(path) or path.is_relative_to(out):
             raise OutputError(
                 f"this output would overlap the input {path}; adapter-fix never writes inside "
                 "or over an input. Choose another path.",

@@ -533,3 +533,16 @@ def test_integer_lora_factors_exit_6(fixtures_dir: Path, tmp_path: Path) -> None
     )
     code, stderr = run(base, aligned, folder, "-o", tmp_path / "out")
     assert code == 6 and "I32" in stderr
+
+
+def test_output_next_to_a_single_file_input_is_allowed(fixtures_dir: Path, tmp_path: Path) -> None:
+    base, aligned, adapter = paths(fixtures_dir, "llama")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copyfile(base / "model.safetensors", models / "base.safetensors")
+    code, stderr = run(models / "base.safetensors", aligned, adapter, "-o", models / "fixed", "-q")
+    assert code == 0, stderr
+    code, stderr = run(
+        models / "base.safetensors", aligned, adapter, "-o", models / "base.safetensors"
+    )
+    assert code == 9
