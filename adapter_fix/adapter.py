@@ -187,7 +187,8 @@ class LoraModule:
     kind: str  # "linear", "conv1d" (fan_in_fan_out) or "embedding"
     key_a: str
     key_b: str
-    rank: int
+    rank: int  # from the factors' shapes
+    configured_rank: int  # what r / rank_pattern give it; PEFT loads it only if equal
     alpha: float
     scaling: float
     shape: tuple[int, int]
@@ -389,10 +390,10 @@ def _modules(
         rank = info_a.shape[0]
         if info_a.dtype != info_b.dtype:
             warnings.append(f"{name}: lora_A is {info_a.dtype} but lora_B is {info_b.dtype}.")
-        expected_rank = config_rank(config, name)
-        if rank != expected_rank:
+        configured_rank = config_rank(config, name)
+        if rank != configured_rank:
             warnings.append(
-                f"{name}: the factors have rank {rank} but the config says r={expected_rank}: "
+                f"{name}: the factors have rank {rank} but the config says r={configured_rank}: "
                 "PEFT will refuse to load this adapter (size mismatch)."
             )
         if not is_targeted(name, config.get("target_modules")):
@@ -413,6 +414,7 @@ def _modules(
                 key_a=key_a,
                 key_b=key_b,
                 rank=rank,
+                configured_rank=configured_rank,
                 alpha=alpha,
                 scaling=lora_scaling(alpha, rank, bool(config.get("use_rslora"))),
                 shape=shape,

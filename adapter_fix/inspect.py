@@ -67,7 +67,7 @@ def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
         "scaling_rule": "lora_alpha / sqrt(r) (rsLoRA)" if adapter.use_rslora else "lora_alpha / r",
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
-        "target_modules": _jsonable(config.get("target_modules")),
+        "target_modules": config.get("target_modules"),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
         "modules_to_save": config.get("modules_to_save") or [],
         "unsupported_features": adapter.unsupported,
@@ -107,7 +107,3 @@ def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) ->
         effective_rank=effective,
         finite=finite,
     )
-
-
-def _jsonable(value: Any) -> Any:
-    return sorted(value) if isinstance(value, set | tuple) else value

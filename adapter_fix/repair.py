@@ -27,7 +27,6 @@ from adapter_fix import __version__
 from adapter_fix.adapter import (
     LoraAdapter,
     LoraModule,
-    config_rank,
     lora_scaling,
     resolve_weight_key,
     write_adapter,
@@ -279,12 +278,12 @@ def repair(
 
 def _check_ranks(adapter: LoraAdapter) -> None:
     for module in adapter.modules:
-        configured = config_rank(adapter.config, module.name)
-        if module.rank != configured:
+        if module.rank != module.configured_rank:
             patterns = adapter.config.get("rank_pattern") or {}
             raise InvalidAdapterError(
                 f"module {module.name!r} has rank {module.rank} but the config gives it "
-                f"r={configured} (rank_pattern: {patterns}); PEFT could not load it either.",
+                f"r={module.configured_rank} (rank_pattern: {patterns}); PEFT could not load "
+                "it either.",
                 path=adapter.config_path,
                 key=module.key_a,
             )
@@ -409,7 +408,6 @@ def _repair_module(
                 right=subspace.right.cpu(),
                 singular_values=subspace.singular_values.cpu(),
             )
-    original = as_factored(lora_b, lora_a, module.scaling)
     report.subspace_rank = subspace.rank
     report.captured_energy = subspace.captured_energy
     report.subspace_method = subspace.method
@@ -420,6 +418,7 @@ def _repair_module(
             candidate = safelora_candidate(lora_b, lora_a, displacement)
         del displacement
         decomposition = decompose(lora_b, lora_a, module.scaling, subspace)
+        original = FactoredUpdate(decomposition.lora_b, decomposition.lora_a, module.scaling)
         report.update_norm = decomposition.update_norm
         report.rho_before = _rho(decomposition)
         report.rho_after = dict(report.rho_before)
