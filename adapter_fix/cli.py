@@ -16,15 +16,15 @@ from rich.console import Console
 from rich.text import Text
 
 from adapter_fix import __version__
-from adapter_fix.adapter import load_adapter
-from adapter_fix.checkpoint import Checkpoint
+from adapter_fix.commands.inspect import inspect_adapter
+from adapter_fix.commands.repair import METHODS, RepairOptions, check_outputs
+from adapter_fix.commands.repair import repair as run_repair
 from adapter_fix.errors import AdapterFixError, StrictWarningsError
-from adapter_fix.inspect import inspect_adapter
+from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
+from adapter_fix.io.sources import HubOptions, LocalSource, open_source
 from adapter_fix.progress import ModuleProgress
-from adapter_fix.repair import METHODS, RepairOptions, check_outputs
-from adapter_fix.repair import repair as run_repair
 from adapter_fix.report import REPORT_FORMATS, render_inspect, render_repair, write_report
-from adapter_fix.sources import HubOptions, LocalSource, open_source
 
 F = TypeVar("F", bound=Callable[..., Any])
 

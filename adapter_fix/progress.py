@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from adapter_fix.repair import ModuleResult
+from adapter_fix.commands.repair import ModuleResult
 
 
 class ModuleProgress:

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from adapter_fix.commands.inspect import InspectResult
+from adapter_fix.commands.repair import ModuleResult, RepairResult
 from adapter_fix.errors import OutputError
-from adapter_fix.inspect import InspectResult
-from adapter_fix.repair import ModuleResult, RepairResult
 
 
 def _number(value: float, digits: int = 4) -> str:

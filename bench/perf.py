@@ -297,7 +297,7 @@ def profile_repair(
     checkpoint: Path, weight_keys: list[str], quiet_timeout: float
 ) -> dict[str, Any]:
     """The default repair in this process, every torch op timed; and its own I/O floor."""
-    import adapter_fix.repair as repair_module
+    import adapter_fix.commands.repair as repair_module
     from adapter_fix.cli import main as cli
 
     out, report = WORK / "out" / "profile", WORK / "out" / "profile.report.json"

@@ -3,7 +3,7 @@
 The reference implementation of Safe LoRA (Hsu et al., NeurIPS 2024) builds,
 per module, the `m x m` matrix `C = D D^T / ||D||_F`, then `B~ = C @ B` and
 the cosine between the flattened `B~ @ A` and `B @ A`, rounded to 5
-decimals. Ours (`adapter_fix.solve.safelora_candidate`) computes the same
+decimals. Ours (`adapter_fix.math.solve.safelora_candidate`) computes the same
 candidate as `D (D^T B) / ||D||_F` and the cosine from `r x r` Gram
 matrices, never forming anything `m x m` or `m x n`.
 
@@ -62,7 +62,7 @@ def factored_formula(
 ) -> tuple[torch.Tensor, float]:
     """METHOD.md §5 written out: `D (D^T B) / ||D||`, cosine from `r x r` Grams.
 
-    Stands in for `adapter_fix.solve.safelora_candidate` while solve.py does not exist.
+    Stands in for `adapter_fix.math.solve.safelora_candidate` while solve.py does not exist.
     """
     projected_b = displacement @ (displacement.T @ lora_b)
     projected_b /= torch.linalg.vector_norm(displacement)
@@ -74,11 +74,11 @@ def factored_formula(
 
 
 def ours() -> tuple[Callable[..., tuple[torch.Tensor, float]], str]:
-    """`adapter_fix.solve.safelora_candidate` when the package has it, else the formula."""
+    """`adapter_fix.math.solve.safelora_candidate` when the package has it, else the formula."""
     try:
-        from adapter_fix.solve import safelora_candidate
+        from adapter_fix.math.solve import safelora_candidate
     except ImportError:
-        return factored_formula, "formula (adapter_fix.solve not importable)"
+        return factored_formula, "formula (adapter_fix.math.solve not importable)"
 
     def call(
         lora_b: torch.Tensor, lora_a: torch.Tensor, displacement: torch.Tensor
@@ -86,7 +86,7 @@ def ours() -> tuple[Callable[..., tuple[torch.Tensor, float]], str]:
         candidate = safelora_candidate(lora_b, lora_a, displacement)
         return candidate.projected_b, float(candidate.similarity)
 
-    return call, "adapter_fix.solve.safelora_candidate"
+    return call, "adapter_fix.math.solve.safelora_candidate"
 
 
 def _memory_mb() -> tuple[float, float]:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from adapter_fix.subspace import frobenius_norm, safety_subspace
+from adapter_fix.math.subspace import frobenius_norm, safety_subspace
 
 ROWS, COLS = 4096, 14336
 SIGNAL_RANK = 512

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapter_fix.adapter import (
+from adapter_fix.errors import IncompatibleModelsError
+from adapter_fix.io.adapter import (
     AdapterKey,
     is_targeted,
     lora_scaling,
     pattern_key,
     resolve_weight_key,
 )
-from adapter_fix.errors import IncompatibleModelsError
 
 segment = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True).filter(
     lambda s: not s.startswith("lora_") and s != "weight"

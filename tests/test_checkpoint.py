@@ -10,15 +10,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adapter_fix.checkpoint import Checkpoint, read_header
 from adapter_fix.errors import (
     CorruptCheckpointError,
     NonFiniteError,
     SourceNotFoundError,
     UnsafeFormatError,
 )
-from adapter_fix.sources import LocalSource
-from adapter_fix.writer import write_safetensors
+from adapter_fix.io.checkpoint import Checkpoint, read_header
+from adapter_fix.io.sources import LocalSource
+from adapter_fix.io.writer import write_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:

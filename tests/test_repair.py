@@ -17,13 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from adapter_fix import adapter as adapter_module
-from adapter_fix import checkpoint as checkpoint_module
-from adapter_fix.adapter import load_adapter
-from adapter_fix.checkpoint import Checkpoint
 from adapter_fix.cli import main
-from adapter_fix.repair import RepairOptions, repair
-from adapter_fix.sources import LocalSource
+from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.io import adapter as adapter_module
+from adapter_fix.io import checkpoint as checkpoint_module
+from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
+from adapter_fix.io.sources import LocalSource
 
 CASES = {
     "llama": ("llama-base", "llama-aligned", "llama-lora"),

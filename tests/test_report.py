@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from adapter_fix.repair import ModuleResult, RepairOptions, RepairResult, Timings
+from adapter_fix.commands.repair import ModuleResult, RepairOptions, RepairResult, Timings
 from adapter_fix.report import html_report, markdown_report, render_repair
 
 

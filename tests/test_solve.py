@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_fix.solve import (
+from adapter_fix.math.solve import (
     FactoredUpdate,
     as_factored,
     csulora,
@@ -26,7 +26,7 @@ from adapter_fix.solve import (
     update_metrics,
     update_spectrum,
 )
-from adapter_fix.subspace import Subspace
+from adapter_fix.math.subspace import Subspace
 
 TOLERANCE = 1e-8
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_fix.subspace import frobenius_norm, module_seed, safety_subspace
+from adapter_fix.math.subspace import frobenius_norm, module_seed, safety_subspace
 
 
 def with_spectrum(rows: int, cols: int, values: list[float], seed: int = 0) -> torch.Tensor:

@@ -29,7 +29,7 @@ from adapter_fix.errors import (
     UnsafeFormatError,
     unsafe_format,
 )
-from adapter_fix.sources import Source
+from adapter_fix.io.sources import Source
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -24,16 +24,17 @@ from typing import Any
 import torch
 
 from adapter_fix import __version__
-from adapter_fix.adapter import (
+from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
+from adapter_fix.io.adapter import (
     LoraAdapter,
     LoraModule,
     lora_scaling,
     resolve_weight_key,
     write_adapter,
 )
-from adapter_fix.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
-from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
-from adapter_fix.solve import (
+from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.io.writer import check_output_target
+from adapter_fix.math.solve import (
     Decomposition,
     FactoredUpdate,
     UpdateMetrics,
@@ -46,8 +47,7 @@ from adapter_fix.solve import (
     to_lora_factors,
     update_metrics,
 )
-from adapter_fix.subspace import Subspace, frobenius_norm, module_seed, safety_subspace
-from adapter_fix.writer import check_output_target
+from adapter_fix.math.subspace import Subspace, frobenius_norm, module_seed, safety_subspace
 
 METHODS = ("csulora", "project", "safelora", "none")
 REPORT_NAME = "repair_report.json"

@@ -32,7 +32,7 @@ from huggingface_hub.utils import (
 
 from adapter_fix import __version__
 from adapter_fix.errors import AdapterFixError, DownloadError, SourceNotFoundError
-from adapter_fix.sources import HubOptions, Source
+from adapter_fix.io.sources import HubOptions, Source
 
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_REVISION = "main"

@@ -95,6 +95,6 @@ def open_source(spec: str, options: HubOptions | None = None) -> Source:
     match = HUB_ID.match(spec)
     if path.exists() or match is None or spec.startswith((".", "/", "~")):
         return LocalSource(path)
-    from adapter_fix.hub import HubSource
+    from adapter_fix.io.hub import HubSource
 
     return HubSource(match["repo"], match["revision"] or options.revision, options)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from adapter_fix.checkpoint import TensorInfo, dtype_name, read_header
 from adapter_fix.errors import OutputError
+from adapter_fix.io.checkpoint import TensorInfo, dtype_name, read_header
 
 CHUNK_BYTES = 16 << 20
 

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.adapter import LoraAdapter, LoraModule
-from adapter_fix.checkpoint import is_finite
-from adapter_fix.solve import as_factored, effective_rank, update_spectrum
+from adapter_fix.io.adapter import LoraAdapter, LoraModule
+from adapter_fix.io.checkpoint import is_finite
+from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 
 SCHEMA = "adapter-fix/inspect"
 SCHEMA_VERSION = 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy
 import torch
 
-from adapter_fix.subspace import Subspace, frobenius_norm
+from adapter_fix.math.subspace import Subspace, frobenius_norm
 
 Tensor = torch.Tensor
 

@@ -20,21 +20,21 @@ from typing import Any
 
 import torch
 
-from adapter_fix.checkpoint import (
-    FLOAT_WEIGHT_DTYPES,
-    INDEX_NAME,
-    SINGLE_NAME,
-    Checkpoint,
-    refuse_pickles,
-)
 from adapter_fix.errors import (
     PICKLE_SUFFIXES,
     IncompatibleModelsError,
     InvalidAdapterError,
     SourceNotFoundError,
 )
-from adapter_fix.sources import Source
-from adapter_fix.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
+from adapter_fix.io.checkpoint import (
+    FLOAT_WEIGHT_DTYPES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    refuse_pickles,
+)
+from adapter_fix.io.sources import Source
+from adapter_fix.io.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

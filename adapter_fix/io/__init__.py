@@ -1,0 +1,1 @@
+"""Reading and writing: sources, the Hub, checkpoints, adapters, the atomic writer. No math."""
