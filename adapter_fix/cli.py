@@ -1,76 +1,122 @@
-"""The command line: parse, call one function, render. Nothing else lives here."""
+"""The command line: parse, call one function, render. Nothing else lives here.
+
+Start-up must stay fast (`adapter-fix --help` in well under a second), so this
+module imports only click and light adapter-fix modules (errors, display,
+interrupts, io.sources). Anything that imports torch, numpy, rich or
+huggingface_hub is imported inside the command that needs it. To add a
+command, follow `inspect`:
+
+    @main.command(epilog=EXIT_CODES_HELP)
+    @click.argument(...)                  # floats: type=FiniteFloat(...), never plain float
+    @reports_errors                       # one-paragraph errors, exit codes, SIGTERM -> 143
+    def name(...) -> None:
+        from adapter_fix.commands.name import run   # heavy imports here, not at the top
+        result = run(...)
+        render(result, stderr_console())
+
+`tests/test_cli.py` checks that importing this module imports no torch.
+"""
 
 from __future__ import annotations
 
 import functools
-import json
+import math
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import torch
-from rich.console import Console
-from rich.text import Text
 
 from adapter_fix import __version__
-from adapter_fix.commands.inspect import inspect_adapter
-from adapter_fix.commands.repair import METHODS, RepairOptions, check_outputs
-from adapter_fix.commands.repair import repair as run_repair
-from adapter_fix.errors import AdapterFixError, StrictWarningsError
-from adapter_fix.io.adapter import load_adapter
-from adapter_fix.io.checkpoint import Checkpoint
-from adapter_fix.io.sources import HubOptions, LocalSource, open_source
-from adapter_fix.progress import ModuleProgress
-from adapter_fix.report import REPORT_FORMATS, render_inspect, render_repair, write_report
+from adapter_fix.display import printable
+from adapter_fix.errors import EXIT_CODES, AdapterFixError, StrictWarningsError
+from adapter_fix.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
+from adapter_fix.io.sources import HubOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES_HELP = """\b
-Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 pickle refused,
-5 corrupt checkpoint, 6 invalid/unsupported adapter, 7 incompatible inputs,
-8 NaN/Inf, 9 output refused, 10 download failed, 11 warnings with --strict."""
+EXIT_CODES_HELP = "\b\n" + textwrap.fill(
+    "Exit codes: " + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
+    width=78,
+)
+
+# The names `--method` accepts; tests/test_cli.py checks they are commands.repair's METHODS
+# (listed here so that --help does not import torch).
+REPAIR_METHODS = ("csulora", "project", "safelora", "none")
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (no nan, inf), within optional bounds: exit 2 if not.
+
+    click's FloatRange lets `nan` through every bound (comparisons with NaN are
+    false) and `inf` through open-ended ones; a NaN strength or energy would
+    only fail deep in the SVD, as a crash.
+    """
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = float(click.FLOAT.convert(value, param, ctx))
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def stderr_console() -> Console:
     """Tables and progress go to stderr; logs (not a terminal) get room for the wide tables."""
+    from rich.console import Console
+
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200
     return console
 
 
+def _print_error(title: str, message: str) -> None:
+    from rich.text import Text
+
+    stderr_console().print(
+        Text.assemble((f"adapter-fix: {title}: ", "bold red"), printable(message)),
+        soft_wrap=True,
+    )
+
+
 def reports_errors(command: F) -> F:
-    """Turn AdapterFixError into one paragraph on stderr and its exit code; never a traceback."""
+    """AdapterFixError -> one paragraph on stderr and its exit code, never a traceback.
+
+    Ctrl-C exits 130 and SIGTERM 143, both after the code they interrupt has
+    removed its temporary outputs (they unwind as KeyboardInterrupt).
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        console = stderr_console()
         try:
-            return command(*args, **kwargs)
+            with sigterm_raises():
+                return command(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: click prints them and exits 2
         except AdapterFixError as error:
-            console.print(
-                Text.assemble((f"adapter-fix: {error.title}: ", "bold red"), error.render()),
-                soft_wrap=True,
-            )
+            _print_error(error.title, error.render())
             sys.exit(error.exit_code)
+        except Terminated:
+            _print_error("terminated", "SIGTERM received; temporary outputs removed.")
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
-            console.print("adapter-fix: interrupted; no output was written.", soft_wrap=True)
-            sys.exit(130)
+            _print_error("interrupted", "no output was written.")
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as error:
             if os.environ.get("ADAPTER_FIX_DEBUG"):
                 raise
-            console.print(
-                Text.assemble(
-                    ("adapter-fix: internal error: ", "bold red"),
-                    f"{type(error).__name__}: {error}. This is a bug in adapter-fix; please report "
-                    "it with the command you ran (set ADAPTER_FIX_DEBUG=1 to see the traceback).",
-                ),
-                soft_wrap=True,
+            _print_error(
+                "internal error",
+                f"{type(error).__name__}: {error}. This is a bug in adapter-fix; please report "
+                "it with the command you ran (set ADAPTER_FIX_DEBUG=1 to see the traceback).",
             )
             sys.exit(1)
 
@@ -146,8 +192,12 @@ def inspect(
       adapter-fix inspect org/my-lora@main --json | jq '.modules[].update_norm'
       adapter-fix inspect ./my-lora --strict        # CI: fail on warnings
     """
-    source = open_source(adapter, hub_settings(revision, cache_dir, offline, endpoint))
-    result = inspect_adapter(load_adapter(source))
+    import json
+
+    from adapter_fix.commands.inspect import inspect_spec
+    from adapter_fix.report import render_inspect
+
+    result = inspect_spec(adapter, hub_settings(revision, cache_dir, offline, endpoint))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:
@@ -155,7 +205,7 @@ def inspect(
     if strict and result.warnings:
         raise StrictWarningsError(
             f"{len(result.warnings)} warning(s) and --strict is set; see above.",
-            path=source.identity,
+            path=result.summary["source"],
         )
 
 
@@ -171,7 +221,7 @@ def inspect(
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=click.Choice(REPAIR_METHODS),
     default="csulora",
     show_default=True,
     help="csulora: closed-form penalized minimum change; project: hard projection onto the "
@@ -179,14 +229,14 @@ def inspect(
 )
 @click.option(
     "--strength",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=1.0,
     show_default=True,
     help="CSULoRA penalty lambda: 0 keeps the update, larger pulls it toward the subspace.",
 )
 @click.option(
     "--energy",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloat(min=0, max=1, min_open=True),
     default=0.9,
     show_default=True,
     help="Subspace rank k: smallest k whose singular values hold this share of ||D||^2.",
@@ -219,7 +269,7 @@ def inspect(
 )
 @click.option(
     "--safelora-threshold",
-    type=float,
+    type=FiniteFloat(),
     default=0.5,
     show_default=True,
     help="Similarity threshold for --safelora-select threshold.",
@@ -237,9 +287,15 @@ def inspect(
     "reports",
     type=click.Path(path_type=Path),
     multiple=True,
-    help="Also write the report here: .json, .md or .html by extension (repeatable).",
+    help="Also write the report here: .json, .md or .html by extension (repeatable). "
+    "An existing file is replaced only with --force.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing OUT (never an input).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUT that an earlier adapter-fix run wrote (or an empty folder), "
+    "and existing --report files; never an input, never anything else.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
@@ -271,6 +327,18 @@ def repair(
           -o ./lora-fixed --report report.md --report report.html
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
     """
+    import torch
+
+    from adapter_fix.commands.inspect import inspect_adapter
+    from adapter_fix.commands.repair import REPORT_NAME, RepairOptions
+    from adapter_fix.commands.repair import repair as run_repair
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.checkpoint import Checkpoint
+    from adapter_fix.io.outputs import OutputSet
+    from adapter_fix.io.sources import open_source
+    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.report import REPORT_FORMATS, render_repair, render_warnings, report_text
+
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
@@ -281,26 +349,33 @@ def repair(
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = [open_source(spec, hub) for spec in (base, aligned, adapter)]
-    out = out if options.method != "none" else None
-    local = [Path(s.identity) for s in sources if isinstance(s, LocalSource)]
-    check_outputs(out, reports, local, force=force)
+    outputs = OutputSet(
+        folder=out if options.method != "none" else None,
+        reports=reports,
+        inputs=[path for source in sources for path in source.local_paths],
+        force=force,
+        folder_files=(REPORT_NAME,),
+    )
+    outputs.check()
     lora = load_adapter(sources[2])
     base_checkpoint = Checkpoint.open(sources[0], "BASE")
     aligned_checkpoint = Checkpoint.open(sources[1], "ALIGNED")
     console = stderr_console()
-    with ModuleProgress(
-        console, len(lora.modules), enabled=not quiet and console.is_terminal
-    ) as progress:
-        result = run_repair(
-            base_checkpoint,
-            aligned_checkpoint,
-            lora,
-            options,
-            out=out,
-            force=force,
-            on_module=progress.advance,
-        )
-    for path in reports:
-        write_report(result, path)
+    with outputs:
+        with ModuleProgress(
+            console, len(lora.modules), enabled=not quiet and console.is_terminal
+        ) as progress:
+            result = run_repair(
+                base_checkpoint,
+                aligned_checkpoint,
+                lora,
+                options,
+                out=outputs.folder,
+                force=force,
+                on_module=progress.advance,
+            )
+        for path in outputs.reports:
+            outputs.write_report(path, report_text(result, path))
     if not quiet:
-        render_repair(result, console)
+        render_repair(result, console, reports=outputs.reports)
+    render_warnings(inspect_adapter(lora).warnings, console)

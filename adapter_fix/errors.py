@@ -14,6 +14,11 @@ Exit codes (documented in the README):
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings
+    12  a gate failed (`eval`, `check`): a measured value is past its threshold
+    130 interrupted (Ctrl-C): cleaned up, nothing written
+    143 terminated (SIGTERM): cleaned up like Ctrl-C, nothing written
+
+`EXIT_CODES` below is the same table for `--help` and the tests.
 """
 
 from __future__ import annotations
@@ -85,6 +90,26 @@ class DownloadError(AdapterFixError):
 class StrictWarningsError(AdapterFixError):
     exit_code = 11
     title = "warnings (--strict)"
+
+
+# The documented exit codes, one short line each: --help prints them, a test checks the README.
+EXIT_CODES: dict[int, str] = {
+    0: "ok",
+    1: "internal error (a bug)",
+    2: "usage",
+    3: "not found",
+    4: "pickle refused",
+    5: "corrupt checkpoint",
+    6: "invalid/unsupported adapter",
+    7: "incompatible inputs",
+    8: "NaN/Inf",
+    9: "output refused",
+    10: "download failed",
+    11: "warnings with --strict",
+    12: "gate failed (eval, check)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
+}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from adapter_fix import __version__
-from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, OutputError
+from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError
 from adapter_fix.io.adapter import (
     LoraAdapter,
     LoraModule,
@@ -33,7 +33,6 @@ from adapter_fix.io.adapter import (
     write_adapter,
 )
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
-from adapter_fix.io.writer import check_output_target
 from adapter_fix.math.solve import (
     Decomposition,
     FactoredUpdate,
@@ -202,29 +201,6 @@ class _Clock:
         for phase, since in self.running.items():
             setattr(timings, phase, getattr(timings, phase) + now - since)
         return timings
-
-
-def check_outputs(
-    out: Path | None, reports: Sequence[Path], inputs: Sequence[Path], *, force: bool
-) -> None:
-    """Before any work: refuse outputs that overlap an input, or an OUT that may not be replaced."""
-    if out is not None:
-        check_output_target(out.resolve(), force=force)
-    for path in [*([out] if out is not None else []), *reports]:
-        check_output_path(path, inputs)
-
-
-def check_output_path(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output (OUT, a report) that is or holds an input, or lies in an input folder."""
-    out = out.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if out.is_relative_to(path) or path.is_relative_to(out):
-            raise OutputError(
-                f"this output would overlap the input {path}; adapter-fix never writes inside "
-                "or over an input. Choose another path.",
-                path=out,
-            )
 
 
 def repair(
@@ -540,7 +516,7 @@ def _write(
 
     def report() -> str:
         result.timings = clock.now()
-        return json.dumps(result.to_json(), indent=2) + "\n"
+        return json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
 
     write_adapter(
         adapter,

@@ -33,8 +33,9 @@ from adapter_fix.io.checkpoint import (
     Checkpoint,
     refuse_pickles,
 )
+from adapter_fix.io.outputs import atomic_directory
 from adapter_fix.io.sources import Source
-from adapter_fix.io.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
+from adapter_fix.io.writer import Entry, verify_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

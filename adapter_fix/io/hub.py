@@ -79,6 +79,10 @@ class HubSource(Source):
         """This repo's folder in the Hub cache (`models--org--name`)."""
         return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type="model")
 
+    @property
+    def local_paths(self) -> list[Path]:
+        return [self.storage]
+
     def fetch(self, filename: str) -> Path | None:
         if filename not in self._fetched:
             self._fetched[filename] = self._download(filename)

@@ -53,6 +53,11 @@ class Source(ABC):
     def list_files(self) -> list[str]:
         """Every file name in the source, relative to its root, sorted."""
 
+    @property
+    def local_paths(self) -> list[Path]:
+        """Where this source lives on local disk: outputs may never overlap these."""
+        return []
+
     def __str__(self) -> str:
         return self.identity
 
@@ -72,6 +77,10 @@ class LocalSource(Source):
         self.identity = str(self.root)
         if self.root.is_file():
             self.single_file = self.root
+
+    @property
+    def local_paths(self) -> list[Path]:
+        return [self.root]
 
     def fetch(self, filename: str) -> Path | None:
         if self.single_file is not None:
