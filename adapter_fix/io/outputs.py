@@ -269,12 +269,14 @@ class OutputSet:
     def check(self) -> None:
         """Before any work: every rule above, stale temporaries removed, every target writable."""
         targets = [*([self.folder] if self.folder is not None else []), *self.reports]
+        for target in targets:
+            if not target.is_symlink():
+                remove_stale(target)
         if self.folder is not None:
             check_folder_target(self.folder, self.inputs, force=self.force)
         for path in self.reports:
             check_report_target(path, self.inputs, force=self.force)
         for target in targets:
-            remove_stale(target)
             _probe_writable(_nearest_existing(target.parent), target)
 
     def __enter__(self) -> OutputSet:
