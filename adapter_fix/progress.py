@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,7 @@ from rich.progress import (
 )
 
 from adapter_fix.commands.repair import ModuleResult
+from adapter_fix.display import printable
 
 
 class ModuleProgress:
@@ -47,4 +49,5 @@ class ModuleProgress:
         self.progress.__exit__(kind, error, trace)
 
     def advance(self, module: ModuleResult, weights_read: int) -> None:
-        self.progress.update(self.task, advance=1, tensors=weights_read, current=module.name)
+        name = escape(printable(module.name))  # the field is rendered as markup
+        self.progress.update(self.task, advance=1, tensors=weights_read, current=name)

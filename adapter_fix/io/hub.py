@@ -233,7 +233,8 @@ class HubSource(Source):
         # them as its HTTP library's own classes, which differ across its versions.
         cause = error.__cause__ or error
         return DownloadError(
-            f"{where}: could not reach {self.endpoint} "
+            f"{where}: {self.repo_id} is neither a local file or folder nor reachable on the "
+            f"Hub: could not reach {self.endpoint} "
             f"({type(cause).__name__}: {_first_line(cause)}). Check the network, --endpoint and "
             "HF_ENDPOINT; if the files are already in the Hub cache, rerun with --offline."
         )
