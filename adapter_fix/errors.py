@@ -14,6 +14,7 @@ Exit codes (documented in the README):
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings
+    12  a gate failed: `check` (a threshold exceeded)
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class DownloadError(AdapterFixError):
 class StrictWarningsError(AdapterFixError):
     exit_code = 11
     title = "warnings (--strict)"
+
+
+class GateFailedError(AdapterFixError):
+    exit_code = 12
+    title = "gate failed"
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
