@@ -28,11 +28,13 @@ from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError, Out
 from adapter_fix.io.adapter import (
     LoraAdapter,
     LoraModule,
+    assemble_factors,
     lora_scaling,
-    resolve_weight_key,
+    read_factors,
     write_adapter,
 )
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.io.keymap import StoredWeight, module_weight, read_rows
 from adapter_fix.io.writer import check_output_target
 from adapter_fix.math.solve import (
     Decomposition,
@@ -103,6 +105,7 @@ class ModuleResult:
     truncation_residual: float = 0.0
     output_rank: int = 0
     safelora_similarity: float | None = None
+    lora_bias: str | None = None  # lora_B's bias key: carried unchanged (not part of B A)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
@@ -289,13 +292,13 @@ def _check_ranks(adapter: LoraAdapter) -> None:
             )
 
 
-def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> tuple[str, str]:
-    """The keys of `module`'s weight in BASE and ALIGNED, with shapes checked (headers only)."""
-    base_key = resolve_weight_key(module.weight_key, base.weight_map, f"BASE ({base.source})")
-    aligned_key = resolve_weight_key(
-        module.weight_key, aligned.weight_map, f"ALIGNED ({aligned.source})"
-    )
-    base_info, aligned_info = base.info(base_key), aligned.info(aligned_key)
+def _weight_keys(
+    base: Checkpoint, aligned: Checkpoint, module: LoraModule
+) -> tuple[StoredWeight, StoredWeight]:
+    """`module`'s weight as BASE and ALIGNED store it, with shapes checked (headers only)."""
+    base_weight, aligned_weight = module_weight(base, module), module_weight(aligned, module)
+    base_info, aligned_info = base_weight.parts[0], aligned_weight.parts[0]
+    base_key, aligned_key = base_weight.key, aligned_weight.key
     if base_info.file == aligned_info.file:
         raise IncompatibleModelsError(
             "BASE and ALIGNED are the same file, so the alignment displacement is zero. "
@@ -303,28 +306,29 @@ def _weight_keys(base: Checkpoint, aligned: Checkpoint, module: LoraModule) -> t
             path=base_info.file,
             key=base_key,
         )
-    for info in (base_info, aligned_info):
+    for info in (*base_weight.parts, *aligned_weight.parts):
         _check_weight_dtype(info)
-    if base_info.shape != aligned_info.shape:
+    if base_weight.shape != aligned_weight.shape:
         raise IncompatibleModelsError(
-            f"BASE has shape {list(base_info.shape)} but ALIGNED has "
-            f"{list(aligned_info.shape)} for this weight: they are not the same architecture.",
+            f"BASE has shape {list(base_weight.shape)} but ALIGNED has "
+            f"{list(aligned_weight.shape)} for this weight: they are not the same architecture.",
             path=aligned_info.file,
             key=aligned_key,
         )
-    if base_info.shape != module.stored_weight_shape:
+    needed = module.shape[::-1] if base_weight.transposed else module.shape
+    if base_weight.shape != needed:
         hint = (
             " The stored weight is the transpose: set fan_in_fan_out in the adapter config?"
-            if base_info.shape == module.stored_weight_shape[::-1]
+            if base_weight.shape == needed[::-1] and module.kind != "expert"
             else ""
         )
         raise IncompatibleModelsError(
-            f"the weight has shape {list(base_info.shape)} but adapter module {module.name!r} "
-            f"({module.kind}) needs {list(module.stored_weight_shape)}.{hint}",
+            f"the weight has shape {list(base_weight.shape)} but adapter module {module.name!r} "
+            f"({module.kind}) needs {list(needed)}.{hint}",
             path=base_info.file,
             key=base_key,
         )
-    return base_key, aligned_key
+    return base_weight, aligned_weight
 
 
 def _check_weight_dtype(info: TensorInfo) -> None:
@@ -338,7 +342,10 @@ def _check_weight_dtype(info: TensorInfo) -> None:
 
 
 def _read_displacement(
-    base: Checkpoint, aligned: Checkpoint, module: LoraModule, keys: tuple[str, str]
+    base: Checkpoint,
+    aligned: Checkpoint,
+    module: LoraModule,
+    keys: tuple[StoredWeight, StoredWeight],
 ) -> tuple[torch.Tensor, float, float]:
     """`D = W_a - W_b` (float32, `dW` orientation), `||W_a||_F` and `||D||_F`.
 
@@ -347,32 +354,24 @@ def _read_displacement(
     reading the bytes costs. NaN or Inf in either weight makes a norm
     non-finite; only then are the weights read whole, to name the one at fault.
     """
-    base_key, aligned_key = keys
-    displacement = torch.empty(aligned.info(aligned_key).shape, dtype=torch.float32)
+    base_weight, aligned_weight = keys
+    displacement = torch.empty(aligned_weight.shape, dtype=torch.float32)
     aligned_squares = displacement_squares = 0.0
-    for rows, block in aligned.read_rows(aligned_key):
+    for rows, block in read_rows(aligned, aligned_weight):
         target = displacement[rows]
         target.copy_(block)
         aligned_squares += frobenius_norm(target) ** 2
-    for rows, block in base.read_rows(base_key):
+    for rows, block in read_rows(base, base_weight):
         target = displacement[rows]
         target.sub_(block)
         displacement_squares += frobenius_norm(target) ** 2
     if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
-        for checkpoint, key in ((aligned, aligned_key), (base, base_key)):
-            checkpoint.read(key)  # raises NonFiniteError naming file and key
-    if module.weight_transposed:
+        for checkpoint, weight in ((aligned, aligned_weight), (base, base_weight)):
+            for key in weight.keys:
+                checkpoint.read(key)  # raises NonFiniteError naming file and key
+    if base_weight.transposed:
         displacement = displacement.T
     return displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
-
-
-def _read_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(B, A)` in `dW` orientation: `dW = s * B @ A`, shape `m x n`."""
-    lora_a = adapter.weights.read(module.key_a)
-    lora_b = adapter.weights.read(module.key_b)
-    if module.factors_transposed:
-        return lora_a.T, lora_b.T
-    return lora_b, lora_a
 
 
 def _repair_module(
@@ -380,17 +379,18 @@ def _repair_module(
     aligned: Checkpoint,
     adapter: LoraAdapter,
     module: LoraModule,
-    keys: tuple[str, str],
+    keys: tuple[StoredWeight, StoredWeight],
     options: RepairOptions,
     clock: _Clock,
 ) -> _Outcome:
     report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+    report.lora_bias = module.bias_key
     dtype = DTYPES[module.dtype]  # metrics describe what is written: factors in this dtype
     with clock.measure("read_s"):
         displacement, aligned_norm, displacement_norm = _read_displacement(
             base, aligned, module, keys
         )
-        lora_b, lora_a = _read_factors(adapter, module)
+        lora_b, lora_a = read_factors(adapter, module)
     with clock.measure("subspace_s"):
         subspace = safety_subspace(
             displacement.to(options.device),
@@ -517,17 +517,9 @@ def _write(
     clock: _Clock,
 ) -> None:
     """Write OUT: the new factors, exact-rank patterns, provenance metadata, the report."""
-    modules = {m.name: m for m in adapter.modules}
-    replacements: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    for outcome in outcomes:
-        module = modules[outcome.report.name]
-        if outcome.lora_a is not None:
-            replacements[module.key_a] = outcome.lora_a
-        if outcome.lora_b is not None:
-            replacements[module.key_b] = outcome.lora_b
-        if outcome.report.output_rank != module.rank:
-            ranks[module.name] = outcome.report.output_rank
+    replacements, ranks = assemble_factors(
+        adapter, {o.report.name: (o.lora_a, o.lora_b, o.report.output_rank) for o in outcomes}
+    )
     metadata = {
         **adapter.weights.header(adapter.weights_path.name).metadata,
         "adapter_fix.version": __version__,
