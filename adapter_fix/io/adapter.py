@@ -34,6 +34,7 @@ from adapter_fix.io.checkpoint import (
     TensorInfo,
     refuse_pickles,
 )
+from adapter_fix.io.keymap import prefix_candidates
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
 
@@ -120,11 +121,7 @@ def resolve_weight_key(wanted: str, available: Collection[str], label: str) -> s
     """
     if wanted in available:
         return wanted
-    candidates = sorted(
-        key
-        for key in available
-        if key.endswith(".weight") and (wanted.endswith(f".{key}") or key.endswith(f".{wanted}"))
-    )
+    candidates = prefix_candidates(wanted, available)
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:

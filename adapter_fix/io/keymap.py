@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from adapter_fix.errors import CorruptCheckpointError, IncompatibleModelsError
-from adapter_fix.io.adapter import LoraModule
 from adapter_fix.io.checkpoint import Checkpoint, TensorInfo, read_info_rows
 
 CONFIG_NAME = "config.json"
@@ -174,6 +173,21 @@ _EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|emb
 _OUTPUT_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 
 
+def prefix_candidates(name: str, available: Collection[str]) -> list[str]:
+    """Weights that are `name` with the base model's prefix removed or added (sorted).
+
+    transformers loads a checkpoint saved without the task head's prefix
+    (GPT-2's `h.0.attn.c_attn.weight` for `transformer.h.0...`) or with an
+    extra one; a dot-boundary suffix either way is that rule without knowing
+    the prefix.
+    """
+    return sorted(
+        key
+        for key in available
+        if key.endswith(".weight") and (name.endswith(f".{key}") or key.endswith(f".{name}"))
+    )
+
+
 def _rename(key: str, old: str, new: str, anchored: bool, keep: tuple[str, ...]) -> str:
     if anchored:
         if not key.startswith(old) or key[len(old) :].startswith(keep):
@@ -295,11 +309,7 @@ class WeightLayout:
         if name in self.plain or name in self.stacked:
             return self._unique(name)
         names = self.names
-        candidates = sorted(
-            key
-            for key in names
-            if key.endswith(".weight") and (name.endswith(f".{key}") or key.endswith(f".{name}"))
-        )
+        candidates = prefix_candidates(name, names)
         if len(candidates) == 1:
             return self._unique(candidates[0])
         if not candidates and self.tied and _OUTPUT_HEAD.search(name):
@@ -422,17 +432,6 @@ def expert_slice(info: TensorInfo, expert: int) -> TensorInfo:
         shape=(rows, columns),
         offset=info.offset + expert * nbytes,
         nbytes=nbytes,
-    )
-
-
-def module_weight(checkpoint: Checkpoint, module: LoraModule) -> StoredWeight:
-    """Where `checkpoint` stores the weight (or the expert's weight) `module` updates."""
-    layout = WeightLayout.of(checkpoint)
-    return layout.weight(
-        checkpoint,
-        module.weight_key,
-        expert=module.expert,
-        transposed=module.weight_transposed,
     )
 
 
