@@ -51,6 +51,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from adapter_fix.cli import main
+from adapter_fix.io.keymap import WeightLayout
 
 SMALL = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "vocab_size": 64, **SMALL}
@@ -364,6 +365,23 @@ def test_inspect_matches_peft_modules_ranks_scaling_and_update_norms(built: Buil
         assert module["update_norm"] == pytest.approx(float(delta.norm()), rel=1e-5), name
         assert tuple(module["shape"]) in (tuple(delta.shape), tuple(delta.shape)[::-1]), name
     assert report["warnings"] == []
+    lora_bias = bool(built.architecture.lora.get("lora_bias"))
+    assert report["adapter"]["lora_bias"] == lora_bias
+    assert [bool(m["lora_bias"]) for m in report["modules"]] == [lora_bias] * len(modules)
+
+
+def test_key_rules_map_each_saved_checkpoint_onto_the_models_own_names(built: Built) -> None:
+    """io/keymap.py agrees with transformers: every saved key, converted, is a parameter name."""
+    for path in (built.base, built.aligned):
+        config = json.loads((path / "config.json").read_text())
+        saved = load_file(path / "model.safetensors")
+        names = WeightLayout.build("BASE", list(saved), config).names
+        state = load_model(built, path).state_dict()
+        assert names <= set(state)
+        stored = {state[name].data_ptr() for name in names}
+        tied = {name for name in set(state) - names if state[name].data_ptr() in stored}
+        assert set(state) - names == tied
+        assert bool(tied) == bool(config.get("tie_word_embeddings")), tied
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -14,7 +14,9 @@ directions: `to_runtime` (checkpoint key -> run-time name, what loading does)
 and `to_checkpoint` (the inverse, what saving does).
 
 Resolution of a run-time name against a checkpoint, in order: the name
-itself; the name through the architecture's rules; the same name with the
+through the architecture's rules (identity where it has none); the name as
+a stored key verbatim (an adapter trained when transformers used the saved
+layout, e.g. Mixtral's per-expert `experts.3.w1` modules); the same name with the
 base model's prefix added or removed (transformers' `base_model_prefix`
 rule, e.g. GPT-2's `h.0...` for `transformer.h.0...`); for a tied output
 head, the input embedding it is tied to. More than one candidate at any step
@@ -269,6 +271,7 @@ class WeightLayout:
     has_config: bool
     plain: dict[str, list[str]] = field(default_factory=dict)
     stacked: dict[str, dict[int, dict[int, str]]] = field(default_factory=dict)
+    stored: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> WeightLayout:
@@ -288,6 +291,7 @@ class WeightLayout:
         model_type = _model_type(config)
         rules = RULES.get(model_type or "", ())
         layout = cls(label, rules, model_type, _tied(config), config is not None)
+        layout.stored = set(keys)
         for key in keys:
             name, expert, part = to_runtime(key, rules)
             if expert is None or part is None:
@@ -308,6 +312,8 @@ class WeightLayout:
         """
         if name in self.plain or name in self.stacked:
             return self._unique(name)
+        if name in self.stored:  # an adapter trained on the saved layout (transformers 4)
+            return name
         names = self.names
         candidates = prefix_candidates(name, names)
         if len(candidates) == 1:
@@ -375,7 +381,7 @@ class WeightLayout:
                 )
             infos = tuple(checkpoint.info(parts[i]) for i in sorted(parts))
             return _stored(self.label, infos, transposed)
-        info = checkpoint.info(self.plain[resolved][0])
+        info = checkpoint.info(self.plain.get(resolved, [resolved])[0])
         if len(info.shape) == 3:
             count = info.shape[0]
             index = 0 if expert is None else expert
