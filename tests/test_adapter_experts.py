@@ -160,3 +160,18 @@ def test_lora_bias_adapter_loads_with_its_biases_carried(tmp_path: Path) -> None
     assert [m.bias_key for m in adapter.modules] == [f"{stem}.lora_B.bias"]
     assert adapter.carried_keys == [f"{stem}.lora_B.bias"]
     assert adapter.warnings == []
+
+
+def test_under_all_linear_a_bare_entry_does_not_turn_a_linear_module_into_a_parameter(
+    tmp_path: Path,
+) -> None:
+    stem = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{stem}.lora_A.weight": torch.ones(RANK, 4),
+        f"{stem}.lora_B.weight": torch.ones(6, RANK),
+    }
+    folder = write_adapter_folder(
+        tmp_path / "linear", tensors, target_modules="all-linear", target_parameters=["down_proj"]
+    )
+    (module,) = load_adapter(LocalSource(folder)).modules
+    assert (module.kind, module.target) == ("linear", "model.layers.0.self_attn.q_proj.weight")

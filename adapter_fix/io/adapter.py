@@ -462,12 +462,15 @@ def _check_factors(name: str, info_a: TensorInfo, info_b: TensorInfo, path: Path
             )
 
 
-def parameter_candidates(config: Mapping[str, Any], module: str) -> list[str]:
+def parameter_candidates(
+    config: Mapping[str, Any], module: str, *, named_only: bool = False
+) -> list[str]:
     """The parameters of `module` that `target_parameters` can name, in registration order.
 
     PEFT wraps `<module>.<parameter>` when it equals or ends with an entry at a
     dot boundary. Entries naming the module (`experts.down_proj`) are used
-    when any does; otherwise bare parameter names (`down_proj`).
+    when any does; otherwise bare parameter names (`down_proj`), unless
+    `named_only`.
     """
     named: list[str] = []
     bare: list[str] = []
@@ -477,7 +480,7 @@ def parameter_candidates(config: Mapping[str, Any], module: str) -> list[str]:
             bare.append(parameter)
         elif module == owner or module.endswith(f".{owner}"):
             named.append(parameter)
-    found = list(dict.fromkeys(named or bare))
+    found = list(dict.fromkeys(named or ([] if named_only else bare)))
     known = [p for p in PARAMETER_ORDER if p in found]
     return known + [p for p in found if p not in known]
 
@@ -490,19 +493,23 @@ def _wrapped_parameters(
     A module with `k` parameters targeted is wrapped `k` times; the innermost
     wrapper (the most `.base_layer` segments) holds the first parameter in
     registration order. A module PEFT also targets as a whole cannot be one
-    (PEFT refuses that combination).
+    (PEFT refuses that combination). Under `all-linear`, which may target any
+    module, a module wrapped once is a `ParamWrapper` only when an entry names
+    it (`experts.down_proj`, not a bare `down_proj`).
     """
     if not config.get("target_parameters"):
         return {}
     targets = config.get("target_modules")
+    all_linear = targets == "all-linear"
     by_module: dict[str, list[str]] = {}
     for name in factors:
         module = name.replace(BASE_LAYER, "")
-        if BASE_LAYER in name or not (isinstance(targets, list) and is_targeted(module, targets)):
+        if BASE_LAYER in name or all_linear or not is_targeted(module, targets):
             by_module.setdefault(module, []).append(name)
     wrapped: dict[str, str] = {}
     for module, paths in by_module.items():
-        candidates = parameter_candidates(config, module)
+        nested = any(BASE_LAYER in p for p in paths)
+        candidates = parameter_candidates(config, module, named_only=all_linear and not nested)
         if not candidates:
             continue
         paths.sort(key=lambda p: p.count(BASE_LAYER), reverse=True)
