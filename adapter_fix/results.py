@@ -47,6 +47,7 @@ class ModuleResult:
     output_rank: int = 0
     safelora_similarity: float | None = None
     reversal: float | None = None
+    lora_bias: str | None = None  # lora_B's bias key: carried unchanged (not part of B A)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}

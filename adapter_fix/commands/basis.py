@@ -19,10 +19,11 @@ from typing import Any
 
 from adapter_fix import __version__
 from adapter_fix.engine import SUBSPACE, SubspaceSettings, Target, WeightPair, module_stream
-from adapter_fix.errors import IncompatibleModelsError
-from adapter_fix.io.adapter import LoraAdapter, resolve_weight_key
+from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError
+from adapter_fix.io.adapter import LoraAdapter
 from adapter_fix.io.basis import FORMAT, FORMAT_VERSION, BasisWriter
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
+from adapter_fix.io.keymap import WeightLayout, to_runtime
 from adapter_fix.io.writer import atomic_directory
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 
@@ -74,31 +75,41 @@ class BasisResult(RunResult):
 def basis_targets(
     base: Checkpoint, *, like: LoraAdapter | None, modules: str = ALL_LINEAR
 ) -> list[Target]:
-    """The weights a basis covers, in the checkpoint's orientation and key names (headers only).
+    """The weights a basis covers, in the checkpoint's orientation (headers only).
 
-    With `like`, the adapter's modules (their BASE keys); else every 2-D float
-    weight whose module name is not an embedding or the output head
-    (`all-linear`), or whose module name matches the regex `modules` in full.
+    With `like`, the adapter's modules, keyed by the weight name the adapter
+    asks for; else every 2-D float weight (by run-time name, io/keymap.py)
+    whose module name is not an embedding or the output head (`all-linear`),
+    or whose module name matches the regex `modules` in full.
     """
+    layout = WeightLayout.of(base)
     if like is not None:
-        targets = {}
+        targets: dict[str, Target] = {}
         for module in like.modules:
-            key = resolve_weight_key(module.weight_key, base.weight_map, f"BASE ({base.source})")
-            targets[key] = Target(key.removesuffix(".weight"), key, module.stored_weight_shape)
+            if module.expert is not None:
+                raise InvalidAdapterError(
+                    f"module {module.name!r} is one expert of a 3-D parameter; a basis does not "
+                    "cover expert parameters yet. Repair this adapter from BASE and ALIGNED.",
+                    path=like.config_path,
+                    key=module.key_a,
+                )
+            stored = layout.weight(base, module.weight_key)
+            targets[module.weight_key] = Target(module.name, module.weight_key, stored.shape)
         return list(targets.values())
     pattern = None if modules == ALL_LINEAR else re.compile(modules)
     found = []
     for key in base:
-        if not key.endswith(".weight"):
+        name, expert, _ = to_runtime(key, layout.rules)
+        module = name.removesuffix(".weight")
+        if expert is not None or not name.endswith(".weight") or len(layout.plain[name]) != 1:
             continue
-        name = key.removesuffix(".weight")
-        if pattern is None and NOT_LINEAR.search(name):
+        if pattern is None and NOT_LINEAR.search(module):
             continue
-        if pattern is not None and pattern.fullmatch(name) is None:
+        if pattern is not None and pattern.fullmatch(module) is None:
             continue
         info = base.info(key)
         if len(info.shape) == 2 and info.dtype in FLOAT_WEIGHT_DTYPES:
-            found.append(Target(name, key, (info.shape[0], info.shape[1])))
+            found.append(Target(module, name, (info.shape[0], info.shape[1])))
     if not found:
         raise IncompatibleModelsError(
             f"no 2-D float weight of BASE matches --modules {modules!r}.",
