@@ -43,6 +43,11 @@ def render_inspect(result: InspectResult, console: Console) -> None:
         rows["patterns"] = f"rank {summary['rank_pattern']}, alpha {summary['alpha_pattern']}"
     if summary["carried_keys"]:
         rows["carried"] = f"{len(summary['carried_keys'])} tensors kept as they are"
+    if summary.get("target_parameters"):
+        rows["target parameters"] = str(summary["target_parameters"])
+    if summary.get("lora_bias"):
+        biases = sum(module.lora_bias is not None for module in result.modules)
+        rows["LoRA bias"] = f"{biases} lora_B biases (added to the output, not part of B A)"
     for name, value in rows.items():
         overview.add_row(name, str(value))
     console.print(overview)
@@ -104,8 +109,8 @@ def _repair_row(module: ModuleResult) -> list[str]:
     action = module.action if module.reason is None else f"{module.action}: {module.reason}"
     return [
         module.name,
-        str(module.subspace_rank),
-        _percent(module.captured_energy),
+        "-" if module.subspace_method is None else str(module.subspace_rank),
+        "-" if module.subspace_method is None else _percent(module.captured_energy),
         _number(module.update_norm),
         _rho(module.rho_before),
         _rho(module.rho_after),
@@ -130,6 +135,9 @@ def _summary_lines(result: RepairResult) -> list[str]:
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
     ]
+    biases = sum(module.lora_bias is not None for module in result.modules)
+    if biases:
+        lines.append(f"LoRA bias: {biases} lora_B biases carried unchanged (not part of B A)")
     if totals["changed_most"]:
         most = ", ".join(
             f"{m['name']} ({_percent(m['relative_change'])})" for m in totals["changed_most"]
