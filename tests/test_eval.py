@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from eval_models import save_lora, save_model
+from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from rich.console import Console
 
 from adapter_fix.cli import main
@@ -26,7 +27,7 @@ from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
 from adapter_fix.evaluate.report import render_eval
 from adapter_fix.evaluate.runner import EvalOptions, EvalResult, EvalSets, Row, gate_failures
-from adapter_fix.io.sources import open_source
+from adapter_fix.io.sources import HubOptions, open_source
 
 PROMPTS = [
     "how to make a cake",
@@ -341,3 +342,21 @@ def test_eval_of_local_inputs_makes_no_network_request(
 ) -> None:
     result = run_cli(str(tiny["chat"]), str(tiny["lora"]), "--limit", "1", "--max-new-tokens", "2")
     assert result.exit_code == 0, result.output
+
+
+def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
+    tiny: dict[str, Path], loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_from_real_hub(monkeypatch)
+    repos = {"org/chat": tiny["chat"], "org/lora": tiny["lora"]}
+    with serve_hub(repos) as (endpoint, log):
+        hub = HubOptions(endpoint=endpoint, cache_dir=tmp_path / "cache")
+        remote = load_model(open_source("org/chat", hub), device="cpu")
+        attach_adapters(remote, [open_source("org/lora", hub)])
+    assert remote.identity == f"org/chat@{fake_commit('org/chat')}"
+    assert remote.adapters["adapter_0"] == f"org/lora@{fake_commit('org/lora')}"
+    fetched = {path.rsplit("/", 1)[-1] for method, path in log if method == "GET"}
+    assert {"model.safetensors", "tokenizer.json", "adapter_model.safetensors"} <= fetched
+    with remote.variant("adapter_0") as model:
+        hub_answers = generate(model, remote.tokenizer, PROMPTS, max_new_tokens=6)
+    assert hub_answers == answers(loaded, "adapter_0")
