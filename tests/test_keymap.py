@@ -22,9 +22,13 @@ SAVED_AND_RUNTIME = {
          "model.language_model.layers.0.self_attn.q_proj.weight"),
         ("language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
         ("language_model.lm_head.weight", "lm_head.weight"),
-        ("vision_tower.encoder.layers.0.mlp.fc1.weight",
+        ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
          "model.vision_tower.encoder.layers.0.mlp.fc1.weight"),
         ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
+    ],
+    "llava_next": [
+        ("image_newline", "model.image_newline"),
+        ("language_model.model.norm.weight", "model.language_model.norm.weight"),
     ],
     "qwen2_vl": [
         ("model.layers.0.self_attn.q_proj.weight",
@@ -75,6 +79,13 @@ def test_per_expert_keys_map_to_one_stacked_parameter_and_back(model_type: str) 
     for saved, (runtime, expert, part) in EXPERTS[model_type]:
         assert to_runtime(saved, rules) == (runtime, expert, part)
         assert to_checkpoint(runtime, rules, expert, part) == saved
+
+
+def test_a_vision_tower_saved_by_transformers_5_maps_too() -> None:
+    """transformers 5 saves a CLIP tower without `vision_model.`; both layouts load."""
+    saved = "vision_tower.encoder.layers.0.mlp.fc1.weight"
+    runtime = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert to_runtime(saved, RULES["llava"]) == (runtime, None, None)
 
 
 def test_runtime_names_are_left_alone() -> None:

@@ -103,8 +103,12 @@ _LLAVA = (
     Rename("language_model.lm_head.", "lm_head."),
     Rename("language_model.model.", "model.language_model."),
     Rename("vision_tower.", "model.vision_tower."),
+    # A CLIP / SigLIP tower saved by transformers 4 (most Hub checkpoints) nests its weights
+    # under `vision_model.`; transformers 5 drops it (`CLIPVisionModel`: PrefixChange).
+    Rename("model.vision_tower.vision_model.", "model.vision_tower."),
     Rename("multi_modal_projector.", "model.multi_modal_projector."),
 )
+_LLAVA_NEXT = (*_LLAVA, Rename("image_newline", "model.image_newline"))
 _QWEN2_VL = (
     Rename("visual.", "model.visual."),
     Rename("model.", "model.language_model.", keep=("language_model.", "visual.")),
@@ -139,12 +143,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "internvl",
             "vipllava",
             "mistral3",
-            "llava_next",
-            "llava_next_video",
-            "llava_onevision",
         ),
         _LLAVA,
     ),
+    **dict.fromkeys(("llava_next", "llava_next_video", "llava_onevision"), _LLAVA_NEXT),
     **dict.fromkeys(("qwen2_vl", "qwen2_5_vl"), _QWEN2_VL),
     **dict.fromkeys(("mixtral", "minimax"), _MIXTRAL),
     **dict.fromkeys(
