@@ -222,6 +222,11 @@ class LoraModule:
         return self.target or AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
 
     @property
+    def stored_experts(self) -> int | None:
+        """How many experts the weight holds (`target_parameters`); None for a module's matrix."""
+        return self.num_experts if self.kind in PARAMETER_KINDS else None
+
+    @property
     def pattern_name(self) -> str:
         """The name PEFT matches `rank_pattern` / `alpha_pattern` keys against."""
         return self.target if self.kind in PARAMETER_KINDS else self.name
@@ -541,15 +546,15 @@ def _parameter_modules(
     warnings: list[str],
 ) -> list[LoraModule]:
     """One LoraModule per expert of a `target_parameters` LoRA (one for a 2-D parameter)."""
-    rank = config_rank(config, target)
+    configured_rank = config_rank(config, target)
     rows = info_a.shape[0]
-    if rows % rank:
+    rank, experts = configured_rank, rows // configured_rank
+    if rows % configured_rank:
         warnings.append(
-            f"{target}: lora_A has {rows} rows, not a multiple of r={rank}: PEFT will refuse "
-            "to load this adapter (size mismatch)."
+            f"{target}: lora_A has {rows} rows, not a multiple of r={configured_rank}: PEFT "
+            "will refuse to load this adapter (size mismatch)."
         )
-        rank = rows
-    experts = rows // rank
+        rank, experts = rows, 1
     alpha = config_alpha(config, target)
     scaling = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
     return [
@@ -559,7 +564,7 @@ def _parameter_modules(
             key_a=info_a.key,
             key_b=info_b.key,
             rank=rank,
-            configured_rank=rank,
+            configured_rank=configured_rank,
             alpha=alpha,
             scaling=scaling,
             shape=(info_b.shape[0], info_a.shape[1]),
