@@ -254,7 +254,7 @@ class LoraAdapter:
     unsupported: dict[str, str]
     warnings: list[str] = field(default_factory=list)
     # The last fused expert factors read: the experts of one parameter come one after another.
-    _fused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _fused: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def weights_path(self) -> Path:
@@ -592,13 +592,14 @@ def read_factors(
         if module.factors_transposed:
             return lora_a.T, lora_b.T
         return lora_b, lora_a
-    if set(adapter._fused) != {module.key_a, module.key_b}:
+    wanted = {(module.key_a, finite), (module.key_b, finite)}
+    if set(adapter._fused) != wanted:
         adapter._fused.clear()
-        for key in (module.key_a, module.key_b):
-            adapter._fused[key] = adapter.weights.read(key, finite=finite)
+        for key, checked in wanted:
+            adapter._fused[(key, checked)] = adapter.weights.read(key, finite=checked)
     rank, expert = module.rank, module.expert
-    lora_a = adapter._fused[module.key_a][expert * rank : (expert + 1) * rank]
-    lora_b = adapter._fused[module.key_b][:, expert :: module.num_experts]
+    lora_a = adapter._fused[(module.key_a, finite)][expert * rank : (expert + 1) * rank]
+    lora_b = adapter._fused[(module.key_b, finite)][:, expert :: module.num_experts]
     return lora_b, lora_a
 
 
