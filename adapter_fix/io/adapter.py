@@ -203,7 +203,7 @@ class LoraModule:
     scaling: float
     shape: tuple[int, int]
     dtype: str
-    target: str = ""
+    target: str
     expert: int | None = None
     num_experts: int = 1
     bias_key: str | None = None  # lora_bias: `...lora_B.bias`, carried unchanged
@@ -219,7 +219,7 @@ class LoraModule:
     @property
     def weight_key(self) -> str:
         """The run-time name of the weight this module updates."""
-        return self.target or AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
+        return self.target
 
     @property
     def stored_experts(self) -> int | None:
@@ -230,12 +230,6 @@ class LoraModule:
     def pattern_name(self) -> str:
         """The name PEFT matches `rank_pattern` / `alpha_pattern` keys against."""
         return self.target if self.kind in PARAMETER_KINDS else self.name
-
-    @property
-    def stored_weight_shape(self) -> tuple[int, int]:
-        """The shape of this module's weight as a checkpoint stores it."""
-        m, n = self.shape
-        return (n, m) if self.weight_transposed else (m, n)
 
 
 PARAMETER_KINDS = ("parameter", "expert")
