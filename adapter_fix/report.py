@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from adapter_fix.commands.basis import BasisResult
+from adapter_fix.commands.check import CheckResult
 from adapter_fix.commands.inspect import InspectResult
 from adapter_fix.commands.repair import ModuleResult, RepairResult
 from adapter_fix.display import printable
@@ -114,6 +116,11 @@ def render_inspect(result: InspectResult, console: Console) -> None:
         rows["patterns"] = f"rank {summary['rank_pattern']}, alpha {summary['alpha_pattern']}"
     if summary["carried_keys"]:
         rows["carried"] = f"{len(summary['carried_keys'])} tensors kept as they are"
+    if summary.get("target_parameters"):
+        rows["target parameters"] = str(summary["target_parameters"])
+    if summary.get("lora_bias"):
+        biases = sum(module.lora_bias is not None for module in result.modules)
+        rows["LoRA bias"] = f"{biases} lora_B biases (added to the output, not part of B A)"
     for name, value in rows.items():
         overview.add_row(name, _literal(value))
     console.print(overview)
@@ -186,8 +193,8 @@ def _repair_row(module: ModuleResult) -> list[str]:
     action = module.action if module.reason is None else f"{module.action}: {module.reason}"
     return [
         module.name,
-        str(module.subspace_rank),
-        _percent(module.captured_energy),
+        "-" if module.subspace_method is None else str(module.subspace_rank),
+        "-" if module.subspace_method is None else _percent(module.captured_energy),
         _number(module.update_norm),
         _rho(module.rho_before),
         _rho(module.rho_after),
@@ -212,6 +219,9 @@ def _summary_lines(result: RepairResult) -> list[str]:
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
     ]
+    biases = sum(module.lora_bias is not None for module in result.modules)
+    if biases:
+        lines.append(f"LoRA bias: {biases} lora_B biases carried unchanged (not part of B A)")
     if totals["changed_most"]:
         most = ", ".join(
             f"{m['name']} ({_percent(m['relative_change'])})" for m in totals["changed_most"]
@@ -377,3 +387,123 @@ def report_text(result: RepairResult, path: Path) -> str:
             f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
         )
     return render(result)
+
+
+CHECK_COLUMNS = (
+    ("module", "left"),
+    ("k", "right"),
+    ("captured", "right"),
+    ("‖dW‖", "right"),
+    ("rho F/H/O %", "right"),
+    ("reversal u", "right"),
+    ("verdict", "left"),
+)
+
+
+def _check_row(module: ModuleResult) -> list[str]:
+    verdict = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    return [
+        module.name,
+        str(module.subspace_rank),
+        _percent(module.captured_energy),
+        _number(module.update_norm),
+        _rho(module.rho_before),
+        "-" if module.reversal is None else f"{module.reversal:+.4f}",
+        verdict,
+    ]
+
+
+def _check_summary(result: CheckResult) -> list[str]:
+    against = (
+        "D = W_aligned - W_base"
+        if result.reversal_against == "D"
+        else f"D_k in the basis, which holds {_percent(result.total_captured_energy)} of ||D||^2"
+    )
+    options = result.options
+    lines = [
+        f"{'PASS' if result.passed else 'FAIL'}: {len(result.modules)} modules checked in "
+        f"{result.timings.total_s:.2f} s",
+        f"total reversal u = {result.total_reversal:+.4f} (against {against}; "
+        f"--max-reversal {options.max_reversal:g}, per module {options.max_module_reversal:g})",
+        f"total off-subspace energy rho_O = {_percent(result.total_off_energy)} "
+        f"(--max-off-energy {options.max_off_energy:g}, per module "
+        f"{options.max_module_off_energy:g})",
+    ]
+    lines.extend(f"failed: {failure}" for failure in result.failures[:10])
+    if len(result.failures) > 10:
+        lines.append(f"... and {len(result.failures) - 10} more (see --report)")
+    return lines
+
+
+def render_check(result: CheckResult, console: Console, max_rows: int = 20) -> None:
+    """The modules that undo the alignment most (failures first), then the verdict."""
+    shown = sorted(
+        result.modules, key=lambda m: (m.action != "fail", -(m.reversal or 0.0), m.name)
+    )[:max_rows]
+    names = short_module_names([module.name for module in result.modules])
+    columns = (*CHECK_COLUMNS[:1], CHECK_COLUMNS[-1], *CHECK_COLUMNS[1:-1], ("why", "left"))
+    rows = []
+    for module in shown:
+        cells = _check_row(module)
+        verdict = [module.action, *cells[1:-1], module.reason or ""]
+        rows.append([_literal(names[module.name]), *(_literal(cell) for cell in verdict)])
+    table, dropped = fitted_table(console, "adapter-fix check", columns, rows, keep=2)
+    console.print(table)
+    if dropped:
+        console.print(_literal(f"not shown at this width: {', '.join(dropped)}; see --report"))
+    if len(shown) < len(result.modules):
+        console.print(
+            f"{len(result.modules) - len(shown)} more modules not shown (the table lists failures "
+            "and the largest reversals); every module is in --report / --json."
+        )
+    for line in _check_summary(result):
+        console.print(_literal(line))
+
+
+def check_markdown(result: CheckResult) -> str:
+    """The check as Markdown: verdict, totals, every module (a CI step summary)."""
+    header = [name for name, _ in CHECK_COLUMNS]
+    lines = [
+        "# adapter-fix check",
+        "",
+        *(f"- {line}" for line in _check_summary(result)),
+        f"- inputs: {', '.join(f'{k} `{v}`' for k, v in result.inputs.items())}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" if j == "left" else "---:" for _, j in CHECK_COLUMNS) + " |",
+    ]
+    for module in result.modules:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _check_row(module)) + " |")
+    lines.append("")
+    lines.append(
+        "reversal u = -<dW, D> / ||D||^2: the share of the alignment displacement the update "
+        "undoes. The ground truth is `adapter-fix eval`; check is a fast screen."
+    )
+    return "\n".join(lines) + "\n"
+
+
+CHECK_FORMATS: dict[str, Callable[[CheckResult], str]] = {
+    ".json": lambda result: json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n",
+    ".md": check_markdown,
+}
+
+
+def render_basis(result: BasisResult, console: Console) -> None:
+    """What the basis holds, in a few lines."""
+    modules = result.modules
+    ranks = [m.subspace_rank for m in modules] or [0]
+    energies = [m.captured_energy for m in modules if m.subspace_rank] or [0.0]
+    silent = sum(1 for m in modules if m.action != "computed")
+    timings = result.timings
+    lines = [
+        f"basis of {len(modules)} modules: k min {min(ranks)}, mean "
+        f"{sum(ranks) / len(ranks):.1f}, max {max(ranks)}; captured energy min "
+        f"{_percent(min(energies))}, max {_percent(max(energies))}"
+        + (f"; {silent} without signal" if silent else ""),
+        f"time: {timings.total_s:.2f} s (read {timings.read_s:.2f} s, waited for reads "
+        f"{timings.read_wait_s:.2f} s, subspace {timings.subspace_s:.2f} s, write "
+        f"{timings.write_s:.2f} s)",
+        f"written: {result.output}",
+    ]
+    for line in lines:
+        console.print(_literal(line))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapter_fix.cli import REPAIR_METHODS, main
+from adapter_fix.cli import ALL_LINEAR, CHECK_DEFAULTS, REPAIR_METHODS, main
+from adapter_fix.commands import basis, check
 from adapter_fix.commands.repair import METHODS
 from adapter_fix.errors import EXIT_CODES
 
@@ -48,11 +49,15 @@ def test_non_finite_float_options_are_usage_errors(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_method_choices_are_the_methods_repair_implements() -> None:
+def test_option_values_repeated_in_the_cli_equal_their_sources() -> None:
     assert REPAIR_METHODS == METHODS
+    assert ALL_LINEAR == basis.ALL_LINEAR
+    assert {
+        name: getattr(check, f"DEFAULT_{name.upper()}") for name in CHECK_DEFAULTS
+    } == CHECK_DEFAULTS
 
 
-@pytest.mark.parametrize("command", ["inspect", "repair"])
+@pytest.mark.parametrize("command", ["inspect", "repair", "basis", "check", "eval"])
 def test_help_lists_every_exit_code(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0

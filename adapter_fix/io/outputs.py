@@ -188,7 +188,8 @@ def check_folder_target(out: Path, inputs: Sequence[Path], *, force: bool) -> No
 
 
 def check_not_an_input(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output (resolved) that is, holds, or lies inside an input."""
+    """Refuse an output that is, holds, or lies inside an input."""
+    out = out.resolve()
     for path in inputs:
         path = path.resolve()
         if out.is_relative_to(path) or path.is_relative_to(out):
