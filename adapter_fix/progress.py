@@ -21,9 +21,11 @@ from adapter_fix.commands.repair import ModuleResult
 class ModuleProgress:
     """Modules done, weights read, ETA; silent when disabled or when stderr is not a terminal."""
 
-    def __init__(self, console: Console, total: int, *, enabled: bool) -> None:
+    def __init__(
+        self, console: Console, total: int, *, enabled: bool, label: str = "repair"
+    ) -> None:
         self.progress = Progress(
-            TextColumn("[bold]repair"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("modules, {task.fields[tensors]} weights read, {task.fields[current]}"),
