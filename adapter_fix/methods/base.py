@@ -9,6 +9,8 @@ method is one file here plus one line in `methods/__init__.py`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -124,8 +126,32 @@ class Method(ABC):
         del outcomes
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the per-module factored math on one torch thread.
+
+    It is thin QRs (`m x r`), `r x r` products and SVDs: too small to split,
+    and on two threads each call waits for a thread hand-off. Measured on a
+    4096 x 14336 module with r = 16 while other processes used the cores:
+    `to_lora_factors` took 258 ms on two threads, 9 ms on one (bench/README.md,
+    "The solve"). The big products (the SVD's, Safe LoRA's `D^T B`, the
+    reversal's `D A^T`) run outside, on every thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def prepare(data: ModuleData) -> PreparedModule:
     """The module's report row with what is known before any method acts."""
+    with one_thread():
+        return _prepare(data)
+
+
+def _prepare(data: ModuleData) -> PreparedModule:
     module = data.target.module
     if module is None or data.lora_b is None or data.lora_a is None:
         raise ValueError(f"{data.target.name}: a method needs the module's LoRA factors")
@@ -163,6 +189,16 @@ def fill_metrics(
     subspace: Subspace | None,
 ) -> None:
     """Norm, relative change, cosine, and (with a subspace) F/H/O shares of the repaired update."""
+    with one_thread():
+        _fill_metrics(report, original, repaired, subspace)
+
+
+def _fill_metrics(
+    report: ModuleResult,
+    original: FactoredUpdate,
+    repaired: FactoredUpdate,
+    subspace: Subspace | None,
+) -> None:
     if subspace is None:
         comparison = compare_updates(original, repaired)
         report.rho_after = {}
@@ -179,11 +215,12 @@ def refactor(
 ) -> Outcome:
     """Write `solution` back as LoRA factors (METHOD.md §4) in the adapter's dtype and layout."""
     module, report = prepared.module, prepared.report
-    factors = to_lora_factors(
-        solution,
-        rank=module.rank if options.output_rank == "keep" else None,
-        output_scaling=lambda rank: lora_scaling(module.alpha, rank, use_rslora),
-    )
+    with one_thread():
+        factors = to_lora_factors(
+            solution,
+            rank=module.rank if options.output_rank == "keep" else None,
+            output_scaling=lambda rank: lora_scaling(module.alpha, rank, use_rslora),
+        )
     # Kept until the write in the adapter's dtype, so memory does not grow with depth.
     new_b, new_a = factors.lora_b.to(prepared.dtype), factors.lora_a.to(prepared.dtype)
     written = as_factored(new_b, new_a, lora_scaling(module.alpha, factors.rank, use_rslora))
