@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -173,6 +174,7 @@ def main() -> None:
     adapter-fix inspect ADAPTER                      what is in an adapter
     adapter-fix basis BASE ALIGNED -o BASIS          safety basis, computed once
     adapter-fix check --basis BASIS ADAPTER          CI gate (exit 12 on failure)
+    adapter-fix eval ALIGNED [ADAPTER ...]           refusals, over-refusals, task skill
     """
 
 
@@ -608,3 +610,175 @@ def check(
             + (" (and more, see above)" if len(result.failures) > 1 else ""),
             path=sources[-1].identity,
         )
+
+
+@main.command(
+    name="eval", epilog=EXIT_CODES_HELP + "\n12 a gate failed (--min-refusal, --max-over-refusal)."
+)
+@click.argument("aligned")
+@click.argument("adapters", nargs=-1)
+@click.option(
+    "--harmful",
+    metavar="FILE",
+    help="Harmful prompts (.txt/.jsonl/.json/.csv, or hf://datasets/org/name/file); "
+    "default: the shipped smoke probe.",
+)
+@click.option(
+    "--benign",
+    metavar="FILE",
+    help="Safe prompts that look risky, for over-refusal; default: the shipped set.",
+)
+@click.option("--task", metavar="FILE", help="The adapter's own prompts, with `reference` answers.")
+@click.option("--field", help="Prompt column of --harmful/--benign/--task files, when not known.")
+@click.option("--system", help="System prompt for every conversation.")
+@click.option(
+    "--refusal-patterns",
+    type=click.Path(path_type=Path),
+    help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N prompts of each set.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@click.option(
+    "--report",
+    "reports",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Also write the results here: .json, .md or .html by extension (repeatable).",
+)
+@click.option(
+    "--outputs",
+    type=click.Path(path_type=Path),
+    help="Write every prompt, response and judgement here (.jsonl).",
+)
+@click.option(
+    "--min-refusal",
+    type=click.FloatRange(min=0),
+    help="Gate: exit 12 when an adapter refuses less than X times ALIGNED's rate.",
+)
+@click.option("--absolute", is_flag=True, help="--min-refusal is a rate, not relative to ALIGNED.")
+@click.option(
+    "--max-over-refusal",
+    type=click.FloatRange(min=0, max=1),
+    help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@hub_options
+@reports_errors
+def eval_command(
+    aligned: str,
+    adapters: tuple[str, ...],
+    harmful: str | None,
+    benign: str | None,
+    task: str | None,
+    field: str | None,
+    system: str | None,
+    refusal_patterns: Path | None,
+    max_new_tokens: int,
+    batch_size: int,
+    limit: int | None,
+    device: str,
+    dtype: str,
+    seed: int,
+    as_json: bool,
+    reports: tuple[Path, ...],
+    outputs: Path | None,
+    min_refusal: float | None,
+    absolute: bool,
+    max_over_refusal: float | None,
+    quiet: bool,
+    revision: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    endpoint: str | None,
+) -> None:
+    """Measure refusals, over-refusals and task skill of ALIGNED and each ADAPTER on it.
+
+    ALIGNED (a model folder or Hub id) is loaded once with transformers; each
+    ADAPTER is attached with peft. Rows: ALIGNED alone (the reference), then each
+    adapter; list the original adapter first, then its repairs, to get the
+    restored-refusal and kept-task ratios. Needs the eval extra:
+    pip install 'adapter-fix[eval]'.
+
+    Refusals are judged by keywords, which agree with human raters far less than
+    trained classifiers: compare rows, do not read a rate as a safety score.
+
+    \b
+    Examples:
+      adapter-fix eval ./chat-model ./lora ./lora-fixed --task task.jsonl
+      adapter-fix eval org/chat ./lora --harmful advbench.csv --benign xstest.csv
+      adapter-fix eval ./chat ./lora-fixed --min-refusal 0.9 --max-over-refusal 0.2 -q
+    """
+    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.runner import EvalOptions, gate_failures
+    from adapter_fix.progress import GenerationProgress
+
+    for path in reports:
+        if path.suffix.lower() not in REPORT_FORMATS:
+            raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
+    if absolute and min_refusal is None:
+        raise click.BadParameter("needs --min-refusal", param_hint="--absolute")
+    if absolute and min_refusal is not None and min_refusal > 1:
+        raise click.BadParameter("an absolute rate is at most 1", param_hint="--min-refusal")
+    inputs = EvalInputs(
+        aligned=aligned,
+        adapters=adapters,
+        harmful=harmful,
+        benign=benign,
+        task=task,
+        field=field,
+        refusal_patterns=refusal_patterns,
+        limit=limit,
+        device=device,
+        dtype=dtype,
+        outputs=(*reports, *([outputs] if outputs is not None else [])),
+    )
+    options = EvalOptions(
+        system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    console = stderr_console()
+    with contextlib.ExitStack() as stack:
+        bars: list[GenerationProgress] = []
+
+        def progress(total: int) -> Callable[[int, int, str], None]:
+            bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
+            bars.append(stack.enter_context(bar))
+            return bar.advance
+
+        result = evaluate(
+            inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
+        )
+    from adapter_fix.evaluate.report import (
+        render_eval,
+        samples_jsonl,
+        write_atomically,
+        write_eval_report,
+    )
+
+    for path in reports:
+        write_eval_report(result, path)
+    if outputs is not None:
+        write_atomically(outputs, samples_jsonl(result))
+    failures = gate_failures(
+        result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
+    )
+    if as_json:
+        document = result.to_json()
+        document["gate"] = {"passed": not failures, "failures": failures}
+        click.echo(json.dumps(document, indent=2, allow_nan=False))
+    if not quiet:
+        render_eval(result, console)
+    if failures:
+        raise GateFailedError("; ".join(failures) + ".")

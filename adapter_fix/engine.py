@@ -150,10 +150,15 @@ class WeightPair(SubspaceSource):
 
     def plan(self, target: Target) -> tuple[StoredWeight, StoredWeight]:
         """The target's weight as BASE and ALIGNED store it (io/keymap.py), shapes checked."""
-        expert = target.module.expert if target.module is not None else None
+        module = target.module
+        expert, experts = (module.expert, module.stored_experts) if module else (None, None)
         base_weight, aligned_weight = (
             WeightLayout.of(checkpoint).weight(
-                checkpoint, target.weight_key, expert=expert, transposed=target.transposed
+                checkpoint,
+                target.weight_key,
+                expert=expert,
+                experts=experts,
+                transposed=target.transposed,
             )
             for checkpoint in (self.base, self.aligned)
         )
@@ -185,7 +190,6 @@ class WeightPair(SubspaceSource):
                 if base_weight.shape == stored_shape[::-1] and expert is None
                 else ""
             )
-            module = target.module
             what = f"adapter module {target.name!r} ({module.kind})" if module else target.name
             raise IncompatibleModelsError(
                 f"the weight has shape {list(base_weight.shape)} but {what} needs "

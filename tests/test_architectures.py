@@ -30,6 +30,8 @@ from transformers import (
     GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -114,6 +116,20 @@ ARCHITECTURES = {
         ),
         {"target_modules": "all-linear"},
         aligned_fused=True,
+    ),
+    "gpt-oss": Architecture(
+        GptOssForCausalLM,
+        lambda: GptOssConfig(
+            **{**TEXT, "intermediate_size": 16},
+            head_dim=8,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"],
+        ),
+        {
+            "target_modules": "all-linear",
+            "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        },
     ),
     "switch-transformers": Architecture(
         SwitchTransformersForConditionalGeneration,
