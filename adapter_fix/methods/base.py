@@ -9,14 +9,12 @@ method is one file here plus one line in `methods/__init__.py`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from adapter_fix.engine import ModuleData, SubspaceSettings
+from adapter_fix.engine import ModuleData, SubspaceSettings, one_thread
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, lora_scaling
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.solve import (
@@ -124,25 +122,6 @@ class Method(ABC):
     def finish(self, outcomes: list[Outcome]) -> None:
         """A global step once every module is solved (default: none)."""
         del outcomes
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run the per-module factored math on one torch thread.
-
-    It is thin QRs (`m x r`), `r x r` products and SVDs: too small to split,
-    and on two threads each call waits for a thread hand-off. Measured on a
-    4096 x 14336 module with r = 16 while other processes used the cores:
-    `to_lora_factors` took 258 ms on two threads, 9 ms on one (bench/README.md,
-    "The solve"). The big products (the SVD's, Safe LoRA's `D^T B`, the
-    reversal's `D A^T`) run outside, on every thread.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def prepare(data: ModuleData) -> PreparedModule:
