@@ -14,6 +14,12 @@ Exit codes (documented in the README):
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings
+    12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short), or
+        `check` (a threshold exceeded)
+    130 interrupted (Ctrl-C): cleaned up, nothing written
+    143 terminated (SIGTERM): cleaned up like Ctrl-C, nothing written
+
+`EXIT_CODES` below is the same table for `--help` and the tests.
 """
 
 from __future__ import annotations
@@ -85,6 +91,38 @@ class DownloadError(AdapterFixError):
 class StrictWarningsError(AdapterFixError):
     exit_code = 11
     title = "warnings (--strict)"
+
+
+class UsageError(AdapterFixError):
+    """A bad argument found after parsing (a prompt file with no usable column, a missing extra)."""
+
+    exit_code = 2
+    title = "usage error"
+
+
+class GateFailedError(AdapterFixError):
+    exit_code = 12
+    title = "gate failed"
+
+
+# The documented exit codes, one short line each: --help prints them, a test checks the README.
+EXIT_CODES: dict[int, str] = {
+    0: "ok",
+    1: "internal error (a bug)",
+    2: "usage",
+    3: "not found",
+    4: "pickle refused",
+    5: "corrupt checkpoint",
+    6: "invalid/unsupported adapter",
+    7: "incompatible inputs",
+    8: "NaN/Inf",
+    9: "output refused",
+    10: "download failed",
+    11: "warnings with --strict",
+    12: "gate failed (eval, check)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
+}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from adapter_fix.cli import main
 from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.engine import WeightPair
 from adapter_fix.io import adapter as adapter_module
 from adapter_fix.io import checkpoint as checkpoint_module
 from adapter_fix.io.adapter import load_adapter
@@ -299,7 +300,7 @@ def test_run_reads_exactly_the_adapted_weights_each_once(
     base = Checkpoint.open(LocalSource(base_path), "BASE")
     aligned = Checkpoint.open(LocalSource(aligned_path), "ALIGNED")
     adapter = load_adapter(LocalSource(adapter_path))
-    repair(base, aligned, adapter, RepairOptions(method=method))
+    repair(WeightPair(base, aligned), adapter, RepairOptions(method=method))
     expected = sorted(f"{m.name}.weight" for m in adapter.modules)
     for folder in (base_path, aligned_path):
         assert sorted(key for parent, key in data_reads if parent == folder) == expected
@@ -333,8 +334,8 @@ def test_failure_mid_write_leaves_no_output(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     previous = tmp_path / "out"
-    previous.mkdir()
-    (previous / "keep.txt").write_text("old")
+    assert run(base, aligned, adapter, "-o", previous, "--method", "project", "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
 
     def interrupted(path: Path, *args: object) -> None:
         path.write_bytes(b"half a file")
@@ -346,7 +347,7 @@ def test_failure_mid_write_leaves_no_output(
     code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert (previous / "keep.txt").read_text() == "old"
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
 
 
 def test_dora_is_refused_with_exit_6(fixtures_dir: Path, tmp_path: Path) -> None:
