@@ -366,3 +366,22 @@ def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
     with remote.variant("adapter_0") as model:
         hub_answers = generate(model, remote.tokenizer, PROMPTS, max_new_tokens=6)
     assert hub_answers == answers(loaded, "adapter_0")
+
+
+def test_an_adapter_for_another_model_is_incompatible_exit_7(
+    tiny: dict[str, Path], fixtures_dir: Path
+) -> None:
+    result = run_cli(str(tiny["chat"]), str(fixtures_dir / "gpt2-lora"), "--limit", "1")
+    assert result.exit_code == 7
+    assert "gpt2-lora" in result.stderr and "another model" in result.stderr
+
+
+def test_a_model_without_chat_template_is_evaluated_with_a_warning(
+    tiny: dict[str, Path],
+) -> None:
+    result = run_cli(str(tiny["raw"]), "--limit", "1", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["settings"]["chat_template"] is False
+    assert "no chat template" in document["warnings"][0]
+    assert "Warning: the tokenizer has no chat template" in result.stderr
