@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -161,6 +162,9 @@ def test_adapters_load_onto_aligned_with_no_missing_or_unexpected_keys(name):
         PeftModel.from_pretrained(aligned, FIXTURES / name)
     messages = [str(w.message).lower() for w in caught]
     assert not [m for m in messages if "missing" in m or "unexpected" in m], messages
+    with safe_open(str(FIXTURES / name / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 2 * 7 * 2 and all(".lora_" in k for k in keys)  # LoRA factors only
 
 
 def held_out_harmful() -> list[str]:
