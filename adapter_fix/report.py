@@ -77,7 +77,8 @@ def fitted_table(
             table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
         for row in rows:
             table.add_row(*row[:count])
-        if count <= keep or console.measure(table).maximum <= console.width:
+        natural = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+        if count <= keep or natural <= console.width:
             return table, [header for header, _ in columns[count:]]
         count -= 1
 
