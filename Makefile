@@ -26,6 +26,7 @@ fixtures:
 	$(BIN)/python fixtures/make_fixtures.py
 
 bench:
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/perf.py
 
 clean:
