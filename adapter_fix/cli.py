@@ -55,8 +55,8 @@ EXIT_CODES_HELP = "\b\n" + textwrap.fill(
 REPAIR_METHODS = ("csulora", "project", "safelora", "none")  # commands.repair.METHODS
 ALL_LINEAR = "all-linear"  # commands.basis.ALL_LINEAR
 CHECK_DEFAULTS = {  # commands.check.DEFAULT_*
-    "max_reversal": 0.05,
-    "max_module_reversal": 0.25,
+    "max_reversal": 0.02,
+    "max_module_reversal": 0.15,
     "max_off_energy": 1.0,
     "max_module_off_energy": 1.0,
 }
