@@ -774,6 +774,7 @@ def check(
     type=FiniteFloat(min=0, max=1),
     help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report and --outputs files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
@@ -798,6 +799,7 @@ def eval_command(
     min_refusal: float | None,
     absolute: bool,
     max_over_refusal: float | None,
+    force: bool,
     quiet: bool,
     revision: str | None,
     cache_dir: Path | None,
@@ -825,7 +827,9 @@ def eval_command(
     import json
 
     from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.report import EVAL_REPORT_FORMATS, render_eval, samples_jsonl
     from adapter_fix.evaluate.runner import EvalOptions, gate_failures
+    from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import GenerationProgress
     from adapter_fix.report import REPORT_FORMATS
 
@@ -852,6 +856,10 @@ def eval_command(
     options = EvalOptions(
         system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
     )
+    hub = hub_settings(revision, cache_dir, offline, endpoint)
+    models = [open_source(spec, hub) for spec in (aligned, *adapters)]
+    written = OutputSet(reports=inputs.outputs, inputs=local_paths(models), force=force)
+    written.check()  # before the model is loaded: a bad --report fails in a second
     console = stderr_console()
     with contextlib.ExitStack() as stack:
         bars: list[GenerationProgress] = []
@@ -861,20 +869,12 @@ def eval_command(
             bars.append(stack.enter_context(bar))
             return bar.advance
 
-        result = evaluate(
-            inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
-        )
-    from adapter_fix.evaluate.report import (
-        render_eval,
-        samples_jsonl,
-        write_atomically,
-        write_eval_report,
-    )
-
-    for path in reports:
-        write_eval_report(result, path)
-    if outputs is not None:
-        write_atomically(outputs, samples_jsonl(result))
+        result = evaluate(inputs, options, hub, progress=progress)
+    with written:
+        for path in reports:
+            written.write_report(path, EVAL_REPORT_FORMATS[path.suffix.lower()](result))
+        if outputs is not None:
+            written.write_report(outputs, samples_jsonl(result))
     failures = gate_failures(
         result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
     )
