@@ -20,7 +20,13 @@ from rich.console import Console
 
 from adapter_fix.cli import main
 from adapter_fix.errors import UnsafeFormatError
-from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.evaluate.generate import (
+    continuation_logprob,
+    encode_prompts,
+    format_prompt,
+    generate,
+    reference_nll,
+)
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
@@ -385,3 +391,26 @@ def test_a_model_without_chat_template_is_evaluated_with_a_warning(
     assert document["settings"]["chat_template"] is False
     assert "no chat template" in document["warnings"][0]
     assert "Warning: the tokenizer has no chat template" in result.stderr
+
+
+def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
+    loaded: LoadedModel,
+) -> None:
+    tokenizer = loaded.tokenizer
+    texts = ["paris", "one two"]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    with loaded.variant("adapter_0") as model:
+        from_text, counts = continuation_logprob(model, tokenizer, PROMPTS[:2], texts)
+        from_ids, _ = continuation_logprob(model, tokenizer, PROMPTS[:2], ids)
+        assert counts == [1, 2]
+        assert torch.equal(from_text, from_ids)
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B.adapter_0" in n)
+        lora_b.requires_grad_(True)
+        try:
+            from_text.sum().backward()
+            assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+        finally:
+            lora_b.grad = None
+            lora_b.requires_grad_(False)
+        nll = reference_nll(model, tokenizer, PROMPTS[:2], texts)
+    assert [-value.total for value in nll] == pytest.approx(from_text.tolist(), rel=1e-5)
