@@ -763,6 +763,7 @@ def check(
     type=click.Path(path_type=Path),
     help="Write every prompt, response and judgement here (.jsonl).",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report/--outputs files.")
 @click.option(
     "--min-refusal",
     type=FiniteFloat(min=0),
@@ -798,6 +799,7 @@ def eval_command(
     min_refusal: float | None,
     absolute: bool,
     max_over_refusal: float | None,
+    force: bool,
     quiet: bool,
     revision: str | None,
     cache_dir: Path | None,
@@ -824,7 +826,7 @@ def eval_command(
     import contextlib
     import json
 
-    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.commands.eval import EvalInputs, evaluate, write_outputs
     from adapter_fix.evaluate.runner import EvalOptions, gate_failures
     from adapter_fix.progress import GenerationProgress
     from adapter_fix.report import REPORT_FORMATS
@@ -847,7 +849,9 @@ def eval_command(
         limit=limit,
         device=device,
         dtype=dtype,
-        outputs=(*reports, *([outputs] if outputs is not None else [])),
+        reports=reports,
+        samples=outputs,
+        force=force,
     )
     options = EvalOptions(
         system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
@@ -861,20 +865,12 @@ def eval_command(
             bars.append(stack.enter_context(bar))
             return bar.advance
 
-        result = evaluate(
+        result, files = evaluate(
             inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
         )
-    from adapter_fix.evaluate.report import (
-        render_eval,
-        samples_jsonl,
-        write_atomically,
-        write_eval_report,
-    )
+    from adapter_fix.evaluate.report import render_eval
 
-    for path in reports:
-        write_eval_report(result, path)
-    if outputs is not None:
-        write_atomically(outputs, samples_jsonl(result))
+    write_outputs(result, inputs, files)
     failures = gate_failures(
         result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
     )

@@ -414,3 +414,18 @@ def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
             lora_b.requires_grad_(False)
         nll = reference_nll(model, tokenizer, PROMPTS[:2], texts)
     assert [-value.total for value in nll] == pytest.approx(from_text.tolist(), rel=1e-5)
+
+
+def test_an_existing_report_is_replaced_only_with_force(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "eval.md"
+    report.write_text("keep me")
+    common = [str(tiny["chat"]), "--limit", "1", "--max-new-tokens", "2", "--report", str(report)]
+    refused = run_cli(*common)
+    assert refused.exit_code == 9 and "--force" in refused.stderr
+    assert report.read_text() == "keep me"
+    assert run_cli(*common, "--force").exit_code == 0
+    assert report.read_text().startswith("# adapter-fix eval")
+    twice = run_cli(*common, "--force", "--outputs", str(report))
+    assert twice.exit_code == 9
