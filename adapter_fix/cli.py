@@ -712,9 +712,7 @@ def check(
         )
 
 
-@main.command(
-    name="eval", epilog=EXIT_CODES_HELP + "\n12 a gate failed (--min-refusal, --max-over-refusal)."
-)
+@main.command(name="eval", epilog=EXIT_CODES_HELP)
 @click.argument("aligned")
 @click.argument("adapters", nargs=-1)
 @click.option(
@@ -736,9 +734,25 @@ def check(
     type=click.Path(path_type=Path),
     help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), help="Only the first N prompts of each set.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Longest answer generated (greedy).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts generated together (left-padded).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="N prompts of each set, spread evenly over the file.",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
@@ -749,7 +763,9 @@ def check(
     show_default=True,
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="torch seed set before each row."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
     "--report",
