@@ -874,12 +874,10 @@ def eval_command(
     )
     console = stderr_console()
     with contextlib.ExitStack() as stack:
-        bars: list[GenerationProgress] = []
 
         def progress(total: int) -> Callable[[int, int, str], None]:
             bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
-            bars.append(stack.enter_context(bar))
-            return bar.advance
+            return stack.enter_context(bar).advance
 
         result, files = evaluate(
             inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress

@@ -429,3 +429,32 @@ def test_an_existing_report_is_replaced_only_with_force(
     assert report.read_text().startswith("# adapter-fix eval")
     twice = run_cli(*common, "--force", "--outputs", str(report))
     assert twice.exit_code == 9
+
+
+def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str, Path]) -> None:
+    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.runner import EvalOptions
+    from adapter_fix.progress import GenerationProgress
+
+    calls: list[tuple[int, int, str]] = []
+    totals: list[int] = []
+
+    def progress(total: int) -> Any:
+        totals.append(total)
+        return lambda done, tokens, label: calls.append((done, tokens, label))
+
+    inputs = EvalInputs(str(tiny["chat"]), (str(tiny["lora"]),), limit=3, device="cpu")
+    result, _ = evaluate(inputs, EvalOptions(max_new_tokens=2), HubOptions(), progress=progress)
+    assert totals == [2 * (3 + 3)]
+    assert sum(done for done, _, _ in calls) == totals[0]
+    assert {label for _, _, label in calls} == {
+        "aligned: harmful",
+        "aligned: benign",
+        "lora: harmful",
+        "lora: benign",
+    }
+    assert all(0 <= tokens <= 2 * done for done, tokens, _ in calls)
+    bar = GenerationProgress(Console(file=io.StringIO()), totals[0], enabled=False)
+    bar.advance(3, 6, "aligned: harmful")
+    assert bar.tokens == 6 and bar.progress.tasks[0].completed == 3
+    assert len(result.rows) == 2

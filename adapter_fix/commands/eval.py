@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model, require_eval_extra
@@ -59,14 +60,13 @@ def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
     return names
 
 
-def _prompt_set(spec: str | None, role: str, inputs: EvalInputs, hub: HubOptions) -> PromptSet:
+def _prompt_set(
+    spec: str | None, role: Literal["harmful", "benign"], inputs: EvalInputs, hub: HubOptions
+) -> PromptSet:
+    """The file given for `role`, else the shipped set; --limit applied."""
     if spec is None:
-        if role == "task":
-            raise AssertionError("the task set has no default")
-        prompts = default_prompt_set(role)  # type: ignore[arg-type]
-    else:
-        prompts = load_prompt_set(spec, role, field=inputs.field, hub=hub)  # type: ignore[arg-type]
-    return prompts.limited(inputs.limit)
+        return default_prompt_set(role).limited(inputs.limit)
+    return load_prompt_set(spec, role, field=inputs.field, hub=hub).limited(inputs.limit)
 
 
 @dataclass
@@ -84,7 +84,11 @@ def prepare(inputs: EvalInputs, hub: HubOptions) -> Prepared:
     sets = EvalSets(
         harmful=_prompt_set(inputs.harmful, "harmful", inputs, hub),
         benign=_prompt_set(inputs.benign, "benign", inputs, hub),
-        task=None if inputs.task is None else _prompt_set(inputs.task, "task", inputs, hub),
+        task=None
+        if inputs.task is None
+        else load_prompt_set(inputs.task, "task", field=inputs.field, hub=hub).limited(
+            inputs.limit
+        ),
     )
     local = [path for source in sources for path in source.local_paths]
     local += [
