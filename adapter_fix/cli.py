@@ -45,6 +45,7 @@ from adapter_fix.report import (
     render_basis,
     render_check,
     render_inspect,
+    render_notes,
     render_repair,
     write_report,
     write_text_report,
@@ -359,6 +360,7 @@ def repair(
         write_report(result, path)
     if not quiet:
         render_repair(result, console)
+    render_notes(result.modules, console)
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
@@ -604,6 +606,7 @@ def check(
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
     if not quiet:
         render_check(result, console)
+    render_notes(result.modules, console)
     if not result.passed:
         raise GateFailedError(
             f"{len(result.failures)} threshold(s) exceeded: {result.failures[0]}"

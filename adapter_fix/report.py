@@ -286,6 +286,8 @@ CHECK_COLUMNS = (
 
 def _check_row(module: ModuleResult) -> list[str]:
     verdict = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    if module.note is not None:
+        verdict += f" ({module.note})"
     return [
         module.name,
         str(module.subspace_rank),
@@ -395,3 +397,15 @@ def write_text_report(path: Path, text: str) -> None:
         path.write_text(text)
     except OSError as error:
         raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None
+
+
+def render_notes(modules: list[ModuleResult], console: Console) -> None:
+    """One warning line when modules carry notes (a basis short of the requested energy)."""
+    noted = [module for module in modules if module.note is not None]
+    if noted:
+        more = (
+            f" (and {len(noted) - 1} more; every note is in the report)" if len(noted) > 1 else ""
+        )
+        console.print(
+            Text.assemble(("warning: ", "yellow"), f"{noted[0].name}: {noted[0].note}{more}")
+        )
