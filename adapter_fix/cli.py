@@ -375,7 +375,7 @@ def repair(
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
       adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
-    from adapter_fix.commands.inspect import inspect_adapter
+    from adapter_fix.commands.inspect import factor_warnings
     from adapter_fix.commands.repair import REPORT_NAME, RepairOptions
     from adapter_fix.commands.repair import repair as run_repair
     from adapter_fix.io.adapter import load_adapter
@@ -419,7 +419,7 @@ def repair(
             outputs.write_report(path, report_text(result, path))
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
-    render_warnings(inspect_adapter(lora).warnings, console)
+    render_warnings(factor_warnings(lora), console)
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
