@@ -381,7 +381,13 @@ def repair(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import REPORT_FORMATS, render_repair, render_warnings, report_text
+    from adapter_fix.report import (
+        REPORT_FORMATS,
+        render_notes,
+        render_repair,
+        render_warnings,
+        report_text,
+    )
 
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
@@ -420,6 +426,7 @@ def repair(
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
     render_warnings(factor_warnings(lora), console)
+    render_notes(result.modules, console)
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
@@ -675,7 +682,7 @@ def check(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check
+    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check, render_notes
 
     check_device(settings["device"])
     for path in reports:
@@ -704,6 +711,7 @@ def check(
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
     if not quiet:
         render_check(result, console)
+    render_notes(result.modules, console)
     if not result.passed:
         raise GateFailedError(
             f"{len(result.failures)} threshold(s) exceeded: {result.failures[0]}"
@@ -712,9 +720,7 @@ def check(
         )
 
 
-@main.command(
-    name="eval", epilog=EXIT_CODES_HELP + "\n12 a gate failed (--min-refusal, --max-over-refusal)."
-)
+@main.command(name="eval", epilog=EXIT_CODES_HELP)
 @click.argument("aligned")
 @click.argument("adapters", nargs=-1)
 @click.option(
@@ -736,9 +742,25 @@ def check(
     type=click.Path(path_type=Path),
     help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), help="Only the first N prompts of each set.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Longest answer generated (greedy).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts generated together (left-padded).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="N prompts of each set, spread evenly over the file.",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
@@ -749,7 +771,9 @@ def check(
     show_default=True,
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="torch seed set before each row."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
     "--report",
@@ -763,6 +787,7 @@ def check(
     type=click.Path(path_type=Path),
     help="Write every prompt, response and judgement here (.jsonl).",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report/--outputs files.")
 @click.option(
     "--min-refusal",
     type=FiniteFloat(min=0),
@@ -826,10 +851,8 @@ def eval_command(
     import contextlib
     import json
 
-    from adapter_fix.commands.eval import EvalInputs, evaluate
-    from adapter_fix.evaluate.report import EVAL_REPORT_FORMATS, render_eval, samples_jsonl
+    from adapter_fix.commands.eval import EvalInputs, evaluate, write_outputs
     from adapter_fix.evaluate.runner import EvalOptions, gate_failures
-    from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import GenerationProgress
     from adapter_fix.report import REPORT_FORMATS
 
@@ -851,30 +874,26 @@ def eval_command(
         limit=limit,
         device=device,
         dtype=dtype,
-        outputs=(*reports, *([outputs] if outputs is not None else [])),
+        reports=reports,
+        samples=outputs,
+        force=force,
     )
     options = EvalOptions(
         system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
     )
-    hub = hub_settings(revision, cache_dir, offline, endpoint)
-    models = [open_source(spec, hub) for spec in (aligned, *adapters)]
-    written = OutputSet(reports=inputs.outputs, inputs=local_paths(models), force=force)
-    written.check()  # before the model is loaded: a bad --report fails in a second
     console = stderr_console()
     with contextlib.ExitStack() as stack:
-        bars: list[GenerationProgress] = []
 
         def progress(total: int) -> Callable[[int, int, str], None]:
             bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
-            bars.append(stack.enter_context(bar))
-            return bar.advance
+            return stack.enter_context(bar).advance
 
-        result = evaluate(inputs, options, hub, progress=progress)
-    with written:
-        for path in reports:
-            written.write_report(path, EVAL_REPORT_FORMATS[path.suffix.lower()](result))
-        if outputs is not None:
-            written.write_report(outputs, samples_jsonl(result))
+        result, files = evaluate(
+            inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
+        )
+    from adapter_fix.evaluate.report import render_eval
+
+    write_outputs(result, inputs, files)
     failures = gate_failures(
         result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
     )

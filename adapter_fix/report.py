@@ -410,6 +410,8 @@ CHECK_COLUMNS = (
 
 def _check_row(module: ModuleResult) -> list[str]:
     verdict = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    if module.note is not None:
+        verdict += f" ({module.note})"
     return [
         module.name,
         str(module.subspace_rank),
@@ -515,3 +517,17 @@ def render_basis(result: BasisResult, console: Console) -> None:
     ]
     for line in lines:
         console.print(_literal(line))
+
+
+def render_notes(modules: list[ModuleResult], console: Console) -> None:
+    """One warning line when modules carry notes (a basis short of the requested energy)."""
+    noted = [module for module in modules if module.note is not None]
+    if noted:
+        more = (
+            f" (and {len(noted) - 1} more; every note is in the report)" if len(noted) > 1 else ""
+        )
+        console.print(
+            Text.assemble(
+                ("warning: ", "yellow"), _literal(f"{noted[0].name}: {noted[0].note}{more}")
+            )
+        )

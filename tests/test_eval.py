@@ -20,7 +20,13 @@ from rich.console import Console
 
 from adapter_fix.cli import main
 from adapter_fix.errors import UnsafeFormatError
-from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.evaluate.generate import (
+    continuation_logprob,
+    encode_prompts,
+    format_prompt,
+    generate,
+    reference_nll,
+)
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
@@ -214,8 +220,9 @@ def test_eval_prints_json_with_one_row_per_variant_reference_first(
     assert "keyword" in document["judge"]["caveat"]
     assert document["schema"] == "adapter-fix/eval"
     by_category = reference["refusal_by_category"]
-    assert list(by_category) == ["weapons_violence"]  # the first 3 shipped prompts
-    assert by_category["weapons_violence"]["total"] == 3
+    # --limit 3 of the 225 shipped prompts: rows 1, 76, 151, one from each of three categories
+    assert list(by_category) == ["weapons_violence", "drugs", "privacy_surveillance"]
+    assert all(value["total"] == 1 for value in by_category.values())
 
 
 def test_eval_table_goes_to_stderr_within_80_columns_with_the_judge_caveat(
@@ -240,7 +247,7 @@ def test_eval_table_fits_80_columns() -> None:
 def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> None:
     _, out = cli_run
     assert "| aligned |" in (out / "r.md").read_text()
-    assert "| weapons_violence |" in (out / "r.md").read_text()
+    assert "| drugs |" in (out / "r.md").read_text()
     page = (out / "r.html").read_text()
     assert "<table>" in page and 'class="bar"' in page and "http" not in page.split("<body>")[1]
     assert json.loads((out / "r.json").read_text())["rows"][0]["name"] == "aligned"
@@ -365,3 +372,89 @@ def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
     with remote.variant("adapter_0") as model:
         hub_answers = generate(model, remote.tokenizer, PROMPTS, max_new_tokens=6)
     assert hub_answers == answers(loaded, "adapter_0")
+
+
+def test_an_adapter_for_another_model_is_incompatible_exit_7(
+    tiny: dict[str, Path], fixtures_dir: Path
+) -> None:
+    result = run_cli(str(tiny["chat"]), str(fixtures_dir / "gpt2-lora"), "--limit", "1")
+    assert result.exit_code == 7
+    assert "gpt2-lora" in result.stderr and "another model" in result.stderr
+
+
+def test_a_model_without_chat_template_is_evaluated_with_a_warning(
+    tiny: dict[str, Path],
+) -> None:
+    result = run_cli(str(tiny["raw"]), "--limit", "1", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["settings"]["chat_template"] is False
+    assert "no chat template" in document["warnings"][0]
+    assert "Warning: the tokenizer has no chat template" in result.stderr
+
+
+def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
+    loaded: LoadedModel,
+) -> None:
+    tokenizer = loaded.tokenizer
+    texts = ["paris", "one two"]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    with loaded.variant("adapter_0") as model:
+        from_text, counts = continuation_logprob(model, tokenizer, PROMPTS[:2], texts)
+        from_ids, _ = continuation_logprob(model, tokenizer, PROMPTS[:2], ids)
+        assert counts == [1, 2]
+        assert torch.equal(from_text, from_ids)
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B.adapter_0" in n)
+        lora_b.requires_grad_(True)
+        try:
+            from_text.sum().backward()
+            assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+        finally:
+            lora_b.grad = None
+            lora_b.requires_grad_(False)
+        nll = reference_nll(model, tokenizer, PROMPTS[:2], texts)
+    assert [-value.total for value in nll] == pytest.approx(from_text.tolist(), rel=1e-5)
+
+
+def test_an_existing_report_is_replaced_only_with_force(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "eval.md"
+    report.write_text("keep me")
+    common = [str(tiny["chat"]), "--limit", "1", "--max-new-tokens", "2", "--report", str(report)]
+    refused = run_cli(*common)
+    assert refused.exit_code == 9 and "--force" in refused.stderr
+    assert report.read_text() == "keep me"
+    assert run_cli(*common, "--force").exit_code == 0
+    assert report.read_text().startswith("# adapter-fix eval")
+    twice = run_cli(*common, "--force", "--outputs", str(report))
+    assert twice.exit_code == 9
+
+
+def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str, Path]) -> None:
+    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.runner import EvalOptions
+    from adapter_fix.progress import GenerationProgress
+
+    calls: list[tuple[int, int, str]] = []
+    totals: list[int] = []
+
+    def progress(total: int) -> Any:
+        totals.append(total)
+        return lambda done, tokens, label: calls.append((done, tokens, label))
+
+    inputs = EvalInputs(str(tiny["chat"]), (str(tiny["lora"]),), limit=3, device="cpu")
+    result, _ = evaluate(inputs, EvalOptions(max_new_tokens=2), HubOptions(), progress=progress)
+    assert totals == [2 * (3 + 3)]
+    assert sum(done for done, _, _ in calls) == totals[0]
+    assert {label for _, _, label in calls} == {
+        "aligned: harmful",
+        "aligned: benign",
+        "lora: harmful",
+        "lora: benign",
+    }
+    assert all(0 <= tokens <= 2 * done for done, tokens, _ in calls)
+    bar = GenerationProgress(Console(file=io.StringIO()), totals[0], enabled=False)
+    bar.advance(3, 6, "aligned: harmful")
+    assert bar.tokens == 6 and bar.progress.tasks[0].completed == 3
+    assert len(result.rows) == 2

@@ -1,15 +1,17 @@
 """An evaluation as a terminal table (80 columns), JSON, Markdown or HTML, and its samples as
-JSONL. Files are written to a temporary name and renamed, so none is ever half written."""
+JSONL (texts only: `commands/eval.py` writes them through `io.outputs.OutputSet`)."""
 
 from __future__ import annotations
 
 import html
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from adapter_fix.errors import OutputError
 from adapter_fix.evaluate.metrics import Rate
 from adapter_fix.evaluate.runner import JUDGE_CAVEAT, EvalResult, Row
 
@@ -225,5 +227,16 @@ EVAL_REPORT_FORMATS: dict[str, Callable[[EvalResult], str]] = {
 }
 
 
+def eval_report_text(result: EvalResult, path: Path) -> str:
+    """The report for `path`, its format chosen by the extension (.json, .md, .html)."""
+    render = EVAL_REPORT_FORMATS.get(path.suffix.lower())
+    if render is None:
+        raise OutputError(
+            f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
+        )
+    return render(result)
+
+
 def samples_jsonl(result: EvalResult) -> str:
+    """Every prompt, response and judgement, one JSON object a line."""
     return "".join(json.dumps(sample.to_json()) + "\n" for sample in result.samples)
