@@ -381,7 +381,13 @@ def repair(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import REPORT_FORMATS, render_repair, render_warnings, report_text
+    from adapter_fix.report import (
+        REPORT_FORMATS,
+        render_notes,
+        render_repair,
+        render_warnings,
+        report_text,
+    )
 
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
@@ -420,6 +426,7 @@ def repair(
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
     render_warnings(inspect_adapter(lora).warnings, console)
+    render_notes(result.modules, console)
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
@@ -675,7 +682,7 @@ def check(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check
+    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check, render_notes
 
     check_device(settings["device"])
     for path in reports:
@@ -704,6 +711,7 @@ def check(
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
     if not quiet:
         render_check(result, console)
+    render_notes(result.modules, console)
     if not result.passed:
         raise GateFailedError(
             f"{len(result.failures)} threshold(s) exceeded: {result.failures[0]}"
@@ -791,6 +799,7 @@ def check(
     type=FiniteFloat(min=0, max=1),
     help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report and --outputs files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
