@@ -471,3 +471,9 @@ def test_a_template_that_rejects_a_system_message_is_a_usage_error(loaded: Loade
     assert format_prompt(tokenizer, "hi") == "hi"
     with pytest.raises(UsageError, match=r"System role not supported.*drop --system"):
         format_prompt(tokenizer, "hi", system="be brief")
+
+
+def test_no_command_declares_an_option_twice() -> None:
+    for name, command in main.commands.items():
+        flags = [flag for param in command.params for flag in getattr(param, "opts", [])]
+        assert len(flags) == len(set(flags)), (name, sorted(f for f in flags if flags.count(f) > 1))
