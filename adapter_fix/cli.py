@@ -787,7 +787,6 @@ def check(
     type=click.Path(path_type=Path),
     help="Write every prompt, response and judgement here (.jsonl).",
 )
-@click.option("--force", is_flag=True, help="Replace existing --report/--outputs files.")
 @click.option(
     "--min-refusal",
     type=FiniteFloat(min=0),
