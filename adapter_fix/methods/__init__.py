@@ -1,0 +1,1 @@
+"""Repair methods, one file each."""
