@@ -159,7 +159,7 @@ def test_module_gate_zero_writes_a_zero_update_and_gate_one_the_original(lora_mo
         values[0] = 0.0
         gated.set_values(values)
         factors = gated_factors(gated)
-        lora_b, lora_a = factors[names[0]]
+        lora_b, _ = factors[names[0]]
         assert torch.count_nonzero(lora_b) == 0
         kept_b, kept_a = factors[names[1]]
         original_b, original_a = gated.factors(gated.layers[1])
