@@ -13,7 +13,7 @@ install:
 ifneq ($(TORCH_WHEEL),)
 	$(BIN)/python -m pip install --quiet "$(TORCH_WHEEL)"
 endif
-	$(BIN)/python -m pip install --quiet -e ".[test,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dev,eval]"
 
 test:
 	$(BIN)/python -m pytest

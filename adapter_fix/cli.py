@@ -19,6 +19,7 @@ from adapter_fix import __version__
 from adapter_fix.commands.inspect import inspect_adapter
 from adapter_fix.commands.repair import METHODS, RepairOptions, check_outputs
 from adapter_fix.commands.repair import repair as run_repair
+from adapter_fix.engine import WeightPair
 from adapter_fix.errors import AdapterFixError, StrictWarningsError
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
@@ -285,15 +286,15 @@ def repair(
     local = [Path(s.identity) for s in sources if isinstance(s, LocalSource)]
     check_outputs(out, reports, local, force=force)
     lora = load_adapter(sources[2])
-    base_checkpoint = Checkpoint.open(sources[0], "BASE")
-    aligned_checkpoint = Checkpoint.open(sources[1], "ALIGNED")
+    weights = WeightPair(
+        Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED")
+    )
     console = stderr_console()
     with ModuleProgress(
         console, len(lora.modules), enabled=not quiet and console.is_terminal
     ) as progress:
         result = run_repair(
-            base_checkpoint,
-            aligned_checkpoint,
+            weights,
             lora,
             options,
             out=out,

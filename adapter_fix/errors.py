@@ -14,6 +14,7 @@ Exit codes (documented in the README):
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings
+    12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short)
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ class DownloadError(AdapterFixError):
 class StrictWarningsError(AdapterFixError):
     exit_code = 11
     title = "warnings (--strict)"
+
+
+class UsageError(AdapterFixError):
+    """A bad argument found after parsing (a prompt file with no usable column, a missing extra)."""
+
+    exit_code = 2
+    title = "usage error"
+
+
+class GateFailedError(AdapterFixError):
+    exit_code = 12
+    title = "gate failed"
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -104,8 +104,8 @@ def _repair_row(module: ModuleResult) -> list[str]:
     action = module.action if module.reason is None else f"{module.action}: {module.reason}"
     return [
         module.name,
-        str(module.subspace_rank),
-        _percent(module.captured_energy),
+        "-" if module.subspace_method is None else str(module.subspace_rank),
+        "-" if module.subspace_method is None else _percent(module.captured_energy),
         _number(module.update_norm),
         _rho(module.rho_before),
         _rho(module.rho_after),

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from adapter_fix.cli import main
 from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.engine import WeightPair
 from adapter_fix.io import adapter as adapter_module
 from adapter_fix.io import checkpoint as checkpoint_module
 from adapter_fix.io.adapter import load_adapter
@@ -299,7 +300,7 @@ def test_run_reads_exactly_the_adapted_weights_each_once(
     base = Checkpoint.open(LocalSource(base_path), "BASE")
     aligned = Checkpoint.open(LocalSource(aligned_path), "ALIGNED")
     adapter = load_adapter(LocalSource(adapter_path))
-    repair(base, aligned, adapter, RepairOptions(method=method))
+    repair(WeightPair(base, aligned), adapter, RepairOptions(method=method))
     expected = sorted(f"{m.name}.weight" for m in adapter.modules)
     for folder in (base_path, aligned_path):
         assert sorted(key for parent, key in data_reads if parent == folder) == expected

@@ -47,8 +47,15 @@ class HubSource(Source):
     so `--offline` works later), offline from the cache's `refs/<revision>`.
     """
 
-    def __init__(self, repo_id: str, revision: str | None, options: HubOptions) -> None:
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str | None,
+        options: HubOptions,
+        repo_type: str = "model",
+    ) -> None:
         self.repo_id = repo_id
+        self.repo_type = repo_type  # "dataset" for prompt sets (eval)
         self.revision = revision
         self.options = options
         self.cache_dir = (
@@ -77,7 +84,7 @@ class HubSource(Source):
     @property
     def storage(self) -> Path:
         """This repo's folder in the Hub cache (`models--org--name`)."""
-        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type="model")
+        return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
 
     def fetch(self, filename: str) -> Path | None:
         if filename not in self._fetched:
@@ -93,7 +100,9 @@ class HubSource(Source):
             )
         commit = self.commit
         with self._hub_errors():
-            return sorted(self._api().list_repo_files(self.repo_id, revision=commit))
+            return sorted(
+                self._api().list_repo_files(self.repo_id, revision=commit, repo_type=self.repo_type)
+            )
 
     def _download(self, filename: str) -> Path | None:
         commit = self._resolved(filename)
@@ -103,6 +112,7 @@ class HubSource(Source):
                     hf_hub_download(
                         self.repo_id,
                         filename,
+                        repo_type=self.repo_type,
                         revision=commit,
                         cache_dir=self.cache_dir,
                         local_files_only=self.options.offline,
@@ -133,8 +143,11 @@ class HubSource(Source):
             return self.revision
         with self._hub_errors(filename):
             # HfApi calls default to no timeout: a firewall that drops packets would hang the run.
-            info = self._api().model_info(
-                self.repo_id, revision=self.revision, timeout=constants.HF_HUB_ETAG_TIMEOUT
+            info = self._api().repo_info(
+                self.repo_id,
+                revision=self.revision,
+                repo_type=self.repo_type,
+                timeout=constants.HF_HUB_ETAG_TIMEOUT,
             )
         if not info.sha:
             raise DownloadError(

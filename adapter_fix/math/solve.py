@@ -75,6 +75,18 @@ class Decomposition:
 
 
 @dataclass(frozen=True)
+class UpdateComparison:
+    """How a repaired update `X` compares with the original `dW`, without a subspace."""
+
+    norm: float
+    """`||X||_F`."""
+    relative_change: float
+    """`||X - dW||_F / ||dW||_F` (0.0 when `dW == 0`)."""
+    cosine: float
+    """`<dW, X>_F / (||dW|| ||X||)`; 1.0 when both are zero, 0.0 when exactly one is."""
+
+
+@dataclass(frozen=True)
 class UpdateMetrics:
     """How a repaired update `X` compares with the original `dW` (METHOD.md §6)."""
 
@@ -123,6 +135,11 @@ def as_factored(lora_b: Tensor, lora_a: Tensor, scaling: float) -> FactoredUpdat
             f"LoRA factors do not chain: B is {tuple(lora_b.shape)}, A is {tuple(lora_a.shape)}"
         )
     return FactoredUpdate(lora_b.double(), lora_a.double(), float(scaling))
+
+
+def factored_norm(update: FactoredUpdate) -> float:
+    """`||s L R||_F` of a factored update (`m x q`, `q x n`), through two thin QRs."""
+    return _product_norm(update.left.double(), update.right.double(), update.scaling)
 
 
 def decompose(lora_b: Tensor, lora_a: Tensor, scaling: float, subspace: Subspace) -> Decomposition:
@@ -193,10 +210,11 @@ def project(decomposition: Decomposition) -> FactoredUpdate:
     return FactoredUpdate(decomposition.b_in, decomposition.a_in, decomposition.scaling)
 
 
-def update_metrics(
-    original: FactoredUpdate, repaired: FactoredUpdate, subspace: Subspace
-) -> UpdateMetrics:
-    """Compare `X = repaired` with `dW = original` (same `m x n`), all in factored form."""
+def compare_updates(original: FactoredUpdate, repaired: FactoredUpdate) -> UpdateComparison:
+    """`||X||`, `||X - dW|| / ||dW||` and cosine(`dW`, `X`) for `X = repaired`, `dW = original`.
+
+    Both `m x n`, in factored form; no subspace is needed (Safe LoRA without one).
+    """
     original = as_factored(original.left, original.right, original.scaling)
     repaired = as_factored(repaired.left, repaired.right, repaired.scaling)
     original_norm = _product_norm(original.left, original.right, original.scaling)
@@ -215,15 +233,62 @@ def update_metrics(
         cosine = max(-1.0, min(1.0, inner / (original_norm * repaired_norm)))
     else:
         cosine = 1.0 if original_norm == repaired_norm else 0.0
-    parts = decompose(repaired.left, repaired.right, repaired.scaling, subspace)
-    return UpdateMetrics(
+    return UpdateComparison(
         norm=repaired_norm,
         relative_change=difference_norm / original_norm if original_norm > 0 else 0.0,
         cosine=cosine,
+    )
+
+
+def update_metrics(
+    original: FactoredUpdate, repaired: FactoredUpdate, subspace: Subspace
+) -> UpdateMetrics:
+    """Compare `X = repaired` with `dW = original` (same `m x n`), all in factored form."""
+    comparison = compare_updates(original, repaired)
+    parts = decompose(repaired.left, repaired.right, repaired.scaling, subspace)
+    return UpdateMetrics(
+        norm=comparison.norm,
+        relative_change=comparison.relative_change,
+        cosine=comparison.cosine,
         rho_full=parts.rho_full,
         rho_partial=parts.rho_partial,
         rho_off=parts.rho_off,
     )
+
+
+def alignment_reversal(update: FactoredUpdate, displacement: Tensor) -> float:
+    """`u = -<dW, D>_F / ||D||_F^2`: the share of the alignment displacement `dW` undoes.
+
+    `dW = s L R` (`m x q`, `q x n`), `D` is `m x n` (nonzero). `u = 1` means
+    `dW` adds `-D` (the update erases the alignment along `D`), `u = 0` that it
+    is orthogonal to `D`, `u < 0` that it reinforces it. Computed as
+    `-s sum(L * (D R^T)) / ||D||^2`: `O(m n q)`, no `m x n` product is formed.
+    """
+    work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
+    matrix = displacement.to(work_dtype)
+    norm = frobenius_norm(matrix)
+    if norm == 0:
+        raise ValueError("the reversal needs a nonzero displacement")
+    projected = (matrix @ update.right.T.to(device=matrix.device, dtype=work_dtype)).double()
+    inner = update.scaling * float((update.left.double() * projected.to(update.left.device)).sum())
+    return -inner / norm**2
+
+
+def basis_reversal(update: FactoredUpdate, subspace: Subspace) -> float:
+    """`u_k = -tr(U_k^T dW V_k S_k) / sum(S_k^2)`: the reversal of `D_k = U_k S_k V_k^T` alone.
+
+    The same measure as `alignment_reversal` taken against the subspace's
+    truncated displacement (equal to it when the subspace captures all of
+    `||D||^2`). `dW = s L R`; costs `O((m + n) q k)`. 0.0 without signal.
+    """
+    if subspace.rank == 0:
+        return 0.0
+    left = subspace.left.to(device=update.left.device, dtype=torch.float64)
+    right = subspace.right.to(device=update.left.device, dtype=torch.float64)
+    values = subspace.singular_values.to(device=update.left.device, dtype=torch.float64)
+    core = (left.T @ update.left.double()) @ (update.right.double() @ right)
+    inner = update.scaling * float(core.diagonal() @ values)
+    return -inner / float(values.square().sum())
 
 
 def update_spectrum(update: FactoredUpdate) -> Tensor:
@@ -328,6 +393,32 @@ def safelora_candidate(lora_b: Tensor, lora_a: Tensor, displacement: Tensor) -> 
     matrix = displacement.to(work_dtype)
     reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
     projected_b = (matrix @ reduced).to(device=b.device, dtype=torch.float64) / norm
+    return _safelora_similarity(b, a, projected_b)
+
+
+def safelora_candidate_from_subspace(
+    lora_b: Tensor, lora_a: Tensor, subspace: Subspace
+) -> SafeLoraCandidate:
+    """Safe LoRA with `D` replaced by its truncation `D_k = U_k S_k V_k^T` (a basis file).
+
+    `C ~ D_k D_k^T / ||D||_F = U_k S_k^2 U_k^T / ||D||_F`, with the exact
+    `||D||_F` the subspace records, so `B~ = U_k (S_k^2 (U_k^T B)) / ||D||_F`
+    (`m x r`, float64). An approximation of `safelora_candidate`: exact when
+    the subspace captures all of `||D||^2`, and missing the directions past
+    `k` otherwise (they carry `1 - captured_energy` of it).
+    """
+    b = lora_b.double()
+    a = lora_a.double()
+    if subspace.rank == 0 or subspace.displacement_norm == 0:
+        raise ValueError("Safe LoRA needs a subspace with signal: C = U S^2 U^T / ||D||_F")
+    left = subspace.left.to(device=b.device, dtype=torch.float64)
+    values = subspace.singular_values.to(device=b.device, dtype=torch.float64)
+    projected_b = left @ (values.square()[:, None] * (left.T @ b)) / subspace.displacement_norm
+    return _safelora_similarity(b, a, projected_b)
+
+
+def _safelora_similarity(b: Tensor, a: Tensor, projected_b: Tensor) -> SafeLoraCandidate:
+    """The candidate `B~` with the reference's rounded cosine of flattened `B~ A` and `B A`."""
     row_gram = a @ a.T
     inner = _trace_of_product(projected_b.T @ b, row_gram)
     projected_norm_sq = _trace_of_product(projected_b.T @ projected_b, row_gram)

@@ -59,6 +59,10 @@ sketch at the cap.
 """
 
 
+RELATIVE_TOLERANCE = 1e-6
+"""A displacement with `||D||_F <= RELATIVE_TOLERANCE * ||W_a||_F` has no safety signal."""
+
+
 def module_seed(global_seed: int, module_name: str) -> int:
     """A per-module seed, stable across processes, platforms and Python hash seeds.
 
@@ -96,7 +100,8 @@ class Subspace:
     no_signal_reason: str | None
     """Why the module has no safety signal (then `rank == 0`); None when it has one."""
     method: str
-    """`"exact"` (LAPACK SVD), `"randomized"` (Halko et al. 2011), or `"none"` without signal."""
+    """`"exact"` (LAPACK SVD), `"randomized"` (Halko et al. 2011), `"basis"` (chosen within a
+    stored basis, `subspace_from_basis`), or `"none"` without signal."""
 
     @property
     def has_signal(self) -> bool:
@@ -113,7 +118,7 @@ def safety_subspace(
     seed: int = 0,
     reference_norm: float | None = None,
     displacement_norm: float | None = None,
-    relative_tolerance: float = 1e-6,
+    relative_tolerance: float = RELATIVE_TOLERANCE,
     exact_below: int = EXACT_BELOW,
     oversampling: int = OVERSAMPLING,
     power_iterations: int = POWER_ITERATIONS,
@@ -169,7 +174,7 @@ def safety_subspace(
     norm = frobenius_norm(matrix) if displacement_norm is None else displacement_norm
     if not math.isfinite(norm):
         raise ValueError("the displacement holds NaN or Inf values")
-    reason = _no_signal_reason(norm, reference_norm, relative_tolerance)
+    reason = no_signal_reason(norm, reference_norm, relative_tolerance)
     if reason is not None:
         return _empty(rows, cols, norm, reason, matrix.device)
 
@@ -257,9 +262,11 @@ def _check_arguments(
         )
 
 
-def _no_signal_reason(
-    norm: float, reference_norm: float | None, relative_tolerance: float
+def no_signal_reason(
+    norm: float, reference_norm: float | None, relative_tolerance: float = RELATIVE_TOLERANCE
 ) -> str | None:
+    """Why a displacement of norm `norm` gives no subspace (zero, or negligible against
+    `reference_norm` = `||W_a||_F`), or None when it has a signal."""
     if norm == 0.0:
         return "the displacement is zero (base and aligned weights are identical)"
     if reference_norm is not None and norm <= relative_tolerance * reference_norm:
@@ -344,3 +351,62 @@ def _orthonormal_float64(basis: torch.Tensor) -> torch.Tensor:
     orthonormal, triangular = torch.linalg.qr(basis.double())
     signs = torch.where(torch.diagonal(triangular) < 0, -1.0, 1.0).to(orthonormal)
     return orthonormal * signs
+
+
+def subspace_from_basis(
+    left: torch.Tensor,
+    values: torch.Tensor,
+    right: torch.Tensor,
+    *,
+    displacement_norm: float,
+    energy: float = 0.9,
+    max_rank: int = 128,
+    rank: int | None = None,
+    reference_norm: float | None = None,
+    relative_tolerance: float = RELATIVE_TOLERANCE,
+) -> tuple[Subspace, bool]:
+    """The safety subspace chosen, as `safety_subspace` would, within a stored truncated SVD.
+
+    `left` is `U_K` (`m x K`), `values` `S_K` (`K`, descending), `right` `V_K`
+    (`n x K`), any float dtype; `displacement_norm` is the exact `||D||_F`, so the
+    captured energy `sum(S_k^2) / ||D||_F^2` is exact for the stored values. `k`
+    is the smallest rank reaching `energy` (capped at `max_rank` and `K`), or
+    `rank` capped at `K`. The bases are re-orthonormalised in float64 (a
+    bfloat16 basis is orthonormal only to ~1e-2).
+
+    Returns:
+        `(subspace, reached)`: `reached` is False when the stored values cannot
+        give what was asked (the energy, or a rank above `K`); `k` is then `K`.
+    """
+    _check_arguments(left, energy, max_rank, rank, relative_tolerance, 0)
+    rows, cols, held = left.shape[0], right.shape[0], values.shape[0]
+    if left.shape[1] != held or right.shape[1] != held:
+        raise ValueError(
+            f"basis shapes do not chain: U {tuple(left.shape)}, S {tuple(values.shape)}, "
+            f"V {tuple(right.shape)}"
+        )
+    reason = no_signal_reason(displacement_norm, reference_norm, relative_tolerance)
+    if reason is None and held == 0:
+        reason = "the basis holds no direction for this module"
+    if reason is not None:
+        return _empty(rows, cols, displacement_norm, reason, left.device), True
+    values = values.double()
+    cumulative = torch.cumsum(values.square(), 0) / displacement_norm**2
+    if rank is not None:
+        chosen, reached = min(rank, held), rank <= held
+    else:
+        hits = torch.nonzero(cumulative >= energy)
+        cap = min(max_rank, held)
+        chosen = min(int(hits[0]) + 1, cap) if len(hits) else cap
+        reached = bool(len(hits)) or cap < held
+    subspace = Subspace(
+        left=_orthonormal_float64(left[:, :chosen]),
+        right=_orthonormal_float64(right[:, :chosen]),
+        singular_values=values[:chosen],
+        rank=chosen,
+        captured_energy=min(1.0, float(cumulative[chosen - 1])),
+        displacement_norm=displacement_norm,
+        no_signal_reason=None,
+        method="basis",
+    )
+    return subspace, reached

@@ -1,0 +1,412 @@
+"""The module stream: what every command over BASE/ALIGNED (or a basis) iterates.
+
+For each target module, in order, `module_stream` yields a `ModuleData`: the
+LoRA factors in `dW` orientation and, as the consumer needs them, the
+alignment displacement `D = W_a - W_b` and/or its safety subspace. The
+subspace comes from one of two `SubspaceSource`s:
+
+- `WeightPair`: BASE and ALIGNED, streamed; only the two weights of the module
+  are read, and the subspace is a (randomized) SVD of `D` (METHOD.md §1);
+- `BasisSource`: a basis file (`adapter-fix basis`); only the module's stored
+  `U_K, S_K, V_K` are read, and `k` is chosen within them.
+
+Reading runs one module ahead on a background thread, so the read of module
+`i + 1` overlaps the SVD and solve of module `i`; at most one module is read
+ahead, so memory stays bounded by two modules' weights whatever the depth.
+The SVD runs only when the consumer needs the subspace: Safe LoRA needs the
+displacement alone and never pays for one.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from adapter_fix.errors import IncompatibleModelsError
+from adapter_fix.io.adapter import LoraAdapter, LoraModule, resolve_weight_key
+from adapter_fix.io.basis import Basis
+from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.math.subspace import (
+    Subspace,
+    frobenius_norm,
+    module_seed,
+    no_signal_reason,
+    safety_subspace,
+    subspace_from_basis,
+)
+from adapter_fix.results import Clock
+
+SUBSPACE = "subspace"
+DISPLACEMENT = "displacement"
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """How `k` is chosen (METHOD.md §1) and where the SVD runs."""
+
+    energy: float = 0.9
+    max_rank: int = 128
+    rank: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module the stream visits: the weight it reads and the orientation it works in.
+
+    `shape` is `(m, n)` in the orientation the consumer works in (`dW`'s for an
+    adapter module); `transposed` says the checkpoint stores the weight as
+    `n x m` (GPT-2 `Conv1D`). `module` is the LoRA module when there is one.
+    """
+
+    name: str
+    weight_key: str
+    shape: tuple[int, int]
+    transposed: bool = False
+    module: LoraModule | None = None
+
+    @classmethod
+    def of(cls, module: LoraModule) -> Target:
+        return cls(module.name, module.weight_key, module.shape, module.weight_transposed, module)
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (n, m) if self.transposed else (m, n)
+
+
+@dataclass
+class ModuleData:
+    """What the stream yields for one module (everything in the target's orientation)."""
+
+    target: Target
+    lora_b: torch.Tensor | None
+    """`B`, `m x r`, the adapter's dtype (None without an adapter)."""
+    lora_a: torch.Tensor | None
+    """`A`, `r x n`: `dW = s B A`."""
+    displacement_norm: float
+    """`||D||_F`, exact (also from a basis)."""
+    aligned_norm: float
+    """`||W_a||_F`."""
+    no_signal: str | None
+    """Why the module has no safety signal, or None."""
+    displacement: torch.Tensor | None = None
+    """`D`, `m x n` float32, when the consumer needs it and the source has it."""
+    subspace: Subspace | None = None
+    """When the consumer needs it, or the source is a basis (it costs nothing there)."""
+    note: str | None = None
+    """What the source could not give as asked (a basis short of the requested energy)."""
+
+
+class SubspaceSource(ABC):
+    """Where displacements and subspaces come from; `load` runs on the read-ahead thread."""
+
+    inputs: dict[str, str]
+    provides_displacement: bool
+
+    @abstractmethod
+    def plan(self, target: Target) -> Any:
+        """Check the target against the source from headers only (fail fast, before any read);
+        return what `load` needs."""
+
+    @abstractmethod
+    def load(self, target: Target, plan: Any) -> Any:
+        """Read the module's data (the expensive I/O)."""
+
+    @abstractmethod
+    def complete(
+        self, target: Target, loaded: Any, settings: SubspaceSettings, needs: frozenset[str]
+    ) -> ModuleData:
+        """Turn what `load` read into the module's data (the SVD runs here, on the main thread)."""
+
+    @abstractmethod
+    def weights_read(self) -> int:
+        """How many tensors were read so far (progress)."""
+
+
+@dataclass
+class _Displacement:
+    displacement: torch.Tensor
+    aligned_norm: float
+    displacement_norm: float
+
+
+class WeightPair(SubspaceSource):
+    """BASE and ALIGNED checkpoints, streamed: `D` and its SVD per module."""
+
+    provides_displacement = True
+
+    def __init__(self, base: Checkpoint, aligned: Checkpoint) -> None:
+        self.base, self.aligned = base, aligned
+        self.inputs = {"base": base.source.identity, "aligned": aligned.source.identity}
+
+    def plan(self, target: Target) -> tuple[str, str]:
+        """The keys of the target's weight in BASE and ALIGNED, with shapes checked."""
+        base, aligned = self.base, self.aligned
+        base_key = resolve_weight_key(target.weight_key, base.weight_map, f"BASE ({base.source})")
+        aligned_key = resolve_weight_key(
+            target.weight_key, aligned.weight_map, f"ALIGNED ({aligned.source})"
+        )
+        base_info, aligned_info = base.info(base_key), aligned.info(aligned_key)
+        if base_info.file == aligned_info.file:
+            raise IncompatibleModelsError(
+                "BASE and ALIGNED are the same file, so the alignment displacement is zero. "
+                "BASE is the pretrained model, ALIGNED the chat model the adapter was trained on.",
+                path=base_info.file,
+                key=base_key,
+            )
+        for info in (base_info, aligned_info):
+            check_weight_dtype(info)
+        if base_info.shape != aligned_info.shape:
+            raise IncompatibleModelsError(
+                f"BASE has shape {list(base_info.shape)} but ALIGNED has "
+                f"{list(aligned_info.shape)} for this weight: they are not the same architecture.",
+                path=aligned_info.file,
+                key=aligned_key,
+            )
+        if base_info.shape != target.stored_shape:
+            hint = (
+                " The stored weight is the transpose: set fan_in_fan_out in the adapter config?"
+                if base_info.shape == target.stored_shape[::-1]
+                else ""
+            )
+            module = target.module
+            what = f"adapter module {target.name!r} ({module.kind})" if module else target.name
+            raise IncompatibleModelsError(
+                f"the weight has shape {list(base_info.shape)} but {what} needs "
+                f"{list(target.stored_shape)}.{hint}",
+                path=base_info.file,
+                key=base_key,
+            )
+        return base_key, aligned_key
+
+    def load(self, target: Target, plan: tuple[str, str]) -> _Displacement:
+        """`D = W_a - W_b` (float32, target orientation), `||W_a||_F` and `||D||_F`.
+
+        Both weights stream in cache-sized row blocks straight into `D`, and the
+        norms are taken block by block while the block is hot: the read costs
+        what reading the bytes costs. NaN or Inf in either weight makes a norm
+        non-finite; only then are the weights read whole, to name the one at fault.
+        """
+        base_key, aligned_key = plan
+        base, aligned = self.base, self.aligned
+        displacement = torch.empty(aligned.info(aligned_key).shape, dtype=torch.float32)
+        aligned_squares = displacement_squares = 0.0
+        for rows, block in aligned.read_rows(aligned_key):
+            part = displacement[rows]
+            part.copy_(block)
+            aligned_squares += frobenius_norm(part) ** 2
+        for rows, block in base.read_rows(base_key):
+            part = displacement[rows]
+            part.sub_(block)
+            displacement_squares += frobenius_norm(part) ** 2
+        if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
+            for checkpoint, key in ((aligned, aligned_key), (base, base_key)):
+                checkpoint.read(key)  # raises NonFiniteError naming file and key
+        if target.transposed:
+            displacement = displacement.T
+        return _Displacement(
+            displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
+        )
+
+    def complete(
+        self,
+        target: Target,
+        loaded: _Displacement,
+        settings: SubspaceSettings,
+        needs: frozenset[str],
+    ) -> ModuleData:
+        data = ModuleData(
+            target,
+            None,
+            None,
+            displacement_norm=loaded.displacement_norm,
+            aligned_norm=loaded.aligned_norm,
+            no_signal=no_signal_reason(loaded.displacement_norm, loaded.aligned_norm),
+            displacement=loaded.displacement if DISPLACEMENT in needs else None,
+        )
+        if SUBSPACE in needs:
+            data.subspace = _svd(target, loaded, settings)
+        return data
+
+    def weights_read(self) -> int:
+        return len(self.base.reads) + len(self.aligned.reads)
+
+
+def _svd(target: Target, loaded: _Displacement, settings: SubspaceSettings) -> Subspace:
+    subspace = safety_subspace(
+        loaded.displacement.to(settings.device),
+        energy=settings.energy,
+        max_rank=settings.max_rank,
+        rank=settings.rank,
+        seed=module_seed(settings.seed, target.name),
+        reference_norm=loaded.aligned_norm,
+        displacement_norm=loaded.displacement_norm,
+    )
+    if settings.device == "cpu":
+        return subspace
+    return replace(
+        subspace,
+        left=subspace.left.cpu(),
+        right=subspace.right.cpu(),
+        singular_values=subspace.singular_values.cpu(),
+    )
+
+
+def check_weight_dtype(info: TensorInfo) -> None:
+    """Refuse a weight that is not a plain float tensor (quantized: needs its scales)."""
+    if info.dtype not in FLOAT_WEIGHT_DTYPES:
+        raise IncompatibleModelsError(
+            f"the weight is {info.dtype}, not a float16/bfloat16/float32/float64 weight: "
+            "quantized checkpoints (int8, FP8 with scales) must be dequantized first.",
+            path=info.file,
+            key=info.key,
+        )
+
+
+class BasisSource(SubspaceSource):
+    """A basis file: each module's stored `U_K, S_K, V_K`; `k` chosen within them."""
+
+    provides_displacement = False
+
+    def __init__(self, basis: Basis) -> None:
+        self.basis = basis
+        self.inputs = {"basis": basis.checkpoint.source.identity, **basis.provenance()}
+
+    def plan(self, target: Target) -> str:
+        """The basis's name for the target's weight; its stored shape must be the target's."""
+        key = self.basis.resolve(target.weight_key, target.name)
+        stored = self.basis.weight_shape(key)
+        if stored != target.stored_shape:
+            raise IncompatibleModelsError(
+                f"the basis holds module {target.name!r} with weight shape {list(stored)} but "
+                f"the adapter needs {list(target.stored_shape)}: the basis was built for another "
+                "model.",
+                path=self.basis.checkpoint.source.identity,
+                key=key,
+            )
+        return key
+
+    def load(self, target: Target, plan: str) -> Any:
+        return self.basis.read(plan)
+
+    def complete(
+        self, target: Target, loaded: Any, settings: SubspaceSettings, needs: frozenset[str]
+    ) -> ModuleData:
+        left, right = loaded.left, loaded.right
+        if target.transposed:  # stored as the checkpoint stores W: swap to dW's orientation
+            left, right = right, left
+        subspace, reached = subspace_from_basis(
+            left.to(settings.device),
+            loaded.values.to(settings.device),
+            right.to(settings.device),
+            displacement_norm=loaded.displacement_norm,
+            energy=settings.energy,
+            max_rank=settings.max_rank,
+            rank=settings.rank,
+            reference_norm=loaded.aligned_norm,
+        )
+        note = None
+        if not reached:
+            wanted = f"rank {settings.rank}" if settings.rank else f"energy {settings.energy:g}"
+            note = (
+                f"the basis holds {subspace.rank} directions ({subspace.captured_energy:.1%} of "
+                f"||D||^2), short of the requested {wanted}: using all of them"
+            )
+        return ModuleData(
+            target,
+            None,
+            None,
+            displacement_norm=loaded.displacement_norm,
+            aligned_norm=loaded.aligned_norm,
+            no_signal=subspace.no_signal_reason,
+            subspace=replace(
+                subspace,
+                left=subspace.left.cpu(),
+                right=subspace.right.cpu(),
+                singular_values=subspace.singular_values.cpu(),
+            ),
+            note=note,
+        )
+
+    def weights_read(self) -> int:
+        return len(self.basis.checkpoint.reads)
+
+
+def read_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, A)` in `dW` orientation: `dW = s * B @ A`, shape `m x n`."""
+    lora_a = adapter.weights.read(module.key_a)
+    lora_b = adapter.weights.read(module.key_b)
+    if module.factors_transposed:
+        return lora_a.T, lora_b.T
+    return lora_b, lora_a
+
+
+def module_stream(
+    targets: Sequence[Target],
+    source: SubspaceSource,
+    needs: frozenset[str],
+    settings: SubspaceSettings,
+    clock: Clock,
+    *,
+    adapter: LoraAdapter | None = None,
+    read_ahead: bool = True,
+) -> Iterator[ModuleData]:
+    """Yield each target's `ModuleData`, reading the next target while this one is used.
+
+    `needs` holds `SUBSPACE` and/or `DISPLACEMENT`: the SVD runs only for
+    `SUBSPACE` (a basis source always gives its subspace, which costs nothing),
+    and `D` is kept only for `DISPLACEMENT` (never from a basis, which has none).
+    Every target is checked against the source from headers before any data is
+    read, so a mismatch fails in milliseconds. With `adapter`, each module's
+    factors are read with its weights. `read_ahead=False` reads in line (same
+    results, no overlap).
+    """
+    plans = [source.plan(target) for target in targets]
+
+    def load(index: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
+        target = targets[index]
+        with clock.measure("read_s"):
+            loaded = source.load(target, plans[index])
+            factors = None
+            if adapter is not None and target.module is not None:
+                factors = read_factors(adapter, target.module)
+        return loaded, factors
+
+    if not targets:
+        return
+    executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-fix-read") if read_ahead else None
+
+    def start(index: int) -> Future[Any] | None:
+        if executor is None or index >= len(targets):
+            return None
+        return executor.submit(load, index)
+
+    pending = start(0)
+    try:
+        for index, target in enumerate(targets):
+            if pending is None:
+                loaded, factors = load(index)
+            else:
+                with clock.measure("read_wait_s"):
+                    loaded, factors = pending.result()
+            pending = start(index + 1)
+            with clock.measure("subspace_s"):
+                data = source.complete(target, loaded, settings, needs)
+            del loaded
+            if factors is not None:
+                data.lora_b, data.lora_a = factors
+            yield data
+            del data
+    finally:
+        if pending is not None:
+            pending.cancel()
+        if executor is not None:
+            executor.shutdown(wait=True)

@@ -1,0 +1,59 @@
+"""Measuring a model with its adapters: prompt sets, generation, a refusal judge, metrics.
+
+The importable core (the gated repair calibrates with it):
+
+    from adapter_fix.evaluate import (
+        load_prompt_set, default_prompt_set,        # prompts.py: data, no torch
+        RefusalJudge,                               # judge.py: keyword refusal detector
+        load_model, attach_adapters,                # model.py: transformers + peft, loaded once
+        generate, reference_nll, encode_prompts,    # generate.py: greedy, batched, teacher-forced
+        rate, wilson_interval, mean_token_nll,      # metrics.py: pure
+        restored_refusal, kept_task,
+    )
+
+`load_model` and `generate` need the `eval` extra (transformers, peft); the
+imports here do not, so this package imports without it.
+"""
+
+from __future__ import annotations
+
+from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.evaluate.judge import DEFAULT_REFUSAL_PHRASES, RefusalJudge
+from adapter_fix.evaluate.metrics import (
+    Rate,
+    TokenNLL,
+    agreement,
+    exact_match,
+    kept_task,
+    mean_token_nll,
+    rate,
+    restored_refusal,
+    wilson_interval,
+)
+from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
+from adapter_fix.evaluate.prompts import Prompt, PromptSet, default_prompt_set, load_prompt_set
+
+__all__ = [
+    "DEFAULT_REFUSAL_PHRASES",
+    "LoadedModel",
+    "Prompt",
+    "PromptSet",
+    "Rate",
+    "RefusalJudge",
+    "TokenNLL",
+    "agreement",
+    "attach_adapters",
+    "default_prompt_set",
+    "encode_prompts",
+    "exact_match",
+    "format_prompt",
+    "generate",
+    "kept_task",
+    "load_model",
+    "load_prompt_set",
+    "mean_token_nll",
+    "rate",
+    "reference_nll",
+    "restored_refusal",
+    "wilson_interval",
+]

@@ -1,0 +1,200 @@
+"""Prompting a causal LM: chat formatting, batched greedy generation, teacher-forced NLL.
+
+Needs `transformers` (the `eval` extra); the model and tokenizer are any
+`AutoModelForCausalLM` / `AutoTokenizer` pair, with or without a PEFT wrapper.
+
+Determinism: decoding is greedy, so the same model, prompts, batch size and
+device give the same text. Prompts are batched in order of decreasing length
+(less padding; the order is stable, so batches are the same every run) and
+the answers returned in the prompts' order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from adapter_fix.evaluate.metrics import TokenNLL
+
+# on_batch(prompts_done_in_this_batch, tokens_generated_in_this_batch)
+BatchCallback = Callable[[int, int], None]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+    """The text the model sees: its chat template with the generation prompt added.
+
+    Without a chat template the prompt is used raw (after `system` and a blank
+    line when given); callers warn the user (`has_chat_template`).
+    """
+    if not has_chat_template(tokenizer):
+        return f"{system}\n\n{prompt}" if system else prompt
+    messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], system: str | None = None
+) -> list[list[int]]:
+    """Token ids of each formatted prompt.
+
+    A chat template writes its own special tokens (BOS and turn markers), so
+    templated text is tokenized without adding any; raw text gets the
+    tokenizer's usual special tokens, as in pretraining.
+    """
+    templated = has_chat_template(tokenizer)
+    return [
+        list(
+            tokenizer(format_prompt(tokenizer, prompt, system), add_special_tokens=not templated)[
+                "input_ids"
+            ]
+        )
+        for prompt in prompts
+    ]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding token id: the tokenizer's, else its EOS (attention masks hide it), else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the generation config's EOS ids, else the tokenizer's."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(token) for token in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: longest first, stable order."""
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_padded(
+    sequences: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, width - len(sequence) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    on_batch: BatchCallback | None = None,
+) -> list[str]:
+    """Greedy answers to `prompts`, one string each, in the prompts' order.
+
+    Prompts are formatted with `format_prompt`, left-padded into batches of
+    `batch_size` and decoded greedily for at most `max_new_tokens` tokens;
+    an answer ends at the first stop token (`stop_ids`), which is not part of
+    the returned text, nor are special tokens.
+    """
+    from transformers import GenerationConfig
+
+    encoded = encode_prompts(tokenizer, prompts, system)
+    pad = pad_id(tokenizer)
+    stops = stop_ids(model, tokenizer)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=stops or None,
+    )
+    device = _model_device(model)
+    answers: list[str] = [""] * len(prompts)
+    for batch in _batches([len(ids) for ids in encoded], batch_size):
+        ids, mask = _left_padded([encoded[index] for index in batch], pad, device)
+        output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        generated = 0
+        for row, index in enumerate(batch):
+            new = output[row, ids.shape[1] :].tolist()
+            end = next((at for at, token in enumerate(new) if token in stops), len(new))
+            generated += end
+            answers[index] = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch(len(batch), generated)
+    return answers
+
+
+@torch.inference_mode()
+def reference_nll(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    system: str | None = None,
+    batch_size: int = 8,
+    on_batch: BatchCallback | None = None,
+) -> list[TokenNLL]:
+    """Teacher-forced negative log-likelihood (nats) of each reference after its prompt.
+
+    The input is the formatted prompt's ids followed by the reference's own
+    ids (tokenized without special tokens); only the reference tokens are
+    scored. Batches are right-padded, so positions need no adjustment.
+    Pool with `metrics.mean_token_nll`.
+    """
+    if len(prompts) != len(references):
+        raise ValueError(f"{len(prompts)} prompts for {len(references)} references")
+    prompt_ids = encode_prompts(tokenizer, prompts, system)
+    reference_ids = [
+        list(tokenizer(reference, add_special_tokens=False)["input_ids"])
+        for reference in references
+    ]
+    sequences = [p + r for p, r in zip(prompt_ids, reference_ids, strict=True)]
+    pad = pad_id(tokenizer)
+    device = _model_device(model)
+    results: list[TokenNLL] = [TokenNLL(0.0, 0)] * len(prompts)
+    for batch in _batches([len(sequence) for sequence in sequences], batch_size):
+        width = max(len(sequences[index]) for index in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids[row, : len(sequences[index])] = torch.tensor(sequences[index], dtype=torch.long)
+            mask[row, : len(sequences[index])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, index in enumerate(batch):
+            start, count = len(prompt_ids[index]), len(reference_ids[index])
+            if count == 0:
+                results[index] = TokenNLL(0.0, 0)
+                continue
+            # Position t predicts token t + 1: the reference's tokens are predicted from start - 1.
+            scores = logits[row, start - 1 : start - 1 + count].float().log_softmax(dim=-1)
+            targets = ids[row, start : start + count].to(scores.device)
+            total = -scores.gather(1, targets[:, None]).sum().item()
+            results[index] = TokenNLL(float(total), count)
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(reference_ids[index]) for index in batch))
+    return results

@@ -1,0 +1,194 @@
+"""Loading ALIGNED once with transformers and adapters onto it with peft.
+
+Every input goes through `adapter_fix.io.sources.open_source`: a local folder
+is read where it is, with `local_files_only=True`, so no request is ever made
+for it; a Hub id is fetched file by file into the Hub cache (safetensors,
+config, tokenizer and chat-template files only: pickles are refused, never
+downloaded) and loaded from there. Remote code is never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapter_fix.errors import IncompatibleModelsError, SourceNotFoundError, UsageError
+from adapter_fix.io.adapter import LoraAdapter, load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
+from adapter_fix.io.sources import LocalSource, Source
+
+INSTALL_LINE = "pip install 'adapter-fix[eval]'"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What from_pretrained reads besides weights: configs, tokenizers, chat templates.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def require_eval_extra() -> None:
+    """Raise UsageError (exit 2) with the install line when transformers or peft is missing."""
+    missing = []
+    for module in ("transformers", "peft"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UsageError(
+            f"`eval` runs the model and needs {' and '.join(missing)}, which are not installed. "
+            f"Install the eval extra: {INSTALL_LINE}"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """auto: float32 on CPU (fast and exact there), the checkpoint's own dtype on a GPU."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def local_folder(source: Source, files: Sequence[str]) -> Path:
+    """A local folder holding `source`'s `files` (those it has): the folder itself, or the
+    Hub cache snapshot they were fetched into."""
+    if source.single_file is not None:
+        raise UsageError(
+            "eval needs a model folder (config, tokenizer and weights), not a single file.",
+            path=source.identity,
+        )
+    if isinstance(source, LocalSource):
+        return source.root
+    fetched = [(name, source.fetch(name)) for name in files]
+    # Top-level files of one Hub snapshot all lie in the snapshot's folder.
+    folder = next((path.parent for name, path in fetched if path and "/" not in name), None)
+    if folder is None:
+        raise SourceNotFoundError("none of the model's files were found.", path=source.identity)
+    return folder
+
+
+@dataclass
+class LoadedModel:
+    """ALIGNED on its device, its tokenizer, and the adapters attached to it by name."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    identity: str
+    adapters: dict[str, str]  # peft adapter name -> source identity
+
+    @contextlib.contextmanager
+    def variant(self, adapter_name: str | None) -> Iterator[Any]:
+        """The model with one adapter active, or none (ALIGNED alone) for `None`."""
+        if adapter_name is None:
+            context = self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+            with context:
+                yield self.model
+            return
+        self.model.set_adapter(adapter_name)
+        yield self.model
+
+
+def load_model(source: Source, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load ALIGNED (model + tokenizer) once, in eval mode, on `device` ("auto", "cpu", "cuda").
+
+    Raises UsageError without the eval extra, UnsafeFormatError for pickle-only
+    checkpoints, SourceNotFoundError without a config or tokenizer.
+    """
+    require_eval_extra()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    Checkpoint.open(source, "ALIGNED")  # validates headers, refuses pickles before any download
+    weights = [name for name in source.list_files() if name.endswith(".safetensors")]
+    folder = local_folder(source, [*MODEL_FILES, *weights])
+    if not (folder / "config.json").is_file():
+        raise SourceNotFoundError(
+            "no config.json: eval needs a transformers model folder.", path=source.identity
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise SourceNotFoundError(
+            f"no usable tokenizer ({_first_line(error)}). eval needs the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) next to the model.",
+            path=source.identity,
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, local_files_only=True, use_safetensors=True
+    )
+    model.to(target).eval()
+    return LoadedModel(model, tokenizer, target, source.identity, {})
+
+
+def attach_adapters(loaded: LoadedModel, sources: Sequence[Source]) -> list[str]:
+    """Load each adapter onto the model with peft (the model itself is loaded once).
+
+    Returns the peft adapter names, in order (`adapter_0`, `adapter_1`, ...).
+    Each adapter is validated first (`adapter_fix.io.adapter.load_adapter`),
+    so a broken one fails with its file and key before any generation.
+    """
+    from peft import PeftModel
+
+    names = []
+    for index, source in enumerate(sources):
+        adapter = load_adapter(source)
+        name = f"adapter_{index}"
+        folder = adapter.config_path.parent
+        try:
+            if isinstance(loaded.model, PeftModel):
+                loaded.model.load_adapter(folder, adapter_name=name, is_trainable=False)
+            else:
+                loaded.model = PeftModel.from_pretrained(
+                    loaded.model, folder, adapter_name=name, is_trainable=False
+                )
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise _incompatible(adapter, error) from None
+        loaded.adapters[name] = source.identity
+        names.append(name)
+    loaded.model.to(loaded.device).eval()
+    return names
+
+
+def _incompatible(adapter: LoraAdapter, error: Exception) -> IncompatibleModelsError:
+    if isinstance(error, KeyError):
+        return IncompatibleModelsError(
+            f"peft could not attach it to ALIGNED: no module {error}. Was it trained on "
+            "another model?",
+            path=adapter.source.identity,
+        )
+    return IncompatibleModelsError(
+        f"peft could not attach it to ALIGNED ({_first_line(error)}). Was it trained on "
+        "another model?",
+        path=adapter.source.identity,
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -1,0 +1,134 @@
+"""The report model shared by `repair`, `check` and `basis`: per-module rows, timings, totals.
+
+Every command over the module stream (adapter_fix/engine.py) fills one
+`ModuleResult` per module and one `Timings`; `RunResult` adds provenance and
+the totals every report shows. report.py renders them; nothing here formats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from adapter_fix import __version__
+
+
+@dataclass
+class ModuleResult:
+    """What a command found or did for one module (METHOD.md §6).
+
+    `rho_before` / `rho_after` are empty when no subspace was computed (Safe
+    LoRA from weights runs no SVD); `reversal` is set by `check` only.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    scaling: float
+    action: str = "unchanged"
+    reason: str | None = None
+    subspace_rank: int = 0
+    captured_energy: float = 0.0
+    subspace_method: str | None = None
+    displacement_norm: float = 0.0
+    update_norm: float = 0.0
+    rho_before: dict[str, float] = field(default_factory=dict)
+    rho_after: dict[str, float] = field(default_factory=dict)
+    attenuation: dict[str, float] | None = None
+    repaired_norm: float = 0.0
+    relative_change: float = 0.0
+    cosine: float = 1.0
+    truncation_residual: float = 0.0
+    output_rank: int = 0
+    safelora_similarity: float | None = None
+    reversal: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+
+@dataclass
+class Timings:
+    """Seconds per phase. With read-ahead, reading runs beside the other phases:
+    `read_s` is the reading itself, `read_wait_s` the part the main loop waited for."""
+
+    read_s: float = 0.0
+    read_wait_s: float = 0.0
+    subspace_s: float = 0.0
+    solve_s: float = 0.0
+    write_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Clock:
+    """Adds the time spent in each phase to `timings` (thread-safe: reads run on a
+    background thread); the total runs from construction."""
+
+    def __init__(self) -> None:
+        self.timings = Timings()
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def measure(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                setattr(self.timings, phase, getattr(self.timings, phase) + elapsed)
+
+    def now(self) -> Timings:
+        """The timings so far, with the total up to now."""
+        with self._lock:
+            return replace(self.timings, total_s=time.perf_counter() - self.started)
+
+
+class RunResult:
+    """Rows, timings and provenance of one run of a command over the module stream.
+
+    Each command's result is a dataclass deriving from this with at least these
+    three fields (in the order its own constructor wants them).
+    """
+
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+
+    def totals(self) -> dict[str, Any]:
+        """Counts per action, energy kept `sum ||X||^2 / sum ||dW||^2`, modules changed most."""
+        before = sum(m.update_norm**2 for m in self.modules)
+        after = sum(m.repaired_norm**2 for m in self.modules)
+        counts: dict[str, int] = {}
+        for module in self.modules:
+            counts[module.action] = counts.get(module.action, 0) + 1
+        changed = sorted(self.modules, key=lambda m: m.relative_change, reverse=True)
+        return {
+            "modules": len(self.modules),
+            "actions": counts,
+            "energy_kept": after / before if before > 0 else 1.0,
+            "changed_most": [
+                {"name": m.name, "relative_change": m.relative_change}
+                for m in changed[:5]
+                if m.relative_change > 0
+            ],
+        }
+
+    def document(self, schema: str, version: int, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The JSON report every command writes: a versioned schema, provenance, rows, totals."""
+        return {
+            "schema": schema,
+            "version": version,
+            "tool": {"name": "adapter-fix", "version": __version__},
+            "inputs": self.inputs,
+            "parameters": parameters,
+            "modules": [m.to_json() for m in self.modules],
+            "totals": self.totals(),
+            "timings": asdict(self.timings),
+        }

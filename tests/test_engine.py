@@ -1,0 +1,90 @@
+"""The module stream: read-ahead changes nothing, methods get only what they need, Safe LoRA
+runs no SVD, and the method registry is what the CLI offers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapter_fix.engine as engine_module
+from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.engine import (
+    DISPLACEMENT,
+    SUBSPACE,
+    SubspaceSettings,
+    Target,
+    WeightPair,
+    module_stream,
+)
+from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
+from adapter_fix.io.sources import LocalSource
+from adapter_fix.methods import METHODS, REGISTRY
+from adapter_fix.results import Clock
+
+
+def open_llama(fixtures_dir: Path) -> tuple[WeightPair, object]:
+    base = Checkpoint.open(LocalSource(fixtures_dir / "llama-base"), "BASE")
+    aligned = Checkpoint.open(LocalSource(fixtures_dir / "llama-aligned"), "ALIGNED")
+    return WeightPair(base, aligned), load_adapter(LocalSource(fixtures_dir / "llama-lora"))
+
+
+@pytest.mark.parametrize("method", ["csulora", "safelora"])
+def test_read_ahead_does_not_change_the_result(fixtures_dir: Path, method: str) -> None:
+    results = []
+    for read_ahead in (True, False):
+        source, adapter = open_llama(fixtures_dir)
+        result = repair(source, adapter, RepairOptions(method=method), read_ahead=read_ahead)
+        results.append([m.to_json() for m in result.modules])
+    assert results[0] == results[1]
+
+
+def test_stream_gives_each_consumer_only_what_it_needs(fixtures_dir: Path) -> None:
+    source, adapter = open_llama(fixtures_dir)
+    targets = [Target.of(module) for module in adapter.modules]  # type: ignore[attr-defined]
+    for needs in (frozenset({SUBSPACE}), frozenset({DISPLACEMENT})):
+        items = list(
+            module_stream(targets, source, needs, SubspaceSettings(), Clock(), adapter=adapter)
+        )
+        assert [item.target.name for item in items] == [t.name for t in targets]
+        for item in items:
+            assert (item.subspace is not None) == (SUBSPACE in needs)
+            assert (item.displacement is not None) == (DISPLACEMENT in needs)
+            assert item.lora_b is not None and item.lora_a is not None
+            assert item.displacement_norm > 0 and item.no_signal is None
+            if item.displacement is not None:
+                assert item.displacement.shape == item.target.shape
+
+
+def test_safelora_runs_no_svd(fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_svd, real_subspace = torch.linalg.svd, engine_module.safety_subspace
+
+    def counting_svd(*args: object, **kwargs: object) -> object:
+        calls.append("svd")
+        return real_svd(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counting_subspace(*args: object, **kwargs: object) -> object:
+        calls.append("safety_subspace")
+        return real_subspace(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    monkeypatch.setattr(engine_module, "safety_subspace", counting_subspace)
+    source, adapter = open_llama(fixtures_dir)
+    result = repair(source, adapter, RepairOptions(method="safelora"))
+    assert calls == []
+    assert all(m.rho_before == {} and m.subspace_method is None for m in result.modules)
+    assert {m.action for m in result.modules} == {"repaired", "unchanged"}
+    source, adapter = open_llama(fixtures_dir)
+    repair(source, adapter, RepairOptions(method="csulora"))
+    assert "safety_subspace" in calls  # the counter sees the SVD when there is one
+
+
+def test_every_registered_method_declares_what_it_needs() -> None:
+    assert set(METHODS) == {"csulora", "project", "safelora", "none"}
+    for name, method in REGISTRY.items():
+        assert method.name == name
+        assert method.needs and method.needs <= {SUBSPACE, DISPLACEMENT}
+    assert REGISTRY["safelora"].needs == {DISPLACEMENT}
