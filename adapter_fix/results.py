@@ -47,6 +47,10 @@ class ModuleResult:
     output_rank: int = 0
     safelora_similarity: float | None = None
     reversal: float | None = None
+    gate: list[float] | None = None
+    """The gated repair's gate values (one, or one per rank-1 component)."""
+    attribution: dict[str, list[float]] | None = None
+    """The gated repair's integrated gradients per gate: `margin` (IG of mu), `task` (IG of tau)."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}

@@ -26,12 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adapter_fix.io.adapter import LoraAdapter, LoraModule
+from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
     integrated_gradient,
     rank_one_factors,
     select_units,
 )
+from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
+from adapter_fix.methods.base import Outcome
+from adapter_fix.results import ModuleResult
 
 UNITS = ("module", "component")
 
@@ -172,7 +177,7 @@ class GatedModel:
 
 def _gate_hook(layer: GateLayer) -> Callable[[nn.Module, Any, Tensor], Tensor]:
     def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
-        return output * layer.gates.to(output.dtype)
+        return output * layer.gates.to(device=output.device, dtype=output.dtype)
 
     return hook
 
@@ -214,9 +219,10 @@ def continuation_logprobs(
         for i, sequence in enumerate(sequences):
             ids[i, : len(sequence)] = torch.tensor(sequence)
             mask[i, : len(sequence)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, 1:]
+        targets = ids[:, 1:].to(device)
         token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         longest = max(len(c) for c in continuations[rows])
         out = token_logprobs.new_zeros(len(sequences), max(longest, 1))
@@ -235,10 +241,10 @@ def greedy_continuations(
     *,
     max_new_tokens: int,
     pad_id: int,
-    eos_id: int | None,
+    stop_ids: Sequence[int],
     batch_size: int,
 ) -> list[list[int]]:
-    """Greedy continuations (token ids, eos and padding removed), batched with left padding."""
+    """Greedy continuations as token ids (ending before the first stop token), left-padded."""
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -248,31 +254,20 @@ def greedy_continuations(
         for i, prompt in enumerate(batch):
             ids[i, width - len(prompt) :] = torch.tensor(prompt)
             mask[i, width - len(prompt) :] = 1
+        device = next(model.parameters()).device
         with torch.no_grad():
             generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=eos_id,
+                eos_token_id=list(stop_ids) or None,
             )
         for row in generated[:, width:].tolist():
-            tokens = []
-            for token in row:
-                if token in (eos_id, pad_id):
-                    break
-                tokens.append(token)
-            outputs.append(tokens)
+            end = next((at for at, token in enumerate(row) if token in stop_ids), len(row))
+            outputs.append(row[:end])
     return outputs
-
-
-@dataclass(frozen=True)
-class _Objectives:
-    """The two calibration objectives as functions of the current gates (differentiable)."""
-
-    margin: Callable[[], Tensor]
-    task: Callable[[], Tensor]
 
 
 def _sequence_sums(
@@ -332,7 +327,7 @@ def gate_repair(
     is_refusal: Callable[[str], bool],
     decode: Callable[[list[int]], str],
     pad_id: int,
-    eos_id: int | None,
+    stop_ids: Sequence[int],
     on_round: Callable[[Round], None] | None = None,
 ) -> GateOutcome:
     """Choose the gates of `gated` (see the module docstring); the model is left gated.
@@ -351,7 +346,7 @@ def gate_repair(
             prompts,
             max_new_tokens=options.max_new_tokens,
             pad_id=pad_id,
-            eos_id=eos_id,
+            stop_ids=stop_ids,
             batch_size=batch,
         )
 
@@ -544,3 +539,66 @@ def gated_factors(gated: GatedModel) -> dict[str, tuple[Tensor, Tensor]]:
         lora_b, lora_a = gated.factors(layer)
         written[layer.name] = (lora_b * layer.gates.to(lora_b.dtype), lora_a)
     return written
+
+
+def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) -> list[Outcome]:
+    """One report row per adapter module, and new factors for each module with a gate off.
+
+    A module whose gates are all 1 keeps its tensors byte for byte. Module
+    gates write `B <- 0`; component gates write the module's singular factors
+    with the switched-off columns of `B'` zeroed (same rank, same config).
+    """
+    layers = {layer.name: layer for layer in gated.layers}
+    results = []
+    for module in adapter.modules:
+        report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+        report.output_rank = module.rank
+        layer = layers.get(module.name)
+        lora_b, lora_a = (
+            gated.factors(layer) if layer is not None else _stored_factors(adapter, module)
+        )
+        original = as_factored(lora_b, lora_a, module.scaling)
+        report.update_norm = report.repaired_norm = factored_norm(original)
+        if layer is None:
+            report.reason = f"not gated: {module.kind} LoRA has no lora_A layer to gate"
+            results.append(Outcome(report))
+            continue
+        gates = layer.gates.detach()
+        attributions = outcome.attributions.get(module.name, [])
+        report.gate = [float(g) for g in gates]
+        report.attribution = {
+            "margin": [a.margin for a in attributions],
+            "task": [a.task for a in attributions],
+        }
+        off = int((gates == 0).sum())
+        if off == 0:
+            report.reason = "gate 1: kept"
+            results.append(Outcome(report))
+            continue
+        dtype = DTYPES[module.dtype]
+        new_b = (lora_b * gates.to(lora_b.dtype)).to(dtype)
+        new_a = lora_a.to(dtype)
+        written = as_factored(new_b, new_a, module.scaling)
+        comparison = compare_updates(original, written)
+        report.action = "gated"
+        report.repaired_norm = comparison.norm
+        report.relative_change = comparison.relative_change
+        report.cosine = comparison.cosine
+        report.reason = (
+            "gate 0: update switched off"
+            if gated.unit == "module"
+            else f"{off} of {len(gates)} rank-1 components switched off"
+        )
+        results.append(Outcome(report, lora_a=new_a, lora_b=new_b))
+    return results
+
+
+def _stored_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[Tensor, Tensor]:
+    lora_a = adapter.weights.read(module.key_a)
+    lora_b = adapter.weights.read(module.key_b)
+    return (lora_a.T, lora_b.T) if module.factors_transposed else (lora_b, lora_a)
+
+
+def gateable(adapter: LoraAdapter) -> list[str]:
+    """The modules gated: LoRA linear layers (Conv1D included); embeddings are not."""
+    return [module.name for module in adapter.modules if module.kind in ("linear", "conv1d")]
