@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from adapter_fix.errors import IncompatibleModelsError
-from adapter_fix.io.adapter import LoraAdapter, LoraModule, resolve_weight_key
+from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.io.keymap import StoredWeight, WeightLayout, read_rows
 from adapter_fix.math.subspace import (
     Subspace,
     frobenius_norm,
@@ -147,14 +148,17 @@ class WeightPair(SubspaceSource):
         self.base, self.aligned = base, aligned
         self.inputs = {"base": base.source.identity, "aligned": aligned.source.identity}
 
-    def plan(self, target: Target) -> tuple[str, str]:
-        """The keys of the target's weight in BASE and ALIGNED, with shapes checked."""
-        base, aligned = self.base, self.aligned
-        base_key = resolve_weight_key(target.weight_key, base.weight_map, f"BASE ({base.source})")
-        aligned_key = resolve_weight_key(
-            target.weight_key, aligned.weight_map, f"ALIGNED ({aligned.source})"
+    def plan(self, target: Target) -> tuple[StoredWeight, StoredWeight]:
+        """The target's weight as BASE and ALIGNED store it (io/keymap.py), shapes checked."""
+        expert = target.module.expert if target.module is not None else None
+        base_weight, aligned_weight = (
+            WeightLayout.of(checkpoint).weight(
+                checkpoint, target.weight_key, expert=expert, transposed=target.transposed
+            )
+            for checkpoint in (self.base, self.aligned)
         )
-        base_info, aligned_info = base.info(base_key), aligned.info(aligned_key)
+        base_info, aligned_info = base_weight.parts[0], aligned_weight.parts[0]
+        base_key, aligned_key = base_weight.key, aligned_weight.key
         if base_info.file == aligned_info.file:
             raise IncompatibleModelsError(
                 "BASE and ALIGNED are the same file, so the alignment displacement is zero. "
@@ -162,32 +166,36 @@ class WeightPair(SubspaceSource):
                 path=base_info.file,
                 key=base_key,
             )
-        for info in (base_info, aligned_info):
+        for info in (*base_weight.parts, *aligned_weight.parts):
             check_weight_dtype(info)
-        if base_info.shape != aligned_info.shape:
+        if base_weight.shape != aligned_weight.shape:
             raise IncompatibleModelsError(
-                f"BASE has shape {list(base_info.shape)} but ALIGNED has "
-                f"{list(aligned_info.shape)} for this weight: they are not the same architecture.",
+                f"BASE has shape {list(base_weight.shape)} but ALIGNED has "
+                f"{list(aligned_weight.shape)} for this weight: they are not the same "
+                "architecture.",
                 path=aligned_info.file,
                 key=aligned_key,
             )
-        if base_info.shape != target.stored_shape:
+        # A transposed expert parameter (io/keymap.py TRANSPOSED_EXPERTS) stores `n x m` too.
+        m, n = target.shape
+        stored_shape = (n, m) if base_weight.transposed else (m, n)
+        if base_weight.shape != stored_shape:
             hint = (
                 " The stored weight is the transpose: set fan_in_fan_out in the adapter config?"
-                if base_info.shape == target.stored_shape[::-1]
+                if base_weight.shape == stored_shape[::-1] and expert is None
                 else ""
             )
             module = target.module
             what = f"adapter module {target.name!r} ({module.kind})" if module else target.name
             raise IncompatibleModelsError(
-                f"the weight has shape {list(base_info.shape)} but {what} needs "
-                f"{list(target.stored_shape)}.{hint}",
+                f"the weight has shape {list(base_weight.shape)} but {what} needs "
+                f"{list(stored_shape)}.{hint}",
                 path=base_info.file,
                 key=base_key,
             )
-        return base_key, aligned_key
+        return base_weight, aligned_weight
 
-    def load(self, target: Target, plan: tuple[str, str]) -> _Displacement:
+    def load(self, target: Target, plan: tuple[StoredWeight, StoredWeight]) -> _Displacement:
         """`D = W_a - W_b` (float32, target orientation), `||W_a||_F` and `||D||_F`.
 
         Both weights stream in cache-sized row blocks straight into `D`, and the
@@ -195,22 +203,23 @@ class WeightPair(SubspaceSource):
         what reading the bytes costs. NaN or Inf in either weight makes a norm
         non-finite; only then are the weights read whole, to name the one at fault.
         """
-        base_key, aligned_key = plan
+        base_weight, aligned_weight = plan
         base, aligned = self.base, self.aligned
-        displacement = torch.empty(aligned.info(aligned_key).shape, dtype=torch.float32)
+        displacement = torch.empty(aligned_weight.shape, dtype=torch.float32)
         aligned_squares = displacement_squares = 0.0
-        for rows, block in aligned.read_rows(aligned_key):
+        for rows, block in read_rows(aligned, aligned_weight):
             part = displacement[rows]
             part.copy_(block)
             aligned_squares += frobenius_norm(part) ** 2
-        for rows, block in base.read_rows(base_key):
+        for rows, block in read_rows(base, base_weight):
             part = displacement[rows]
             part.sub_(block)
             displacement_squares += frobenius_norm(part) ** 2
         if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
-            for checkpoint, key in ((aligned, aligned_key), (base, base_key)):
-                checkpoint.read(key)  # raises NonFiniteError naming file and key
-        if target.transposed:
+            for checkpoint, weight in ((aligned, aligned_weight), (base, base_weight)):
+                for key in weight.keys:
+                    checkpoint.read(key)  # raises NonFiniteError naming file and key
+        if base_weight.transposed:
             displacement = displacement.T
         return _Displacement(
             displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
@@ -338,15 +347,6 @@ class BasisSource(SubspaceSource):
 
     def weights_read(self) -> int:
         return len(self.basis.checkpoint.reads)
-
-
-def read_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(B, A)` in `dW` orientation: `dW = s * B @ A`, shape `m x n`."""
-    lora_a = adapter.weights.read(module.key_a)
-    lora_b = adapter.weights.read(module.key_b)
-    if module.factors_transposed:
-        return lora_a.T, lora_b.T
-    return lora_b, lora_a
 
 
 def module_stream(

@@ -43,6 +43,11 @@ def render_inspect(result: InspectResult, console: Console) -> None:
         rows["patterns"] = f"rank {summary['rank_pattern']}, alpha {summary['alpha_pattern']}"
     if summary["carried_keys"]:
         rows["carried"] = f"{len(summary['carried_keys'])} tensors kept as they are"
+    if summary.get("target_parameters"):
+        rows["target parameters"] = str(summary["target_parameters"])
+    if summary.get("lora_bias"):
+        biases = sum(module.lora_bias is not None for module in result.modules)
+        rows["LoRA bias"] = f"{biases} lora_B biases (added to the output, not part of B A)"
     for name, value in rows.items():
         overview.add_row(name, str(value))
     console.print(overview)
@@ -130,6 +135,9 @@ def _summary_lines(result: RepairResult) -> list[str]:
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
     ]
+    biases = sum(module.lora_bias is not None for module in result.modules)
+    if biases:
+        lines.append(f"LoRA bias: {biases} lora_B biases carried unchanged (not part of B A)")
     if totals["changed_most"]:
         most = ", ".join(
             f"{m['name']} ({_percent(m['relative_change'])})" for m in totals["changed_most"]

@@ -47,6 +47,7 @@ class ModuleResult:
     output_rank: int = 0
     safelora_similarity: float | None = None
     reversal: float | None = None
+    lora_bias: str | None = None  # lora_B's bias key: carried unchanged (not part of B A)
     gate: list[float] | None = None
     """The gated repair's gate values (one, or one per rank-1 component)."""
     attribution: dict[str, list[float]] | None = None

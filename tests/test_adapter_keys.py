@@ -32,7 +32,7 @@ module_names = (
     role=st.sampled_from(["lora_A", "lora_B", "lora_embedding_A", "lora_magnitude_vector"]),
     prefix=st.sampled_from(["base_model.model.", ""]),
     adapter_name=st.sampled_from([None, "default", "my-adapter"]),
-    suffix=st.sampled_from([".weight", ""]),
+    suffix=st.sampled_from([".weight", ".bias", ""]),
 )
 def test_adapter_key_round_trips(
     module: str, role: str, prefix: str, adapter_name: str | None, suffix: str

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.io.adapter import LoraAdapter, LoraModule
+from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.checkpoint import is_finite
 from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 
@@ -28,6 +28,10 @@ class ModuleSummary:
     update_norm: float | None  # None when a factor holds NaN or Inf
     effective_rank: float | None
     finite: bool
+    target: str = ""  # the weight it updates, as the model names it at run time
+    expert: int | None = None  # for `target_parameters` LoRA on 3-D expert weights
+    num_experts: int = 1
+    lora_bias: str | None = None  # lora_B's bias key (`lora_bias=True`)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
         "rank_pattern": config.get("rank_pattern") or {},
         "alpha_pattern": config.get("alpha_pattern") or {},
         "target_modules": config.get("target_modules"),
+        "target_parameters": config.get("target_parameters") or [],
+        "lora_bias": bool(config.get("lora_bias")),
         "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
         "modules_to_save": config.get("modules_to_save") or [],
         "unsupported_features": adapter.unsupported,
@@ -83,8 +89,7 @@ def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
 
 
 def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) -> ModuleSummary:
-    lora_a = adapter.weights.read(module.key_a, finite=False)
-    lora_b = adapter.weights.read(module.key_b, finite=False)
+    lora_b, lora_a = read_factors(adapter, module, finite=False)
     finite = is_finite(lora_a) and is_finite(lora_b)
     if finite:
         spectrum = update_spectrum(as_factored(lora_b, lora_a, module.scaling))
@@ -106,4 +111,8 @@ def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) ->
         update_norm=norm,
         effective_rank=effective,
         finite=finite,
+        target=module.weight_key,
+        expert=module.expert,
+        num_experts=module.num_experts,
+        lora_bias=module.bias_key,
     )

@@ -18,8 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adapter_fix import __version__
 from adapter_fix.engine import SubspaceSource, Target, module_stream
 from adapter_fix.errors import InvalidAdapterError, OutputError
@@ -27,7 +25,7 @@ from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.prompts import PromptSet
-from adapter_fix.io.adapter import LoraAdapter, load_adapter, write_adapter
+from adapter_fix.io.adapter import LoraAdapter, assemble_factors, load_adapter, write_adapter
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import check_output_target
 from adapter_fix.methods import METHODS, REGISTRY
@@ -175,17 +173,9 @@ def _write(
     clock: Clock,
 ) -> None:
     """Write OUT: the new factors, exact-rank patterns, provenance metadata, the report."""
-    modules = {m.name: m for m in adapter.modules}
-    replacements: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    for outcome in outcomes:
-        module = modules[outcome.report.name]
-        if outcome.lora_a is not None:
-            replacements[module.key_a] = outcome.lora_a
-        if outcome.lora_b is not None:
-            replacements[module.key_b] = outcome.lora_b
-        if outcome.report.output_rank != module.rank:
-            ranks[module.name] = outcome.report.output_rank
+    replacements, ranks = assemble_factors(
+        adapter, {o.report.name: (o.lora_a, o.lora_b, o.report.output_rank) for o in outcomes}
+    )
     metadata = {
         **adapter.weights.header(adapter.weights_path.name).metadata,
         "adapter_fix.version": __version__,

@@ -31,8 +31,10 @@ from adapter_fix.io.checkpoint import (
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
+    TensorInfo,
     refuse_pickles,
 )
+from adapter_fix.io.keymap import prefix_candidates
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
 
@@ -44,14 +46,17 @@ ROLES = (*FACTOR_ROLES, "lora_magnitude_vector")
 
 ADAPTER_KEY = re.compile(
     r"^(?P<prefix>base_model\.model\.)?(?P<module>.+?)\.(?P<role>" + "|".join(ROLES) + r")"
-    r"(?:\.(?P<adapter>(?!weight$)[^.]+))?(?P<suffix>\.weight)?$"
+    r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?P<suffix>\.(?:weight|bias))?$"
 )
+# peft wraps a module once per targeted parameter (`target_parameters`), nesting each new
+# wrapper around the last as `base_layer`, in the order the module registers its parameters.
+BASE_LAYER = ".base_layer"
+# The registration order of the parameters transformers' expert and router classes declare.
+PARAMETER_ORDER = ("weight", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 
 # Config fields whose presence changes what a LoRA module computes beyond s * B @ A.
 UNSUPPORTED_FEATURES = {
     "use_dora": "DoRA (weight-decomposed LoRA) rescales the merged weight by a magnitude vector",
-    "lora_bias": "LoRA bias adds a trainable bias to lora_B",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not a linear LoRA module",
     "layer_replication": "layer replication shares base weights across layers",
     "use_qalora": "QA-LoRA pools the input before lora_A, so lora_A's width is not the layer's",
 }
@@ -63,7 +68,8 @@ class AdapterKey:
 
     `base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight` is
     prefix `base_model.model.`, module `model.layers.0.mlp.up_proj`, role
-    `lora_A`, adapter name `default`, suffix `.weight`.
+    `lora_A`, adapter name `default`, suffix `.weight`; `lora_bias` adds
+    `...lora_B.bias` keys (suffix `.bias`).
     """
 
     module: str
@@ -74,7 +80,7 @@ class AdapterKey:
 
     @classmethod
     def parse(cls, key: str) -> AdapterKey | None:
-        """The parts of a LoRA key, or None for a key that is not a LoRA factor or magnitude."""
+        """The parts of a LoRA key; None for a key that is no LoRA factor, bias or magnitude."""
         match = ADAPTER_KEY.match(key)
         if match is None:
             return None
@@ -115,11 +121,7 @@ def resolve_weight_key(wanted: str, available: Collection[str], label: str) -> s
     """
     if wanted in available:
         return wanted
-    candidates = sorted(
-        key
-        for key in available
-        if key.endswith(".weight") and (wanted.endswith(f".{key}") or key.endswith(f".{wanted}"))
-    )
+    candidates = prefix_candidates(wanted, available)
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -175,24 +177,36 @@ def is_targeted(module: str, target_modules: str | Collection[str] | None) -> bo
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA-adapted module.
+    """One LoRA-adapted module, or one expert of a LoRA on a 3-D expert parameter.
 
     `shape` is `(m, n)`, the orientation of the update `dW` (METHOD.md,
     Notation): out x in for linear layers, also for `fan_in_fan_out` layers
     whose stored weight is `n x m` (`weight_transposed`), and vocab x dim for
     embeddings, whose update is `(s * B @ A)^T` (`factors_transposed`).
+
+    `target` is the weight the update applies to, as the model names it at
+    run time: `<module>.weight`, or `<module>.<parameter>` for peft's
+    `target_parameters` (kind "parameter", or "expert" when the parameter is
+    3-D). peft stores an expert parameter's factors fused: `lora_A` is
+    `(r * experts) x n` with expert `e` in rows `e*r .. e*r+r-1`, `lora_B` is
+    `m x (r * experts)` with expert `e` in columns `e, e + experts, ...`
+    (`ParamWrapper.get_delta_weight`); `expert` picks one of `num_experts`.
     """
 
     name: str
-    kind: str  # "linear", "conv1d" (fan_in_fan_out) or "embedding"
+    kind: str  # "linear", "conv1d" (fan_in_fan_out), "embedding", "parameter" or "expert"
     key_a: str
     key_b: str
-    rank: int  # from the factors' shapes
+    rank: int  # from the factors' shapes (per expert)
     configured_rank: int  # what r / rank_pattern give it; PEFT loads it only if equal
     alpha: float
     scaling: float
     shape: tuple[int, int]
     dtype: str
+    target: str = ""
+    expert: int | None = None
+    num_experts: int = 1
+    bias_key: str | None = None  # lora_bias: `...lora_B.bias`, carried unchanged
 
     @property
     def weight_transposed(self) -> bool:
@@ -204,14 +218,22 @@ class LoraModule:
 
     @property
     def weight_key(self) -> str:
-        """The key of the weight this module updates, as the base model names it."""
-        return AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
+        """The run-time name of the weight this module updates."""
+        return self.target or AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
+
+    @property
+    def pattern_name(self) -> str:
+        """The name PEFT matches `rank_pattern` / `alpha_pattern` keys against."""
+        return self.target if self.kind in PARAMETER_KINDS else self.name
 
     @property
     def stored_weight_shape(self) -> tuple[int, int]:
         """The shape of this module's weight as a checkpoint stores it."""
         m, n = self.shape
         return (n, m) if self.weight_transposed else (m, n)
+
+
+PARAMETER_KINDS = ("parameter", "expert")
 
 
 @dataclass
@@ -226,6 +248,8 @@ class LoraAdapter:
     carried_keys: list[str]
     unsupported: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    # The last fused expert factors read: the experts of one parameter come one after another.
+    _fused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def weights_path(self) -> Path:
@@ -334,11 +358,15 @@ def _modules(
 ) -> tuple[list[LoraModule], list[str], list[str]]:
     """Pair lora_A / lora_B keys into modules; everything else is carried unchanged."""
     factors: dict[str, dict[str, str]] = {}
+    biases: dict[str, str] = {}
     carried: list[str] = []
     names: set[str | None] = set()
     for key in weights:
         parsed = AdapterKey.parse(key)
-        if parsed is None or parsed.role not in FACTOR_ROLES:
+        if parsed is not None and parsed.suffix == ".bias" and parsed.role == "lora_B":
+            biases[parsed.module] = key
+            names.add(parsed.adapter_name)
+        if parsed is None or parsed.role not in FACTOR_ROLES or parsed.suffix == ".bias":
             carried.append(key)
             continue
         factors.setdefault(parsed.module, {})[parsed.role.removeprefix("lora_")] = key
@@ -350,6 +378,7 @@ def _modules(
             "save each adapter to its own folder and repair them one at a time.",
             path=path,
         )
+    parameters = _wrapped_parameters(config, factors, path)
     modules: list[LoraModule] = []
     warnings: list[str] = []
     for name, roles in factors.items():
@@ -364,32 +393,13 @@ def _modules(
                 key=present,
             )
         info_a, info_b = weights.info(key_a), weights.info(key_b)
-        if len(info_a.shape) != 2 or len(info_b.shape) != 2:
-            raise InvalidAdapterError(
-                f"module {name!r} has factors of shape {list(info_a.shape)} and "
-                f"{list(info_b.shape)}; only linear and embedding LoRA (2-D factors) are "
-                "supported, not convolution LoRA.",
-                path=path,
-                key=key_a,
-            )
-        if info_a.shape[0] != info_b.shape[1]:
-            raise InvalidAdapterError(
-                f"module {name!r}: lora_A has rank {info_a.shape[0]} but lora_B has rank "
-                f"{info_b.shape[1]}; the factors do not multiply.",
-                path=path,
-                key=key_b,
-            )
-        for info in (info_a, info_b):
-            if info.dtype not in FLOAT_WEIGHT_DTYPES:
-                raise InvalidAdapterError(
-                    f"module {name!r}: factor dtype {info.dtype} is not a float LoRA factor "
-                    "(F16, BF16, F32 or F64); quantized adapters are not supported.",
-                    path=path,
-                    key=info.key,
-                )
-        rank = info_a.shape[0]
+        _check_factors(name, info_a, info_b, path)
         if info_a.dtype != info_b.dtype:
             warnings.append(f"{name}: lora_A is {info_a.dtype} but lora_B is {info_b.dtype}.")
+        if name in parameters:
+            modules += _parameter_modules(config, parameters[name], info_a, info_b, warnings)
+            continue
+        rank = info_a.shape[0]
         configured_rank = config_rank(config, name)
         if rank != configured_rank:
             warnings.append(
@@ -419,9 +429,233 @@ def _modules(
                 scaling=lora_scaling(alpha, rank, bool(config.get("use_rslora"))),
                 shape=shape,
                 dtype=info_a.dtype,
+                target=f"{name}.weight",
+                bias_key=biases.get(name),
             )
         )
     return modules, carried, warnings
+
+
+def _check_factors(name: str, info_a: TensorInfo, info_b: TensorInfo, path: Path) -> None:
+    if len(info_a.shape) != 2 or len(info_b.shape) != 2:
+        raise InvalidAdapterError(
+            f"module {name!r} has factors of shape {list(info_a.shape)} and "
+            f"{list(info_b.shape)}; only linear and embedding LoRA (2-D factors) are "
+            "supported, not convolution LoRA.",
+            path=path,
+            key=info_a.key,
+        )
+    if info_a.shape[0] != info_b.shape[1]:
+        raise InvalidAdapterError(
+            f"module {name!r}: lora_A has rank {info_a.shape[0]} but lora_B has rank "
+            f"{info_b.shape[1]}; the factors do not multiply.",
+            path=path,
+            key=info_b.key,
+        )
+    for info in (info_a, info_b):
+        if info.dtype not in FLOAT_WEIGHT_DTYPES:
+            raise InvalidAdapterError(
+                f"module {name!r}: factor dtype {info.dtype} is not a float LoRA factor "
+                "(F16, BF16, F32 or F64); quantized adapters are not supported.",
+                path=path,
+                key=info.key,
+            )
+
+
+def parameter_candidates(
+    config: Mapping[str, Any], module: str, *, named_only: bool = False
+) -> list[str]:
+    """The parameters of `module` that `target_parameters` can name, in registration order.
+
+    PEFT wraps `<module>.<parameter>` when it equals or ends with an entry at a
+    dot boundary. Entries naming the module (`experts.down_proj`) are used
+    when any does; otherwise bare parameter names (`down_proj`), unless
+    `named_only`.
+    """
+    named: list[str] = []
+    bare: list[str] = []
+    for entry in config.get("target_parameters") or []:
+        owner, _, parameter = str(entry).rpartition(".")
+        if not owner:
+            bare.append(parameter)
+        elif module == owner or module.endswith(f".{owner}"):
+            named.append(parameter)
+    found = list(dict.fromkeys(named or ([] if named_only else bare)))
+    known = [p for p in PARAMETER_ORDER if p in found]
+    return known + [p for p in found if p not in known]
+
+
+def _wrapped_parameters(
+    config: Mapping[str, Any], factors: Mapping[str, Mapping[str, str]], path: Path
+) -> dict[str, str]:
+    """Adapter module paths that are peft `ParamWrapper`s -> their `<module>.<parameter>`.
+
+    A module with `k` parameters targeted is wrapped `k` times; the innermost
+    wrapper (the most `.base_layer` segments) holds the first parameter in
+    registration order. A module PEFT also targets as a whole cannot be one
+    (PEFT refuses that combination). Under `all-linear`, which may target any
+    module, a module wrapped once is a `ParamWrapper` only when an entry names
+    it (`experts.down_proj`, not a bare `down_proj`).
+    """
+    if not config.get("target_parameters"):
+        return {}
+    targets = config.get("target_modules")
+    all_linear = targets == "all-linear"
+    by_module: dict[str, list[str]] = {}
+    for name in factors:
+        module = name.replace(BASE_LAYER, "")
+        if BASE_LAYER in name or all_linear or not is_targeted(module, targets):
+            by_module.setdefault(module, []).append(name)
+    wrapped: dict[str, str] = {}
+    for module, paths in by_module.items():
+        nested = any(BASE_LAYER in p for p in paths)
+        candidates = parameter_candidates(config, module, named_only=all_linear and not nested)
+        if not candidates:
+            continue
+        paths.sort(key=lambda p: p.count(BASE_LAYER), reverse=True)
+        if len(candidates) != len(paths):
+            if len(paths) == 1 and BASE_LAYER not in paths[0] and len(candidates) > 1:
+                raise InvalidAdapterError(
+                    f"module {module!r}: which of its parameters the LoRA factors target is "
+                    f"ambiguous; target_parameters candidates: {', '.join(candidates)}.",
+                    path=path,
+                    key=paths[0],
+                )
+            if len(candidates) < len(paths):
+                raise InvalidAdapterError(
+                    f"module {module!r} is wrapped {len(paths)} times but target_parameters "
+                    f"names only {', '.join(candidates)} for it.",
+                    path=path,
+                    key=paths[0],
+                )
+        for path_name, parameter in zip(paths, candidates, strict=False):
+            wrapped[path_name] = f"{module}.{parameter}"
+    return wrapped
+
+
+def _parameter_modules(
+    config: Mapping[str, Any],
+    target: str,
+    info_a: TensorInfo,
+    info_b: TensorInfo,
+    warnings: list[str],
+) -> list[LoraModule]:
+    """One LoraModule per expert of a `target_parameters` LoRA (one for a 2-D parameter)."""
+    rank = config_rank(config, target)
+    rows = info_a.shape[0]
+    if rows % rank:
+        warnings.append(
+            f"{target}: lora_A has {rows} rows, not a multiple of r={rank}: PEFT will refuse "
+            "to load this adapter (size mismatch)."
+        )
+        rank = rows
+    experts = rows // rank
+    alpha = config_alpha(config, target)
+    scaling = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
+    return [
+        LoraModule(
+            name=f"{target}[{expert}]" if experts > 1 else target,
+            kind="expert" if experts > 1 else "parameter",
+            key_a=info_a.key,
+            key_b=info_b.key,
+            rank=rank,
+            configured_rank=rank,
+            alpha=alpha,
+            scaling=scaling,
+            shape=(info_b.shape[0], info_a.shape[1]),
+            dtype=info_a.dtype,
+            target=target,
+            expert=expert if experts > 1 else None,
+            num_experts=experts,
+        )
+        for expert in range(experts)
+    ]
+
+
+def read_factors(
+    adapter: LoraAdapter, module: LoraModule, *, finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, A)` in `dW` orientation: `dW = s * B @ A`, `m x r` and `r x n`.
+
+    An expert's factors are its slices of the fused ones (see LoraModule);
+    the fused tensors of the last parameter read are kept, so the experts of
+    one parameter cost one read.
+    """
+    if module.expert is None:
+        lora_a = adapter.weights.read(module.key_a, finite=finite)
+        lora_b = adapter.weights.read(module.key_b, finite=finite)
+        if module.factors_transposed:
+            return lora_a.T, lora_b.T
+        return lora_b, lora_a
+    if set(adapter._fused) != {module.key_a, module.key_b}:
+        adapter._fused.clear()
+        for key in (module.key_a, module.key_b):
+            adapter._fused[key] = adapter.weights.read(key, finite=finite)
+    rank, expert = module.rank, module.expert
+    lora_a = adapter._fused[module.key_a][expert * rank : (expert + 1) * rank]
+    lora_b = adapter._fused[module.key_b][:, expert :: module.num_experts]
+    return lora_b, lora_a
+
+
+def assemble_factors(
+    adapter: LoraAdapter,
+    new_factors: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None, int]],
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The tensors and rank patterns to write, from new factors per module name.
+
+    `new_factors[name]` is `(lora_a, lora_b, rank)` in PEFT's stored
+    orientation, a factor left None when unchanged. Plain modules map to
+    their keys; the experts of one parameter are put back into the fused
+    tensors in PEFT's layout. Experts written at different ranks
+    (`--output-rank exact`) are zero-padded to the largest, with `B` rescaled
+    so `s(R) B' A'` is each expert's update; the parameter then gets one
+    rank. Returns `(replacements by key, new rank by pattern name)`.
+    """
+    replacements: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    experts: dict[str, list[LoraModule]] = {}
+    for module in adapter.modules:
+        lora_a, lora_b, rank = new_factors.get(module.name, (None, None, module.rank))
+        if module.expert is not None:
+            experts.setdefault(module.target, []).append(module)
+            continue
+        if lora_a is not None:
+            replacements[module.key_a] = lora_a
+        if lora_b is not None:
+            replacements[module.key_b] = lora_b
+        if rank != module.rank:
+            ranks[module.pattern_name] = rank
+    for target, group in experts.items():
+        news = [new_factors.get(m.name, (None, None, m.rank)) for m in group]
+        if all(a is None and b is None for a, b, _ in news):
+            continue
+        rank = max(r for _, _, r in news)
+        first = group[0]
+        fused_a = adapter.weights.read(first.key_a)
+        fused_b = adapter.weights.read(first.key_b)
+        count = first.num_experts
+        lora_a = torch.zeros((rank * count, fused_a.shape[1]), dtype=fused_a.dtype)
+        lora_b = torch.zeros((fused_b.shape[0], rank * count), dtype=fused_b.dtype)
+        use_rslora = adapter.use_rslora
+        for module, (new_a, new_b, new_rank) in zip(group, news, strict=True):
+            e, r = module.expert, module.rank
+            assert e is not None
+            old_a = fused_a[e * r : (e + 1) * r]
+            old_b = fused_b[:, e::count]
+            part_a = old_a if new_a is None else new_a
+            part_b = old_b if new_b is None else new_b
+            if new_rank != rank:
+                ratio = lora_scaling(module.alpha, new_rank, use_rslora) / lora_scaling(
+                    module.alpha, rank, use_rslora
+                )
+                part_b = (part_b.float() * ratio).to(part_b.dtype)
+            lora_a[e * rank : e * rank + new_rank] = part_a
+            lora_b[:, e : e + new_rank * count : count] = part_b
+        replacements[first.key_a] = lora_a
+        replacements[first.key_b] = lora_b
+        if rank != first.rank:
+            ranks[target] = rank
+    return replacements, ranks
 
 
 COMPANION_SKIP_SUFFIXES = (
@@ -478,7 +712,7 @@ def write_adapter(
     ]
     config = json.loads(adapter.config_path.read_text())
     if ranks:
-        alphas = {module.name: module.alpha for module in adapter.modules}
+        alphas = {module.pattern_name: module.alpha for module in adapter.modules}
         for name, values in (
             ("rank_pattern", ranks),
             ("alpha_pattern", {m: alphas[m] for m in ranks}),

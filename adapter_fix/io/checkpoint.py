@@ -288,22 +288,28 @@ class Checkpoint:
         a weight run at the speed of reading it. No finiteness check here: the
         caller folds it into reductions it computes anyway.
         """
-        info = self.info(key)
-        rows = info.shape[0] if info.shape else 1
-        row_bytes = info.nbytes // rows if rows else 0
-        per_block = max(1, block_bytes // max(1, row_bytes))
-        buffer = torch.empty(min(rows, per_block) * row_bytes, dtype=torch.uint8)
-        with _opened(info) as handle:
-            for start in range(0, rows, per_block):
-                count = min(per_block, rows - start)
-                view = buffer[: count * row_bytes]
-                if handle.readinto(view.numpy()) != view.numel():
-                    raise _corrupt(info.file, "the file ended before the tensor's data", key)
-                yield (
-                    slice(start, start + count),
-                    view.view(info.torch_dtype).reshape(count, *info.shape[1:]),
-                )
+        yield from read_info_rows(self.info(key), block_bytes)
         self.reads.append(key)
+
+
+def read_info_rows(
+    info: TensorInfo, block_bytes: int = 4 << 20
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`Checkpoint.read_rows` for a tensor (or a contiguous part of one) given by its info."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    per_block = max(1, block_bytes // max(1, row_bytes))
+    buffer = torch.empty(min(rows, per_block) * row_bytes, dtype=torch.uint8)
+    with _opened(info) as handle:
+        for start in range(0, rows, per_block):
+            count = min(per_block, rows - start)
+            view = buffer[: count * row_bytes]
+            if handle.readinto(view.numpy()) != view.numel():
+                raise _corrupt(info.file, "the file ended before the tensor's data", info.key)
+            yield (
+                slice(start, start + count),
+                view.view(info.torch_dtype).reshape(count, *info.shape[1:]),
+            )
 
 
 @contextlib.contextmanager

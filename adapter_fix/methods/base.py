@@ -130,6 +130,7 @@ def prepare(data: ModuleData) -> PreparedModule:
     if module is None or data.lora_b is None or data.lora_a is None:
         raise ValueError(f"{data.target.name}: a method needs the module's LoRA factors")
     report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+    report.lora_bias = module.bias_key
     report.displacement_norm = data.displacement_norm
     report.output_rank = module.rank
     subspace = data.subspace
