@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapter_fix.io.adapter import LoraAdapter, LoraModule
+from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
@@ -555,7 +555,7 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
         report.output_rank = module.rank
         layer = layers.get(module.name)
         lora_b, lora_a = (
-            gated.factors(layer) if layer is not None else _stored_factors(adapter, module)
+            gated.factors(layer) if layer is not None else read_factors(adapter, module)
         )
         original = as_factored(lora_b, lora_a, module.scaling)
         report.update_norm = report.repaired_norm = factored_norm(original)
@@ -593,12 +593,7 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
     return results
 
 
-def _stored_factors(adapter: LoraAdapter, module: LoraModule) -> tuple[Tensor, Tensor]:
-    lora_a = adapter.weights.read(module.key_a)
-    lora_b = adapter.weights.read(module.key_b)
-    return (lora_a.T, lora_b.T) if module.factors_transposed else (lora_b, lora_a)
-
-
 def gateable(adapter: LoraAdapter) -> list[str]:
-    """The modules gated: LoRA linear layers (Conv1D included); embeddings are not."""
+    """The modules gated: LoRA linear layers (Conv1D included), whose `lora_A` is a layer to
+    hook; embeddings and `target_parameters` (MoE experts) are not."""
     return [module.name for module in adapter.modules if module.kind in ("linear", "conv1d")]
