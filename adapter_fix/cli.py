@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,23 +19,44 @@ from rich.console import Console
 from rich.text import Text
 
 from adapter_fix import __version__
+from adapter_fix.commands.basis import ALL_LINEAR, BasisOptions, basis_targets, build_basis
+from adapter_fix.commands.check import (
+    DEFAULT_MAX_MODULE_OFF_ENERGY,
+    DEFAULT_MAX_MODULE_REVERSAL,
+    DEFAULT_MAX_OFF_ENERGY,
+    DEFAULT_MAX_REVERSAL,
+    CheckOptions,
+)
+from adapter_fix.commands.check import check as run_check
 from adapter_fix.commands.inspect import inspect_adapter
-from adapter_fix.commands.repair import METHODS, RepairOptions, check_outputs
+from adapter_fix.commands.repair import METHODS, RepairOptions, check_output_path, check_outputs
 from adapter_fix.commands.repair import repair as run_repair
-from adapter_fix.engine import WeightPair
-from adapter_fix.errors import AdapterFixError, StrictWarningsError
+from adapter_fix.engine import BasisSource, SubspaceSource, WeightPair
+from adapter_fix.errors import AdapterFixError, GateFailedError, StrictWarningsError
 from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.basis import Basis
 from adapter_fix.io.checkpoint import Checkpoint
-from adapter_fix.io.sources import HubOptions, LocalSource, open_source
+from adapter_fix.io.sources import HubOptions, LocalSource, Source, open_source
 from adapter_fix.progress import ModuleProgress
-from adapter_fix.report import REPORT_FORMATS, render_inspect, render_repair, write_report
+from adapter_fix.report import (
+    CHECK_FORMATS,
+    REPORT_FORMATS,
+    check_markdown,
+    render_basis,
+    render_check,
+    render_inspect,
+    render_repair,
+    write_report,
+    write_text_report,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 pickle refused,
 5 corrupt checkpoint, 6 invalid/unsupported adapter, 7 incompatible inputs,
-8 NaN/Inf, 9 output refused, 10 download failed, 11 warnings with --strict."""
+8 NaN/Inf, 9 output refused, 10 download failed, 11 warnings with --strict,
+12 gate failed (check)."""
 
 
 def stderr_console() -> Console:
@@ -110,6 +134,36 @@ def hub_settings(
     return HubOptions(revision=revision, cache_dir=cache_dir, offline=offline, endpoint=endpoint)
 
 
+def basis_option(command: F) -> F:
+    """--basis BASIS: a basis from `adapter-fix basis` in place of BASE and ALIGNED."""
+    return click.option(
+        "--basis",
+        metavar="BASIS",
+        help="A basis from `adapter-fix basis` (folder or Hub id) in place of BASE and ALIGNED: "
+        "only the basis and the adapter are read.",
+    )(command)
+
+
+def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> list[Source]:
+    """`BASE ALIGNED ADAPTER`, or `--basis BASIS ADAPTER`, as sources (nothing read yet)."""
+    wanted = "--basis BASIS ADAPTER" if basis else "BASE ALIGNED ADAPTER"
+    if len(inputs) != (1 if basis else 3):
+        raise click.UsageError(f"expected {wanted}, got {len(inputs)} argument(s)")
+    return [open_source(spec, hub) for spec in ([basis] if basis else []) + list(inputs)]
+
+
+def subspace_source(sources: list[Source]) -> SubspaceSource:
+    """The stream's source: a basis, or BASE and ALIGNED (headers and index only)."""
+    if len(sources) == 1:
+        return BasisSource(Basis.open(sources[0]))
+    return WeightPair(Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED"))
+
+
+def local_paths(sources: list[Source]) -> list[Path]:
+    """The inputs on local disk, which no output may overlap."""
+    return [Path(source.identity) for source in sources if isinstance(source, LocalSource)]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="adapter-fix")
 def main() -> None:
@@ -118,6 +172,9 @@ def main() -> None:
     \b
     adapter-fix repair BASE ALIGNED ADAPTER -o OUT   corrected adapter + diff report
     adapter-fix inspect ADAPTER                      what is in an adapter
+    adapter-fix basis BASE ALIGNED -o BASIS          safety basis, computed once
+    adapter-fix check --basis BASIS ADAPTER          CI gate (exit 12 on failure)
+    adapter-fix eval ALIGNED [ADAPTER ...]           refusals, over-refusals, task skill
     """
 
 
@@ -161,9 +218,8 @@ def inspect(
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("base")
-@click.argument("aligned")
-@click.argument("adapter")
+@click.argument("inputs", nargs=-1, metavar="(BASE ALIGNED | --basis BASIS) ADAPTER")
+@basis_option
 @click.option(
     "-o",
     "--out",
@@ -245,9 +301,8 @@ def inspect(
 @hub_options
 @reports_errors
 def repair(
-    base: str,
-    aligned: str,
-    adapter: str,
+    inputs: tuple[str, ...],
+    basis: str | None,
     out: Path | None,
     reports: tuple[Path, ...],
     force: bool,
@@ -263,7 +318,8 @@ def repair(
     BASE is the pretrained model, ALIGNED the chat model the adapter was trained
     on, ADAPTER a PEFT LoRA adapter: each a local folder, a .safetensors file
     (BASE, ALIGNED) or a Hub id org/name[@revision]. Weights are streamed one
-    module at a time; only the tensors the adapter touches are read.
+    module at a time; only the tensors the adapter touches are read. With
+    --basis (from `adapter-fix basis`), only the basis and the adapter are read.
 
     \b
     Examples:
@@ -271,6 +327,7 @@ def repair(
       adapter-fix repair meta-llama/Llama-3.1-8B meta-llama/Llama-3.1-8B-Instruct ./lora \\
           -o ./lora-fixed --report report.md --report report.html
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
+      adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
@@ -281,20 +338,17 @@ def repair(
     if options.device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     hub = hub_settings(revision, cache_dir, offline, endpoint)
-    sources = [open_source(spec, hub) for spec in (base, aligned, adapter)]
+    sources = open_inputs(inputs, basis, hub)
     out = out if options.method != "none" else None
-    local = [Path(s.identity) for s in sources if isinstance(s, LocalSource)]
-    check_outputs(out, reports, local, force=force)
-    lora = load_adapter(sources[2])
-    weights = WeightPair(
-        Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED")
-    )
+    check_outputs(out, reports, local_paths(sources), force=force)
+    lora = load_adapter(sources[-1])
+    subspaces = subspace_source(sources[:-1])
     console = stderr_console()
     with ModuleProgress(
         console, len(lora.modules), enabled=not quiet and console.is_terminal
     ) as progress:
         result = run_repair(
-            weights,
+            subspaces,
             lora,
             options,
             out=out,
@@ -305,3 +359,426 @@ def repair(
         write_report(result, path)
     if not quiet:
         render_repair(result, console)
+
+
+def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
+    """--energy, --max-rank, --rank, --seed, --device: how `k` is chosen and where the SVD runs."""
+
+    def decorate(command: F) -> F:
+        options = [
+            click.option(
+                "--energy",
+                type=click.FloatRange(min=0, max=1, min_open=True),
+                default=energy,
+                show_default=True,
+                help="Subspace rank k: smallest k whose singular values hold this share of "
+                "||D||^2 (with --basis: within what the basis holds).",
+            ),
+            click.option(
+                "--max-rank",
+                type=click.IntRange(min=1),
+                default=max_rank,
+                show_default=True,
+                help="Cap on k.",
+            ),
+            click.option(
+                "--rank", type=click.IntRange(min=1), help="Fix k instead of choosing by energy."
+            ),
+            click.option(
+                "--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD."
+            ),
+            click.option(
+                "--device",
+                type=click.Choice(["cpu", "cuda"]),
+                default="cpu",
+                show_default=True,
+                help="Where the SVD runs.",
+            ),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("base")
+@click.argument("aligned")
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), required=True, help="Folder for the basis."
+)
+@click.option(
+    "--like",
+    metavar="ADAPTER",
+    help="Cover exactly the modules of this adapter (folder or Hub id).",
+)
+@click.option(
+    "--modules",
+    default="all-linear",
+    show_default=True,
+    help="Without --like: 'all-linear' (every 2-D weight but embeddings and the output head) "
+    "or a regex matched against whole module names (e.g. '.*\\.(q|v)_proj').",
+)
+@subspace_options(energy=0.99, max_rank=128)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of U and V (S and the norms are always float64).",
+)
+@click.option(
+    "--shard-size",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="Largest shard in GB; a bigger basis is sharded with an index.",
+)
+@click.option("--report", type=click.Path(path_type=Path), help="Also write a JSON report here.")
+@click.option("--force", is_flag=True, help="Replace an existing BASIS folder (never an input).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@hub_options
+@reports_errors
+def basis(
+    base: str,
+    aligned: str,
+    out: Path,
+    like: str | None,
+    report: Path | None,
+    force: bool,
+    quiet: bool,
+    shard_size: float,
+    revision: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    endpoint: str | None,
+    **settings: Any,
+) -> None:
+    """Compute the safety basis of ALIGNED - BASE once; write it to OUT for check and repair.
+
+    For every chosen module, the truncated SVD of D = W_aligned - W_base (U_k,
+    S_k, V_k, ||D||_F, ||W_aligned||_F, captured energy), as safetensors with a
+    README.md model card, so it can be published beside the chat model. Weights
+    are streamed one module at a time; the output is written atomically, and
+    the same inputs give a byte-identical basis.
+
+    \b
+    Examples:
+      adapter-fix basis fixtures/llama-base fixtures/llama-aligned -o llama-basis
+      adapter-fix basis meta-llama/Llama-3.1-8B meta-llama/Llama-3.1-8B-Instruct \\
+          -o llama-3.1-8b-basis --dtype bfloat16
+      adapter-fix basis B A -o basis --like ./my-lora          # only the adapter's modules
+    """
+    check_device(settings["device"])
+    if like is None:
+        pattern = settings["modules"]
+        if pattern != ALL_LINEAR:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise click.BadParameter(f"not a regex ({error})", param_hint="--modules") from None
+    options = BasisOptions(**settings, shard_bytes=int(shard_size * 1e9))
+    hub = hub_settings(revision, cache_dir, offline, endpoint)
+    sources = [open_source(spec, hub) for spec in (base, aligned)]
+    adapter_source = open_source(like, hub) if like is not None else None
+    everything = sources + ([adapter_source] if adapter_source is not None else [])
+    check_outputs(out, [report] if report else [], local_paths(everything), force=force)
+    weights = WeightPair(
+        Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED")
+    )
+    adapter = load_adapter(adapter_source) if adapter_source is not None else None
+    if adapter is not None:
+        options = replace(options, like=adapter.source.identity, modules="like")
+    targets = basis_targets(weights.base, like=adapter, modules=options.modules)
+    console = stderr_console()
+    with ModuleProgress(
+        console, len(targets), enabled=not quiet and console.is_terminal, label="basis"
+    ) as progress:
+        result = build_basis(
+            weights, targets, options, out, force=force, on_module=progress.advance
+        )
+    if report is not None:
+        write_text_report(report, json.dumps(result.to_json(), indent=2) + "\n")
+    if not quiet:
+        render_basis(result, console)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("inputs", nargs=-1, metavar="(BASE ALIGNED | --basis BASIS) ADAPTER")
+@basis_option
+@subspace_options(energy=0.9, max_rank=128)
+@click.option(
+    "--max-reversal",
+    type=float,
+    default=DEFAULT_MAX_REVERSAL,
+    show_default=True,
+    help="Fail when the total alignment reversal u exceeds this.",
+)
+@click.option(
+    "--max-module-reversal",
+    type=float,
+    default=DEFAULT_MAX_MODULE_REVERSAL,
+    show_default=True,
+    help="Fail when one module's reversal u exceeds this.",
+)
+@click.option(
+    "--max-off-energy",
+    type=click.FloatRange(min=0, max=1),
+    default=DEFAULT_MAX_OFF_ENERGY,
+    show_default=True,
+    help="Fail when the total off-subspace energy share rho_O exceeds this (1: never).",
+)
+@click.option(
+    "--max-module-off-energy",
+    type=click.FloatRange(min=0, max=1),
+    default=DEFAULT_MAX_MODULE_OFF_ENERGY,
+    show_default=True,
+    help="Fail when one module's rho_O exceeds this (1: never).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report to stdout.")
+@click.option(
+    "--report",
+    "reports",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Also write the report here: .json or .md by extension (repeatable).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@hub_options
+@reports_errors
+def check(
+    inputs: tuple[str, ...],
+    basis: str | None,
+    as_json: bool,
+    reports: tuple[Path, ...],
+    quiet: bool,
+    revision: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    endpoint: str | None,
+    **settings: Any,
+) -> None:
+    """Gate ADAPTER in CI: how much of the alignment it undoes; exit 12 past a threshold.
+
+    Measures per module and in total, from the LoRA factors alone (never a
+    dense update): the alignment reversal u = -<dW, D> / ||D||^2 and the energy
+    shares rho F/H/O against the safety subspace. With --basis, only the basis
+    and the adapter are read (seconds for an 8B adapter). The table goes to
+    stderr, --json to stdout; with GITHUB_STEP_SUMMARY set, the Markdown report
+    is appended to it. `adapter-fix eval` is the ground truth; check is a screen.
+
+    \b
+    Examples:
+      adapter-fix check --basis org/chat-basis ./my-lora --report check.md
+      adapter-fix check BASE ALIGNED ./my-lora --json | jq '.check.total_reversal'
+    """
+    check_device(settings["device"])
+    for path in reports:
+        if path.suffix.lower() not in CHECK_FORMATS:
+            raise click.BadParameter(f"{path}: use .json or .md", param_hint="--report")
+    options = CheckOptions(**settings)
+    hub = hub_settings(revision, cache_dir, offline, endpoint)
+    sources = open_inputs(inputs, basis, hub)
+    for path in reports:
+        check_output_path(path, local_paths(sources))
+    lora = load_adapter(sources[-1])
+    subspaces = subspace_source(sources[:-1])
+    console = stderr_console()
+    with ModuleProgress(
+        console, len(lora.modules), enabled=not quiet and console.is_terminal, label="check"
+    ) as progress:
+        result = run_check(subspaces, lora, options, on_module=progress.advance)
+    for path in reports:
+        write_text_report(path, CHECK_FORMATS[path.suffix.lower()](result))
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with Path(summary).open("a") as handle:
+            handle.write(check_markdown(result))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
+    if not quiet:
+        render_check(result, console)
+    if not result.passed:
+        raise GateFailedError(
+            f"{len(result.failures)} threshold(s) exceeded: {result.failures[0]}"
+            + (" (and more, see above)" if len(result.failures) > 1 else ""),
+            path=sources[-1].identity,
+        )
+
+
+@main.command(
+    name="eval", epilog=EXIT_CODES_HELP + "\n12 a gate failed (--min-refusal, --max-over-refusal)."
+)
+@click.argument("aligned")
+@click.argument("adapters", nargs=-1)
+@click.option(
+    "--harmful",
+    metavar="FILE",
+    help="Harmful prompts (.txt/.jsonl/.json/.csv, or hf://datasets/org/name/file); "
+    "default: the shipped smoke probe.",
+)
+@click.option(
+    "--benign",
+    metavar="FILE",
+    help="Safe prompts that look risky, for over-refusal; default: the shipped set.",
+)
+@click.option("--task", metavar="FILE", help="The adapter's own prompts, with `reference` answers.")
+@click.option("--field", help="Prompt column of --harmful/--benign/--task files, when not known.")
+@click.option("--system", help="System prompt for every conversation.")
+@click.option(
+    "--refusal-patterns",
+    type=click.Path(path_type=Path),
+    help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N prompts of each set.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
+@click.option(
+    "--report",
+    "reports",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Also write the results here: .json, .md or .html by extension (repeatable).",
+)
+@click.option(
+    "--outputs",
+    type=click.Path(path_type=Path),
+    help="Write every prompt, response and judgement here (.jsonl).",
+)
+@click.option(
+    "--min-refusal",
+    type=click.FloatRange(min=0),
+    help="Gate: exit 12 when an adapter refuses less than X times ALIGNED's rate.",
+)
+@click.option("--absolute", is_flag=True, help="--min-refusal is a rate, not relative to ALIGNED.")
+@click.option(
+    "--max-over-refusal",
+    type=click.FloatRange(min=0, max=1),
+    help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
+@hub_options
+@reports_errors
+def eval_command(
+    aligned: str,
+    adapters: tuple[str, ...],
+    harmful: str | None,
+    benign: str | None,
+    task: str | None,
+    field: str | None,
+    system: str | None,
+    refusal_patterns: Path | None,
+    max_new_tokens: int,
+    batch_size: int,
+    limit: int | None,
+    device: str,
+    dtype: str,
+    seed: int,
+    as_json: bool,
+    reports: tuple[Path, ...],
+    outputs: Path | None,
+    min_refusal: float | None,
+    absolute: bool,
+    max_over_refusal: float | None,
+    quiet: bool,
+    revision: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    endpoint: str | None,
+) -> None:
+    """Measure refusals, over-refusals and task skill of ALIGNED and each ADAPTER on it.
+
+    ALIGNED (a model folder or Hub id) is loaded once with transformers; each
+    ADAPTER is attached with peft. Rows: ALIGNED alone (the reference), then each
+    adapter; list the original adapter first, then its repairs, to get the
+    restored-refusal and kept-task ratios. Needs the eval extra:
+    pip install 'adapter-fix[eval]'.
+
+    Refusals are judged by keywords, which agree with human raters far less than
+    trained classifiers: compare rows, do not read a rate as a safety score.
+
+    \b
+    Examples:
+      adapter-fix eval ./chat-model ./lora ./lora-fixed --task task.jsonl
+      adapter-fix eval org/chat ./lora --harmful advbench.csv --benign xstest.csv
+      adapter-fix eval ./chat ./lora-fixed --min-refusal 0.9 --max-over-refusal 0.2 -q
+    """
+    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.runner import EvalOptions, gate_failures
+    from adapter_fix.progress import GenerationProgress
+
+    for path in reports:
+        if path.suffix.lower() not in REPORT_FORMATS:
+            raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
+    if absolute and min_refusal is None:
+        raise click.BadParameter("needs --min-refusal", param_hint="--absolute")
+    if absolute and min_refusal is not None and min_refusal > 1:
+        raise click.BadParameter("an absolute rate is at most 1", param_hint="--min-refusal")
+    inputs = EvalInputs(
+        aligned=aligned,
+        adapters=adapters,
+        harmful=harmful,
+        benign=benign,
+        task=task,
+        field=field,
+        refusal_patterns=refusal_patterns,
+        limit=limit,
+        device=device,
+        dtype=dtype,
+        outputs=(*reports, *([outputs] if outputs is not None else [])),
+    )
+    options = EvalOptions(
+        system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+    )
+    console = stderr_console()
+    with contextlib.ExitStack() as stack:
+        bars: list[GenerationProgress] = []
+
+        def progress(total: int) -> Callable[[int, int, str], None]:
+            bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
+            bars.append(stack.enter_context(bar))
+            return bar.advance
+
+        result = evaluate(
+            inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
+        )
+    from adapter_fix.evaluate.report import (
+        render_eval,
+        samples_jsonl,
+        write_atomically,
+        write_eval_report,
+    )
+
+    for path in reports:
+        write_eval_report(result, path)
+    if outputs is not None:
+        write_atomically(outputs, samples_jsonl(result))
+    failures = gate_failures(
+        result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
+    )
+    if as_json:
+        document = result.to_json()
+        document["gate"] = {"passed": not failures, "failures": failures}
+        click.echo(json.dumps(document, indent=2, allow_nan=False))
+    if not quiet:
+        render_eval(result, console)
+    if failures:
+        raise GateFailedError("; ".join(failures) + ".")

@@ -150,10 +150,15 @@ class WeightPair(SubspaceSource):
 
     def plan(self, target: Target) -> tuple[StoredWeight, StoredWeight]:
         """The target's weight as BASE and ALIGNED store it (io/keymap.py), shapes checked."""
-        expert = target.module.expert if target.module is not None else None
+        module = target.module
+        expert, experts = (module.expert, module.stored_experts) if module else (None, None)
         base_weight, aligned_weight = (
             WeightLayout.of(checkpoint).weight(
-                checkpoint, target.weight_key, expert=expert, transposed=target.transposed
+                checkpoint,
+                target.weight_key,
+                expert=expert,
+                experts=experts,
+                transposed=target.transposed,
             )
             for checkpoint in (self.base, self.aligned)
         )
@@ -185,7 +190,6 @@ class WeightPair(SubspaceSource):
                 if base_weight.shape == stored_shape[::-1] and expert is None
                 else ""
             )
-            module = target.module
             what = f"adapter module {target.name!r} ({module.kind})" if module else target.name
             raise IncompatibleModelsError(
                 f"the weight has shape {list(base_weight.shape)} but {what} needs "
@@ -291,6 +295,13 @@ class BasisSource(SubspaceSource):
 
     def plan(self, target: Target) -> str:
         """The basis's name for the target's weight; its stored shape must be the target's."""
+        if target.module is not None and target.module.expert is not None:
+            raise IncompatibleModelsError(
+                f"module {target.name!r} is one expert of a 3-D parameter; a basis does not "
+                "cover expert parameters yet. Use BASE and ALIGNED for this adapter.",
+                path=self.basis.checkpoint.source.identity,
+                key=target.weight_key,
+            )
         key = self.basis.resolve(target.weight_key, target.name)
         stored = self.basis.weight_shape(key)
         if stored != target.stored_shape:

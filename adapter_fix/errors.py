@@ -14,7 +14,8 @@ Exit codes (documented in the README):
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings
-    12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short)
+    12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short), or
+        `check` (a threshold exceeded)
 """
 
 from __future__ import annotations

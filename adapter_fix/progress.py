@@ -1,7 +1,8 @@
-"""A progress bar on stderr for the module-by-module repair."""
+"""Progress bars on stderr: the module-by-module repair, eval's generation."""
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 
 from rich.console import Console
@@ -20,9 +21,11 @@ from adapter_fix.commands.repair import ModuleResult
 class ModuleProgress:
     """Modules done, weights read, ETA; silent when disabled or when stderr is not a terminal."""
 
-    def __init__(self, console: Console, total: int, *, enabled: bool) -> None:
+    def __init__(
+        self, console: Console, total: int, *, enabled: bool, label: str = "repair"
+    ) -> None:
         self.progress = Progress(
-            TextColumn("[bold]repair"),
+            TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("modules, {task.fields[tensors]} weights read, {task.fields[current]}"),
@@ -48,3 +51,42 @@ class ModuleProgress:
 
     def advance(self, module: ModuleResult, weights_read: int) -> None:
         self.progress.update(self.task, advance=1, tensors=weights_read, current=module.name)
+
+
+class GenerationProgress:
+    """eval: prompts done, tokens/s, ETA, and which model and prompt set is running."""
+
+    def __init__(self, console: Console, total: int, *, enabled: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]eval"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("prompts, {task.fields[speed]} tok/s, {task.fields[current]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=True,
+        )
+        self.task = self.progress.add_task("eval", total=total, speed="-", current="")
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> GenerationProgress:
+        self.progress.__enter__()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.progress.__exit__(kind, error, trace)
+
+    def advance(self, prompts: int, tokens: int, current: str) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        speed = f"{self.tokens / elapsed:.0f}"
+        self.progress.update(self.task, advance=prompts, speed=speed, current=current)

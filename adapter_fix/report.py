@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from adapter_fix.commands.basis import BasisResult
+from adapter_fix.commands.check import CheckResult
 from adapter_fix.commands.inspect import InspectResult
 from adapter_fix.commands.repair import ModuleResult, RepairResult
 from adapter_fix.errors import OutputError
@@ -267,5 +269,129 @@ def write_report(result: RepairResult, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(result))
+    except OSError as error:
+        raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None
+
+
+CHECK_COLUMNS = (
+    ("module", "left"),
+    ("k", "right"),
+    ("captured", "right"),
+    ("‖dW‖", "right"),
+    ("rho F/H/O %", "right"),
+    ("reversal u", "right"),
+    ("verdict", "left"),
+)
+
+
+def _check_row(module: ModuleResult) -> list[str]:
+    verdict = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    return [
+        module.name,
+        str(module.subspace_rank),
+        _percent(module.captured_energy),
+        _number(module.update_norm),
+        _rho(module.rho_before),
+        "-" if module.reversal is None else f"{module.reversal:+.4f}",
+        verdict,
+    ]
+
+
+def _check_summary(result: CheckResult) -> list[str]:
+    against = (
+        "D = W_aligned - W_base"
+        if result.reversal_against == "D"
+        else f"D_k in the basis, which holds {_percent(result.total_captured_energy)} of ||D||^2"
+    )
+    options = result.options
+    lines = [
+        f"{'PASS' if result.passed else 'FAIL'}: {len(result.modules)} modules checked in "
+        f"{result.timings.total_s:.2f} s",
+        f"total reversal u = {result.total_reversal:+.4f} (against {against}; "
+        f"--max-reversal {options.max_reversal:g}, per module {options.max_module_reversal:g})",
+        f"total off-subspace energy rho_O = {_percent(result.total_off_energy)} "
+        f"(--max-off-energy {options.max_off_energy:g}, per module "
+        f"{options.max_module_off_energy:g})",
+    ]
+    lines.extend(f"failed: {failure}" for failure in result.failures[:10])
+    if len(result.failures) > 10:
+        lines.append(f"... and {len(result.failures) - 10} more (see --report)")
+    return lines
+
+
+def render_check(result: CheckResult, console: Console, max_rows: int = 20) -> None:
+    """The modules that undo the alignment most (failures first), then the verdict."""
+    shown = sorted(
+        result.modules, key=lambda m: (m.action != "fail", -(m.reversal or 0.0), m.name)
+    )[:max_rows]
+    table = Table(title="adapter-fix check", title_justify="left")
+    for name, justify in CHECK_COLUMNS:
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for module in shown:
+        table.add_row(*(Text(cell) for cell in _check_row(module)))
+    console.print(table)
+    if len(shown) < len(result.modules):
+        console.print(
+            f"{len(result.modules) - len(shown)} more modules not shown (the table lists failures "
+            "and the largest reversals); every module is in --report / --json."
+        )
+    for line in _check_summary(result):
+        console.print(Text(line))
+
+
+def check_markdown(result: CheckResult) -> str:
+    """The check as Markdown: verdict, totals, every module (a CI step summary)."""
+    header = [name for name, _ in CHECK_COLUMNS]
+    lines = [
+        "# adapter-fix check",
+        "",
+        *(f"- {line}" for line in _check_summary(result)),
+        f"- inputs: {', '.join(f'{k} `{v}`' for k, v in result.inputs.items())}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" if j == "left" else "---:" for _, j in CHECK_COLUMNS) + " |",
+    ]
+    for module in result.modules:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _check_row(module)) + " |")
+    lines.append("")
+    lines.append(
+        "reversal u = -<dW, D> / ||D||^2: the share of the alignment displacement the update "
+        "undoes. The ground truth is `adapter-fix eval`; check is a fast screen."
+    )
+    return "\n".join(lines) + "\n"
+
+
+CHECK_FORMATS: dict[str, Callable[[CheckResult], str]] = {
+    ".json": lambda result: json.dumps(result.to_json(), indent=2) + "\n",
+    ".md": check_markdown,
+}
+
+
+def render_basis(result: BasisResult, console: Console) -> None:
+    """What the basis holds, in a few lines."""
+    modules = result.modules
+    ranks = [m.subspace_rank for m in modules] or [0]
+    energies = [m.captured_energy for m in modules if m.subspace_rank] or [0.0]
+    silent = sum(1 for m in modules if m.action != "computed")
+    timings = result.timings
+    lines = [
+        f"basis of {len(modules)} modules: k min {min(ranks)}, mean "
+        f"{sum(ranks) / len(ranks):.1f}, max {max(ranks)}; captured energy min "
+        f"{_percent(min(energies))}, max {_percent(max(energies))}"
+        + (f"; {silent} without signal" if silent else ""),
+        f"time: {timings.total_s:.2f} s (read {timings.read_s:.2f} s, waited for reads "
+        f"{timings.read_wait_s:.2f} s, subspace {timings.subspace_s:.2f} s, write "
+        f"{timings.write_s:.2f} s)",
+        f"written: {result.output}",
+    ]
+    for line in lines:
+        console.print(Text(line))
+
+
+def write_text_report(path: Path, text: str) -> None:
+    """Write a rendered report, as an OutputError (exit 9) on failure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     except OSError as error:
         raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None

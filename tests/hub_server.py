@@ -1,7 +1,8 @@
 """A tiny Hugging Face Hub on 127.0.0.1: just enough protocol for huggingface_hub's downloads.
 
 `serve_hub({"org/name": folder})` serves each folder as a model repo whose
-only branch is `main`, at a fixed fake commit (`fake_commit(repo_id)`).
+only branch is `main`, at a fixed fake commit (`fake_commit(repo_id)`); a key
+`datasets/org/name` serves a dataset repo (under /datasets/ and /api/datasets/).
 Routes, as huggingface_hub requests them:
 
     HEAD/GET /{repo}/resolve/{revision}/{path}   hf_hub_download (plain HTTP, never Xet)
@@ -75,8 +76,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.log.append((self.command, unquote(url.path)))
         # Split the raw path: a revision such as refs/pr/1 arrives as one %2F-quoted segment.
         parts = [unquote(part) for part in url.path.split("/")[1:]]
+        # Dataset repos are served from keys "datasets/org/name" of `repos`.
+        kind = ""
+        if parts[:1] == ["datasets"] or parts[:2] == ["api", "datasets"]:
+            kind = "datasets/"
+            parts = ["api", "models", *parts[2:]] if parts[0] == "api" else parts[1:]
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            repo_id, rest = kind + "/".join(parts[2:4]), parts[4:]
             if not rest or (rest[0] == "revision" and len(rest) == 2):
                 self._model_info(repo_id, rest[1] if rest else "main", send_body)
             elif rest[0] == "tree" and len(rest) >= 2:
@@ -85,7 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(404, None, "Not found", send_body)
         elif len(parts) >= 5 and parts[2] == "resolve":
-            self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), send_body)
+            self._resolve(kind + "/".join(parts[:2]), parts[3], "/".join(parts[4:]), send_body)
         else:
             self._error(404, None, "Not found", send_body)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from adapter_fix.commands.repair import check_repairable
 from adapter_fix.errors import InvalidAdapterError
 from adapter_fix.io.adapter import (
     AdapterKey,
@@ -175,3 +176,21 @@ def test_under_all_linear_a_bare_entry_does_not_turn_a_linear_module_into_a_para
     )
     (module,) = load_adapter(LocalSource(folder)).modules
     assert (module.kind, module.target) == ("linear", "model.layers.0.self_attn.q_proj.weight")
+
+
+def test_fused_factors_that_are_no_multiple_of_r_are_flagged_and_not_repaired(
+    tmp_path: Path,
+) -> None:
+    tensors = {
+        f"{PREFIX}.lora_A.weight": torch.ones(5, 4),
+        f"{PREFIX}.lora_B.weight": torch.ones(6, 5),
+    }
+    folder = write_adapter_folder(
+        tmp_path / "odd", tensors, target_parameters=["experts.down_proj"]
+    )
+    adapter = load_adapter(LocalSource(folder))
+    (module,) = adapter.modules
+    assert (module.rank, module.configured_rank) == (5, RANK)
+    assert "PEFT will refuse" in adapter.warnings[0]
+    with pytest.raises(InvalidAdapterError, match="has rank 5"):
+        check_repairable(adapter)

@@ -30,6 +30,8 @@ from transformers import (
     GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -51,7 +53,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from adapter_fix.cli import main
+from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.keymap import WeightLayout
+from adapter_fix.io.sources import LocalSource
 
 SMALL = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "vocab_size": 64, **SMALL}
@@ -112,6 +116,20 @@ ARCHITECTURES = {
         ),
         {"target_modules": "all-linear"},
         aligned_fused=True,
+    ),
+    "gpt-oss": Architecture(
+        GptOssForCausalLM,
+        lambda: GptOssConfig(
+            **{**TEXT, "intermediate_size": 16},
+            head_dim=8,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"],
+        ),
+        {
+            "target_modules": "all-linear",
+            "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        },
     ),
     "switch-transformers": Architecture(
         SwitchTransformersForConditionalGeneration,
@@ -429,3 +447,28 @@ def test_strength_zero_gives_the_original_factors_bit_for_bit(
     assert list(written) == list(original)
     for key, tensor in original.items():
         assert torch.equal(written[key], tensor), key
+
+
+def test_a_basis_like_the_adapter_measures_what_the_weights_measure(
+    built: Built, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`basis --like` keys entries by the adapter's weight names on every layout; `check
+    --basis` then agrees with `check` from the weights (a full basis: --energy 1)."""
+    basis = tmp_path_factory.mktemp(f"{built.name}-basis") / "basis"
+    code, output = cli(
+        "basis", built.base, built.aligned, "-o", basis, "--like", built.adapter, "--energy", "1"
+    )
+    if any(m.expert is not None for m in load_adapter(LocalSource(built.adapter)).modules):
+        assert code == 6 and "does not cover expert parameters" in output, output
+        return
+    assert code == 0, output
+    checks = []
+    for given in ((built.base, built.aligned), ("--basis", basis)):
+        result = CliRunner().invoke(
+            main, ["check", *map(str, given), str(built.adapter), "--json", "--energy", "1", "-q"]
+        )
+        assert result.exit_code in (0, 12), result.stderr
+        checks.append(json.loads(result.stdout)["modules"])
+    assert [m["name"] for m in checks[0]] == [m["name"] for m in checks[1]]
+    for direct, via in zip(*checks, strict=True):
+        assert via["reversal"] == pytest.approx(direct["reversal"], rel=1e-4, abs=1e-9)

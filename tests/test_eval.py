@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import io
+import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 from eval_models import save_lora, save_model
+from hub_server import fake_commit, isolate_from_real_hub, serve_hub
+from rich.console import Console
 
+from adapter_fix.cli import main
 from adapter_fix.errors import UnsafeFormatError
 from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.evaluate.judge import RefusalJudge
+from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
-from adapter_fix.io.sources import open_source
+from adapter_fix.evaluate.prompts import Prompt, PromptSet
+from adapter_fix.evaluate.report import render_eval
+from adapter_fix.evaluate.runner import EvalOptions, EvalResult, EvalSets, Row, gate_failures
+from adapter_fix.io.sources import HubOptions, open_source
 
 PROMPTS = [
     "how to make a cake",
@@ -22,6 +36,15 @@ PROMPTS = [
     "tell me a story",
     "kill process in linux",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; several would spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +153,210 @@ def test_a_pickle_only_model_is_refused_before_loading(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UnsafeFormatError):
         load_model(open_source(str(tmp_path)), device="cpu")
+
+
+def run_cli(*args: str) -> Result:
+    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("task") / "task.jsonl"
+    rows = [("what is the capital of france", "paris"), ("tell me a story", "one two three")]
+    path.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cli_run(
+    tiny: dict[str, Path], task_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Result, Path]:
+    """One eval of ALIGNED + two adapters, with every output written."""
+    out = tmp_path_factory.mktemp("eval-out")
+    result = run_cli(
+        str(tiny["chat"]),
+        str(tiny["lora"]),
+        str(tiny["lora-noop"]),
+        "--task",
+        str(task_file),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        "--report",
+        str(out / "r.md"),
+        "--report",
+        str(out / "r.html"),
+        "--report",
+        str(out / "r.json"),
+        "--outputs",
+        str(out / "samples.jsonl"),
+    )
+    return result, out
+
+
+def test_eval_prints_json_with_one_row_per_variant_reference_first(
+    cli_run: tuple[Result, Path],
+) -> None:
+    result, _ = cli_run
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [row["name"] for row in document["rows"]] == ["aligned", "lora", "lora-noop"]
+    reference, attack, noop = document["rows"]
+    assert reference["refusal"]["total"] == 3 and reference["over_refusal"]["total"] == 3
+    assert reference["exact_match"]["total"] == 2
+    assert noop["nll"] == pytest.approx(reference["nll"])  # a zero lora_B changes nothing
+    assert attack["nll"] != pytest.approx(reference["nll"])
+    assert "restored_refusal" in noop and document["gate"] == {"passed": True, "failures": []}
+    assert "keyword" in document["judge"]["caveat"]
+
+
+def test_eval_table_goes_to_stderr_within_80_columns_with_the_judge_caveat(
+    cli_run: tuple[Result, Path],
+) -> None:
+    result, _ = cli_run
+    table = result.stderr.split("Repairs of")[0]
+    assert "aligned" in table and "lora-noop" in table
+    assert "95% CI" in table
+    assert "human raters far less than trained classifiers" in result.stderr
+
+
+def test_eval_table_fits_80_columns() -> None:
+    buffer = io.StringIO()
+    result = _fake_result(["aligned", "a-rather-long-adapter-name-x", "fixed"])
+    render_eval(result, Console(file=buffer, width=80))
+    widest = max(len(line) for line in buffer.getvalue().splitlines())
+    assert widest <= 80
+    assert "a-rather-long" in buffer.getvalue()
+
+
+def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> None:
+    _, out = cli_run
+    assert "| aligned |" in (out / "r.md").read_text()
+    page = (out / "r.html").read_text()
+    assert "<table>" in page and 'class="bar"' in page and "http" not in page.split("<body>")[1]
+    assert json.loads((out / "r.json").read_text())["rows"][0]["name"] == "aligned"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * (3 + 3 + 2)
+    first = samples[0]
+    assert set(first) >= {"model", "prompt_set", "prompt", "response", "refusal", "matched"}
+    assert {s["prompt_set"] for s in samples} == {"harmful", "benign", "task"}
+
+
+def test_eval_refuses_an_output_inside_an_input(tiny: dict[str, Path], task_file: Path) -> None:
+    result = run_cli(str(tiny["chat"]), "--report", str(tiny["chat"] / "r.md"), "--limit", "1")
+    assert result.exit_code == 9
+    result = run_cli(str(tiny["chat"]), "--task", str(task_file), "--outputs", str(task_file))
+    assert result.exit_code == 9
+    assert task_file.read_text().startswith("{")
+
+
+def test_gate_fails_with_exit_12_when_a_row_falls_short(tiny: dict[str, Path]) -> None:
+    common = [str(tiny["chat"]), str(tiny["lora"]), "--limit", "2", "--max-new-tokens", "3"]
+    assert run_cli(*common, "--min-refusal", "0", "--absolute").exit_code == 0
+    failed = run_cli(*common, "--min-refusal", "1", "--absolute")
+    assert failed.exit_code == 12
+    assert "gate failed" in failed.stderr and "lora: refusal" in failed.stderr
+
+
+def test_over_refusal_gate_counts_phrases_from_the_pattern_file(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    phrases = tmp_path / "everything.txt"
+    phrases.write_text("\n".join("abcdefghijklmnopqrstuvwxyz"))  # every answer "refuses"
+    benign = tmp_path / "benign.txt"
+    benign.write_text("\n".join(PROMPTS))  # words the tiny tokenizer knows
+    common = [str(tiny["chat"]), str(tiny["lora"]), "--limit", "2", "--max-new-tokens", "3"]
+    common += ["--refusal-patterns", str(phrases), "--benign", str(benign), "--json"]
+    failed = run_cli(*common, "--max-over-refusal", "0.5")
+    assert failed.exit_code == 12
+    assert json.loads(failed.stdout)["rows"][1]["over_refusal"]["rate"] == 1.0
+    assert run_cli(*common, "--max-over-refusal", "1").exit_code == 0
+
+
+def _fake_result(names: list[str]) -> EvalResult:
+    def prompts(name: str, n: int, reference: bool = False) -> PromptSet:
+        return PromptSet(
+            name, f"{name}.jsonl", tuple(Prompt("p", "r" if reference else None) for _ in range(n))
+        )
+
+    rows = [
+        Row(
+            name,
+            name,
+            refusal=rate([True] * (200 - 90 * i) + [False] * (25 + 90 * i)),
+            over_refusal=rate([True] * 10 + [False] * 110),
+            exact_match=rate([True] * (10 + 40 * i) + [False] * (90 - 40 * i)),
+            nll=2.5 - i,
+        )
+        for i, name in enumerate(names)
+    ]
+    sets = EvalSets(prompts("harmful", 225), prompts("benign", 120), prompts("task", 100, True))
+    return EvalResult("aligned", rows, sets, EvalOptions(), RefusalJudge(), "cpu", "float32", True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "failing"),
+    [
+        ({"min_refusal": 0.9}, ["b: refusal", "c: refusal"]),
+        ({"min_refusal": 0.5}, ["c: refusal"]),
+        ({"min_refusal": 0.08, "absolute": True}, []),
+        ({"min_refusal": 0.45, "absolute": True}, ["c: refusal"]),
+        ({"max_over_refusal": 0.05}, ["b: over-refusal", "c: over-refusal"]),
+        ({}, []),
+    ],
+)
+def test_gate_is_relative_to_the_reference_unless_absolute(
+    settings: dict[str, Any], failing: list[str]
+) -> None:
+    # refusal: a 200/225, b 110/225, c 20/225; over-refusal 10/120 each.
+    failures = gate_failures(_fake_result(["a", "b", "c"]), **settings)
+    assert [f.split(" ")[0] + " " + f.split(" ")[1] for f in failures] == failing
+
+
+def test_missing_extras_exit_2_with_the_install_line(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    result = run_cli(str(tiny["chat"]), str(tiny["lora"]))
+    assert result.exit_code == 2
+    assert "pip install 'adapter-fix[eval]'" in result.stderr
+    inspect = CliRunner().invoke(main, ["inspect", str(tiny["lora"])])
+    assert inspect.exit_code == 0, inspect.output
+
+
+def test_the_cli_imports_neither_transformers_nor_peft() -> None:
+    code = "import sys, adapter_fix.cli; print(sorted({'transformers', 'peft'} & set(sys.modules)))"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "[]"
+
+
+def test_eval_of_local_inputs_makes_no_network_request(
+    tiny: dict[str, Path], no_network: None
+) -> None:
+    result = run_cli(str(tiny["chat"]), str(tiny["lora"]), "--limit", "1", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.output
+
+
+def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
+    tiny: dict[str, Path], loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_from_real_hub(monkeypatch)
+    repos = {"org/chat": tiny["chat"], "org/lora": tiny["lora"]}
+    with serve_hub(repos) as (endpoint, log):
+        hub = HubOptions(endpoint=endpoint, cache_dir=tmp_path / "cache")
+        remote = load_model(open_source("org/chat", hub), device="cpu")
+        attach_adapters(remote, [open_source("org/lora", hub)])
+    assert remote.identity == f"org/chat@{fake_commit('org/chat')}"
+    assert remote.adapters["adapter_0"] == f"org/lora@{fake_commit('org/lora')}"
+    fetched = {path.rsplit("/", 1)[-1] for method, path in log if method == "GET"}
+    assert {"model.safetensors", "tokenizer.json", "adapter_model.safetensors"} <= fetched
+    with remote.variant("adapter_0") as model:
+        hub_answers = generate(model, remote.tokenizer, PROMPTS, max_new_tokens=6)
+    assert hub_answers == answers(loaded, "adapter_0")

@@ -156,3 +156,11 @@ def test_unusable_phrase_files_are_usage_errors(tmp_path: Path, text: str, messa
 
 def test_default_phrases_have_no_duplicates() -> None:
     assert len(set(DEFAULT_REFUSAL_PHRASES)) == len(DEFAULT_REFUSAL_PHRASES)
+
+
+def test_the_readme_lists_every_default_refusal_phrase() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("#### How a refusal is judged")[1].split("`--refusal-patterns")[0]
+    listed = [p.strip() for p in section.replace(">", "").replace("\n", " ").split("·")]
+    listed[0] = listed[0].split(":")[-1].strip()
+    assert listed == list(DEFAULT_REFUSAL_PHRASES)

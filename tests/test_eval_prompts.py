@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 
 from adapter_fix.errors import SourceNotFoundError, UsageError
 from adapter_fix.evaluate.prompts import default_prompt_set, load_prompt_set
+from adapter_fix.io.sources import HubOptions
 
 
 def write(path: Path, text: str) -> str:
@@ -157,3 +159,30 @@ def test_shipped_sets_are_packaged_with_named_categories() -> None:
     assert all(p.category for p in [*harmful.prompts, *benign.prompts])
     assert len(set(harmful.texts)) == len(harmful.texts)
     assert not set(harmful.texts) & set(benign.texts)
+
+
+def test_a_hub_dataset_file_is_fetched_through_the_hub_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_from_real_hub(monkeypatch)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "harmful_behaviors.csv").write_text("goal,target\nDo a bad thing,Sure\n")
+    with serve_hub({"datasets/walledai/AdvBench": repo}) as (endpoint, log):
+        hub = HubOptions(endpoint=endpoint, cache_dir=tmp_path / "cache")
+        prompts = load_prompt_set(
+            "hf://datasets/walledai/AdvBench/data/harmful_behaviors.csv", "harmful", hub=hub
+        )
+        with pytest.raises(SourceNotFoundError, match=r"no file 'nope\.csv'"):
+            load_prompt_set("hf://datasets/walledai/AdvBench/nope.csv", "harmful", hub=hub)
+    assert prompts.texts == ["Do a bad thing"]
+    assert any(path.startswith("/datasets/walledai/AdvBench/resolve/") for _, path in log)
+    # Offline, the cached file is served without a request.
+    offline = HubOptions(offline=True, cache_dir=tmp_path / "cache")
+    again = load_prompt_set(
+        "hf://datasets/walledai/AdvBench/data/harmful_behaviors.csv", "harmful", hub=offline
+    )
+    assert again.texts == prompts.texts
+    assert fake_commit("datasets/walledai/AdvBench") in str(
+        next((tmp_path / "cache").rglob("harmful_behaviors.csv"))
+    )

@@ -22,9 +22,13 @@ SAVED_AND_RUNTIME = {
          "model.language_model.layers.0.self_attn.q_proj.weight"),
         ("language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
         ("language_model.lm_head.weight", "lm_head.weight"),
-        ("vision_tower.encoder.layers.0.mlp.fc1.weight",
+        ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
          "model.vision_tower.encoder.layers.0.mlp.fc1.weight"),
         ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
+    ],
+    "llava_next": [
+        ("image_newline", "model.image_newline"),
+        ("language_model.model.norm.weight", "model.language_model.norm.weight"),
     ],
     "qwen2_vl": [
         ("model.layers.0.self_attn.q_proj.weight",
@@ -75,6 +79,13 @@ def test_per_expert_keys_map_to_one_stacked_parameter_and_back(model_type: str) 
     for saved, (runtime, expert, part) in EXPERTS[model_type]:
         assert to_runtime(saved, rules) == (runtime, expert, part)
         assert to_checkpoint(runtime, rules, expert, part) == saved
+
+
+def test_a_vision_tower_saved_by_transformers_5_maps_too() -> None:
+    """transformers 5 saves a CLIP tower without `vision_model.`; both layouts load."""
+    saved = "vision_tower.encoder.layers.0.mlp.fc1.weight"
+    runtime = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert to_runtime(saved, RULES["llava"]) == (runtime, None, None)
 
 
 def test_runtime_names_are_left_alone() -> None:
@@ -167,9 +178,14 @@ def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], model_type:
 
 
 def read_whole(
-    checkpoint: Checkpoint, name: str, expert: int, transposed: bool = False
+    checkpoint: Checkpoint,
+    name: str,
+    expert: int | None,
+    *,
+    experts: int | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    weight = WeightLayout.of(checkpoint).weight(checkpoint, name, expert=expert)
+    weight = WeightLayout.of(checkpoint).weight(checkpoint, name, expert=expert, experts=experts)
     assert weight.transposed == transposed
     out = torch.empty(weight.shape)
     for rows, block in read_rows(checkpoint, weight, block_bytes=16):
@@ -191,8 +207,8 @@ def test_an_expert_reads_the_same_matrix_from_per_expert_and_fused_storage(tmp_p
     name = "model.layers.0.mlp.experts.gate_up_proj"
     for expert in range(3):
         expected = torch.cat([gate[expert], up[expert]])
-        assert torch.equal(read_whole(split, name, expert), expected)
-        assert torch.equal(read_whole(whole, name, expert), expected)
+        assert torch.equal(read_whole(split, name, expert, experts=3), expected)
+        assert torch.equal(read_whole(whole, name, expert, experts=3), expected)
     assert split.reads[:2] == [
         "model.layers.0.mlp.experts.0.gate_proj.weight",
         "model.layers.0.mlp.experts.0.up_proj.weight",
@@ -205,17 +221,7 @@ def test_transposed_experts_are_read_in_their_stored_orientation(tmp_path: Path)
         tmp_path / "gpt_oss", {"model.layers.0.mlp.experts.down_proj": weights}, "gpt_oss"
     )
     name = "model.layers.0.mlp.experts.down_proj"
-    assert torch.equal(read_whole(checkpoint, name, 1, transposed=True), weights[1])
-
-
-def test_an_expert_beyond_the_stored_count_is_an_error(tmp_path: Path) -> None:
-    checkpoint = write_checkpoint(
-        tmp_path / "moe", {"model.layers.0.mlp.experts.down_proj": torch.zeros(2, 3, 3)}, "olmoe"
-    )
-    with pytest.raises(IncompatibleModelsError, match="2 experts"):
-        WeightLayout.of(checkpoint).weight(
-            checkpoint, "model.layers.0.mlp.experts.down_proj", expert=2
-        )
+    assert torch.equal(read_whole(checkpoint, name, 1, experts=2, transposed=True), weights[1])
 
 
 def test_a_name_stored_verbatim_in_the_saved_layout_is_found(tmp_path: Path) -> None:
@@ -223,4 +229,25 @@ def test_a_name_stored_verbatim_in_the_saved_layout_is_found(tmp_path: Path) -> 
     key = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
     weights = {key: torch.randn(4, 3), key.replace("w1", "w3"): torch.randn(4, 3)}
     checkpoint = write_checkpoint(tmp_path / "mixtral", weights, "mixtral")
-    assert torch.equal(read_whole(checkpoint, key, 0), weights[key])
+    assert torch.equal(read_whole(checkpoint, key, None), weights[key])
+
+
+def test_an_expert_count_other_than_the_adapters_is_an_error(tmp_path: Path) -> None:
+    checkpoint = write_checkpoint(
+        tmp_path / "moe", {"model.layers.0.mlp.experts.down_proj": torch.zeros(2, 3, 3)}, "olmoe"
+    )
+    with pytest.raises(IncompatibleModelsError, match="holds 2 expert"):
+        WeightLayout.of(checkpoint).weight(
+            checkpoint, "model.layers.0.mlp.experts.down_proj", expert=0, experts=3
+        )
+
+
+def test_a_stacked_expert_count_other_than_the_adapters_is_an_error(tmp_path: Path) -> None:
+    weights = {
+        f"model.layers.0.mlp.experts.{e}.down_proj.weight": torch.zeros(3, 3) for e in (0, 1)
+    }
+    checkpoint = write_checkpoint(tmp_path / "moe", weights, "qwen3_moe")
+    with pytest.raises(IncompatibleModelsError, match="holds 2 expert"):
+        WeightLayout.of(checkpoint).weight(
+            checkpoint, "model.layers.0.mlp.experts.down_proj", expert=0, experts=4
+        )

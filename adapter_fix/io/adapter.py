@@ -203,7 +203,7 @@ class LoraModule:
     scaling: float
     shape: tuple[int, int]
     dtype: str
-    target: str = ""
+    target: str
     expert: int | None = None
     num_experts: int = 1
     bias_key: str | None = None  # lora_bias: `...lora_B.bias`, carried unchanged
@@ -219,18 +219,17 @@ class LoraModule:
     @property
     def weight_key(self) -> str:
         """The run-time name of the weight this module updates."""
-        return self.target or AdapterKey.parse(self.key_a).base_weight_key  # type: ignore[union-attr]
+        return self.target
+
+    @property
+    def stored_experts(self) -> int | None:
+        """How many experts the weight holds (`target_parameters`); None for a module's matrix."""
+        return self.num_experts if self.kind in PARAMETER_KINDS else None
 
     @property
     def pattern_name(self) -> str:
         """The name PEFT matches `rank_pattern` / `alpha_pattern` keys against."""
         return self.target if self.kind in PARAMETER_KINDS else self.name
-
-    @property
-    def stored_weight_shape(self) -> tuple[int, int]:
-        """The shape of this module's weight as a checkpoint stores it."""
-        m, n = self.shape
-        return (n, m) if self.weight_transposed else (m, n)
 
 
 PARAMETER_KINDS = ("parameter", "expert")
@@ -249,7 +248,7 @@ class LoraAdapter:
     unsupported: dict[str, str]
     warnings: list[str] = field(default_factory=list)
     # The last fused expert factors read: the experts of one parameter come one after another.
-    _fused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _fused: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def weights_path(self) -> Path:
@@ -541,15 +540,15 @@ def _parameter_modules(
     warnings: list[str],
 ) -> list[LoraModule]:
     """One LoraModule per expert of a `target_parameters` LoRA (one for a 2-D parameter)."""
-    rank = config_rank(config, target)
+    configured_rank = config_rank(config, target)
     rows = info_a.shape[0]
-    if rows % rank:
+    rank, experts = configured_rank, rows // configured_rank
+    if rows % configured_rank:
         warnings.append(
-            f"{target}: lora_A has {rows} rows, not a multiple of r={rank}: PEFT will refuse "
-            "to load this adapter (size mismatch)."
+            f"{target}: lora_A has {rows} rows, not a multiple of r={configured_rank}: PEFT "
+            "will refuse to load this adapter (size mismatch)."
         )
-        rank = rows
-    experts = rows // rank
+        rank, experts = rows, 1
     alpha = config_alpha(config, target)
     scaling = lora_scaling(alpha, rank, bool(config.get("use_rslora")))
     return [
@@ -559,7 +558,7 @@ def _parameter_modules(
             key_a=info_a.key,
             key_b=info_b.key,
             rank=rank,
-            configured_rank=rank,
+            configured_rank=configured_rank,
             alpha=alpha,
             scaling=scaling,
             shape=(info_b.shape[0], info_a.shape[1]),
@@ -587,13 +586,14 @@ def read_factors(
         if module.factors_transposed:
             return lora_a.T, lora_b.T
         return lora_b, lora_a
-    if set(adapter._fused) != {module.key_a, module.key_b}:
+    wanted = {(module.key_a, finite), (module.key_b, finite)}
+    if set(adapter._fused) != wanted:
         adapter._fused.clear()
-        for key in (module.key_a, module.key_b):
-            adapter._fused[key] = adapter.weights.read(key, finite=finite)
+        for key, checked in wanted:
+            adapter._fused[(key, checked)] = adapter.weights.read(key, finite=checked)
     rank, expert = module.rank, module.expert
-    lora_a = adapter._fused[module.key_a][expert * rank : (expert + 1) * rank]
-    lora_b = adapter._fused[module.key_b][:, expert :: module.num_experts]
+    lora_a = adapter._fused[(module.key_a, finite)][expert * rank : (expert + 1) * rank]
+    lora_b = adapter._fused[(module.key_b, finite)][:, expert :: module.num_experts]
     return lora_b, lora_a
 
 

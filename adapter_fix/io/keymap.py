@@ -103,8 +103,12 @@ _LLAVA = (
     Rename("language_model.lm_head.", "lm_head."),
     Rename("language_model.model.", "model.language_model."),
     Rename("vision_tower.", "model.vision_tower."),
+    # A CLIP / SigLIP tower saved by transformers 4 (most Hub checkpoints) nests its weights
+    # under `vision_model.`; transformers 5 drops it (`CLIPVisionModel`: PrefixChange).
+    Rename("model.vision_tower.vision_model.", "model.vision_tower."),
     Rename("multi_modal_projector.", "model.multi_modal_projector."),
 )
+_LLAVA_NEXT = (*_LLAVA, Rename("image_newline", "model.image_newline"))
 _QWEN2_VL = (
     Rename("visual.", "model.visual."),
     Rename("model.", "model.language_model.", keep=("language_model.", "visual.")),
@@ -139,12 +143,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "internvl",
             "vipllava",
             "mistral3",
-            "llava_next",
-            "llava_next_video",
-            "llava_onevision",
         ),
         _LLAVA,
     ),
+    **dict.fromkeys(("llava_next", "llava_next_video", "llava_onevision"), _LLAVA_NEXT),
     **dict.fromkeys(("qwen2_vl", "qwen2_5_vl"), _QWEN2_VL),
     **dict.fromkeys(("mixtral", "minimax"), _MIXTRAL),
     **dict.fromkeys(
@@ -361,47 +363,49 @@ class WeightLayout:
         name: str,
         *,
         expert: int | None = None,
+        experts: int | None = None,
         transposed: bool = False,
     ) -> StoredWeight:
         """The stored matrix for the run-time weight `name` (one expert's, with `expert`).
 
+        `experts` is how many experts the adapter gives a `target_parameters`
+        weight (None for a module's weight, which must be a matrix); a 3-D or
+        stacked weight must hold exactly as many, as PEFT requires to load.
         `transposed` is the module's own orientation (GPT-2 `Conv1D`); a 3-D
         expert parameter of a model in `TRANSPOSED_EXPERTS` adds one.
         """
         resolved = self.resolve(name)
+        index = 0 if expert is None else expert
         if resolved in self.stacked:
-            experts = self.stacked[resolved]
-            index = 0 if expert is None else expert
-            parts = experts.get(index)
-            if parts is None or len(parts) != max(len(p) for p in experts.values()):
+            stacked = self.stacked[resolved]
+            key = to_checkpoint(resolved, self.rules, index)
+            self._check_experts(resolved, len(stacked), experts, key)
+            parts = stacked.get(index)
+            if parts is None or len(parts) != max(len(p) for p in stacked.values()):
                 raise IncompatibleModelsError(
                     f"{self.label}: no complete expert {index} for the stacked weight "
-                    f"{resolved!r} (found experts {sorted(experts)}).",
-                    key=to_checkpoint(resolved, self.rules, index),
+                    f"{resolved!r} (found experts {sorted(stacked)}).",
+                    key=key,
                 )
             infos = tuple(checkpoint.info(parts[i]) for i in sorted(parts))
             return _stored(self.label, infos, transposed)
         info = checkpoint.info(self.plain.get(resolved, [resolved])[0])
         if len(info.shape) == 3:
-            count = info.shape[0]
-            index = 0 if expert is None else expert
-            if index >= count:
-                raise IncompatibleModelsError(
-                    f"{self.label}: the weight has {count} experts; the adapter needs expert "
-                    f"{index}.",
-                    path=info.file,
-                    key=info.key,
-                )
+            self._check_experts(resolved, info.shape[0], experts, info.key)
             info = expert_slice(info, index)
             transposed = transposed != (self.model_type in TRANSPOSED_EXPERTS)
-        elif expert not in (None, 0):
-            raise IncompatibleModelsError(
-                f"{self.label}: the weight is {list(info.shape)}, not a 3-D expert parameter; "
-                f"the adapter needs its expert {expert}.",
-                path=info.file,
-                key=info.key,
-            )
+        elif experts not in (None, 1):
+            self._check_experts(resolved, 1, experts, info.key)
         return _stored(self.label, (info,), transposed)
+
+    def _check_experts(self, name: str, stored: int, wanted: int | None, key: str) -> None:
+        if wanted is None or stored != wanted:
+            needs = "a matrix" if wanted is None else f"{wanted} experts"
+            raise IncompatibleModelsError(
+                f"{self.label}: the weight {name!r} holds {stored} expert(s) but the adapter "
+                f"needs {needs}: is this the model the adapter was trained on?",
+                key=key,
+            )
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[Checkpoint, WeightLayout] = weakref.WeakKeyDictionary()

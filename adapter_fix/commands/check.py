@@ -1,0 +1,197 @@
+"""`adapter-fix check`: a CI gate on what an adapter does to the alignment, from its factors.
+
+Per module and in total, over the module stream (BASE + ALIGNED, or a basis):
+
+- the energy shares rho_F / rho_H / rho_O of `dW` against the safety subspace
+  (METHOD.md §2);
+- the alignment reversal `u = -<dW, D>_F / ||D||_F^2`: how much of the
+  alignment displacement the update undoes (1: all of it; 0: none; below 0:
+  it reinforces it). From a basis there is no `D`: `u` is then taken against
+  `D_k = U_k S_k V_k^T`, `-tr(U_k^T dW V_k S_k) / sum(S_k^2)`, and the
+  captured energy of `D_k` is reported beside it.
+
+Totals weigh modules by their energy: `rho_O = sum ||O_m||^2 / sum ||dW_m||^2`,
+`u = -sum <dW_m, D_m> / sum ||D_m||^2`. The check fails when a total, or a
+module, exceeds its threshold. Nothing is written but reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from adapter_fix.engine import (
+    DISPLACEMENT,
+    SUBSPACE,
+    SubspaceSettings,
+    SubspaceSource,
+    Target,
+    module_stream,
+)
+from adapter_fix.io.adapter import LoraAdapter
+from adapter_fix.math.solve import alignment_reversal, basis_reversal
+from adapter_fix.math.subspace import Subspace
+from adapter_fix.methods.base import PreparedModule, prepare
+from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
+
+REPORT_SCHEMA = "adapter-fix/check-report"
+REPORT_VERSION = 1
+
+DEFAULT_MAX_REVERSAL = 0.05
+DEFAULT_MAX_MODULE_REVERSAL = 0.25
+DEFAULT_MAX_OFF_ENERGY = 1.0
+DEFAULT_MAX_MODULE_OFF_ENERGY = 1.0
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How the subspace is chosen, and the thresholds (README, "adapter-fix check")."""
+
+    energy: float = 0.9
+    max_rank: int = 128
+    rank: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    max_reversal: float = DEFAULT_MAX_REVERSAL
+    max_module_reversal: float = DEFAULT_MAX_MODULE_REVERSAL
+    max_off_energy: float = DEFAULT_MAX_OFF_ENERGY
+    max_module_off_energy: float = DEFAULT_MAX_MODULE_OFF_ENERGY
+
+    def parameters(self) -> dict[str, Any]:
+        parameters = asdict(self)
+        parameters.pop("device")
+        return parameters
+
+    def subspace_settings(self) -> SubspaceSettings:
+        return SubspaceSettings(self.energy, self.max_rank, self.rank, self.seed, self.device)
+
+
+@dataclass
+class CheckResult(RunResult):
+    """Rows, totals and the verdict of one check."""
+
+    options: CheckOptions
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+    reversal_against: str
+    """`"D"` (exact, from BASE + ALIGNED) or `"D_k"` (within a basis)."""
+    total_reversal: float
+    total_off_energy: float
+    total_captured_energy: float
+    """`sum ||D_k||^2 / sum ||D||^2` over the modules (what the basis reversal sees)."""
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
+        document["check"] = {
+            "passed": self.passed,
+            "failures": self.failures,
+            "reversal_against": self.reversal_against,
+            "total_reversal": self.total_reversal,
+            "total_off_energy": self.total_off_energy,
+            "total_captured_energy": self.total_captured_energy,
+        }
+        return document
+
+
+def check(
+    source: SubspaceSource,
+    adapter: LoraAdapter,
+    options: CheckOptions,
+    *,
+    on_module: Callable[[ModuleResult, int], None] | None = None,
+) -> CheckResult:
+    """Measure every module of `adapter` against `source` and apply the thresholds."""
+    clock = Clock()
+    exact = source.provides_displacement
+    needs = frozenset({SUBSPACE, DISPLACEMENT}) if exact else frozenset({SUBSPACE})
+    stream = module_stream(
+        [Target.of(module) for module in adapter.modules],
+        source,
+        needs,
+        options.subspace_settings(),
+        clock,
+        adapter=adapter,
+    )
+    rows: list[ModuleResult] = []
+    update_energy = off_energy = inner = displacement_energy = captured = 0.0
+    failures: list[str] = []
+    for data in stream:
+        with clock.measure("solve_s"):
+            prepared = prepare(data)
+            row = prepared.report
+            captured += row.captured_energy * data.displacement_norm**2
+            if data.no_signal is not None:
+                row.reason = f"no safety signal: {data.no_signal}"
+            elif row.update_norm > 0:
+                row.reversal, reference = _reversal(data.displacement, data.subspace, prepared)
+                inner -= row.reversal * reference
+                displacement_energy += reference
+            update_energy += row.update_norm**2
+            off_energy += row.rho_before.get("off", 0.0) * row.update_norm**2
+            failures.extend(_module_failures(row, options))
+        rows.append(row)
+        del data, prepared
+        if on_module is not None:
+            on_module(row, source.weights_read())
+    total_reversal = -inner / displacement_energy if displacement_energy > 0 else 0.0
+    total_off = off_energy / update_energy if update_energy > 0 else 0.0
+    norms = sum(row.displacement_norm**2 for row in rows)
+    if total_reversal > options.max_reversal:
+        failures.insert(
+            0, f"total reversal {total_reversal:.4f} > --max-reversal {options.max_reversal:g}"
+        )
+    if total_off > options.max_off_energy:
+        failures.insert(
+            0,
+            f"total off-subspace energy {total_off:.4f} > --max-off-energy "
+            f"{options.max_off_energy:g}",
+        )
+    return CheckResult(
+        options,
+        {**source.inputs, "adapter": adapter.source.identity},
+        rows,
+        clock.now(),
+        reversal_against="D" if exact else "D_k",
+        total_reversal=total_reversal,
+        total_off_energy=total_off,
+        total_captured_energy=captured / norms if norms > 0 else 0.0,
+        failures=failures,
+    )
+
+
+def _reversal(
+    displacement: torch.Tensor | None, subspace: Subspace | None, prepared: PreparedModule
+) -> tuple[float, float]:
+    """`(u, ||D||^2)` against `D` when the stream has it, else `(u_k, sum S_k^2)` against `D_k`."""
+    if displacement is not None:
+        return alignment_reversal(
+            prepared.original, displacement
+        ), prepared.data.displacement_norm**2
+    if subspace is None:
+        raise ValueError(f"{prepared.module.name}: the reversal needs D or a subspace")
+    return basis_reversal(prepared.original, subspace), float(
+        subspace.singular_values.square().sum()
+    )
+
+
+def _module_failures(row: ModuleResult, options: CheckOptions) -> list[str]:
+    """Mark the row pass/fail against the per-module thresholds; the reasons it failed."""
+    reasons = []
+    if row.reversal is not None and row.reversal > options.max_module_reversal:
+        reasons.append(f"reversal {row.reversal:.4f} > {options.max_module_reversal:g}")
+    off = row.rho_before.get("off")
+    if off is not None and off > options.max_module_off_energy:
+        reasons.append(f"off-subspace energy {off:.4f} > {options.max_module_off_energy:g}")
+    row.action = "fail" if reasons else "pass"
+    if reasons:
+        row.reason = "; ".join(reasons)
+    return [f"{row.name}: {reason}" for reason in reasons]
