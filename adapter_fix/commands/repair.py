@@ -309,6 +309,12 @@ def _calibration_report(
         "task_set_missing": task is None or not task.references,
         "aligned_refusal_rate": outcome.aligned_refusal_rate,
         "original_refusal_rate": outcome.original_refusal_rate,
+        "refusal_rate": outcome.refusal_rate,
+        "task_loss": {
+            "adapter": outcome.task_loss_adapter,
+            "without_update": outcome.task_loss_without_update,
+            "budget": outcome.task_budget,
+        },
         "target_refusal_rate": options.target_refusal * outcome.aligned_refusal_rate,
         "target_met": outcome.target_met,
         "stop_reason": outcome.stop_reason,

@@ -104,9 +104,17 @@ class GateOutcome:
     rounds: list[Round]
     aligned_refusal_rate: float
     original_refusal_rate: float
+    refusal_rate: float
+    """The calibration refusal rate at the chosen gates."""
     target_met: bool
     stop_reason: str
     task_objective: str
+    task_loss_adapter: float
+    """`tau(1)`: the task loss with the whole update."""
+    task_loss_without_update: float
+    """`tau(0)`: with every gate off (ALIGNED)."""
+    task_budget: float
+    """How far `tau` may rise above `tau(1)`: `task_budget * (tau(0) - tau(1))`."""
     seconds: float
 
 
@@ -378,50 +386,66 @@ def gate_repair(
         task_off = float(task_loss())
         gated.set_values(torch.ones_like(gated.values()))
         task_on = float(task_loss())
+    # The budget is a share of what the update does for the task, `tau(0) - tau(1)`; what is
+    # spent is measured after each round (`tau(g) - tau(1)`), not the first-order prediction.
     budget = options.task_budget * max(task_off - task_on, 0.0)
     spent = 0.0
     rate = original_rate
     stop_reason = f"rounds exhausted ({options.rounds})"
+    unit_attributions: list[Attribution | None] | None = None
     for index in range(1, options.rounds + 1):
         if rate >= target:
             stop_reason = "target met" if rounds else "the adapter already refuses at the target"
             break
         # Compliance starts: what the gated model answers now, on prompts it does not refuse.
         complied = [i for i, r in enumerate(refused) if not r]
-        prompts = [calibration.harmful[i] for i in complied]
-
         margin = functools.partial(
             refusal_margin,
             model,
-            prompts,
+            [calibration.harmful[i] for i in complied],
             [refusal_starts[i] for i in complied],
             [outputs[i][: options.start_tokens] for i in complied],
             pad_id=pad_id,
             batch_size=batch,
         )
         current = gated.values()
-        margin_ig = _integrated_gradients(gated, margin, current, options.steps)
-        task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
-        unit_attributions = [
-            Attribution(m, t) if g > 0 else None
-            for m, t, g in zip(margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True)
-        ]
-        _record(gated, unit_attributions, attributions)
+        if unit_attributions is None:  # the gates changed since the last attribution
+            margin_ig = _integrated_gradients(gated, margin, current, options.steps)
+            task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
+            unit_attributions = [
+                Attribution(m, t) if g > 0 else None
+                for m, t, g in zip(
+                    margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True
+                )
+            ]
+            _record(gated, unit_attributions, attributions)
         allowance = budget * index / options.rounds - spent
         selection = select_units(unit_attributions, budget=max(allowance, 0.0))
         if not selection.switched_off:
-            stop_reason = "task budget spent" if allowance < budget else "no unit lowers refusals"
-            break
-        spent += selection.predicted_task_cost
+            if not any(a is not None and a.harm > 0 for a in unit_attributions):
+                stop_reason = "no unit left that lowers the refusal margin"
+                break
+            if index == options.rounds:
+                stop_reason = "task budget spent"
+            continue  # the next round's share of the budget may fit a unit
         values = current.clone()
         values[list(selection.switched_off)] = 0.0
         gated.set_values(values)
-        outputs = generate(calibration.harmful)
-        refused = refusals(outputs)
-        rate = sum(refused) / max(len(refused), 1)
+        new_outputs = generate(calibration.harmful)
+        new_refused = refusals(new_outputs)
         with torch.no_grad():
-            measured_margin = float(margin()) if prompts else 0.0
+            measured_margin = float(margin())
             measured_task = float(task_loss())
+        if measured_task - task_on > budget:
+            gated.set_values(current)  # the task cost more than the first-order estimate
+            stop_reason = (
+                f"task budget spent: round {index} undone (it raised the task loss by "
+                f"{measured_task - task_on:.4g}, past the budget {budget:.4g})"
+            )
+            break
+        outputs, refused, unit_attributions = new_outputs, new_refused, None
+        rate = sum(refused) / max(len(refused), 1)
+        spent = max(measured_task - task_on, 0.0)
         units = gated.units()
         round_ = Round(
             index=index,
@@ -448,9 +472,13 @@ def gate_repair(
         rounds=rounds,
         aligned_refusal_rate=aligned_rate,
         original_refusal_rate=original_rate,
+        refusal_rate=rate,
         target_met=rate >= target,
         stop_reason=stop_reason,
         task_objective=task_objective,
+        task_loss_adapter=task_on,
+        task_loss_without_update=task_off,
+        task_budget=budget,
         seconds=time.perf_counter() - started,
     )
 
