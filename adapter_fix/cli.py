@@ -1,101 +1,133 @@
-"""The command line: parse, call one function, render. Nothing else lives here."""
+"""The command line: parse, call one function, render. Nothing else lives here.
+
+Start-up must stay fast (`adapter-fix --help` in well under a second), so this
+module imports only click and light adapter-fix modules (errors, display,
+interrupts, io.sources). Anything that imports torch, numpy, rich or
+huggingface_hub is imported inside the command that needs it. To add a
+command, follow `inspect`:
+
+    @main.command(epilog=EXIT_CODES_HELP)
+    @click.argument(...)                  # floats: type=FiniteFloat(...), never plain float
+    @reports_errors                       # one-paragraph errors, exit codes, SIGTERM -> 143
+    def name(...) -> None:
+        from adapter_fix.commands.name import run   # heavy imports here, not at the top
+        result = run(...)
+        render(result, stderr_console())
+
+`tests/test_cli.py` checks that importing this module imports no torch.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
+import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import torch
-from rich.console import Console
-from rich.text import Text
 
 from adapter_fix import __version__
-from adapter_fix.commands.basis import ALL_LINEAR, BasisOptions, basis_targets, build_basis
-from adapter_fix.commands.check import (
-    DEFAULT_MAX_MODULE_OFF_ENERGY,
-    DEFAULT_MAX_MODULE_REVERSAL,
-    DEFAULT_MAX_OFF_ENERGY,
-    DEFAULT_MAX_REVERSAL,
-    CheckOptions,
-)
-from adapter_fix.commands.check import check as run_check
-from adapter_fix.commands.inspect import inspect_adapter
-from adapter_fix.commands.repair import METHODS, RepairOptions, check_output_path, check_outputs
-from adapter_fix.commands.repair import repair as run_repair
-from adapter_fix.engine import BasisSource, SubspaceSource, WeightPair
-from adapter_fix.errors import AdapterFixError, GateFailedError, StrictWarningsError
-from adapter_fix.io.adapter import load_adapter
-from adapter_fix.io.basis import Basis
-from adapter_fix.io.checkpoint import Checkpoint
-from adapter_fix.io.sources import HubOptions, LocalSource, Source, open_source
-from adapter_fix.progress import ModuleProgress
-from adapter_fix.report import (
-    CHECK_FORMATS,
-    REPORT_FORMATS,
-    check_markdown,
-    render_basis,
-    render_check,
-    render_inspect,
-    render_repair,
-    write_report,
-    write_text_report,
-)
+from adapter_fix.display import printable
+from adapter_fix.errors import EXIT_CODES, AdapterFixError, GateFailedError, StrictWarningsError
+from adapter_fix.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_raises
+from adapter_fix.io.sources import HubOptions, Source, open_source
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from adapter_fix.engine import SubspaceSource
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES_HELP = """\b
-Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 pickle refused,
-5 corrupt checkpoint, 6 invalid/unsupported adapter, 7 incompatible inputs,
-8 NaN/Inf, 9 output refused, 10 download failed, 11 warnings with --strict,
-12 gate failed (check)."""
+EXIT_CODES_HELP = "\b\n" + textwrap.fill(
+    "Exit codes: " + ", ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + ".",
+    width=78,
+)
+
+# Option values the commands define in modules that import torch, repeated here so that
+# --help does not import it; tests/test_cli.py checks each equals its source.
+REPAIR_METHODS = ("csulora", "project", "safelora", "none")  # commands.repair.METHODS
+ALL_LINEAR = "all-linear"  # commands.basis.ALL_LINEAR
+CHECK_DEFAULTS = {  # commands.check.DEFAULT_*
+    "max_reversal": 0.02,
+    "max_module_reversal": 0.15,
+    "max_off_energy": 1.0,
+    "max_module_off_energy": 1.0,
+}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be finite (no nan, inf), within optional bounds: exit 2 if not.
+
+    click's FloatRange lets `nan` through every bound (comparisons with NaN are
+    false) and `inf` through open-ended ones; a NaN strength or energy would
+    only fail deep in the SVD, as a crash.
+    """
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = float(click.FLOAT.convert(value, param, ctx))
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def stderr_console() -> Console:
     """Tables and progress go to stderr; logs (not a terminal) get room for the wide tables."""
+    from rich.console import Console
+
     console = Console(stderr=True)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200
     return console
 
 
+def _print_error(title: str, message: str) -> None:
+    from rich.text import Text
+
+    stderr_console().print(
+        Text.assemble((f"adapter-fix: {title}: ", "bold red"), printable(message)),
+        soft_wrap=True,
+    )
+
+
 def reports_errors(command: F) -> F:
-    """Turn AdapterFixError into one paragraph on stderr and its exit code; never a traceback."""
+    """AdapterFixError -> one paragraph on stderr and its exit code, never a traceback.
+
+    Ctrl-C exits 130 and SIGTERM 143, both after the code they interrupt has
+    removed its temporary outputs (they unwind as KeyboardInterrupt).
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        console = stderr_console()
         try:
-            return command(*args, **kwargs)
+            with sigterm_raises():
+                return command(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: click prints them and exits 2
         except AdapterFixError as error:
-            console.print(
-                Text.assemble((f"adapter-fix: {error.title}: ", "bold red"), error.render()),
-                soft_wrap=True,
-            )
+            _print_error(error.title, error.render())
             sys.exit(error.exit_code)
+        except Terminated:
+            _print_error("terminated", "SIGTERM received; temporary outputs removed.")
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
-            console.print("adapter-fix: interrupted; no output was written.", soft_wrap=True)
-            sys.exit(130)
+            _print_error("interrupted", "no output was written.")
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as error:
             if os.environ.get("ADAPTER_FIX_DEBUG"):
                 raise
-            console.print(
-                Text.assemble(
-                    ("adapter-fix: internal error: ", "bold red"),
-                    f"{type(error).__name__}: {error}. This is a bug in adapter-fix; please report "
-                    "it with the command you ran (set ADAPTER_FIX_DEBUG=1 to see the traceback).",
-                ),
-                soft_wrap=True,
+            _print_error(
+                "internal error",
+                f"{type(error).__name__}: {error}. This is a bug in adapter-fix; please report "
+                "it with the command you ran (set ADAPTER_FIX_DEBUG=1 to see the traceback).",
             )
             sys.exit(1)
 
@@ -154,6 +186,10 @@ def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> 
 
 def subspace_source(sources: list[Source]) -> SubspaceSource:
     """The stream's source: a basis, or BASE and ALIGNED (headers and index only)."""
+    from adapter_fix.engine import BasisSource, WeightPair
+    from adapter_fix.io.basis import Basis
+    from adapter_fix.io.checkpoint import Checkpoint
+
     if len(sources) == 1:
         return BasisSource(Basis.open(sources[0]))
     return WeightPair(Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED"))
@@ -161,7 +197,7 @@ def subspace_source(sources: list[Source]) -> SubspaceSource:
 
 def local_paths(sources: list[Source]) -> list[Path]:
     """The inputs on local disk, which no output may overlap."""
-    return [Path(source.identity) for source in sources if isinstance(source, LocalSource)]
+    return [path for source in sources for path in source.local_paths]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,8 +240,12 @@ def inspect(
       adapter-fix inspect org/my-lora@main --json | jq '.modules[].update_norm'
       adapter-fix inspect ./my-lora --strict        # CI: fail on warnings
     """
-    source = open_source(adapter, hub_settings(revision, cache_dir, offline, endpoint))
-    result = inspect_adapter(load_adapter(source))
+    import json
+
+    from adapter_fix.commands.inspect import inspect_spec
+    from adapter_fix.report import render_inspect
+
+    result = inspect_spec(adapter, hub_settings(revision, cache_dir, offline, endpoint))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:
@@ -213,7 +253,7 @@ def inspect(
     if strict and result.warnings:
         raise StrictWarningsError(
             f"{len(result.warnings)} warning(s) and --strict is set; see above.",
-            path=source.identity,
+            path=result.summary["source"],
         )
 
 
@@ -228,7 +268,7 @@ def inspect(
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=click.Choice(REPAIR_METHODS),
     default="csulora",
     show_default=True,
     help="csulora: closed-form penalized minimum change; project: hard projection onto the "
@@ -236,14 +276,14 @@ def inspect(
 )
 @click.option(
     "--strength",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     default=1.0,
     show_default=True,
     help="CSULoRA penalty lambda: 0 keeps the update, larger pulls it toward the subspace.",
 )
 @click.option(
     "--energy",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloat(min=0, max=1, min_open=True),
     default=0.9,
     show_default=True,
     help="Subspace rank k: smallest k whose singular values hold this share of ||D||^2.",
@@ -276,7 +316,7 @@ def inspect(
 )
 @click.option(
     "--safelora-threshold",
-    type=float,
+    type=FiniteFloat(),
     default=0.5,
     show_default=True,
     help="Similarity threshold for --safelora-select threshold.",
@@ -294,9 +334,15 @@ def inspect(
     "reports",
     type=click.Path(path_type=Path),
     multiple=True,
-    help="Also write the report here: .json, .md or .html by extension (repeatable).",
+    help="Also write the report here: .json, .md or .html by extension (repeatable). "
+    "An existing file is replaced only with --force.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing OUT (never an input).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing OUT that an earlier adapter-fix run wrote (or an empty folder), "
+    "and existing --report files; never an input, never anything else.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
@@ -329,36 +375,51 @@ def repair(
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
       adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
+    from adapter_fix.commands.inspect import inspect_adapter
+    from adapter_fix.commands.repair import REPORT_NAME, RepairOptions
+    from adapter_fix.commands.repair import repair as run_repair
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.outputs import OutputSet
+    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.report import REPORT_FORMATS, render_repair, render_warnings, report_text
+
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     for path in reports:
         if path.suffix.lower() not in REPORT_FORMATS:
             raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
-    if options.device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    check_device(options.device)
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = open_inputs(inputs, basis, hub)
-    out = out if options.method != "none" else None
-    check_outputs(out, reports, local_paths(sources), force=force)
+    outputs = OutputSet(
+        folder=out if options.method != "none" else None,
+        reports=reports,
+        inputs=local_paths(sources),
+        force=force,
+        folder_files=(REPORT_NAME,),
+    )
+    outputs.check()
     lora = load_adapter(sources[-1])
     subspaces = subspace_source(sources[:-1])
     console = stderr_console()
-    with ModuleProgress(
-        console, len(lora.modules), enabled=not quiet and console.is_terminal
-    ) as progress:
-        result = run_repair(
-            subspaces,
-            lora,
-            options,
-            out=out,
-            force=force,
-            on_module=progress.advance,
-        )
-    for path in reports:
-        write_report(result, path)
+    with outputs:
+        with ModuleProgress(
+            console, len(lora.modules), enabled=not quiet and console.is_terminal
+        ) as progress:
+            result = run_repair(
+                subspaces,
+                lora,
+                options,
+                out=outputs.folder,
+                force=force,
+                on_module=progress.advance,
+            )
+        for path in outputs.reports:
+            outputs.write_report(path, report_text(result, path))
     if not quiet:
-        render_repair(result, console)
+        render_repair(result, console, reports=outputs.reports)
+    render_warnings(inspect_adapter(lora).warnings, console)
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
@@ -368,7 +429,7 @@ def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
         options = [
             click.option(
                 "--energy",
-                type=click.FloatRange(min=0, max=1, min_open=True),
+                type=FiniteFloat(min=0, max=1, min_open=True),
                 default=energy,
                 show_default=True,
                 help="Subspace rank k: smallest k whose singular values hold this share of "
@@ -403,7 +464,11 @@ def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
 
 
 def check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
 
 
@@ -435,13 +500,18 @@ def check_device(device: str) -> None:
 )
 @click.option(
     "--shard-size",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     default=2.0,
     show_default=True,
     help="Largest shard in GB; a bigger basis is sharded with an index.",
 )
 @click.option("--report", type=click.Path(path_type=Path), help="Also write a JSON report here.")
-@click.option("--force", is_flag=True, help="Replace an existing BASIS folder (never an input).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing BASIS folder an earlier adapter-fix run wrote (or an empty "
+    "folder), and an existing --report file; never an input, never anything else.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @hub_options
 @reports_errors
@@ -475,12 +545,22 @@ def basis(
           -o llama-3.1-8b-basis --dtype bfloat16
       adapter-fix basis B A -o basis --like ./my-lora          # only the adapter's modules
     """
+    import json
+
+    from adapter_fix.commands.basis import BasisOptions, basis_targets, build_basis
+    from adapter_fix.engine import WeightPair
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.checkpoint import Checkpoint
+    from adapter_fix.io.outputs import OutputSet
+    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.report import render_basis
+
     check_device(settings["device"])
     if like is None:
         pattern = settings["modules"]
         if pattern != ALL_LINEAR:
             try:
-                re.compile(pattern)
+                re.compile(pattern)  # typed by the user: trusted, unlike patterns from files
             except re.error as error:
                 raise click.BadParameter(f"not a regex ({error})", param_hint="--modules") from None
     options = BasisOptions(**settings, shard_bytes=int(shard_size * 1e9))
@@ -488,7 +568,10 @@ def basis(
     sources = [open_source(spec, hub) for spec in (base, aligned)]
     adapter_source = open_source(like, hub) if like is not None else None
     everything = sources + ([adapter_source] if adapter_source is not None else [])
-    check_outputs(out, [report] if report else [], local_paths(everything), force=force)
+    outputs = OutputSet(
+        folder=out, reports=[report] if report else [], inputs=local_paths(everything), force=force
+    )
+    outputs.check()
     weights = WeightPair(
         Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED")
     )
@@ -497,14 +580,18 @@ def basis(
         options = replace(options, like=adapter.source.identity, modules="like")
     targets = basis_targets(weights.base, like=adapter, modules=options.modules)
     console = stderr_console()
-    with ModuleProgress(
-        console, len(targets), enabled=not quiet and console.is_terminal, label="basis"
-    ) as progress:
+    with (
+        ModuleProgress(
+            console, len(targets), enabled=not quiet and console.is_terminal, label="basis"
+        ) as progress,
+        outputs,
+    ):
         result = build_basis(
             weights, targets, options, out, force=force, on_module=progress.advance
         )
-    if report is not None:
-        write_text_report(report, json.dumps(result.to_json(), indent=2) + "\n")
+        for path in outputs.reports:
+            text = json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
+            outputs.write_report(path, text)
     if not quiet:
         render_basis(result, console)
 
@@ -515,29 +602,29 @@ def basis(
 @subspace_options(energy=0.9, max_rank=128)
 @click.option(
     "--max-reversal",
-    type=float,
-    default=DEFAULT_MAX_REVERSAL,
+    type=FiniteFloat(),
+    default=CHECK_DEFAULTS["max_reversal"],
     show_default=True,
     help="Fail when the total alignment reversal u exceeds this.",
 )
 @click.option(
     "--max-module-reversal",
-    type=float,
-    default=DEFAULT_MAX_MODULE_REVERSAL,
+    type=FiniteFloat(),
+    default=CHECK_DEFAULTS["max_module_reversal"],
     show_default=True,
     help="Fail when one module's reversal u exceeds this.",
 )
 @click.option(
     "--max-off-energy",
-    type=click.FloatRange(min=0, max=1),
-    default=DEFAULT_MAX_OFF_ENERGY,
+    type=FiniteFloat(min=0, max=1),
+    default=CHECK_DEFAULTS["max_off_energy"],
     show_default=True,
     help="Fail when the total off-subspace energy share rho_O exceeds this (1: never).",
 )
 @click.option(
     "--max-module-off-energy",
-    type=click.FloatRange(min=0, max=1),
-    default=DEFAULT_MAX_MODULE_OFF_ENERGY,
+    type=FiniteFloat(min=0, max=1),
+    default=CHECK_DEFAULTS["max_module_off_energy"],
     show_default=True,
     help="Fail when one module's rho_O exceeds this (1: never).",
 )
@@ -547,8 +634,10 @@ def basis(
     "reports",
     type=click.Path(path_type=Path),
     multiple=True,
-    help="Also write the report here: .json or .md by extension (repeatable).",
+    help="Also write the report here: .json or .md by extension (repeatable). "
+    "An existing file is replaced only with --force.",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
@@ -557,6 +646,7 @@ def check(
     basis: str | None,
     as_json: bool,
     reports: tuple[Path, ...],
+    force: bool,
     quiet: bool,
     revision: str | None,
     cache_dir: Path | None,
@@ -578,6 +668,15 @@ def check(
       adapter-fix check --basis org/chat-basis ./my-lora --report check.md
       adapter-fix check BASE ALIGNED ./my-lora --json | jq '.check.total_reversal'
     """
+    import json
+
+    from adapter_fix.commands.check import CheckOptions
+    from adapter_fix.commands.check import check as run_check
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.outputs import OutputSet
+    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check
+
     check_device(settings["device"])
     for path in reports:
         if path.suffix.lower() not in CHECK_FORMATS:
@@ -585,8 +684,8 @@ def check(
     options = CheckOptions(**settings)
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = open_inputs(inputs, basis, hub)
-    for path in reports:
-        check_output_path(path, local_paths(sources))
+    outputs = OutputSet(reports=reports, inputs=local_paths(sources), force=force)
+    outputs.check()
     lora = load_adapter(sources[-1])
     subspaces = subspace_source(sources[:-1])
     console = stderr_console()
@@ -594,8 +693,9 @@ def check(
         console, len(lora.modules), enabled=not quiet and console.is_terminal, label="check"
     ) as progress:
         result = run_check(subspaces, lora, options, on_module=progress.advance)
-    for path in reports:
-        write_text_report(path, CHECK_FORMATS[path.suffix.lower()](result))
+    with outputs:
+        for path in outputs.reports:
+            outputs.write_report(path, CHECK_FORMATS[path.suffix.lower()](result))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with Path(summary).open("a") as handle:
@@ -665,13 +765,13 @@ def check(
 )
 @click.option(
     "--min-refusal",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     help="Gate: exit 12 when an adapter refuses less than X times ALIGNED's rate.",
 )
 @click.option("--absolute", is_flag=True, help="--min-refusal is a rate, not relative to ALIGNED.")
 @click.option(
     "--max-over-refusal",
-    type=click.FloatRange(min=0, max=1),
+    type=FiniteFloat(min=0, max=1),
     help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
@@ -721,9 +821,13 @@ def eval_command(
       adapter-fix eval org/chat ./lora --harmful advbench.csv --benign xstest.csv
       adapter-fix eval ./chat ./lora-fixed --min-refusal 0.9 --max-over-refusal 0.2 -q
     """
+    import contextlib
+    import json
+
     from adapter_fix.commands.eval import EvalInputs, evaluate
     from adapter_fix.evaluate.runner import EvalOptions, gate_failures
     from adapter_fix.progress import GenerationProgress
+    from adapter_fix.report import REPORT_FORMATS
 
     for path in reports:
         if path.suffix.lower() not in REPORT_FORMATS:

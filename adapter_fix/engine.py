@@ -23,6 +23,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 
 from adapter_fix.errors import IncompatibleModelsError
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
-from adapter_fix.io.basis import Basis
+from adapter_fix.io.basis import Basis, BasisEntry
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.io.keymap import StoredWeight, WeightLayout, read_rows
 from adapter_fix.math.subspace import (
@@ -323,16 +324,8 @@ class BasisSource(SubspaceSource):
         left, right = loaded.left, loaded.right
         if target.transposed:  # stored as the checkpoint stores W: swap to dW's orientation
             left, right = right, left
-        subspace, reached = subspace_from_basis(
-            left.to(settings.device),
-            loaded.values.to(settings.device),
-            right.to(settings.device),
-            displacement_norm=loaded.displacement_norm,
-            energy=settings.energy,
-            max_rank=settings.max_rank,
-            rank=settings.rank,
-            reference_norm=loaded.aligned_norm,
-        )
+        with one_thread():
+            subspace, reached = self._choose(left, right, loaded, settings)
         note = None
         if not reached:
             wanted = f"rank {settings.rank}" if settings.rank else f"energy {settings.energy:g}"
@@ -358,6 +351,40 @@ class BasisSource(SubspaceSource):
 
     def weights_read(self) -> int:
         return len(self.basis.checkpoint.reads)
+
+    @staticmethod
+    def _choose(
+        left: torch.Tensor, right: torch.Tensor, loaded: BasisEntry, settings: SubspaceSettings
+    ) -> tuple[Subspace, bool]:
+        return subspace_from_basis(
+            left.to(settings.device),
+            loaded.values.to(settings.device),
+            right.to(settings.device),
+            displacement_norm=loaded.displacement_norm,
+            energy=settings.energy,
+            max_rank=settings.max_rank,
+            rank=settings.rank,
+            reference_norm=loaded.aligned_norm,
+        )
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the per-module factored math on one torch thread.
+
+    It is thin QRs (`m x r`), `r x r` products and SVDs: too small to split,
+    and on two threads each call waits for a thread hand-off. Measured on a
+    4096 x 14336 module with r = 16 while other processes used the cores:
+    `to_lora_factors` took 258 ms on two threads, 9 ms on one (bench/README.md,
+    "The solve"). The big products (the SVD's, Safe LoRA's `D^T B`, the
+    reversal's `D A^T`) run outside, on every thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def module_stream(

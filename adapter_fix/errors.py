@@ -16,6 +16,10 @@ Exit codes (documented in the README):
     11  `inspect --strict`: the adapter has warnings
     12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short), or
         `check` (a threshold exceeded)
+    130 interrupted (Ctrl-C): cleaned up, nothing written
+    143 terminated (SIGTERM): cleaned up like Ctrl-C, nothing written
+
+`EXIT_CODES` below is the same table for `--help` and the tests.
 """
 
 from __future__ import annotations
@@ -99,6 +103,26 @@ class UsageError(AdapterFixError):
 class GateFailedError(AdapterFixError):
     exit_code = 12
     title = "gate failed"
+
+
+# The documented exit codes, one short line each: --help prints them, a test checks the README.
+EXIT_CODES: dict[int, str] = {
+    0: "ok",
+    1: "internal error (a bug)",
+    2: "usage",
+    3: "not found",
+    4: "pickle refused",
+    5: "corrupt checkpoint",
+    6: "invalid/unsupported adapter",
+    7: "incompatible inputs",
+    8: "NaN/Inf",
+    9: "output refused",
+    10: "download failed",
+    11: "warnings with --strict",
+    12: "gate failed (eval, check)",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
+}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -6,6 +6,7 @@ import time
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +17,7 @@ from rich.progress import (
 )
 
 from adapter_fix.commands.repair import ModuleResult
+from adapter_fix.display import printable
 
 
 class ModuleProgress:
@@ -50,7 +52,8 @@ class ModuleProgress:
         self.progress.__exit__(kind, error, trace)
 
     def advance(self, module: ModuleResult, weights_read: int) -> None:
-        self.progress.update(self.task, advance=1, tensors=weights_read, current=module.name)
+        name = escape(printable(module.name))  # the field is rendered as markup
+        self.progress.update(self.task, advance=1, tensors=weights_read, current=name)
 
 
 class GenerationProgress:
@@ -89,4 +92,6 @@ class GenerationProgress:
         self.tokens += tokens
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         speed = f"{self.tokens / elapsed:.0f}"
-        self.progress.update(self.task, advance=prompts, speed=speed, current=current)
+        self.progress.update(
+            self.task, advance=prompts, speed=speed, current=escape(printable(current))
+        )

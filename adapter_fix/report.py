@@ -5,9 +5,10 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -16,6 +17,7 @@ from adapter_fix.commands.basis import BasisResult
 from adapter_fix.commands.check import CheckResult
 from adapter_fix.commands.inspect import InspectResult
 from adapter_fix.commands.repair import ModuleResult, RepairResult
+from adapter_fix.display import printable
 from adapter_fix.errors import OutputError
 
 
@@ -23,12 +25,81 @@ def _number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _literal(value: object, style: str = "") -> Text:
+    """A cell from untrusted text: no markup, control characters escaped."""
+    return Text(printable(value), style=style)
+
+
+def short_module_names(names: Sequence[str]) -> dict[str, str]:
+    """Names that fit a terminal column: `model.layers.0.self_attn.q_proj` -> `L0 q_proj`.
+
+    The layer number (the first numeric part) and the last part, plus any other
+    numeric part (an expert index); where that is ambiguous, the whole path
+    after the layer number; where even that is, the full name.
+    """
+
+    def short(name: str, keep_all: bool) -> str:
+        parts = name.split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None:
+            return ".".join(p for p in parts if p not in ("base_model", "model")) or name
+        rest = parts[index + 1 :]
+        if not keep_all:
+            rest = [p for p in rest[:-1] if p.isdigit()] + rest[-1:]
+        return f"L{parts[index]} {'.'.join(rest)}".rstrip()
+
+    for keep_all in (False, True):
+        shortened = {name: short(name, keep_all) for name in names}
+        if len(set(shortened.values())) == len(shortened):
+            return shortened
+    return {name: name for name in names}
+
+
+def fitted_table(
+    console: Console,
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[Text]],
+    keep: int,
+) -> tuple[Table, list[str]]:
+    """A table of `columns` (header, justify; most important first) that fits the console.
+
+    Columns are dropped from the end, never the first `keep`, until the table fits.
+    Cells never wrap: a number is never split across lines. Returns the table and
+    the headers of the dropped columns.
+    """
+    count = len(columns)
+    while True:
+        table = Table(
+            title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, expand=False
+        )
+        for header, justify in columns[:count]:
+            table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*row[:count])
+        if count <= keep or console.measure(table).maximum <= console.width:
+            return table, [header for header, _ in columns[count:]]
+        count -= 1
+
+
+INSPECT_COLUMNS = (
+    ("module", "left"),
+    ("‖dW‖_F", "right"),
+    ("rank", "right"),
+    ("finite", "left"),
+    ("eff. rank", "right"),
+    ("scaling", "right"),
+    ("kind", "left"),
+    ("shape m x n", "right"),
+)
+
+
 def render_inspect(result: InspectResult, console: Console) -> None:
     """The inspect summary, the per-module table and the warnings."""
     summary = result.summary
     overview = Table.grid(padding=(0, 2))
-    overview.add_column(style="bold")
-    overview.add_column()
+    overview.add_column(style="bold", no_wrap=True)
+    overview.add_column(overflow="fold")
     rows = {
         "adapter": summary["source"],
         "PEFT type": summary["peft_type"],
@@ -51,28 +122,39 @@ def render_inspect(result: InspectResult, console: Console) -> None:
         biases = sum(module.lora_bias is not None for module in result.modules)
         rows["LoRA bias"] = f"{biases} lora_B biases (added to the output, not part of B A)"
     for name, value in rows.items():
-        overview.add_row(name, str(value))
+        overview.add_row(name, _literal(value))
     console.print(overview)
 
-    table = Table(title="LoRA modules", title_justify="left")
-    for column in ("module", "kind", "shape m x n", "rank", "scaling", "‖dW‖_F", "eff. rank"):
-        justify = "left" if column in ("module", "kind") else "right"
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    table.add_column("finite")
-    for module in result.modules:
-        table.add_row(
-            module.name,
-            module.kind,
-            f"{module.shape[0]} x {module.shape[1]}",
-            str(module.rank),
-            _number(module.scaling),
-            "-" if module.update_norm is None else _number(module.update_norm),
-            "-" if module.effective_rank is None else f"{module.effective_rank:.2f}",
-            "yes" if module.finite else "[red]NO[/red]",
-        )
+    names = short_module_names([module.name for module in result.modules])
+    table, dropped = fitted_table(
+        console,
+        "LoRA modules",
+        INSPECT_COLUMNS,
+        [
+            [
+                _literal(names[module.name]),
+                _literal("-" if module.update_norm is None else _number(module.update_norm)),
+                _literal(module.rank),
+                _literal("yes") if module.finite else _literal("NO", "red"),
+                _literal("-" if module.effective_rank is None else f"{module.effective_rank:.2f}"),
+                _literal(_number(module.scaling)),
+                _literal(module.kind),
+                _literal(f"{module.shape[0]} x {module.shape[1]}"),
+            ]
+            for module in result.modules
+        ],
+        keep=2,
+    )
     console.print(table)
-    for warning in result.warnings:
-        console.print(Text.assemble(("warning: ", "yellow"), warning))
+    if dropped:
+        console.print(_literal(f"(not shown at this width: {', '.join(dropped)}; see --json)"))
+    render_warnings(result.warnings, console)
+
+
+def render_warnings(warnings: Sequence[str], console: Console) -> None:
+    """One line per warning, shown literally."""
+    for warning in warnings:
+        console.print(Text.assemble(("warning: ", "yellow"), printable(warning)))
 
 
 def _percent(value: float) -> str:
@@ -148,21 +230,50 @@ def _summary_lines(result: RepairResult) -> list[str]:
     if result.output:
         lines.append(f"written: {result.output}")
     elif result.options.method == "none":
-        lines.append("--method none: analysis only, nothing written")
+        lines.append("--method none: analysis only, no adapter written")
     return lines
 
 
-def render_repair(result: RepairResult, console: Console, max_rows: int = 40) -> None:
+# The terminal table: most important first; the rest is in every report file.
+TERMINAL_REPAIR_COLUMNS = (
+    ("module", "left"),
+    ("action", "left"),
+    ("rel. change", "right"),
+    ("rho F/H/O %", "right"),
+    ("after %", "right"),
+    ("k", "right"),
+    ("captured", "right"),
+    ("cos", "right"),
+    ("‖dW‖", "right"),
+    ("‖X‖", "right"),
+    ("a_H/a_O", "right"),
+    ("trunc.", "right"),
+    ("why", "left"),
+)
+
+
+def _terminal_row(module: ModuleResult, name: str) -> list[Text]:
+    full = dict(zip((c for c, _ in REPAIR_COLUMNS), _repair_row(module), strict=True))
+    cells = {**full, "module": name, "action": module.action, "why": module.reason or ""}
+    return [_literal(cells[column]) for column, _ in TERMINAL_REPAIR_COLUMNS]
+
+
+def render_repair(
+    result: RepairResult, console: Console, max_rows: int = 40, reports: Sequence[Path] = ()
+) -> None:
     """The diff table (collapsed to the modules changed most when long) and the summary."""
     modules = result.modules
     shown = modules
     if len(modules) > max_rows:
         shown = sorted(modules, key=lambda m: m.relative_change, reverse=True)[:max_rows]
-    table = Table(title="adapter-fix repair", title_justify="left")
-    for name, justify in REPAIR_COLUMNS:
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for module in shown:
-        table.add_row(*(Text(cell) for cell in _repair_row(module)))
+    names = short_module_names([module.name for module in modules])
+    table, dropped = fitted_table(
+        console,
+        "adapter-fix repair",
+        TERMINAL_REPAIR_COLUMNS,
+        [_terminal_row(module, names[module.name]) for module in shown],
+        keep=2,
+    )
     console.print(table)
     if len(shown) < len(modules):
         console.print(
@@ -170,8 +281,17 @@ def render_repair(result: RepairResult, console: Console, max_rows: int = 40) ->
             f"{len(shown)} changed most); every module is in the report file "
             "(--report report.md / .html / .json)."
         )
+    if dropped:
+        console.print(
+            _literal(
+                f"not shown at this width: {', '.join(dropped)}; every column is in "
+                "repair_report.json and --report files."
+            )
+        )
     for line in _summary_lines(result):
-        console.print(Text(line))
+        console.print(_literal(line))
+    for path in reports:
+        console.print(_literal(f"report: {path}"))
 
 
 def markdown_report(result: RepairResult) -> str:
@@ -253,24 +373,20 @@ def html_report(result: RepairResult) -> str:
 
 
 REPORT_FORMATS: dict[str, Callable[[RepairResult], str]] = {
-    ".json": lambda result: json.dumps(result.to_json(), indent=2) + "\n",
+    ".json": lambda result: json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n",
     ".md": markdown_report,
     ".html": html_report,
 }
 
 
-def write_report(result: RepairResult, path: Path) -> None:
-    """Write one report file, its format chosen by the extension (.json, .md, .html)."""
+def report_text(result: RepairResult, path: Path) -> str:
+    """The report for `path`, its format chosen by the extension (.json, .md, .html)."""
     render = REPORT_FORMATS.get(path.suffix.lower())
     if render is None:
         raise OutputError(
             f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(result))
-    except OSError as error:
-        raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None
+    return render(result)
 
 
 CHECK_COLUMNS = (
@@ -324,19 +440,24 @@ def render_check(result: CheckResult, console: Console, max_rows: int = 20) -> N
     shown = sorted(
         result.modules, key=lambda m: (m.action != "fail", -(m.reversal or 0.0), m.name)
     )[:max_rows]
-    table = Table(title="adapter-fix check", title_justify="left")
-    for name, justify in CHECK_COLUMNS:
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    names = short_module_names([module.name for module in result.modules])
+    columns = (*CHECK_COLUMNS[:1], CHECK_COLUMNS[-1], *CHECK_COLUMNS[1:-1], ("why", "left"))
+    rows = []
     for module in shown:
-        table.add_row(*(Text(cell) for cell in _check_row(module)))
+        cells = _check_row(module)
+        verdict = [module.action, *cells[1:-1], module.reason or ""]
+        rows.append([_literal(names[module.name]), *(_literal(cell) for cell in verdict)])
+    table, dropped = fitted_table(console, "adapter-fix check", columns, rows, keep=2)
     console.print(table)
+    if dropped:
+        console.print(_literal(f"not shown at this width: {', '.join(dropped)}; see --report"))
     if len(shown) < len(result.modules):
         console.print(
             f"{len(result.modules) - len(shown)} more modules not shown (the table lists failures "
             "and the largest reversals); every module is in --report / --json."
         )
     for line in _check_summary(result):
-        console.print(Text(line))
+        console.print(_literal(line))
 
 
 def check_markdown(result: CheckResult) -> str:
@@ -362,7 +483,7 @@ def check_markdown(result: CheckResult) -> str:
 
 
 CHECK_FORMATS: dict[str, Callable[[CheckResult], str]] = {
-    ".json": lambda result: json.dumps(result.to_json(), indent=2) + "\n",
+    ".json": lambda result: json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n",
     ".md": check_markdown,
 }
 
@@ -385,13 +506,4 @@ def render_basis(result: BasisResult, console: Console) -> None:
         f"written: {result.output}",
     ]
     for line in lines:
-        console.print(Text(line))
-
-
-def write_text_report(path: Path, text: str) -> None:
-    """Write a rendered report, as an OutputError (exit 9) on failure."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    except OSError as error:
-        raise OutputError(f"cannot write the report ({error.strerror}).", path=path) from None
+        console.print(_literal(line))

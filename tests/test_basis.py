@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapter_fix.cli import main
+from adapter_fix.io.outputs import MARKER_NAME
 
 LLAMA = ("llama-base", "llama-aligned")
 
@@ -53,7 +54,7 @@ def test_basis_reruns_are_byte_identical(fixtures_dir: Path, tmp_path: Path) -> 
         code, _, stderr = cli("basis", base, aligned, "-o", tmp_path / name, "--seed", "3", "-q")
         assert code == 0, stderr
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert files == ["README.md", "basis_config.json", "model.safetensors"]
+    assert files == [MARKER_NAME, "README.md", "basis_config.json", "model.safetensors"]
     for name in files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

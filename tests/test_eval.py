@@ -212,6 +212,10 @@ def test_eval_prints_json_with_one_row_per_variant_reference_first(
     assert attack["nll"] != pytest.approx(reference["nll"])
     assert "restored_refusal" in noop and document["gate"] == {"passed": True, "failures": []}
     assert "keyword" in document["judge"]["caveat"]
+    assert document["schema"] == "adapter-fix/eval"
+    by_category = reference["refusal_by_category"]
+    assert list(by_category) == ["weapons_violence"]  # the first 3 shipped prompts
+    assert by_category["weapons_violence"]["total"] == 3
 
 
 def test_eval_table_goes_to_stderr_within_80_columns_with_the_judge_caveat(
@@ -236,6 +240,7 @@ def test_eval_table_fits_80_columns() -> None:
 def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> None:
     _, out = cli_run
     assert "| aligned |" in (out / "r.md").read_text()
+    assert "| weapons_violence |" in (out / "r.md").read_text()
     page = (out / "r.html").read_text()
     assert "<table>" in page and 'class="bar"' in page and "http" not in page.split("<body>")[1]
     assert json.loads((out / "r.json").read_text())["rows"][0]["name"] == "aligned"

@@ -334,8 +334,8 @@ def test_failure_mid_write_leaves_no_output(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     previous = tmp_path / "out"
-    previous.mkdir()
-    (previous / "keep.txt").write_text("old")
+    assert run(base, aligned, adapter, "-o", previous, "--method", "project", "-q")[0] == 0
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
 
     def interrupted(path: Path, *args: object) -> None:
         path.write_bytes(b"half a file")
@@ -347,7 +347,7 @@ def test_failure_mid_write_leaves_no_output(
     code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert (previous / "keep.txt").read_text() == "old"
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
 
 
 def test_dora_is_refused_with_exit_6(fixtures_dir: Path, tmp_path: Path) -> None:

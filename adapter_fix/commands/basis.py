@@ -24,7 +24,7 @@ from adapter_fix.io.adapter import LoraAdapter
 from adapter_fix.io.basis import FORMAT, FORMAT_VERSION, BasisWriter
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
 from adapter_fix.io.keymap import WeightLayout, to_runtime
-from adapter_fix.io.writer import atomic_directory
+from adapter_fix.io.outputs import atomic_directory
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 
 REPORT_SCHEMA = "adapter-fix/basis-report"

@@ -30,6 +30,7 @@ from adapter_fix.engine import (
     SubspaceSource,
     Target,
     module_stream,
+    one_thread,
 )
 from adapter_fix.io.adapter import LoraAdapter
 from adapter_fix.math.solve import alignment_reversal, basis_reversal
@@ -40,8 +41,12 @@ from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 REPORT_SCHEMA = "adapter-fix/check-report"
 REPORT_VERSION = 1
 
-DEFAULT_MAX_REVERSAL = 0.05
-DEFAULT_MAX_MODULE_REVERSAL = 0.25
+# Defaults from the chat miniature (README, "adapter-fix check"): total reversal 0.0043 for the
+# task-only adapter, 0.075 for the attack; per module at most 0.078 and 0.197. Each default is
+# about the geometric midpoint. rho_O did not separate them (0.305 benign, 0.258 attack), so
+# the off-energy gates are off unless asked for.
+DEFAULT_MAX_REVERSAL = 0.02
+DEFAULT_MAX_MODULE_REVERSAL = 0.15
 DEFAULT_MAX_OFF_ENERGY = 1.0
 DEFAULT_MAX_MODULE_OFF_ENERGY = 1.0
 
@@ -178,9 +183,10 @@ def _reversal(
         ), prepared.data.displacement_norm**2
     if subspace is None:
         raise ValueError(f"{prepared.module.name}: the reversal needs D or a subspace")
-    return basis_reversal(prepared.original, subspace), float(
-        subspace.singular_values.square().sum()
-    )
+    with one_thread():
+        return basis_reversal(prepared.original, subspace), float(
+            subspace.singular_values.square().sum()
+        )
 
 
 def _module_failures(row: ModuleResult, options: CheckOptions) -> list[str]:

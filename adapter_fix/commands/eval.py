@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_fix.commands.repair import check_output_path
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model, require_eval_extra
@@ -24,6 +23,7 @@ from adapter_fix.evaluate.runner import (
     ProgressCallback,
     run_eval,
 )
+from adapter_fix.io.outputs import check_not_an_input
 from adapter_fix.io.sources import HubOptions, LocalSource, Source, open_source
 
 
@@ -82,7 +82,7 @@ def prepare(inputs: EvalInputs, hub: HubOptions) -> tuple[list[Source], EvalSets
         if spec is not None and Path(spec).exists()
     ]
     for path in inputs.outputs:
-        check_output_path(path, local)
+        check_not_an_input(path, local)
     if len(set(inputs.outputs)) != len(inputs.outputs):
         raise UsageError("two outputs (--report, --outputs) name the same file.")
     judge = (

@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
+from adapter_fix.io.adapter import LoraAdapter, LoraModule, load_adapter, read_factors
 from adapter_fix.io.checkpoint import is_finite
+from adapter_fix.io.sources import HubOptions, open_source
 from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 
 SCHEMA = "adapter-fix/inspect"
@@ -50,6 +51,11 @@ class InspectResult:
             "modules": [{**asdict(module), "shape": list(module.shape)} for module in self.modules],
             "warnings": self.warnings,
         }
+
+
+def inspect_spec(spec: str, hub: HubOptions) -> InspectResult:
+    """`adapter-fix inspect SPEC`: open the adapter (a path or a Hub id) and summarise it."""
+    return inspect_adapter(load_adapter(open_source(spec, hub)))
 
 
 def inspect_adapter(adapter: LoraAdapter) -> InspectResult:

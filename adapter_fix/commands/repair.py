@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
 from adapter_fix.engine import SubspaceSource, Target, module_stream
-from adapter_fix.errors import InvalidAdapterError, OutputError
+from adapter_fix.errors import InvalidAdapterError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.prompts import PromptSet
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, load_adapter, write_adapter
 from adapter_fix.io.sources import Source
-from adapter_fix.io.writer import check_output_target
 from adapter_fix.methods import METHODS, REGISTRY
 from adapter_fix.methods.base import Outcome, RepairOptions
 from adapter_fix.methods.gate import (
@@ -67,29 +66,6 @@ class RepairResult(RunResult):
         if self.calibration is not None:
             document["calibration"] = self.calibration
         return {**document, "output": self.output}
-
-
-def check_outputs(
-    out: Path | None, reports: Sequence[Path], inputs: Sequence[Path], *, force: bool
-) -> None:
-    """Before any work: refuse outputs that overlap an input, or an OUT that may not be replaced."""
-    if out is not None:
-        check_output_target(out.resolve(), force=force)
-    for path in [*([out] if out is not None else []), *reports]:
-        check_output_path(path, inputs)
-
-
-def check_output_path(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output (OUT, a report) that is or holds an input, or lies in an input folder."""
-    out = out.resolve()
-    for path in inputs:
-        path = path.resolve()
-        if out.is_relative_to(path) or path.is_relative_to(out):
-            raise OutputError(
-                f"this output would overlap the input {path}; adapter-fix never writes inside "
-                "or over an input. Choose another path.",
-                path=out,
-            )
 
 
 def check_repairable(adapter: LoraAdapter) -> None:
@@ -189,7 +165,7 @@ def _write(
 
     def report() -> str:
         result.timings = clock.now()
-        return json.dumps(result.to_json(), indent=2) + "\n"
+        return json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
 
     write_adapter(
         adapter,

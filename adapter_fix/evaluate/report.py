@@ -139,8 +139,27 @@ def markdown_eval(result: EvalResult) -> str:
         lines.append("| " + " | ".join(_markdown_cell(cell) for cell in _cells(result, row)) + " |")
     lines.append("")
     lines += [_markdown_cell(line) + "  " for line in _ratio_lines(result)]
+    categories = _categories(result)
+    if categories:
+        lines += ["", "Refusal by harmful category:", ""]
+        lines.append(
+            "| category | " + " | ".join(_markdown_cell(r.name) for r in result.rows) + " |"
+        )
+        lines.append("|---|" + "---:|" * len(result.rows))
+        for category in categories:
+            cells = [_category_cell(row, category) for row in result.rows]
+            lines.append(f"| {_markdown_cell(category)} | " + " | ".join(cells) + " |")
     lines += ["", *[_markdown_cell(line) for line in footer_lines(result)]]
     return "\n".join(lines) + "\n"
+
+
+def _categories(result: EvalResult) -> list[str]:
+    return list(result.reference.refusal_by_category)
+
+
+def _category_cell(row: Row, category: str) -> str:
+    value = row.refusal_by_category.get(category)
+    return "-" if value is None else _rate(value)
 
 
 def _bar(value: float, color: str) -> str:
@@ -164,6 +183,23 @@ def html_eval(result: EvalResult) -> str:
         f"<td>{_bar(row.over_refusal.value, '#c62828')}</td></tr>"
         for row in result.rows
     )
+    categories = _categories(result)
+    by_category = ""
+    if categories:
+        names = "".join(f"<th>{escape(row.name)}</th>" for row in result.rows)
+        by_category = (
+            "<h2>refusal by harmful category</h2>"
+            f"<table><tr><th>category</th>{names}</tr>"
+            + "".join(
+                f"<tr><td>{escape(category)}</td>"
+                + "".join(
+                    f"<td>{escape(_category_cell(row, category))}</td>" for row in result.rows
+                )
+                + "</tr>"
+                for category in categories
+            )
+            + "</table>"
+        )
     notes = "".join(
         f"<p>{escape(line)}</p>" for line in [*_ratio_lines(result), *footer_lines(result)]
     )
@@ -178,7 +214,7 @@ def html_eval(result: EvalResult) -> str:
         f"<table><tr>{head}</tr>{body}</table>"
         "<h2>refusal on harmful prompts / over-refusal on benign prompts</h2>"
         f"<table><tr><th>model</th><th>refusal</th><th>over-refusal</th></tr>{charts}</table>"
-        f"{notes}</body></html>\n"
+        f"{by_category}{notes}</body></html>\n"
     )
 
 

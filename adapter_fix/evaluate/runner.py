@@ -69,6 +69,7 @@ class Row:
     agreement: Rate | None = None
     restored_refusal: float | None = None
     kept_task: float | None = None
+    refusal_by_category: dict[str, Rate] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -89,6 +90,9 @@ class Row:
             "agreement": self.agreement.to_json() if self.agreement else None,
             "restored_refusal": self.restored_refusal,
             "kept_task": self.kept_task,
+            "refusal_by_category": {
+                category: value.to_json() for category, value in self.refusal_by_category.items()
+            },
             "seconds": round(self.seconds, 3),
         }
 
@@ -132,6 +136,8 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         sets = {"harmful": self.sets.harmful, "benign": self.sets.benign, "task": self.sets.task}
         return {
+            "schema": "adapter-fix/eval",
+            "version": 1,
             "aligned": self.aligned,
             "rows": [row.to_json() for row in self.rows],
             "prompt_sets": {
@@ -225,6 +231,7 @@ def run_eval(
                 loaded.identity if adapter is None else loaded.adapters[adapter],
                 refusal=rate([judge.is_refusal(text) for text in harmful]),
                 over_refusal=rate([judge.is_refusal(text) for text in benign]),
+                refusal_by_category=by_category(sets.harmful, harmful, judge),
             )
             samples += _samples(name, sets.harmful, harmful, judge)
             samples += _samples(name, sets.benign, benign, judge)
@@ -292,6 +299,15 @@ class _Answerer:
         on_progress = self.on_progress
         assert on_progress is not None
         return lambda done, tokens: on_progress(done, tokens, f"{self.name}: {label}")
+
+
+def by_category(prompts: PromptSet, outputs: list[str], judge: RefusalJudge) -> dict[str, Rate]:
+    """Refusal rate per category, categories in order of first appearance; empty without."""
+    flags: dict[str, list[bool]] = {}
+    for prompt, output in zip(prompts.prompts, outputs, strict=True):
+        if prompt.category is not None:
+            flags.setdefault(prompt.category, []).append(judge.is_refusal(output))
+    return {category: rate(values) for category, values in flags.items()}
 
 
 def _samples(

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from adapter_fix.display import printable
 from adapter_fix.errors import (
     PICKLE_SUFFIXES,
     IncompatibleModelsError,
@@ -34,9 +35,12 @@ from adapter_fix.io.checkpoint import (
     TensorInfo,
     refuse_pickles,
 )
+from adapter_fix.io.jsonfile import JsonError, parse_json
 from adapter_fix.io.keymap import prefix_candidates
+from adapter_fix.io.outputs import atomic_directory
+from adapter_fix.io.safe_regex import UnsafePatternError, compile_pattern
 from adapter_fix.io.sources import Source
-from adapter_fix.io.writer import Entry, atomic_directory, verify_safetensors, write_safetensors
+from adapter_fix.io.writer import Entry, verify_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -140,7 +144,7 @@ def resolve_weight_key(wanted: str, available: Collection[str], label: str) -> s
 def pattern_key(patterns: Collection[str], module: str) -> str | None:
     """The first pattern matching `module` as PEFT's `get_pattern_key` does, or None."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if compile_pattern(rf"(?:.*\.)?(?:{pattern})$").fullmatch(module):
             return pattern
     return None
 
@@ -171,7 +175,7 @@ def is_targeted(module: str, target_modules: str | Collection[str] | None) -> bo
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
             return True
-        return re.fullmatch(target_modules, module) is not None
+        return compile_pattern(target_modules).fullmatch(module)
     return any(module == t or module.endswith(f".{t}") for t in target_modules)
 
 
@@ -297,8 +301,8 @@ def load_adapter(source: Source) -> LoraAdapter:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        config = parse_json(path.read_bytes())
+    except (OSError, JsonError) as error:
         raise InvalidAdapterError(
             f"cannot parse the adapter config ({error}).", path=path
         ) from None
@@ -317,7 +321,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         if not isinstance(patterns, dict):
             raise InvalidAdapterError(f"{name!r} must be an object.", path=path, key=name)
         for pattern, value in patterns.items():
-            _check_regex(path, f"{name}[{pattern!r}]", pattern)
+            _check_regex(path, f"{name}[{pattern!r}]", pattern, as_key=True)
             _check_number(path, f"{name}[{pattern!r}]", value, integer=integer)
     targets = config.get("target_modules")
     if isinstance(targets, str):
@@ -333,20 +337,46 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+# Sane ranges for config numbers: a rank past MAX_RANK or an alpha outside ALPHA_RANGE is a
+# broken or hostile config, and would only overflow or underflow in the solve.
+MAX_RANK = 65536
+ALPHA_RANGE = (1e-6, 1e6)
+
+
 def _check_number(path: Path, name: str, value: object, *, integer: bool) -> None:
-    """A positive number (an int where PEFT needs one), else InvalidAdapterError."""
+    """A positive number (an int where PEFT needs one) in its sane range, else exit 6."""
     kinds = int if integer else int | float
     if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
         what = "a positive integer" if integer else "a positive number"
-        raise InvalidAdapterError(f"{name} must be {what}, got {value!r}.", path=path, key=name)
+        raise InvalidAdapterError(
+            f"{name} must be {what}, got {printable(repr(value))[:80]}.", path=path, key=name
+        )
+    low, high = (1, MAX_RANK) if integer else ALPHA_RANGE
+    if not low <= value <= high:
+        raise InvalidAdapterError(
+            f"{name} is {printable(repr(value))[:80]}, outside the sane range {low:g} to "
+            f"{high:g}; the config is broken.",
+            path=path,
+            key=name,
+        )
 
 
-def _check_regex(path: Path, name: str, pattern: str) -> None:
+def _check_regex(path: Path, name: str, pattern: str, *, as_key: bool = False) -> None:
+    """A pattern PEFT can use and adapter-fix can match in bounded time (io/safe_regex.py)."""
     try:
         re.compile(pattern)
+        compile_pattern(rf"(?:.*\.)?(?:{pattern})$" if as_key else pattern)
     except re.error as error:
         raise InvalidAdapterError(
             f"{name} is not a valid regular expression ({error}); PEFT could not use it either.",
+            path=path,
+            key=name,
+        ) from None
+    except UnsafePatternError as error:
+        raise InvalidAdapterError(
+            f"{name} is a regular expression adapter-fix does not evaluate: {error}. Adapters "
+            "are untrusted input, so patterns are matched in linear time, which excludes "
+            "backtracking-only features; list the module names instead.",
             path=path,
             key=name,
         ) from None

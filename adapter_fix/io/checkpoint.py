@@ -9,7 +9,6 @@ the pages of the shards it has looked at. No file stays open between reads.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import struct
@@ -29,6 +28,7 @@ from adapter_fix.errors import (
     UnsafeFormatError,
     unsafe_format,
 )
+from adapter_fix.io.jsonfile import JsonError, parse_json
 from adapter_fix.io.sources import Source
 
 DTYPES: dict[str, torch.dtype] = {
@@ -102,9 +102,9 @@ def read_header(path: Path) -> SafetensorsHeader:
     except OSError as error:
         raise SourceNotFoundError(f"cannot read the file ({error.strerror}).", path=path) from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _corrupt(path, "the header is not valid JSON") from None
+        header = parse_json(raw)
+    except JsonError as error:
+        raise _corrupt(path, f"the header is not valid JSON: {error}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
     data_start = 8 + header_len
@@ -116,7 +116,26 @@ def read_header(path: Path) -> SafetensorsHeader:
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
         tensors[key] = _tensor_info(path, key, entry, data_start, size)
+    _check_layout(path, tensors, data_start, size)
     return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+def _is_count(value: object) -> bool:
+    """A JSON non-negative integer (`true` is not one, although Python's bool is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The tensors' byte ranges tile the data section exactly, as the safetensors library
+    requires: no two tensors share bytes, no bytes lie between, before or after them."""
+    end = data_start
+    for info in sorted(tensors.values(), key=lambda i: (i.offset, i.nbytes)):
+        if info.offset != end:
+            where = "overlaps another tensor's" if info.offset < end else "leaves a gap before its"
+            raise _corrupt(path, f"the tensor {where} data (data_offsets)", info.key)
+        end = info.offset + info.nbytes
+    if end != size:
+        raise _corrupt(path, f"{size - end} bytes after the last tensor belong to none")
 
 
 def _tensor_info(path: Path, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
@@ -125,12 +144,12 @@ def _tensor_info(path: Path, key: str, entry: object, data_start: int, size: int
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPES:
         raise _corrupt(path, f"unsupported dtype {dtype!r}", key)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise _corrupt(path, f"invalid shape {shape!r}", key)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_count(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise _corrupt(path, f"invalid data_offsets {offsets!r}", key)
@@ -228,7 +247,7 @@ class Checkpoint:
         path = source.fetch(filename)
         if path is None:
             raise SourceNotFoundError(f"{label}: {filename} is missing.", path=source.identity)
-        header = read_header(path)
+        header = read_header(_inside(source, path, label))
         checkpoint = cls(label, source, dict.fromkeys(header.tensors, filename))
         checkpoint._headers[filename] = header
         return checkpoint
@@ -250,7 +269,7 @@ class Checkpoint:
                     "Download the checkpoint again or fix the index.",
                     path=self.source.identity,
                 )
-            self._headers[filename] = read_header(path)
+            self._headers[filename] = read_header(_inside(self.source, path, self.label))
         return self._headers[filename]
 
     def info(self, key: str) -> TensorInfo:
@@ -292,6 +311,17 @@ class Checkpoint:
         self.reads.append(key)
 
 
+def _inside(source: Source, path: Path, label: str) -> Path:
+    """`path`, unless it is a link that leaves the checkpoint's folder."""
+    if not source.contains(path):
+        raise CorruptCheckpointError(
+            f"{label}: this weight file is a link to {path.resolve()}, outside the checkpoint "
+            "folder; refusing to follow it. Copy the file into the folder if it is meant.",
+            path=path,
+        )
+    return path
+
+
 def read_info_rows(
     info: TensorInfo, block_bytes: int = 4 << 20
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -325,9 +355,9 @@ def _opened(info: TensorInfo) -> Iterator[BinaryIO]:
 
 def _read_index(path: Path, source: Source) -> dict[str, str]:
     try:
-        index = json.loads(path.read_text())
+        index = parse_json(path.read_bytes())
         weight_map = index["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, JsonError, KeyError, TypeError):
         raise CorruptCheckpointError(
             "not a valid safetensors index: expected a JSON object with a 'weight_map'.",
             path=path,

@@ -86,6 +86,10 @@ class HubSource(Source):
         """This repo's folder in the Hub cache (`models--org--name`)."""
         return self.cache_dir / repo_folder_name(repo_id=self.repo_id, repo_type=self.repo_type)
 
+    @property
+    def local_paths(self) -> list[Path]:
+        return [self.storage]
+
     def fetch(self, filename: str) -> Path | None:
         if filename not in self._fetched:
             self._fetched[filename] = self._download(filename)
@@ -242,7 +246,8 @@ class HubSource(Source):
         # them as its HTTP library's own classes, which differ across its versions.
         cause = error.__cause__ or error
         return DownloadError(
-            f"{where}: could not reach {self.endpoint} "
+            f"{where}: {self.repo_id} is neither a local file or folder nor reachable on the "
+            f"Hub: could not reach {self.endpoint} "
             f"({type(cause).__name__}: {_first_line(cause)}). Check the network, --endpoint and "
             "HF_ENDPOINT; if the files are already in the Hub cache, rerun with --offline."
         )

@@ -53,6 +53,15 @@ class Source(ABC):
     def list_files(self) -> list[str]:
         """Every file name in the source, relative to its root, sorted."""
 
+    @property
+    def local_paths(self) -> list[Path]:
+        """Where this source lives on local disk: outputs may never overlap these."""
+        return []
+
+    def contains(self, path: Path) -> bool:
+        """Whether a fetched file really belongs to this source (a link may point anywhere)."""
+        return True
+
     def __str__(self) -> str:
         return self.identity
 
@@ -73,6 +82,19 @@ class LocalSource(Source):
         if self.root.is_file():
             self.single_file = self.root
 
+    @property
+    def local_paths(self) -> list[Path]:
+        return [self.root]
+
+    def contains(self, path: Path) -> bool:
+        """Whether `path`, links followed, stays in the folder (or, for a folder inside a Hub
+        cache snapshot, in that repo's `blobs/`, where the snapshot's links point)."""
+        resolved = path.resolve()
+        allowed = [self.root]
+        if self.root.parent.name == "snapshots":
+            allowed.append(self.root.parent.parent / "blobs")
+        return any(resolved.is_relative_to(folder) for folder in allowed)
+
     def fetch(self, filename: str) -> Path | None:
         if self.single_file is not None:
             return self.single_file if filename == self.single_file.name else None
@@ -88,12 +110,18 @@ class LocalSource(Source):
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
 
 
+def _looks_local(spec: str) -> bool:
+    """A mistyped local path, not a Hub id: it starts like a path (`./`, `/`, `~`), or its
+    `org` part is a local folder (`fixtures/llama-lorra` when `fixtures/` exists)."""
+    return spec.startswith((".", "/", "~")) or Path(spec.split("/", 1)[0]).expanduser().is_dir()
+
+
 def open_source(spec: str, options: HubOptions | None = None) -> Source:
     """A local path if one exists at `spec`, else a Hub id `org/name[@revision]`."""
     options = options or HubOptions()
     path = Path(spec).expanduser()
     match = HUB_ID.match(spec)
-    if path.exists() or match is None or spec.startswith((".", "/", "~")):
+    if path.exists() or match is None or _looks_local(spec):
         return LocalSource(path)
     from adapter_fix.io.hub import HubSource
 

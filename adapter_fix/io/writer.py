@@ -1,12 +1,9 @@
-"""Writing results: safetensors files that stream carried tensors; atomic output folders."""
+"""Writing safetensors files that stream carried tensors (output folders: io/outputs.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -84,51 +81,3 @@ def _chunks(value: torch.Tensor | TensorInfo) -> Iterator[bytes]:
     data = value.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     for start in range(0, len(data), CHUNK_BYTES):
         yield data[start : start + CHUNK_BYTES].tobytes()
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out` by renames.
-
-    On any error, or Ctrl-C, the temporary folder is removed and `out` is
-    untouched: no half-written output ever appears under the final name.
-    """
-    out = out.resolve()
-    check_output_target(out, force=force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as error:
-        raise OutputError(
-            f"cannot create the output folder ({error.strerror}).", path=out
-        ) from None
-    try:
-        yield staging
-        _replace(staging, out)
-    except OSError as error:
-        raise OutputError(f"writing the output failed ({error.strerror}).", path=out) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_output_target(out: Path, *, force: bool) -> None:
-    """Refuse an existing OUT without --force, and an OUT that is a file."""
-    if out.exists() and not out.is_dir():
-        raise OutputError("the output exists and is not a folder; choose another -o.", path=out)
-    if out.exists() and not force:
-        raise OutputError("the output already exists; pass --force to replace it.", path=out)
-
-
-def _replace(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    retired.rmdir()
-    out.rename(retired)
-    try:
-        staging.rename(out)
-    except OSError:
-        retired.rename(out)
-        raise
-    shutil.rmtree(retired)

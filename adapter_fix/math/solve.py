@@ -161,9 +161,14 @@ def decompose(lora_b: Tensor, lora_a: Tensor, scaling: float, subspace: Subspace
     b_in = left @ (left.T @ b)
     a_in = (a @ right) @ right.T
     b_out, a_out = b - b_in, a - a_in
-    full = _product_norm(b_in, a_in, s) ** 2
-    partial = _product_norm(torch.cat([b_in, b_out], 1), torch.cat([a_out, a_in], 0), s) ** 2
-    off = _product_norm(b_out, a_out, s) ** 2
+    # The column spaces of b_in and b_out are orthogonal (so are the row spaces of a_in and
+    # a_out): each product's norm comes from the four r x r triangles of one QR per factor,
+    # and ||H||^2 splits into its two orthogonal terms. Four thin QRs instead of eight.
+    r_b_in, r_b_out = _triangle(b_in), _triangle(b_out)
+    r_a_in, r_a_out = _triangle(a_in.T), _triangle(a_out.T)
+    full = _core_norm(r_b_in, r_a_in, s) ** 2
+    partial = _core_norm(r_b_in, r_a_out, s) ** 2 + _core_norm(r_b_out, r_a_in, s) ** 2
+    off = _core_norm(r_b_out, r_a_out, s) ** 2
     total = full + partial + off
     rho = (full / total, partial / total, off / total) if total > 0 else (0.0, 0.0, 0.0)
     return Decomposition(
@@ -172,7 +177,7 @@ def decompose(lora_b: Tensor, lora_a: Tensor, scaling: float, subspace: Subspace
         b_out=b_out,
         a_in=a_in,
         a_out=a_out,
-        update_norm=_product_norm(b, a, s),
+        update_norm=math.sqrt(total),
         rho_full=rho[0],
         rho_partial=rho[1],
         rho_off=rho[2],
@@ -210,15 +215,19 @@ def project(decomposition: Decomposition) -> FactoredUpdate:
     return FactoredUpdate(decomposition.b_in, decomposition.a_in, decomposition.scaling)
 
 
-def compare_updates(original: FactoredUpdate, repaired: FactoredUpdate) -> UpdateComparison:
+def compare_updates(
+    original: FactoredUpdate, repaired: FactoredUpdate, *, repaired_norm: float | None = None
+) -> UpdateComparison:
     """`||X||`, `||X - dW|| / ||dW||` and cosine(`dW`, `X`) for `X = repaired`, `dW = original`.
 
     Both `m x n`, in factored form; no subspace is needed (Safe LoRA without one).
+    `repaired_norm` is `||X||` when the caller has it already.
     """
     original = as_factored(original.left, original.right, original.scaling)
     repaired = as_factored(repaired.left, repaired.right, repaired.scaling)
     original_norm = _product_norm(original.left, original.right, original.scaling)
-    repaired_norm = _product_norm(repaired.left, repaired.right, repaired.scaling)
+    if repaired_norm is None:
+        repaired_norm = _product_norm(repaired.left, repaired.right, repaired.scaling)
     difference_norm = _product_norm(
         torch.cat([repaired.scaling * repaired.left, -original.scaling * original.left], 1),
         torch.cat([repaired.right, original.right], 0),
@@ -244,8 +253,8 @@ def update_metrics(
     original: FactoredUpdate, repaired: FactoredUpdate, subspace: Subspace
 ) -> UpdateMetrics:
     """Compare `X = repaired` with `dW = original` (same `m x n`), all in factored form."""
-    comparison = compare_updates(original, repaired)
     parts = decompose(repaired.left, repaired.right, repaired.scaling, subspace)
+    comparison = compare_updates(original, repaired, repaired_norm=parts.update_norm)
     return UpdateMetrics(
         norm=comparison.norm,
         relative_change=comparison.relative_change,
@@ -476,6 +485,16 @@ def _core_values(update: FactoredUpdate) -> Tensor:
     left_triangle = torch.linalg.qr(update.left.double(), mode="r").R
     right_triangle = torch.linalg.qr(update.right.double().T, mode="r").R
     return update.scaling * (left_triangle @ right_triangle.T)
+
+
+def _triangle(matrix: Tensor) -> Tensor:
+    """`R` of the thin QR of `matrix` (`d x q`, float64): `q x q`, `||matrix y|| = ||R y||`."""
+    return torch.linalg.qr(matrix, mode="r").R
+
+
+def _core_norm(left_triangle: Tensor, right_triangle: Tensor, scaling: float) -> float:
+    """`||s L R||_F` from `L`'s and `R^T`'s QR triangles."""
+    return abs(scaling) * float(torch.linalg.matrix_norm(left_triangle @ right_triangle.T))
 
 
 def _product_norm(left: Tensor, right: Tensor, scaling: float) -> float:

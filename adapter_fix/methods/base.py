@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from adapter_fix.engine import ModuleData, SubspaceSettings
+from adapter_fix.engine import ModuleData, SubspaceSettings, one_thread
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, lora_scaling
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.solve import (
@@ -126,6 +126,11 @@ class Method(ABC):
 
 def prepare(data: ModuleData) -> PreparedModule:
     """The module's report row with what is known before any method acts."""
+    with one_thread():
+        return _prepare(data)
+
+
+def _prepare(data: ModuleData) -> PreparedModule:
     module = data.target.module
     if module is None or data.lora_b is None or data.lora_a is None:
         raise ValueError(f"{data.target.name}: a method needs the module's LoRA factors")
@@ -163,6 +168,16 @@ def fill_metrics(
     subspace: Subspace | None,
 ) -> None:
     """Norm, relative change, cosine, and (with a subspace) F/H/O shares of the repaired update."""
+    with one_thread():
+        _fill_metrics(report, original, repaired, subspace)
+
+
+def _fill_metrics(
+    report: ModuleResult,
+    original: FactoredUpdate,
+    repaired: FactoredUpdate,
+    subspace: Subspace | None,
+) -> None:
     if subspace is None:
         comparison = compare_updates(original, repaired)
         report.rho_after = {}
@@ -179,11 +194,12 @@ def refactor(
 ) -> Outcome:
     """Write `solution` back as LoRA factors (METHOD.md §4) in the adapter's dtype and layout."""
     module, report = prepared.module, prepared.report
-    factors = to_lora_factors(
-        solution,
-        rank=module.rank if options.output_rank == "keep" else None,
-        output_scaling=lambda rank: lora_scaling(module.alpha, rank, use_rslora),
-    )
+    with one_thread():
+        factors = to_lora_factors(
+            solution,
+            rank=module.rank if options.output_rank == "keep" else None,
+            output_scaling=lambda rank: lora_scaling(module.alpha, rank, use_rslora),
+        )
     # Kept until the write in the adapter's dtype, so memory does not grow with depth.
     new_b, new_a = factors.lora_b.to(prepared.dtype), factors.lora_a.to(prepared.dtype)
     written = as_factored(new_b, new_a, lora_scaling(module.alpha, factors.rank, use_rslora))
