@@ -20,13 +20,14 @@ from typing import Any
 
 from adapter_fix import __version__
 from adapter_fix.engine import SubspaceSource, Target, module_stream
-from adapter_fix.errors import InvalidAdapterError
+from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model
-from adapter_fix.evaluate.prompts import PromptSet
+from adapter_fix.evaluate.prompts import PromptSet, Role, default_prompt_set, load_prompt_set
+from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, load_adapter, write_adapter
-from adapter_fix.io.sources import Source
+from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.methods import METHODS, REGISTRY
 from adapter_fix.methods.base import Outcome, RepairOptions
 from adapter_fix.methods.gate import (
@@ -194,6 +195,46 @@ class CalibrationSets:
     benign: PromptSet
     task: PromptSet | None = None
     system: str | None = None
+
+
+def calibration_sets(
+    *,
+    harmful: str | None,
+    benign: str | None,
+    task: str | None,
+    field: str | None,
+    system: str | None,
+    share: float,
+    seed: int,
+    hub: HubOptions,
+) -> CalibrationSets:
+    """The calibration part of each prompt set (the shipped sets where none is given).
+
+    `split_prompts` picks it by hashing each prompt with `seed`, so `eval`
+    with the same share and seed reports on exactly the prompts left out.
+    """
+
+    def load(spec: str, role: Role) -> PromptSet:
+        return load_prompt_set(spec, role, field=field, hub=hub)
+
+    def part(prompts: PromptSet, role: Role) -> PromptSet:
+        calibration, _held_out = split_prompts(prompts, share, seed)
+        if not calibration.prompts:
+            raise UsageError(
+                f"no {role} prompt falls in the calibration share {share:g} (of {len(prompts)}): "
+                "raise --calibration-share or give more prompts.",
+                path=prompts.origin,
+            )
+        return calibration
+
+    return CalibrationSets(
+        harmful=part(
+            load(harmful, "harmful") if harmful else default_prompt_set("harmful"), "harmful"
+        ),
+        benign=part(load(benign, "benign") if benign else default_prompt_set("benign"), "benign"),
+        task=part(load(task, "task"), "task") if task is not None else None,
+        system=system,
+    )
 
 
 def repair_gated(
