@@ -24,6 +24,7 @@ lint:
 
 fixtures:
 	$(BIN)/python fixtures/make_fixtures.py
+	$(BIN)/python fixtures/make_miniature.py
 
 bench:
 	$(BIN)/python bench/perf.py

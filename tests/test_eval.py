@@ -214,8 +214,9 @@ def test_eval_prints_json_with_one_row_per_variant_reference_first(
     assert "keyword" in document["judge"]["caveat"]
     assert document["schema"] == "adapter-fix/eval"
     by_category = reference["refusal_by_category"]
-    assert list(by_category) == ["weapons_violence"]  # the first 3 shipped prompts
-    assert by_category["weapons_violence"]["total"] == 3
+    # --limit 3 of the 225 shipped prompts: rows 1, 76, 151, one from each of three categories
+    assert list(by_category) == ["weapons_violence", "drugs", "privacy_surveillance"]
+    assert all(value["total"] == 1 for value in by_category.values())
 
 
 def test_eval_table_goes_to_stderr_within_80_columns_with_the_judge_caveat(
@@ -240,7 +241,7 @@ def test_eval_table_fits_80_columns() -> None:
 def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> None:
     _, out = cli_run
     assert "| aligned |" in (out / "r.md").read_text()
-    assert "| weapons_violence |" in (out / "r.md").read_text()
+    assert "| drugs |" in (out / "r.md").read_text()
     page = (out / "r.html").read_text()
     assert "<table>" in page and 'class="bar"' in page and "http" not in page.split("<body>")[1]
     assert json.loads((out / "r.json").read_text())["rows"][0]["name"] == "aligned"
@@ -365,3 +366,22 @@ def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
     with remote.variant("adapter_0") as model:
         hub_answers = generate(model, remote.tokenizer, PROMPTS, max_new_tokens=6)
     assert hub_answers == answers(loaded, "adapter_0")
+
+
+def test_an_adapter_for_another_model_is_incompatible_exit_7(
+    tiny: dict[str, Path], fixtures_dir: Path
+) -> None:
+    result = run_cli(str(tiny["chat"]), str(fixtures_dir / "gpt2-lora"), "--limit", "1")
+    assert result.exit_code == 7
+    assert "gpt2-lora" in result.stderr and "another model" in result.stderr
+
+
+def test_a_model_without_chat_template_is_evaluated_with_a_warning(
+    tiny: dict[str, Path],
+) -> None:
+    result = run_cli(str(tiny["raw"]), "--limit", "1", "--max-new-tokens", "2", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["settings"]["chat_template"] is False
+    assert "no chat template" in document["warnings"][0]
+    assert "Warning: the tokenizer has no chat template" in result.stderr

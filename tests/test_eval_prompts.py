@@ -186,3 +186,11 @@ def test_a_hub_dataset_file_is_fetched_through_the_hub_source(
     assert fake_commit("datasets/walledai/AdvBench") in str(
         next((tmp_path / "cache").rglob("harmful_behaviors.csv"))
     )
+
+
+def test_limit_spreads_the_prompts_evenly_over_the_file(tmp_path: Path) -> None:
+    spec = write(tmp_path / "p.txt", "".join(f"prompt {i}\n" for i in range(10)))
+    prompts = load_prompt_set(spec, "harmful")
+    assert prompts.limited(3).texts == ["prompt 0", "prompt 3", "prompt 6"]
+    assert prompts.limited(None) is prompts and prompts.limited(50) is prompts
+    assert [p.row for p in prompts.limited(2).prompts] == [1, 6]

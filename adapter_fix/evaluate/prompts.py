@@ -87,10 +87,16 @@ class PromptSet:
         return [reference for reference in references if reference is not None]
 
     def limited(self, limit: int | None) -> PromptSet:
-        """The first `limit` prompts (all of them when None)."""
+        """`limit` prompts spread evenly over the file, in file order (all when None).
+
+        Files are often grouped by category; evenly spaced rows keep every
+        category represented where the first rows would hold only the first.
+        """
         if limit is None or limit >= len(self.prompts):
             return self
-        return PromptSet(self.name, self.origin, self.prompts[:limit], self.dropped)
+        total = len(self.prompts)
+        chosen = tuple(self.prompts[index * total // limit] for index in range(limit))
+        return PromptSet(self.name, self.origin, chosen, self.dropped)
 
 
 def default_prompt_set(role: Literal["harmful", "benign"]) -> PromptSet:
