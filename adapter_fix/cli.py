@@ -241,10 +241,10 @@ def gate_options(command: F) -> F:
         click.option(
             "--task-budget",
             type=FiniteFloat(min=0, max=1),
-            default=0.25,
+            default=0.2,
             show_default=True,
-            help="[gate] Share of the update's task gain (task loss without it minus with it) "
-            "the repair may give up, measured after each round.",
+            help="[gate] Share of the adapter's task skill the repair may give up: a round that "
+            "leaves less than 1 - this of the calibration task score is cut back.",
         ),
         click.option(
             "--gate-unit",

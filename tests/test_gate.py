@@ -194,10 +194,10 @@ def test_selection_takes_most_harm_per_task_help_first_within_budget():
         Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, first
     ]
     selection = select_units(attributions, budget=1.0)
-    assert selection.switched_off == (1, 4)
+    assert selection.switched_off == (4, 1)
     assert selection.predicted_task_cost == pytest.approx(1.0)
     assert selection.predicted_margin_gain == pytest.approx(3.5)
-    assert select_units(attributions, budget=2.0).switched_off == (0, 1, 4)
+    assert select_units(attributions, budget=2.0).switched_off == (4, 1, 0)
 
 
 def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():

@@ -330,7 +330,12 @@ def _calibration_report(
         "task_loss": {
             "adapter": outcome.task_loss_adapter,
             "without_update": outcome.task_loss_without_update,
-            "budget": outcome.task_budget,
+            "first_order_budget": outcome.task_budget,
+        },
+        "task_score": {
+            "adapter": outcome.task_score_adapter,
+            "without_update": outcome.task_score_without_update,
+            "kept": outcome.task_kept,
         },
         "target_refusal_rate": options.target_refusal * outcome.aligned_refusal_rate,
         "target_met": outcome.target_met,

@@ -68,7 +68,7 @@ def rank_one_factors(lora_b: Tensor, lora_a: Tensor, scaling: float) -> tuple[Te
 
 @dataclass(frozen=True)
 class Selection:
-    """The units one round switches off, and their predicted effect (first order)."""
+    """The units one round switches off (in the order chosen), and their predicted effect."""
 
     switched_off: tuple[int, ...]
     predicted_margin_gain: float
@@ -89,7 +89,8 @@ def select_units(
     infinite) first; each costs `max(task_help, 0)`, and a candidate is taken
     only while the summed cost stays within `budget` (a candidate that does not
     fit is passed over, so cheaper ones later in the order still can be). Ties
-    keep unit order, so the choice is deterministic.
+    keep unit order, so the choice is deterministic. `switched_off` lists the chosen
+    units in that order (most harm per unit of task help first).
     """
     candidates = [
         (index, attribution)
@@ -110,4 +111,4 @@ def select_units(
         chosen.append(index)
         gain += attribution.harm
         cost += unit_cost
-    return Selection(tuple(sorted(chosen)), gain, cost)
+    return Selection(tuple(chosen), gain, cost)

@@ -45,10 +45,10 @@ UNITS = ("module", "component")
 class GateOptions:
     """Every choice the gated repair makes; built once from the CLI."""
 
-    unit: str = "module"
+    unit: str = "component"
     target_refusal: float = 0.9
-    task_budget: float = 0.25
-    rounds: int = 4
+    task_budget: float = 0.2
+    rounds: int = 6
     steps: int = 4
     start_tokens: int = 8
     max_new_tokens: int = 32
@@ -90,6 +90,7 @@ class Round:
     predicted_task_cost: float
     margin: float
     task_loss: float
+    task_kept: float
     refusal_rate: float
     refusals: int
     prompts: int
@@ -114,7 +115,13 @@ class GateOutcome:
     task_loss_without_update: float
     """`tau(0)`: with every gate off (ALIGNED)."""
     task_budget: float
-    """How far `tau` may rise above `tau(1)`: `task_budget * (tau(0) - tau(1))`."""
+    """How far `tau` may rise above `tau(1)` (first order): `task_budget * (tau(0) - tau(1))`."""
+    task_score_adapter: float
+    """Exact match on the calibration task prompts with the whole update (with references;
+    without: agreement with the adapter's own outputs, 1 by construction)."""
+    task_score_without_update: float
+    task_kept: float
+    """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured."""
     seconds: float
 
 
@@ -376,6 +383,13 @@ def gate_repair(
         nll = token_nll(model, task_prompts, task_targets, pad_id=pad_id, batch_size=batch)
         return nll - baseline
 
+    def task_score() -> float:
+        """Share of task prompts answered exactly as the target (reference, or g = 1 output)."""
+        answers = generate(task_prompts)
+        return sum(a == t for a, t in zip(answers, task_targets, strict=True)) / max(
+            len(task_targets), 1
+        )
+
     outputs = generate(calibration.harmful)
     refused = refusals(outputs)
     original_rate = sum(refused) / max(len(refused), 1)
@@ -383,14 +397,22 @@ def gate_repair(
     rounds: list[Round] = []
     with torch.no_grad():
         gated.set_values(torch.zeros_like(gated.values()))
-        task_off = float(task_loss())
+        task_off, score_off = float(task_loss()), task_score()
         gated.set_values(torch.ones_like(gated.values()))
-        task_on = float(task_loss())
-    # The budget is a share of what the update does for the task, `tau(0) - tau(1)`; what is
-    # spent is measured after each round (`tau(g) - tau(1)`), not the first-order prediction.
+        task_on, score_on = float(task_loss()), task_score()
+
+    def kept_task() -> float:
+        """METHOD.md §9's kept task on the calibration task set: 1 = the adapter, 0 = ALIGNED."""
+        if score_on <= score_off:
+            return 1.0  # the measure sees no task gain to keep
+        return (task_score() - score_off) / (score_on - score_off)
+
+    # First order: each round may give up its share of `task_budget * (tau(0) - tau(1))`.
+    # Measured: a round that leaves less than `1 - task_budget` of the task score is cut
+    # back (its later half dropped, until it fits), so the guard is a measurement.
     budget = options.task_budget * max(task_off - task_on, 0.0)
     spent = 0.0
-    rate = original_rate
+    rate, kept = original_rate, 1.0
     stop_reason = f"rounds exhausted ({options.rounds})"
     unit_attributions: list[Attribution | None] | None = None
     for index in range(1, options.rounds + 1):
@@ -428,32 +450,40 @@ def gate_repair(
             if index == options.rounds:
                 stop_reason = "task budget spent"
             continue  # the next round's share of the budget may fit a unit
-        values = current.clone()
-        values[list(selection.switched_off)] = 0.0
-        gated.set_values(values)
-        new_outputs = generate(calibration.harmful)
-        new_refused = refusals(new_outputs)
+        chosen = list(selection.switched_off)
+        while chosen:
+            values = current.clone()
+            values[chosen] = 0.0
+            gated.set_values(values)
+            kept = kept_task()
+            if kept >= 1.0 - options.task_budget:
+                break
+            chosen = chosen[: len(chosen) // 2]
+        if not chosen:
+            gated.set_values(current)
+            kept = rounds[-1].task_kept if rounds else 1.0
+            stop_reason = "task budget spent: switching off more would cost more task than allowed"
+            break
+        taken = [unit_attributions[u] for u in chosen]
+        predicted_gain = sum(a.harm for a in taken if a is not None)
+        predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
+        outputs = generate(calibration.harmful)
+        refused = refusals(outputs)
         with torch.no_grad():
             measured_margin = float(margin())
             measured_task = float(task_loss())
-        if measured_task - task_on > budget:
-            gated.set_values(current)  # the task cost more than the first-order estimate
-            stop_reason = (
-                f"task budget spent: round {index} undone (it raised the task loss by "
-                f"{measured_task - task_on:.4g}, past the budget {budget:.4g})"
-            )
-            break
-        outputs, refused, unit_attributions = new_outputs, new_refused, None
+        unit_attributions = None
         rate = sum(refused) / max(len(refused), 1)
         spent = max(measured_task - task_on, 0.0)
         units = gated.units()
         round_ = Round(
             index=index,
-            switched_off=[_unit_name(gated, units[u]) for u in selection.switched_off],
-            predicted_margin_gain=selection.predicted_margin_gain,
-            predicted_task_cost=selection.predicted_task_cost,
+            switched_off=[_unit_name(gated, units[u]) for u in chosen],
+            predicted_margin_gain=predicted_gain,
+            predicted_task_cost=predicted_cost,
             margin=measured_margin,
             task_loss=measured_task,
+            task_kept=kept,
             refusal_rate=rate,
             refusals=sum(refused),
             prompts=len(refused),
@@ -479,6 +509,9 @@ def gate_repair(
         task_loss_adapter=task_on,
         task_loss_without_update=task_off,
         task_budget=budget,
+        task_score_adapter=score_on,
+        task_score_without_update=score_off,
+        task_kept=kept,
         seconds=time.perf_counter() - started,
     )
 
