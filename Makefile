@@ -27,6 +27,7 @@ fixtures:
 	$(BIN)/python fixtures/make_miniature.py
 
 bench:
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/perf.py
 
 clean:

@@ -497,13 +497,19 @@ def repair(
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
       adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
-    from adapter_fix.commands.inspect import inspect_adapter
+    from adapter_fix.commands.inspect import factor_warnings
     from adapter_fix.commands.repair import REPORT_NAME, RepairOptions
     from adapter_fix.commands.repair import repair as run_repair
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import REPORT_FORMATS, render_repair, render_warnings, report_text
+    from adapter_fix.report import (
+        REPORT_FORMATS,
+        render_notes,
+        render_repair,
+        render_warnings,
+        report_text,
+    )
 
     gate = {name: settings.pop(name) for name in GATE_SETTINGS}
     options = RepairOptions(**settings)
@@ -549,7 +555,8 @@ def repair(
             outputs.write_report(path, report_text(result, path))
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
-    render_warnings(inspect_adapter(lora).warnings, console)
+    render_warnings(factor_warnings(lora), console)
+    render_notes(result.modules, console)
 
 
 def repair_with_gates(
@@ -864,7 +871,7 @@ def check(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check
+    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check, render_notes
 
     check_device(settings["device"])
     for path in reports:
@@ -893,6 +900,7 @@ def check(
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False))
     if not quiet:
         render_check(result, console)
+    render_notes(result.modules, console)
     if not result.passed:
         raise GateFailedError(
             f"{len(result.failures)} threshold(s) exceeded: {result.failures[0]}"
@@ -901,9 +909,7 @@ def check(
         )
 
 
-@main.command(
-    name="eval", epilog=EXIT_CODES_HELP + "\n12 a gate failed (--min-refusal, --max-over-refusal)."
-)
+@main.command(name="eval", epilog=EXIT_CODES_HELP)
 @click.argument("aligned")
 @click.argument("adapters", nargs=-1)
 @click.option(
@@ -925,9 +931,25 @@ def check(
     type=click.Path(path_type=Path),
     help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), help="Only the first N prompts of each set.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Longest answer generated (greedy).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Prompts generated together (left-padded).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="N prompts of each set, spread evenly over the file.",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
@@ -938,7 +960,9 @@ def check(
     show_default=True,
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="torch seed set before each row."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
     "--report",
@@ -963,6 +987,7 @@ def check(
     type=FiniteFloat(min=0, max=1),
     help="Gate: exit 12 when an adapter refuses more than this share of benign prompts.",
 )
+@click.option("--force", is_flag=True, help="Replace existing --report and --outputs files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table.")
 @hub_options
 @reports_errors
@@ -987,6 +1012,7 @@ def eval_command(
     min_refusal: float | None,
     absolute: bool,
     max_over_refusal: float | None,
+    force: bool,
     quiet: bool,
     revision: str | None,
     cache_dir: Path | None,
@@ -1013,7 +1039,7 @@ def eval_command(
     import contextlib
     import json
 
-    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.commands.eval import EvalInputs, evaluate, write_outputs
     from adapter_fix.evaluate.runner import EvalOptions, gate_failures
     from adapter_fix.progress import GenerationProgress
     from adapter_fix.report import REPORT_FORMATS
@@ -1036,34 +1062,26 @@ def eval_command(
         limit=limit,
         device=device,
         dtype=dtype,
-        outputs=(*reports, *([outputs] if outputs is not None else [])),
+        reports=reports,
+        samples=outputs,
+        force=force,
     )
     options = EvalOptions(
         system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
     )
     console = stderr_console()
     with contextlib.ExitStack() as stack:
-        bars: list[GenerationProgress] = []
 
         def progress(total: int) -> Callable[[int, int, str], None]:
             bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
-            bars.append(stack.enter_context(bar))
-            return bar.advance
+            return stack.enter_context(bar).advance
 
-        result = evaluate(
+        result, files = evaluate(
             inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
         )
-    from adapter_fix.evaluate.report import (
-        render_eval,
-        samples_jsonl,
-        write_atomically,
-        write_eval_report,
-    )
+    from adapter_fix.evaluate.report import render_eval
 
-    for path in reports:
-        write_eval_report(result, path)
-    if outputs is not None:
-        write_atomically(outputs, samples_jsonl(result))
+    write_outputs(result, inputs, files)
     failures = gate_failures(
         result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
     )

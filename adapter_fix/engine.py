@@ -411,7 +411,10 @@ def module_stream(
 
     def load(index: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
         target = targets[index]
-        with clock.measure("read_s"):
+        # One thread: conversions and norms of cache-sized blocks gain nothing from two, and
+        # beside the SVD on the main thread they would wait for cores (omp threads are per
+        # calling thread, so this leaves the SVD's alone).
+        with clock.measure("read_s"), one_thread():
             loaded = source.load(target, plans[index])
             factors = None
             if adapter is not None and target.module is not None:

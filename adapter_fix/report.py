@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def fitted_table(
             table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]
         for row in rows:
             table.add_row(*row[:count])
-        if count <= keep or console.measure(table).maximum <= console.width:
+        natural = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+        if count <= keep or natural <= console.width:
             return table, [header for header, _ in columns[count:]]
         count -= 1
 
@@ -288,6 +290,12 @@ def render_repair(
                 "repair_report.json and --report files."
             )
         )
+    if "why" in dropped:
+        reasons = Counter(module.reason for module in shown if module.reason)
+        for reason, count in reasons.most_common(5):
+            console.print(_literal(f"why ({count} module{'s' if count > 1 else ''}): {reason}"))
+        if len(reasons) > 5:
+            console.print(_literal(f"... and {len(reasons) - 5} other reasons (see the report)"))
     for line in _summary_lines(result):
         console.print(_literal(line))
     for path in reports:
@@ -402,6 +410,8 @@ CHECK_COLUMNS = (
 
 def _check_row(module: ModuleResult) -> list[str]:
     verdict = module.action if module.reason is None else f"{module.action}: {module.reason}"
+    if module.note is not None:
+        verdict += f" ({module.note})"
     return [
         module.name,
         str(module.subspace_rank),
@@ -507,3 +517,17 @@ def render_basis(result: BasisResult, console: Console) -> None:
     ]
     for line in lines:
         console.print(_literal(line))
+
+
+def render_notes(modules: list[ModuleResult], console: Console) -> None:
+    """One warning line when modules carry notes (a basis short of the requested energy)."""
+    noted = [module for module in modules if module.note is not None]
+    if noted:
+        more = (
+            f" (and {len(noted) - 1} more; every note is in the report)" if len(noted) > 1 else ""
+        )
+        console.print(
+            Text.assemble(
+                ("warning: ", "yellow"), _literal(f"{noted[0].name}: {noted[0].note}{more}")
+            )
+        )

@@ -47,6 +47,8 @@ class ModuleResult:
     output_rank: int = 0
     safelora_similarity: float | None = None
     reversal: float | None = None
+    note: str | None = None
+    """What the source could not give as asked (a basis short of the requested energy)."""
     lora_bias: str | None = None  # lora_B's bias key: carried unchanged (not part of B A)
     gate: list[float] | None = None
     """The gated repair's gate values (one, or one per rank-1 component)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from adapter_fix.commands.eval import quiet_transformers
 from adapter_fix.evaluate.generate import generate
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.prompts import load_prompt_set
@@ -66,12 +67,18 @@ def main() -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads (on a busy shared machine, 1 avoids threads spinning on each other)",
+    )
     args = parser.parse_args()
     if not Path(args.aligned).is_dir():
         print(f"no miniature at {args.aligned}: run fixtures/make_miniature.py", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    quiet_transformers()
     loaded = load_model(open_source(args.aligned), device="cpu")
     attach_adapters(loaded, [open_source(args.adapter)])
     prompts = load_prompt_set(args.prompts_file, "harmful").limited(args.prompts).texts

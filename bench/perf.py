@@ -297,12 +297,12 @@ def profile_repair(
     checkpoint: Path, weight_keys: list[str], quiet_timeout: float
 ) -> dict[str, Any]:
     """The default repair in this process, every torch op timed; and its own I/O floor."""
-    import adapter_fix.commands.repair as repair_module
+    import adapter_fix.engine as engine_module
     from adapter_fix.cli import main as cli
 
     out, report = WORK / "out" / "profile", WORK / "out" / "profile.report.json"
     timer = OpTimer()
-    subspace = repair_module.safety_subspace
+    subspace = engine_module.safety_subspace
 
     def timed_subspace(*args: Any, **kwargs: Any) -> Any:
         with timer.inside("subspace"):
@@ -315,7 +315,7 @@ def profile_repair(
     arguments = repair_command(checkpoint, out, report, "csulora")[3:]
     others_before = wait_for_quiet(quiet_timeout)
     busy, own, started = cpu_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
-    with mock.patch.object(repair_module, "safety_subspace", timed_subspace), timer:
+    with mock.patch.object(engine_module, "safety_subspace", timed_subspace), timer:
         try:
             cli.main(args=arguments, standalone_mode=False)
         except SystemExit as error:
@@ -382,7 +382,8 @@ class Bench:
             f"Wall time, {self.layers[1]} layers, {modules} modules, default method "
             "(phases from the report's timings)"
         )
-        parts = ("read_s", "subspace_s", "solve_s", "write_s")
+        # Reads run one module ahead on a background thread: the wall pays only for the wait.
+        parts = ("read_wait_s", "subspace_s", "solve_s", "write_s")
         line(
             "process wall time (interpreter start to exit)",
             f"{run['wall_s']:.2f} s (its CPU time {run['user_s'] + run['sys_s']:.1f} s)",
@@ -397,6 +398,11 @@ class Bench:
             )
         other = timings["total_s"] - sum(timings[p] for p in parts)
         line("  other (inside total_s, outside the four phases)", f"{other:8.2f} s")
+        line(
+            "  reading itself (background thread, overlapped)",
+            f"{timings['read_s']:8.2f} s, hidden behind the SVD and solve but "
+            f"{timings['read_wait_s']:.2f} s",
+        )
         line("per module, all phases", f"{timings['total_s'] / modules * 1e3:.1f} ms/module")
         ranks = [m["subspace_rank"] for m in run["report"]["modules"]]
         line(
@@ -529,12 +535,13 @@ class Bench:
             for key, seconds in ops.items()
             if key.startswith("subspace:") and key.split(":")[1] in GEMMS
         )
+        critical = ("read_wait_s", "subspace_s", "solve_s", "write_s")
         parts = {
-            "read phase - I/O floor": timings["read_s"] - floor,
+            "waiting for reads - I/O floor": timings["read_wait_s"] - floor,
             "subspace phase - SVD matrix products": timings["subspace_s"] - products,
             "solve phase": timings["solve_s"],
             "write phase": timings["write_s"],
-            "other": wall - sum(timings[p] for p in ("read_s", "subspace_s", "solve_s", "write_s")),
+            "other": wall - sum(timings[p] for p in critical),
         }
         overhead = sum(parts.values())
         line("repair total_s (every torch op timed)", f"{wall:.2f} s")

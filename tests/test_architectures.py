@@ -38,6 +38,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -116,6 +118,13 @@ ARCHITECTURES = {
         ),
         {"target_modules": "all-linear"},
         aligned_fused=True,
+    ),
+    "olmoe": Architecture(  # peft names its experts by bare parameter names here
+        OlmoeForCausalLM,
+        lambda: OlmoeConfig(
+            **{**TEXT, "intermediate_size": 8}, num_experts=3, num_experts_per_tok=2
+        ),
+        {"target_modules": "all-linear"},
     ),
     "gpt-oss": Architecture(
         GptOssForCausalLM,

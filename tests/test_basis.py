@@ -146,8 +146,8 @@ def test_a_basis_short_of_the_requested_energy_says_so(fixtures_dir: Path, tmp_p
     assert code == 0, stderr
     modules = json.loads(report.read_text())["modules"]
     assert {m["subspace_rank"] for m in modules} == {2}
-    assert all("short of the requested energy 0.99" in m["reason"] for m in modules)
-    assert "short of the requested energy" in stderr
+    assert all("short of the requested energy 0.99" in m["note"] for m in modules)
+    assert "warning: model.layers.0" in stderr and "short of the requested energy" in stderr
 
 
 def test_a_bfloat16_basis_is_half_the_size_and_repairs_nearly_alike(

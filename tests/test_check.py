@@ -165,3 +165,24 @@ def test_a_report_inside_an_input_is_refused(
     assert code == 9 and "overlap" in stderr
     code, _, stderr = cli("check", "--basis", basis, pair["benign"], "--report", basis / "x.txt")
     assert code == 2
+
+
+@pytest.mark.parametrize("source", ["weights", "basis"])
+def test_default_thresholds_pass_the_miniatures_benign_adapter_and_fail_its_attack(
+    fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory, source: str
+) -> None:
+    """The defaults were chosen on fixtures/chat-* (README, "adapter-fix check"): they must
+    still separate its task-only adapter from its attack adapter, from weights or a basis."""
+    models = (fixtures_dir / "chat-base", fixtures_dir / "chat-aligned")
+    given: list[object] = list(models)
+    if source == "basis":
+        basis = tmp_path_factory.mktemp("chat-basis") / "basis"
+        code, _, stderr = cli("basis", *models, "-o", basis, "-q")
+        assert code == 0, stderr
+        given = ["--basis", basis]
+    code, stdout, stderr = cli("check", *given, fixtures_dir / "chat-benign", "--json", "-q")
+    assert code == 0, stderr
+    assert json.loads(stdout)["check"]["total_reversal"] < 0.01
+    code, stdout, stderr = cli("check", *given, fixtures_dir / "chat-attack", "--json", "-q")
+    assert code == 12, stderr
+    assert json.loads(stdout)["check"]["total_reversal"] > 0.05

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import socket
@@ -19,8 +20,14 @@ from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from rich.console import Console
 
 from adapter_fix.cli import main
-from adapter_fix.errors import UnsafeFormatError
-from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.errors import UnsafeFormatError, UsageError
+from adapter_fix.evaluate.generate import (
+    continuation_logprob,
+    encode_prompts,
+    format_prompt,
+    generate,
+    reference_nll,
+)
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
@@ -385,3 +392,88 @@ def test_a_model_without_chat_template_is_evaluated_with_a_warning(
     assert document["settings"]["chat_template"] is False
     assert "no chat template" in document["warnings"][0]
     assert "Warning: the tokenizer has no chat template" in result.stderr
+
+
+def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
+    loaded: LoadedModel,
+) -> None:
+    tokenizer = loaded.tokenizer
+    texts = ["paris", "one two"]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    with loaded.variant("adapter_0") as model:
+        from_text, counts = continuation_logprob(model, tokenizer, PROMPTS[:2], texts)
+        from_ids, _ = continuation_logprob(model, tokenizer, PROMPTS[:2], ids)
+        assert counts == [1, 2]
+        assert torch.equal(from_text, from_ids)
+        lora_b = next(p for n, p in model.named_parameters() if "lora_B.adapter_0" in n)
+        lora_b.requires_grad_(True)
+        try:
+            from_text.sum().backward()
+            assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+        finally:
+            lora_b.grad = None
+            lora_b.requires_grad_(False)
+        nll = reference_nll(model, tokenizer, PROMPTS[:2], texts)
+    assert [-value.total for value in nll] == pytest.approx(from_text.tolist(), rel=1e-5)
+
+
+def test_an_existing_report_is_replaced_only_with_force(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "eval.md"
+    report.write_text("keep me")
+    common = [str(tiny["chat"]), "--limit", "1", "--max-new-tokens", "2", "--report", str(report)]
+    refused = run_cli(*common)
+    assert refused.exit_code == 9 and "--force" in refused.stderr
+    assert report.read_text() == "keep me"
+    assert run_cli(*common, "--force").exit_code == 0
+    assert report.read_text().startswith("# adapter-fix eval")
+    twice = run_cli(*common, "--force", "--outputs", str(report))
+    assert twice.exit_code == 9
+
+
+def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str, Path]) -> None:
+    from adapter_fix.commands.eval import EvalInputs, evaluate
+    from adapter_fix.evaluate.runner import EvalOptions
+    from adapter_fix.progress import GenerationProgress
+
+    calls: list[tuple[int, int, str]] = []
+    totals: list[int] = []
+
+    def progress(total: int) -> Any:
+        totals.append(total)
+        return lambda done, tokens, label: calls.append((done, tokens, label))
+
+    inputs = EvalInputs(str(tiny["chat"]), (str(tiny["lora"]),), limit=3, device="cpu")
+    result, _ = evaluate(inputs, EvalOptions(max_new_tokens=2), HubOptions(), progress=progress)
+    assert totals == [2 * (3 + 3)]
+    assert sum(done for done, _, _ in calls) == totals[0]
+    assert {label for _, _, label in calls} == {
+        "aligned: harmful",
+        "aligned: benign",
+        "lora: harmful",
+        "lora: benign",
+    }
+    assert all(0 <= tokens <= 2 * done for done, tokens, _ in calls)
+    bar = GenerationProgress(Console(file=io.StringIO()), totals[0], enabled=False)
+    bar.advance(3, 6, "aligned: harmful")
+    assert bar.tokens == 6 and bar.progress.tasks[0].completed == 3
+    assert len(result.rows) == 2
+
+
+def test_a_template_that_rejects_a_system_message_is_a_usage_error(loaded: LoadedModel) -> None:
+    tokenizer = copy.copy(loaded.tokenizer)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    assert format_prompt(tokenizer, "hi") == "hi"
+    with pytest.raises(UsageError, match=r"System role not supported.*drop --system"):
+        format_prompt(tokenizer, "hi", system="be brief")
+
+
+def test_no_command_declares_an_option_twice() -> None:
+    for name, command in main.commands.items():
+        flags = [flag for param in command.params for flag in getattr(param, "opts", [])]
+        assert len(flags) == len(set(flags)), (name, sorted(f for f in flags if flags.count(f) > 1))

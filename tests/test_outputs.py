@@ -277,3 +277,28 @@ def test_sigterm_while_writing_cleans_up_and_exits_143(fixtures_dir: Path, tmp_p
     assert time.monotonic() - started < 30
     assert "SIGTERM" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_basis_force_refuses_a_folder_adapter_fix_did_not_write(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    folder = user_folder(tmp_path / "basis")
+    before = snapshot(folder)
+    models = [str(fixtures_dir / name) for name in NAMES[:2]]
+    result = CliRunner().invoke(main, ["basis", *models, "-o", str(folder), "--force", "-q"])
+    assert result.exit_code == 9 and MARKER_NAME in result.stderr
+    assert snapshot(folder) == before
+
+
+def test_check_replaces_an_existing_report_only_with_force(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "check.md"
+    report.write_text("my notes")
+    args = ["check", *(str(fixtures_dir / name) for name in NAMES), "--report", str(report), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 9 and "--force" in result.stderr
+    assert report.read_text() == "my notes"
+    result = CliRunner().invoke(main, [*args, "--force"])
+    assert result.exit_code in (0, 12), result.stderr
+    assert report.read_text().startswith("# adapter-fix check")

@@ -293,3 +293,18 @@ def test_unreachable_endpoint_is_a_quick_download_error_suggesting_offline(
     assert "org/model@main" in message
     assert "--offline" in message
     assert "Traceback" not in message
+
+
+def test_a_local_hub_snapshot_folder_may_link_into_its_own_blobs(
+    tmp_path: Path, fixtures_dir: Path
+) -> None:
+    from adapter_fix.io.checkpoint import Checkpoint
+
+    weights = (fixtures_dir / "llama-base" / "model.safetensors").read_bytes()
+    index = json.dumps(
+        {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "model.safetensors"}}
+    )
+    files = {"model.safetensors": weights, "model.safetensors.index.json": index.encode()}
+    snapshot = cache_snapshot(tmp_path / "cache", "org/base", MAIN, files)
+    checkpoint = Checkpoint.open(LocalSource(snapshot), "BASE")
+    assert checkpoint.info("model.layers.0.self_attn.q_proj.weight").nbytes > 0

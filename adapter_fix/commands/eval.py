@@ -1,7 +1,8 @@
 """`adapter-fix eval`: ALIGNED and each adapter on harmful, benign and task prompts.
 
-Everything that can fail fast (prompt files, the phrase file, output paths,
-the eval extra) is checked before the model is loaded.
+Everything that can fail fast (the eval extra, prompt files, the phrase
+file, output paths) is checked before the model is loaded; reports and the
+samples file are written together at the end through `io.outputs.OutputSet`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model, require_eval_extra
 from adapter_fix.evaluate.prompts import PromptSet, default_prompt_set, load_prompt_set
+from adapter_fix.evaluate.report import eval_report_text, samples_jsonl
 from adapter_fix.evaluate.runner import (
     EvalOptions,
     EvalResult,
@@ -23,8 +25,8 @@ from adapter_fix.evaluate.runner import (
     ProgressCallback,
     run_eval,
 )
-from adapter_fix.io.outputs import check_not_an_input
-from adapter_fix.io.sources import HubOptions, LocalSource, Source, open_source
+from adapter_fix.io.outputs import OutputSet
+from adapter_fix.io.sources import HubOptions, Source, open_source
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class EvalInputs:
     limit: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    outputs: tuple[Path, ...] = ()  # --report and --outputs files
+    reports: tuple[Path, ...] = ()  # --report files
+    samples: Path | None = None  # --outputs: every prompt, response and judgement
+    force: bool = False  # replace existing report and samples files
 
 
 def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
@@ -56,41 +60,51 @@ def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
     return names
 
 
-def _prompt_set(spec: str | None, role: str, inputs: EvalInputs, hub: HubOptions) -> PromptSet:
+def _prompt_set(
+    spec: str | None, role: Literal["harmful", "benign"], inputs: EvalInputs, hub: HubOptions
+) -> PromptSet:
+    """The file given for `role`, else the shipped set; --limit applied."""
     if spec is None:
-        if role == "task":
-            raise AssertionError("the task set has no default")
-        prompts = default_prompt_set(role)  # type: ignore[arg-type]
-    else:
-        prompts = load_prompt_set(spec, role, field=inputs.field, hub=hub)  # type: ignore[arg-type]
-    return prompts.limited(inputs.limit)
+        return default_prompt_set(role).limited(inputs.limit)
+    return load_prompt_set(spec, role, field=inputs.field, hub=hub).limited(inputs.limit)
 
 
-def prepare(inputs: EvalInputs, hub: HubOptions) -> tuple[list[Source], EvalSets, RefusalJudge]:
-    """Open every input and read prompts and phrases; refuse outputs that overlap an input."""
+@dataclass
+class Prepared:
+    sources: list[Source]
+    sets: EvalSets
+    judge: RefusalJudge
+    outputs: OutputSet
+
+
+def prepare(inputs: EvalInputs, hub: HubOptions) -> Prepared:
+    """Open every input, read prompts and phrases, check every output (nothing loaded yet)."""
     require_eval_extra()
     sources = [open_source(spec, hub) for spec in (inputs.aligned, *inputs.adapters)]
     sets = EvalSets(
         harmful=_prompt_set(inputs.harmful, "harmful", inputs, hub),
         benign=_prompt_set(inputs.benign, "benign", inputs, hub),
-        task=None if inputs.task is None else _prompt_set(inputs.task, "task", inputs, hub),
+        task=None
+        if inputs.task is None
+        else load_prompt_set(inputs.task, "task", field=inputs.field, hub=hub).limited(
+            inputs.limit
+        ),
     )
-    local = [Path(source.identity) for source in sources if isinstance(source, LocalSource)]
+    local = [path for source in sources for path in source.local_paths]
     local += [
         Path(spec)
         for spec in (inputs.harmful, inputs.benign, inputs.task, inputs.refusal_patterns)
         if spec is not None and Path(spec).exists()
     ]
-    for path in inputs.outputs:
-        check_not_an_input(path, local)
-    if len(set(inputs.outputs)) != len(inputs.outputs):
-        raise UsageError("two outputs (--report, --outputs) name the same file.")
     judge = (
         RefusalJudge()
         if inputs.refusal_patterns is None
         else RefusalJudge.from_file(inputs.refusal_patterns)
     )
-    return sources, sets, judge
+    samples = [inputs.samples] if inputs.samples is not None else []
+    outputs = OutputSet(reports=[*inputs.reports, *samples], inputs=local, force=inputs.force)
+    outputs.check()
+    return Prepared(sources, sets, judge, outputs)
 
 
 def evaluate(
@@ -99,11 +113,12 @@ def evaluate(
     hub: HubOptions,
     *,
     progress: Callable[[int], ProgressCallback] | None = None,
-) -> EvalResult:
-    """Load ALIGNED once, attach every adapter, run every row. `progress(total prompts)` gives
-    the callback that follows generation."""
-    sources, sets, judge = prepare(inputs, hub)
-    _quiet_transformers()
+) -> tuple[EvalResult, OutputSet]:
+    """Load ALIGNED once, attach every adapter, run every row; the outputs, checked, are
+    left to write. `progress(total prompts)` gives the callback that follows generation."""
+    prepared = prepare(inputs, hub)
+    sources, sets, judge = prepared.sources, prepared.sets, prepared.judge
+    quiet_transformers()
     loaded = load_model(sources[0], device=inputs.device, dtype=inputs.dtype)
     adapter_names = attach_adapters(loaded, sources[1:])
     names = display_names(inputs.aligned, inputs.adapters)
@@ -111,10 +126,20 @@ def evaluate(
     variants += list(zip(names[1:], adapter_names, strict=True))
     per_row = len(sets.harmful) + len(sets.benign) + (len(sets.task) if sets.task else 0)
     callback = None if progress is None else progress(per_row * len(variants))
-    return run_eval(loaded, variants, sets, judge, options, on_progress=callback)
+    result = run_eval(loaded, variants, sets, judge, options, on_progress=callback)
+    return result, prepared.outputs
 
 
-def _quiet_transformers() -> None:
+def write_outputs(result: EvalResult, inputs: EvalInputs, outputs: OutputSet) -> None:
+    """Reports (format by extension) and the samples file, committed together."""
+    with outputs:
+        for path in inputs.reports:
+            outputs.write_report(path, eval_report_text(result, path))
+        if inputs.samples is not None:
+            outputs.write_report(inputs.samples, samples_jsonl(result))
+
+
+def quiet_transformers() -> None:
     """transformers' own progress bars and advice would interleave with ours on stderr."""
     from transformers.utils import logging as transformers_logging
 

@@ -7,6 +7,7 @@ The importable core (the gated repair calibrates with it):
         RefusalJudge,                               # judge.py: keyword refusal detector
         load_model, attach_adapters,                # model.py: transformers + peft, loaded once
         generate, reference_nll, encode_prompts,    # generate.py: greedy, batched, teacher-forced
+        continuation_logprob,                       #   differentiable log p(continuation | prompt)
         rate, wilson_interval, mean_token_nll,      # metrics.py: pure
         restored_refusal, kept_task,
     )
@@ -17,7 +18,13 @@ imports here do not, so this package imports without it.
 
 from __future__ import annotations
 
-from adapter_fix.evaluate.generate import encode_prompts, format_prompt, generate, reference_nll
+from adapter_fix.evaluate.generate import (
+    continuation_logprob,
+    encode_prompts,
+    format_prompt,
+    generate,
+    reference_nll,
+)
 from adapter_fix.evaluate.judge import DEFAULT_REFUSAL_PHRASES, RefusalJudge
 from adapter_fix.evaluate.metrics import (
     Rate,
@@ -43,6 +50,7 @@ __all__ = [
     "TokenNLL",
     "agreement",
     "attach_adapters",
+    "continuation_logprob",
     "default_prompt_set",
     "encode_prompts",
     "exact_match",

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.metrics import TokenNLL
 
 # on_batch(prompts_done_in_this_batch, tokens_generated_in_this_batch)
@@ -37,7 +38,13 @@ def format_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str
     messages = [{"role": "user", "content": prompt}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja2 errors, and templates' own raise_exception()
+        hint = " (the template may not accept a system message: drop --system)" if system else ""
+        raise UsageError(
+            f"the tokenizer's chat template rejected the conversation: {error}{hint}."
+        ) from None
     return str(text)
 
 
@@ -148,6 +155,53 @@ def generate(
     return answers
 
 
+def continuation_logprob(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    continuations: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    system: str | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Summed log-probability of each continuation after its formatted prompt, in ONE batch.
+
+    `continuations` are texts (tokenized without special tokens) or token id
+    lists. Returns (log-probs, shape `(len(prompts),)`, float32, on the model's
+    device; token counts). Differentiable: run it under `torch.no_grad()` or
+    with gradients (e.g. with respect to gates on adapter outputs), and batch
+    the prompts yourself. Right-padded, so no position adjustment is needed.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+    prompt_ids = encode_prompts(tokenizer, prompts, system)
+    targets = [
+        list(tokenizer(item, add_special_tokens=False)["input_ids"])
+        if isinstance(item, str)
+        else [int(token) for token in item]
+        for item in continuations
+    ]
+    sequences = [p + t for p, t in zip(prompt_ids, targets, strict=True)]
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    device = _model_device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    totals = []
+    for row, (prompt, target) in enumerate(zip(prompt_ids, targets, strict=True)):
+        if not target:
+            totals.append(logits.new_zeros((), dtype=torch.float32))
+            continue
+        # Position t predicts token t + 1: the continuation is predicted from len(prompt) - 1.
+        start = len(prompt) - 1
+        scores = logits[row, start : start + len(target)].float().log_softmax(dim=-1)
+        wanted = torch.tensor(target, dtype=torch.long, device=scores.device)
+        totals.append(scores.gather(1, wanted[:, None]).sum())
+    return torch.stack(totals), [len(target) for target in targets]
+
+
 @torch.inference_mode()
 def reference_nll(
     model: Any,
@@ -163,38 +217,24 @@ def reference_nll(
 
     The input is the formatted prompt's ids followed by the reference's own
     ids (tokenized without special tokens); only the reference tokens are
-    scored. Batches are right-padded, so positions need no adjustment.
-    Pool with `metrics.mean_token_nll`.
+    scored (`continuation_logprob`, batched). Pool with `metrics.mean_token_nll`.
     """
     if len(prompts) != len(references):
         raise ValueError(f"{len(prompts)} prompts for {len(references)} references")
-    prompt_ids = encode_prompts(tokenizer, prompts, system)
-    reference_ids = [
-        list(tokenizer(reference, add_special_tokens=False)["input_ids"])
-        for reference in references
-    ]
-    sequences = [p + r for p, r in zip(prompt_ids, reference_ids, strict=True)]
-    pad = pad_id(tokenizer)
-    device = _model_device(model)
     results: list[TokenNLL] = [TokenNLL(0.0, 0)] * len(prompts)
-    for batch in _batches([len(sequence) for sequence in sequences], batch_size):
-        width = max(len(sequences[index]) for index in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids[row, : len(sequences[index])] = torch.tensor(sequences[index], dtype=torch.long)
-            mask[row, : len(sequences[index])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, index in enumerate(batch):
-            start, count = len(prompt_ids[index]), len(reference_ids[index])
-            if count == 0:
-                results[index] = TokenNLL(0.0, 0)
-                continue
-            # Position t predicts token t + 1: the reference's tokens are predicted from start - 1.
-            scores = logits[row, start - 1 : start - 1 + count].float().log_softmax(dim=-1)
-            targets = ids[row, start : start + count].to(scores.device)
-            total = -scores.gather(1, targets[:, None]).sum().item()
-            results[index] = TokenNLL(float(total), count)
+    lengths = [
+        len(prompt) + len(reference) for prompt, reference in zip(prompts, references, strict=True)
+    ]
+    for batch in _batches(lengths, batch_size):
+        logprobs, counts = continuation_logprob(
+            model,
+            tokenizer,
+            [prompts[index] for index in batch],
+            [references[index] for index in batch],
+            system=system,
+        )
+        for index, logprob, count in zip(batch, logprobs.tolist(), counts, strict=True):
+            results[index] = TokenNLL(-float(logprob), count)
         if on_batch is not None:
-            on_batch(len(batch), sum(len(reference_ids[index]) for index in batch))
+            on_batch(len(batch), sum(counts))
     return results

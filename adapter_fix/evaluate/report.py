@@ -1,12 +1,10 @@
 """An evaluation as a terminal table (80 columns), JSON, Markdown or HTML, and its samples as
-JSONL. Files are written to a temporary name and renamed, so none is ever half written."""
+JSONL (texts only: `commands/eval.py` writes them through `io.outputs.OutputSet`)."""
 
 from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,31 +227,16 @@ EVAL_REPORT_FORMATS: dict[str, Callable[[EvalResult], str]] = {
 }
 
 
-def write_eval_report(result: EvalResult, path: Path) -> None:
-    """One report file, its format chosen by the extension (.json, .md, .html)."""
+def eval_report_text(result: EvalResult, path: Path) -> str:
+    """The report for `path`, its format chosen by the extension (.json, .md, .html)."""
     render = EVAL_REPORT_FORMATS.get(path.suffix.lower())
     if render is None:
         raise OutputError(
             f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
         )
-    write_atomically(path, render(result))
+    return render(result)
 
 
 def samples_jsonl(result: EvalResult) -> str:
+    """Every prompt, response and judgement, one JSON object a line."""
     return "".join(json.dumps(sample.to_json()) + "\n" for sample in result.samples)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(text)
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
-    except OSError as error:
-        raise OutputError(f"cannot write it ({error.strerror}).", path=path) from None

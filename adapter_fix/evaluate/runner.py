@@ -292,12 +292,13 @@ class _Answerer:
             system=self.options.system,
             max_new_tokens=self.options.max_new_tokens,
             batch_size=self.options.batch_size,
-            on_batch=None if self.on_progress is None else self._progress(prompts.name),
+            on_batch=self._progress(prompts.name),
         )
 
-    def _progress(self, label: str) -> Callable[[int, int], None]:
+    def _progress(self, label: str) -> Callable[[int, int], None] | None:
         on_progress = self.on_progress
-        assert on_progress is not None
+        if on_progress is None:
+            return None
         return lambda done, tokens: on_progress(done, tokens, f"{self.name}: {label}")
 
 

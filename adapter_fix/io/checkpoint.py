@@ -247,7 +247,7 @@ class Checkpoint:
         path = source.fetch(filename)
         if path is None:
             raise SourceNotFoundError(f"{label}: {filename} is missing.", path=source.identity)
-        header = read_header(_inside(source, path, label))
+        header = read_header(path)
         checkpoint = cls(label, source, dict.fromkeys(header.tensors, filename))
         checkpoint._headers[filename] = header
         return checkpoint
@@ -312,7 +312,8 @@ class Checkpoint:
 
 
 def _inside(source: Source, path: Path, label: str) -> Path:
-    """`path`, unless it is a link that leaves the checkpoint's folder."""
+    """`path`, unless it is a link that leaves the checkpoint's folder (for shards an index
+    names: the index decides which files are read, so it may not reach outside)."""
     if not source.contains(path):
         raise CorruptCheckpointError(
             f"{label}: this weight file is a link to {path.resolve()}, outside the checkpoint "

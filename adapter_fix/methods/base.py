@@ -152,8 +152,7 @@ def _prepare(data: ModuleData) -> PreparedModule:
         original = as_factored(data.lora_b, data.lora_a, module.scaling)
     report.update_norm = factored_norm(original)
     report.repaired_norm = report.update_norm
-    if data.note is not None:
-        report.reason = data.note
+    report.note = data.note
     return PreparedModule(data, module, report, original, decomposition, DTYPES[module.dtype])
 
 

@@ -1,0 +1,160 @@
+"""Fuzzing the parsers of untrusted files with hypothesis: safetensors headers, indexes,
+adapter configs and their regexes. Whatever the bytes, the answer is a value or one
+adapter-fix error (never a crash, a hang or a NaN); a bounded number of examples, fixed
+(derandomized) so `make test` takes the same few seconds every run."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import tempfile
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapter_fix.errors import AdapterFixError
+from adapter_fix.io.adapter import _read_config, is_targeted
+from adapter_fix.io.checkpoint import DTYPES, _read_index, read_header
+from adapter_fix.io.safe_regex import UnsafePatternError, compile_pattern
+from adapter_fix.io.sources import LocalSource
+
+BOUNDED = settings(
+    max_examples=150,
+    deadline=timedelta(seconds=2),
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+small_ints = st.integers(min_value=-2, max_value=64) | st.booleans()
+tensor_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPES, "Q4", 3]),
+        "shape": st.lists(small_ints, max_size=3) | json_values,
+        "data_offsets": st.lists(small_ints, min_size=2, max_size=2) | json_values,
+    }
+)
+headers = st.dictionaries(st.text(max_size=6), tensor_entries | json_values, max_size=4)
+
+
+def _written(data: bytes, name: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="adapter-fix-fuzz-"))
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+def _encode(header: Any) -> bytes:
+    try:
+        return json.dumps(header).encode()
+    except ValueError:
+        return b"{}"
+
+
+@BOUNDED
+@given(header=headers, data_size=st.integers(min_value=0, max_value=300))
+def test_any_header_is_accepted_only_when_its_tensors_tile_the_data(
+    header: dict[str, Any], data_size: int
+) -> None:
+    raw = _encode(header)
+    path = _written(struct.pack("<Q", len(raw)) + raw + bytes(data_size), "m.safetensors")
+    try:
+        parsed = read_header(path)
+    except AdapterFixError as error:
+        assert error.exit_code in (3, 5)
+        return
+    end = parsed.data_start
+    for info in sorted(parsed.tensors.values(), key=lambda i: (i.offset, i.nbytes)):
+        assert info.offset == end
+        assert all(type(d) is int and d >= 0 for d in info.shape)
+        assert info.nbytes == math.prod(info.shape) * DTYPES[info.dtype].itemsize
+        end += info.nbytes
+    assert end == path.stat().st_size
+
+
+@BOUNDED
+@given(data=st.binary(max_size=200), claimed=st.integers(min_value=0, max_value=2**64 - 1))
+def test_any_bytes_as_a_safetensors_file_are_a_value_or_exit_5(data: bytes, claimed: int) -> None:
+    for content in (data, struct.pack("<Q", claimed) + data):
+        path = _written(content, "m.safetensors")
+        try:
+            read_header(path)
+        except AdapterFixError as error:
+            assert error.exit_code in (3, 5)
+
+
+@BOUNDED
+@given(index=json_values | st.fixed_dictionaries({"weight_map": json_values}))
+def test_any_index_is_a_weight_map_of_plain_names_or_exit_4_or_5(index: Any) -> None:
+    path = _written(_encode(index), "model.safetensors.index.json")
+    try:
+        weight_map = _read_index(path, LocalSource(path.parent))
+    except AdapterFixError as error:
+        assert error.exit_code in (4, 5)
+        return
+    for key, shard in weight_map.items():
+        assert isinstance(key, str) and isinstance(shard, str)
+        parts = PurePosixPath(shard.replace("\\", "/")).parts
+        assert parts and not shard.startswith(("/", "\\")) and ".." not in parts
+
+
+config_fields = st.fixed_dictionaries(
+    {
+        "peft_type": st.sampled_from(["LORA", "lora", "IA3"]) | json_values,
+        "r": small_ints | st.floats() | json_values,
+        "lora_alpha": st.floats() | st.integers() | json_values,
+    },
+    optional={
+        "target_modules": st.text(alphabet="ab.*+?|()[]{}^$\\dw0-9", max_size=12)
+        | st.lists(st.text(max_size=6), max_size=3)
+        | json_values,
+        "rank_pattern": st.dictionaries(st.text(max_size=6), small_ints | json_values, max_size=2),
+        "alpha_pattern": st.dictionaries(st.text(max_size=6), st.floats(), max_size=2),
+    },
+)
+
+
+@BOUNDED
+@given(config=config_fields | json_values, raw=st.sampled_from(["", "NaN", "Infinity", "1e999"]))
+def test_any_config_is_sane_or_exit_6(config: Any, raw: str) -> None:
+    text = _encode(config)
+    if raw and isinstance(config, dict):
+        text = text[:-1] + f', "lora_alpha": {raw}}}'.encode()
+    path = _written(text, "adapter_config.json")
+    try:
+        parsed = _read_config(path)
+    except AdapterFixError as error:
+        assert error.exit_code == 6
+        return
+    assert isinstance(parsed["r"], int) and 1 <= parsed["r"] <= 65536
+    assert math.isfinite(parsed["lora_alpha"]) and 1e-6 <= parsed["lora_alpha"] <= 1e6
+    targets = parsed.get("target_modules")
+    if isinstance(targets, str):
+        is_targeted("model.layers.0.self_attn.q_proj", targets)  # finishes: linear time
+
+
+@BOUNDED
+@given(
+    pattern=st.text(alphabet="ab.*+?|()[]{}^$\\dw0-9,", max_size=14),
+    texts=st.lists(st.text(alphabet="ab._1\n", max_size=8), min_size=1, max_size=5),
+)
+def test_safe_regex_answers_like_python_re_where_it_accepts_a_pattern(
+    pattern: str, texts: list[str]
+) -> None:
+    try:
+        compiled = compile_pattern(pattern)
+    except (re.error, UnsafePatternError, OverflowError):
+        return
+    for text in texts:
+        assert compiled.fullmatch(text) == (re.fullmatch(pattern, text) is not None), text
