@@ -538,7 +538,9 @@ def repair(
     console = stderr_console()
     with outputs:
         if options.method == "gate":
-            result = repair_with_gates(sources, options, gate, hub, outputs.folder, force, console)
+            result = repair_with_gates(
+                sources, options, gate, hub, outputs.folder, force, None if quiet else console
+            )
         else:
             with ModuleProgress(
                 console, len(lora.modules), enabled=not quiet and console.is_terminal
@@ -566,9 +568,11 @@ def repair_with_gates(
     hub: HubOptions,
     out: Path | None,
     force: bool,
-    console: Console,
+    console: Console | None,
 ) -> Any:
-    """`repair --method gate`: calibration sets split by seed, the judge, then the repair."""
+    """`repair --method gate`: calibration sets split by seed, the judge, then the repair.
+
+    Each round's measurement is printed on `console` (None: quiet)."""
     from adapter_fix.commands.repair import calibration_sets, repair_gated
     from adapter_fix.evaluate.judge import RefusalJudge
     from adapter_fix.evaluate.model import require_eval_extra
@@ -609,9 +613,11 @@ def repair_with_gates(
         device=options.device,
         dtype=gate["dtype"],
         inputs=inputs,
-        on_round=lambda r: console.print(
+        on_round=None
+        if console is None
+        else lambda r: console.print(
             f"round {r.index}: {len(r.switched_off)} gate(s) off, calibration refusals "
-            f"{r.refusals}/{r.prompts}, task loss {r.task_loss:.4g}",
+            f"{r.refusals}/{r.prompts}, task kept {r.task_kept:.0%}",
             markup=False,
             highlight=False,
         ),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
+from adapter_fix.cli import main
 from adapter_fix.math.gating import (
     Attribution,
     integrated_gradient,
@@ -205,3 +209,121 @@ def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
     assert select_units(attributions, budget=1.5).switched_off == (1,)
     assert select_units(attributions, budget=0.0).switched_off == ()
     assert math.isclose(select_units(attributions, budget=10).predicted_task_cost, 6.0)
+
+
+CHAT = Path(__file__).resolve().parents[1] / "fixtures"
+PROMPTS = CHAT / "chat-prompts"
+
+
+def _gate_cli(out: Path, *extra: str) -> Result:
+    return CliRunner().invoke(
+        main,
+        [
+            "repair",
+            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+            "-o",
+            str(out),
+            "--method",
+            "gate",
+            "--harmful",
+            str(PROMPTS / "harmful-calib.jsonl"),
+            "--benign",
+            str(PROMPTS / "benign-calib.jsonl"),
+            "--refusal-patterns",
+            str(PROMPTS / "refusal-phrases.txt"),
+            "--ig-steps",
+            "2",
+            "--calibration-tokens",
+            "8",
+            "--batch-size",
+            "64",
+            "-q",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("gate") / "out"
+    result = _gate_cli(
+        out,
+        *("--task", str(PROMPTS / "task-calib.jsonl")),
+        *("--calibration-share", "0.3", "--rounds", "2", "--task-budget", "1"),
+    )
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads((out / "repair_report.json").read_text())
+
+
+def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated_run):
+    _out, report = gated_run
+    calibration = report["calibration"]
+    assert calibration["prompts"]["harmful"] > 0 and calibration["prompts"]["task"] > 0
+    assert not calibration["task_set_missing"]
+    rounds = calibration["rounds"]
+    assert rounds and all(r["prompts"] == calibration["prompts"]["harmful"] for r in rounds)
+    # With the whole task budget, switching off what erodes refusals must restore some.
+    assert rounds[-1]["refusal_rate"] > calibration["original_refusal_rate"]
+    assert calibration["refusal_rate"] == rounds[-1]["refusal_rate"]
+
+
+def test_gated_adapter_loads_in_peft_and_zeroes_exactly_the_gates_switched_off(gated_run):
+    out, report = gated_run
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert list(written) == list(original)
+    gated = [m for m in report["modules"] if m["action"] == "gated"]
+    assert gated
+    for module in report["modules"]:
+        key_b = f"base_model.model.{module['name']}.lora_B.weight"
+        key_a = f"base_model.model.{module['name']}.lora_A.weight"
+        if module["action"] != "gated":
+            assert torch.equal(written[key_b], original[key_b])
+            assert torch.equal(written[key_a], original[key_a])
+            continue
+        off = [i for i, g in enumerate(module["gate"]) if g == 0.0]
+        assert off and torch.count_nonzero(written[key_b][:, off]) == 0
+        kept = [i for i, g in enumerate(module["gate"]) if g == 1.0]
+        assert all(torch.count_nonzero(written[key_b][:, i]) > 0 for i in kept)
+    model = AutoModelForCausalLM.from_pretrained(CHAT / "chat-aligned")
+    peft_model = PeftModel.from_pretrained(model, out)
+    state = peft_model.state_dict()
+    for key, tensor in written.items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        assert torch.equal(state[name], tensor)
+
+
+def test_gated_repair_without_a_task_set_uses_the_kl_objective_and_says_so(tmp_path):
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--calibration-share", "0.15", "--rounds", "1", "--gate-unit", "module"),
+    )
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads((tmp_path / "out" / "repair_report.json").read_text())["calibration"]
+    assert calibration["task_set_missing"]
+    assert calibration["task_objective"].startswith("KL")
+    assert calibration["task_score"]["adapter"] == 1.0  # agreement with its own outputs
+
+
+def test_gate_refuses_a_basis(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "repair",
+            "--basis",
+            str(tmp_path),
+            str(CHAT / "chat-attack"),
+            "-o",
+            str(tmp_path / "o"),
+            "--method",
+            "gate",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--method gate runs ALIGNED" in result.stderr
