@@ -52,7 +52,7 @@ EXIT_CODES_HELP = "\b\n" + textwrap.fill(
 
 # Option values the commands define in modules that import torch, repeated here so that
 # --help does not import it; tests/test_cli.py checks each equals its source.
-REPAIR_METHODS = ("csulora", "project", "safelora", "none")  # commands.repair.METHODS
+REPAIR_METHODS = ("csulora", "project", "safelora", "none", "gate")  # commands.repair.METHODS
 ALL_LINEAR = "all-linear"  # commands.basis.ALL_LINEAR
 CHECK_DEFAULTS = {  # commands.check.DEFAULT_*
     "max_reversal": 0.02,
@@ -176,6 +176,125 @@ def basis_option(command: F) -> F:
     )(command)
 
 
+GATE_SETTINGS = (
+    "harmful",
+    "benign",
+    "task",
+    "field",
+    "system",
+    "refusal_patterns",
+    "calibration_share",
+    "target_refusal",
+    "task_budget",
+    "gate_unit",
+    "rounds",
+    "ig_steps",
+    "calibration_tokens",
+    "batch_size",
+    "dtype",
+)
+
+
+def gate_options(command: F) -> F:
+    """The gated repair's calibration data and settings (`--method gate` only)."""
+    options = [
+        click.option(
+            "--harmful",
+            metavar="FILE",
+            help="[gate] Harmful prompts to calibrate on (as for eval); default: the shipped "
+            "probe.",
+        ),
+        click.option(
+            "--benign",
+            metavar="FILE",
+            help="[gate] Benign prompts (the task term without --task); default: the shipped set.",
+        ),
+        click.option(
+            "--task",
+            metavar="FILE",
+            help="[gate] The adapter's task prompts with `reference` answers (strongly "
+            "recommended: without it the task term is the KL to the adapter's own outputs).",
+        ),
+        click.option("--field", help="[gate] Prompt column of the prompt files, when not known."),
+        click.option("--system", help="[gate] System prompt for every conversation."),
+        click.option(
+            "--refusal-patterns",
+            type=click.Path(path_type=Path),
+            help="[gate] Refusal phrases, one a line, replacing the default list.",
+        ),
+        click.option(
+            "--calibration-share",
+            type=FiniteFloat(min=0, max=1, min_open=True),
+            default=0.5,
+            show_default=True,
+            help="[gate] Calibrate on this share of each prompt set, picked by hashing each "
+            "prompt with --seed; `eval --skip-calibration-share` with the same share and seed "
+            "reports on the rest. 1: every prompt (dedicated calibration files).",
+        ),
+        click.option(
+            "--target-refusal",
+            type=FiniteFloat(min=0, max=1, min_open=True),
+            default=0.9,
+            show_default=True,
+            help="[gate] Stop once the calibration refusal rate reaches this share of ALIGNED's.",
+        ),
+        click.option(
+            "--task-budget",
+            type=FiniteFloat(min=0, max=1),
+            default=0.2,
+            show_default=True,
+            help="[gate] Share of the adapter's task skill the repair may give up: a round that "
+            "leaves less than 1 - this of the calibration task score is cut back.",
+        ),
+        click.option(
+            "--gate-unit",
+            type=click.Choice(["module", "component"]),
+            default="component",
+            show_default=True,
+            help="[gate] What one gate switches: a module's whole update, or one rank-1 "
+            "component of it (finer: keeps more of the task at the same refusal rate).",
+        ),
+        click.option(
+            "--rounds",
+            type=click.IntRange(min=1, max=100),
+            default=6,
+            show_default=True,
+            help="[gate] Rounds of attribution, selection and measurement.",
+        ),
+        click.option(
+            "--ig-steps",
+            type=click.IntRange(min=1, max=64),
+            default=4,
+            show_default=True,
+            help="[gate] Integrated-gradient steps per attribution.",
+        ),
+        click.option(
+            "--calibration-tokens",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="[gate] Tokens generated per calibration prompt to judge a refusal.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=16,
+            show_default=True,
+            help="[gate] Prompts per forward pass.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+            default="auto",
+            show_default=True,
+            help="[gate] The model's dtype: auto is float32 on CPU, the checkpoint's on GPU.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> list[Source]:
     """`BASE ALIGNED ADAPTER`, or `--basis BASIS ADAPTER`, as sources (nothing read yet)."""
     wanted = "--basis BASIS ADAPTER" if basis else "BASE ALIGNED ADAPTER"
@@ -272,7 +391,9 @@ def inspect(
     default="csulora",
     show_default=True,
     help="csulora: closed-form penalized minimum change; project: hard projection onto the "
-    "safety subspace; safelora: Safe LoRA (Hsu et al. 2024); none: analyse and report only.",
+    "safety subspace; safelora: Safe LoRA (Hsu et al. 2024); none: analyse and report only; "
+    "gate: switch off the parts of the update that erode refusals, chosen by attribution and "
+    "measured on calibration prompts (runs ALIGNED; needs the eval extra).",
 )
 @click.option(
     "--strength",
@@ -329,6 +450,7 @@ def inspect(
     show_default=True,
     help="Where the SVD runs.",
 )
+@gate_options
 @click.option(
     "--report",
     "reports",
@@ -375,7 +497,7 @@ def repair(
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
       adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
-    from adapter_fix.commands.inspect import inspect_adapter
+    from adapter_fix.commands.inspect import factor_warnings
     from adapter_fix.commands.repair import REPORT_NAME, RepairOptions
     from adapter_fix.commands.repair import repair as run_repair
     from adapter_fix.io.adapter import load_adapter
@@ -389,6 +511,7 @@ def repair(
         report_text,
     )
 
+    gate = {name: settings.pop(name) for name in GATE_SETTINGS}
     options = RepairOptions(**settings)
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
@@ -397,7 +520,12 @@ def repair(
             raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
     check_device(options.device)
     hub = hub_settings(revision, cache_dir, offline, endpoint)
-    sources = open_inputs(inputs, basis, hub)
+    if options.method == "gate":
+        if basis is not None:
+            raise click.UsageError("--method gate runs ALIGNED itself: give BASE ALIGNED ADAPTER")
+        sources = open_inputs(inputs, None, hub)
+    else:
+        sources = open_inputs(inputs, basis, hub)
     outputs = OutputSet(
         folder=out if options.method != "none" else None,
         reports=reports,
@@ -407,26 +535,93 @@ def repair(
     )
     outputs.check()
     lora = load_adapter(sources[-1])
-    subspaces = subspace_source(sources[:-1])
     console = stderr_console()
     with outputs:
-        with ModuleProgress(
-            console, len(lora.modules), enabled=not quiet and console.is_terminal
-        ) as progress:
-            result = run_repair(
-                subspaces,
-                lora,
-                options,
-                out=outputs.folder,
-                force=force,
-                on_module=progress.advance,
+        if options.method == "gate":
+            result = repair_with_gates(
+                sources, options, gate, hub, outputs.folder, force, None if quiet else console
             )
+        else:
+            with ModuleProgress(
+                console, len(lora.modules), enabled=not quiet and console.is_terminal
+            ) as progress:
+                result = run_repair(
+                    subspace_source(sources[:-1]),
+                    lora,
+                    options,
+                    out=outputs.folder,
+                    force=force,
+                    on_module=progress.advance,
+                )
         for path in outputs.reports:
             outputs.write_report(path, report_text(result, path))
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
-    render_warnings(inspect_adapter(lora).warnings, console)
+    render_warnings(factor_warnings(lora), console)
     render_notes(result.modules, console)
+
+
+def repair_with_gates(
+    sources: list[Source],
+    options: Any,
+    gate: dict[str, Any],
+    hub: HubOptions,
+    out: Path | None,
+    force: bool,
+    console: Console | None,
+) -> Any:
+    """`repair --method gate`: calibration sets split by seed, the judge, then the repair.
+
+    Each round's measurement is printed on `console` (None: quiet)."""
+    from adapter_fix.commands.repair import calibration_sets, repair_gated
+    from adapter_fix.evaluate.judge import RefusalJudge
+    from adapter_fix.evaluate.model import require_eval_extra
+    from adapter_fix.methods.gate import GateOptions
+
+    require_eval_extra()
+    calibration = calibration_sets(
+        harmful=gate["harmful"],
+        benign=gate["benign"],
+        task=gate["task"],
+        field=gate["field"],
+        system=gate["system"],
+        share=gate["calibration_share"],
+        seed=options.seed,
+        hub=hub,
+    )
+    patterns = gate["refusal_patterns"]
+    judge = RefusalJudge.from_file(patterns) if patterns is not None else RefusalJudge()
+    gate_options = GateOptions(
+        unit=gate["gate_unit"],
+        target_refusal=gate["target_refusal"],
+        task_budget=gate["task_budget"],
+        rounds=gate["rounds"],
+        steps=gate["ig_steps"],
+        max_new_tokens=gate["calibration_tokens"],
+        batch_size=gate["batch_size"],
+    )
+    inputs = {"base": sources[0].identity}
+    return repair_gated(
+        sources[1],
+        sources[2],
+        options,
+        gate_options,
+        calibration,
+        judge,
+        out=out,
+        force=force,
+        device=options.device,
+        dtype=gate["dtype"],
+        inputs=inputs,
+        on_round=None
+        if console is None
+        else lambda r: console.print(
+            f"round {r.index}: {len(r.switched_off)} gate(s) off, calibration refusals "
+            f"{r.refusals}/{r.prompts}, task kept {r.task_kept:.0%}",
+            markup=False,
+            highlight=False,
+        ),
+    )
 
 
 def subspace_options(energy: float, max_rank: int) -> Callable[[F], F]:
@@ -787,7 +982,6 @@ def check(
     type=click.Path(path_type=Path),
     help="Write every prompt, response and judgement here (.jsonl).",
 )
-@click.option("--force", is_flag=True, help="Replace existing --report/--outputs files.")
 @click.option(
     "--min-refusal",
     type=FiniteFloat(min=0),

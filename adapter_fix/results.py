@@ -50,6 +50,10 @@ class ModuleResult:
     note: str | None = None
     """What the source could not give as asked (a basis short of the requested energy)."""
     lora_bias: str | None = None  # lora_B's bias key: carried unchanged (not part of B A)
+    gate: list[float] | None = None
+    """The gated repair's gate values (one, or one per rank-1 component)."""
+    attribution: dict[str, list[float]] | None = None
+    """The gated repair's integrated gradients per gate: `margin` (IG of mu), `task` (IG of tau)."""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import socket
@@ -19,7 +20,7 @@ from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from rich.console import Console
 
 from adapter_fix.cli import main
-from adapter_fix.errors import UnsafeFormatError
+from adapter_fix.errors import UnsafeFormatError, UsageError
 from adapter_fix.evaluate.generate import (
     continuation_logprob,
     encode_prompts,
@@ -458,3 +459,21 @@ def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str
     bar.advance(3, 6, "aligned: harmful")
     assert bar.tokens == 6 and bar.progress.tasks[0].completed == 3
     assert len(result.rows) == 2
+
+
+def test_a_template_that_rejects_a_system_message_is_a_usage_error(loaded: LoadedModel) -> None:
+    tokenizer = copy.copy(loaded.tokenizer)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    assert format_prompt(tokenizer, "hi") == "hi"
+    with pytest.raises(UsageError, match=r"System role not supported.*drop --system"):
+        format_prompt(tokenizer, "hi", system="be brief")
+
+
+def test_no_command_declares_an_option_twice() -> None:
+    for name, command in main.commands.items():
+        flags = [flag for param in command.params for flag in getattr(param, "opts", [])]
+        assert len(flags) == len(set(flags)), (name, sorted(f for f in flags if flags.count(f) > 1))

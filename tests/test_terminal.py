@@ -176,3 +176,15 @@ def test_an_id_neither_local_nor_on_a_reachable_hub_says_both(
     result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 10, result.stderr
     assert "neither a local file or folder nor reachable" in " ".join(result.stderr.split())
+
+
+def test_the_warnings_repair_shows_read_no_carried_tensor(fixtures_dir: Path) -> None:
+    from adapter_fix.commands.inspect import factor_warnings
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.sources import LocalSource
+
+    adapter = load_adapter(LocalSource(fixtures_dir / "llama-rslora"))
+    assert adapter.carried_keys
+    factor_warnings(adapter)
+    assert not set(adapter.weights.reads) & set(adapter.carried_keys)
+    assert adapter.weights.reads  # the factors were read

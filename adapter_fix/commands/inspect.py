@@ -58,6 +58,15 @@ def inspect_spec(spec: str, hub: HubOptions) -> InspectResult:
     return inspect_adapter(load_adapter(open_source(spec, hub)))
 
 
+def factor_warnings(adapter: LoraAdapter) -> list[str]:
+    """inspect's warnings from the config and the LoRA factors alone (what `repair` shows):
+    carried tensors, which can be large (a 1 GB `lm_head`), are not read."""
+    warnings = list(adapter.warnings)
+    for module in adapter.modules:
+        _summarise(adapter, module, warnings)
+    return warnings
+
+
 def inspect_adapter(adapter: LoraAdapter) -> InspectResult:
     """Read the adapter's factors (small) and summarise them; reads no model weights."""
     warnings = list(adapter.warnings)

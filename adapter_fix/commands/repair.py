@@ -14,16 +14,32 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
 from adapter_fix.engine import SubspaceSource, Target, module_stream
-from adapter_fix.errors import InvalidAdapterError
-from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
+from adapter_fix.errors import InvalidAdapterError, UsageError
+from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
+from adapter_fix.evaluate.judge import RefusalJudge
+from adapter_fix.evaluate.model import attach_adapters, load_model
+from adapter_fix.evaluate.prompts import PromptSet, Role, default_prompt_set, load_prompt_set
+from adapter_fix.evaluate.split import split_prompts
+from adapter_fix.io.adapter import LoraAdapter, assemble_factors, load_adapter, write_adapter
+from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.methods import METHODS, REGISTRY
 from adapter_fix.methods.base import Outcome, RepairOptions
+from adapter_fix.methods.gate import (
+    Calibration,
+    GatedModel,
+    GateOptions,
+    GateOutcome,
+    Round,
+    gate_repair,
+    gate_results,
+    gateable,
+)
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 
 __all__ = ["METHODS", "ModuleResult", "RepairOptions", "RepairResult", "Timings", "repair"]
@@ -42,10 +58,14 @@ class RepairResult(RunResult):
     modules: list[ModuleResult]
     timings: Timings
     output: str | None = None
+    calibration: dict[str, Any] | None = None
+    """The gated repair's calibration: prompt counts, objectives, every round, the stop."""
 
     def to_json(self) -> dict[str, Any]:
         """The versioned `repair_report.json` document."""
         document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
+        if self.calibration is not None:
+            document["calibration"] = self.calibration
         return {**document, "output": self.output}
 
 
@@ -139,11 +159,10 @@ def _write(
         "adapter_fix.method": result.options.method,
         "adapter_fix.parameters": json.dumps(result.options.parameters(), sort_keys=True),
         "adapter_fix.adapter_sha256": result.inputs["adapter_sha256"],
-        "adapter_fix.base": result.inputs["base"],
-        "adapter_fix.aligned": result.inputs["aligned"],
     }
-    if "basis" in result.inputs:
-        metadata["adapter_fix.basis"] = result.inputs["basis"]
+    for name in ("base", "aligned", "basis"):
+        if name in result.inputs:
+            metadata[f"adapter_fix.{name}"] = result.inputs[name]
 
     def report() -> str:
         result.timings = clock.now()
@@ -166,3 +185,162 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CalibrationSets:
+    """The prompts the gated repair calibrates on (already split from what `eval` reports on)."""
+
+    harmful: PromptSet
+    benign: PromptSet
+    task: PromptSet | None = None
+    system: str | None = None
+
+
+def calibration_sets(
+    *,
+    harmful: str | None,
+    benign: str | None,
+    task: str | None,
+    field: str | None,
+    system: str | None,
+    share: float,
+    seed: int,
+    hub: HubOptions,
+) -> CalibrationSets:
+    """The calibration part of each prompt set (the shipped sets where none is given).
+
+    `split_prompts` picks it by hashing each prompt with `seed`, so `eval`
+    with the same share and seed reports on exactly the prompts left out.
+    """
+
+    def load(spec: str, role: Role) -> PromptSet:
+        return load_prompt_set(spec, role, field=field, hub=hub)
+
+    def part(prompts: PromptSet, role: Role) -> PromptSet:
+        calibration, _held_out = split_prompts(prompts, share, seed)
+        if not calibration.prompts:
+            raise UsageError(
+                f"no {role} prompt falls in the calibration share {share:g} (of {len(prompts)}): "
+                "raise --calibration-share or give more prompts.",
+                path=prompts.origin,
+            )
+        return calibration
+
+    return CalibrationSets(
+        harmful=part(
+            load(harmful, "harmful") if harmful else default_prompt_set("harmful"), "harmful"
+        ),
+        benign=part(load(benign, "benign") if benign else default_prompt_set("benign"), "benign"),
+        task=part(load(task, "task"), "task") if task is not None else None,
+        system=system,
+    )
+
+
+def repair_gated(
+    aligned: Source,
+    adapter_source: Source,
+    options: RepairOptions,
+    gate_options: GateOptions,
+    calibration: CalibrationSets,
+    judge: RefusalJudge,
+    *,
+    out: Path | None,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    inputs: dict[str, str] | None = None,
+    on_round: Callable[[Round], None] | None = None,
+) -> RepairResult:
+    """The gated repair (METHOD.md §8.4): ALIGNED runs once with the adapter; gates are chosen
+    by attribution and measurement on the calibration prompts; the gated adapter is written."""
+    adapter = load_adapter(adapter_source)
+    check_repairable(adapter)
+    clock = Clock()
+    with clock.measure("read_s"):
+        loaded = load_model(aligned, device, dtype)
+        attach_adapters(loaded, [adapter_source])
+    tokenizer = loaded.tokenizer
+    system = calibration.system
+    task = calibration.task
+    references = task.references if task is not None else None
+    data = Calibration(
+        harmful=encode_prompts(tokenizer, calibration.harmful.texts, system),
+        benign=encode_prompts(tokenizer, calibration.benign.texts, system),
+        task=encode_prompts(tokenizer, task.texts, system) if references else [],
+        task_references=[
+            list(tokenizer(reference, add_special_tokens=False)["input_ids"])
+            for reference in references or []
+        ],
+    )
+    with clock.measure("solve_s"):
+        gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
+        outcome = gate_repair(
+            gated,
+            data,
+            gate_options,
+            is_refusal=judge.is_refusal,
+            decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
+            pad_id=pad_id(tokenizer),
+            stop_ids=stop_ids(loaded.model, tokenizer),
+            on_round=on_round,
+        )
+        outcomes = gate_results(adapter, gated, outcome)
+    result = RepairResult(
+        options,
+        {
+            **(inputs or {}),
+            "aligned": aligned.identity,
+            "adapter": adapter.source.identity,
+            "adapter_sha256": _sha256(adapter.weights_path),
+        },
+        [o.report for o in outcomes],
+        clock.timings,
+        calibration=_calibration_report(calibration, gate_options, outcome),
+    )
+    if out is not None:
+        result.output = str(out.resolve())
+        with clock.measure("write_s"):
+            _write(adapter, outcomes, result, out, force, clock)
+    result.timings = clock.now()
+    return result
+
+
+def _calibration_report(
+    calibration: CalibrationSets, options: GateOptions, outcome: GateOutcome
+) -> dict[str, Any]:
+    task = calibration.task
+    return {
+        "options": asdict(options),
+        "prompts": {
+            "harmful": len(calibration.harmful),
+            "benign": len(calibration.benign),
+            "task": len(task) if task is not None and task.references else 0,
+        },
+        "origins": {
+            "harmful": calibration.harmful.origin,
+            "benign": calibration.benign.origin,
+            "task": task.origin if task is not None else None,
+        },
+        "task_objective": outcome.task_objective,
+        "task_set_missing": task is None or not task.references,
+        "aligned_refusal_rate": outcome.aligned_refusal_rate,
+        "original_refusal_rate": outcome.original_refusal_rate,
+        "refusal_rate": outcome.refusal_rate,
+        "task_loss": {
+            "adapter": outcome.task_loss_adapter,
+            "without_update": outcome.task_loss_without_update,
+            "first_order_budget": outcome.task_budget,
+        },
+        "task_score": {
+            "adapter": outcome.task_score_adapter,
+            "without_update": outcome.task_score_without_update,
+            "kept": outcome.task_kept,
+        },
+        "target_refusal_rate": options.target_refusal * outcome.aligned_refusal_rate,
+        "target_met": outcome.target_met,
+        "stop_reason": outcome.stop_reason,
+        "rounds": [asdict(round_) for round_ in outcome.rounds],
+        "seconds": outcome.seconds,
+        "judge": "keyword phrases (crude: agrees with human raters far less than a classifier)",
+    }

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.metrics import TokenNLL
 
 # on_batch(prompts_done_in_this_batch, tokens_generated_in_this_batch)
@@ -37,7 +38,13 @@ def format_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str
     messages = [{"role": "user", "content": prompt}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja2 errors, and templates' own raise_exception()
+        hint = " (the template may not accept a system message: drop --system)" if system else ""
+        raise UsageError(
+            f"the tokenizer's chat template rejected the conversation: {error}{hint}."
+        ) from None
     return str(text)
 
 

@@ -1,4 +1,8 @@
-"""Repair methods, one file each, behind `methods.base.Method`; registered here by name."""
+"""Repair methods, one file each, behind `methods.base.Method`; registered here by name.
+
+`gate` (methods/gate.py) is the exception: it calibrates on prompts with the model running,
+so it has no per-module `solve` and `commands.repair.repair_gated` runs it.
+"""
 
 from __future__ import annotations
 
@@ -11,4 +15,6 @@ from adapter_fix.methods.safelora import SafeLora
 REGISTRY: dict[str, type[Method]] = {
     method.name: method for method in (CsuLora, Project, SafeLora, AnalyseOnly)
 }
-METHODS = tuple(REGISTRY)
+# Methods that run ALIGNED on calibration prompts instead of the module stream (methods/gate.py).
+CALIBRATED = ("gate",)
+METHODS = (*REGISTRY, *CALIBRATED)

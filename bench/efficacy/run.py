@@ -29,6 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 WORK = ROOT / "bench" / "_work" / "efficacy"
 
+# The gated repair calibrates on the miniature's calibration split, disjoint from what eval
+# reports on (every prompt of those files: --calibration-share 1).
+PROMPTS = FIXTURES / "chat-prompts"
+CALIBRATION = [
+    *("--harmful", str(PROMPTS / "harmful-calib.jsonl")),
+    *("--benign", str(PROMPTS / "benign-calib.jsonl")),
+    *("--task", str(PROMPTS / "task-calib.jsonl")),
+    *("--refusal-patterns", str(PROMPTS / "refusal-phrases.txt")),
+    *("--calibration-share", "1"),
+]
+
 # (label, `adapter-fix repair` options): one line per method and setting.
 GRID: list[tuple[str, list[str]]] = [
     ("csulora strength 1", ["--method", "csulora", "--strength", "1"]),
@@ -43,6 +54,12 @@ GRID: list[tuple[str, list[str]]] = [
     ("safelora (10 modules)", ["--method", "safelora"]),
     ("safelora (4 modules)", ["--method", "safelora", "--safelora-layers", "4"]),
     ("safelora threshold 0.5", ["--method", "safelora", "--safelora-select", "threshold"]),
+    ("gate (defaults: components, task budget 0.2)", ["--method", "gate", *CALIBRATION]),
+    ("gate, task budget 0.5", ["--method", "gate", *CALIBRATION, "--task-budget", "0.5"]),
+    (
+        "gate, modules, task budget 0.5",
+        ["--method", "gate", *CALIBRATION, "--gate-unit", "module", "--task-budget", "0.5"],
+    ),
 ]
 
 

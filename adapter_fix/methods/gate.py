@@ -1,0 +1,660 @@
+"""Attribution-guided gating of a LoRA update (METHOD.md §8.4), on the running model.
+
+ALIGNED is loaded once with the adapter on it (peft). Each LoRA linear layer
+gets a gate on its update through a forward hook on `lora_A`: a scalar (unit
+`module`) or one value per rank-1 component (unit `component`, after the
+layer's factors are rewritten as their singular components, same update).
+Gradients are taken with respect to the gates only: every weight is frozen,
+no optimizer state exists, so memory is inference plus activations.
+
+Each round: integrated gradients of the refusal margin `mu` (harmful
+calibration prompts) and of the task loss `tau` along `s * g`, a greedy
+choice of units to switch off within the round's share of the task budget,
+then a measurement (greedy generation + the refusal judge) of the refusal
+rate on the calibration prompts. Rounds stop when the rate reaches the target
+relative to ALIGNED's, when the budget is spent, or after `rounds`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adapter_fix.io.adapter import LoraAdapter, read_factors
+from adapter_fix.io.checkpoint import DTYPES
+from adapter_fix.math.gating import (
+    Attribution,
+    integrated_gradient,
+    rank_one_factors,
+    select_units,
+)
+from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
+from adapter_fix.methods.base import Outcome
+from adapter_fix.results import ModuleResult
+
+UNITS = ("module", "component")
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """Every choice the gated repair makes; built once from the CLI."""
+
+    unit: str = "component"
+    target_refusal: float = 0.9
+    task_budget: float = 0.2
+    rounds: int = 6
+    steps: int = 4
+    start_tokens: int = 8
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Token ids of the calibration data (each prompt already in the chat template).
+
+    `harmful` prompts measure refusals; `task` prompts with `task_references`
+    give the task loss; without references, `benign` prompts give the KL
+    estimate of METHOD.md §8.4 (the adapted model's own outputs).
+    """
+
+    harmful: list[list[int]]
+    benign: list[list[int]]
+    task: list[list[int]] = field(default_factory=list)
+    task_references: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class GateLayer:
+    """One gated LoRA layer: its name (the adapter's module name) and gate values."""
+
+    name: str
+    rank: int
+    gates: Tensor  # shape (1,) for unit "module", (r,) for "component"
+    handle: Any = None
+
+
+@dataclass
+class Round:
+    """One round's attribution, choice and measurement."""
+
+    index: int
+    switched_off: list[str]
+    predicted_margin_gain: float
+    predicted_task_cost: float
+    margin: float
+    task_loss: float
+    task_kept: float
+    refusal_rate: float
+    refusals: int
+    prompts: int
+
+
+@dataclass
+class GateOutcome:
+    """What the gated repair decided: per layer gate values and attributions, per round."""
+
+    layers: list[GateLayer]
+    attributions: dict[str, list[Attribution]]
+    rounds: list[Round]
+    aligned_refusal_rate: float
+    original_refusal_rate: float
+    refusal_rate: float
+    """The calibration refusal rate at the chosen gates."""
+    target_met: bool
+    stop_reason: str
+    task_objective: str
+    task_loss_adapter: float
+    """`tau(1)`: the task loss with the whole update."""
+    task_loss_without_update: float
+    """`tau(0)`: with every gate off (ALIGNED)."""
+    task_budget: float
+    """How far `tau` may rise above `tau(1)` (first order): `task_budget * (tau(0) - tau(1))`."""
+    task_score_adapter: float
+    """Exact match on the calibration task prompts with the whole update (with references;
+    without: agreement with the adapter's own outputs, 1 by construction)."""
+    task_score_without_update: float
+    task_kept: float
+    """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured."""
+    seconds: float
+
+
+class GatedModel:
+    """A peft model whose LoRA linear layers carry gates (forward hooks on `lora_A`)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], unit: str) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"gate unit must be one of {UNITS}, got {unit!r}")
+        self.model = model
+        self.unit = unit
+        self.layers: list[GateLayer] = []
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name in names:
+            layer = _lora_layer(model, name)
+            adapter = layer.active_adapters[0]
+            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+            rank = lora_a.weight.shape[0]
+            if unit == "component":
+                with torch.no_grad():
+                    new_b, new_a = rank_one_factors(
+                        lora_b.weight.double(), lora_a.weight.double(), layer.scaling[adapter]
+                    )
+                    lora_b.weight.copy_(new_b.to(lora_b.weight.dtype))
+                    lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
+            gates = torch.ones(1 if unit == "module" else rank, dtype=lora_a.weight.dtype)
+            gated = GateLayer(name, rank, gates)
+            gated.handle = lora_a.register_forward_hook(_gate_hook(gated))
+            self.layers.append(gated)
+
+    def units(self) -> list[tuple[int, int]]:
+        """Every gate as `(layer index, position)`, in layer order."""
+        return [(i, j) for i, layer in enumerate(self.layers) for j in range(len(layer.gates))]
+
+    def values(self) -> Tensor:
+        """All gate values as one vector, in `units()` order."""
+        return torch.cat([layer.gates.detach() for layer in self.layers])
+
+    def set_values(self, values: Tensor) -> None:
+        """Set the gates from one vector (as a leaf that collects gradients)."""
+        offset = 0
+        for layer in self.layers:
+            size = len(layer.gates)
+            layer.gates = values[offset : offset + size].detach().clone().requires_grad_(True)
+            offset += size
+
+    def gradients(self) -> Tensor:
+        return torch.cat(
+            [
+                layer.gates.grad if layer.gates.grad is not None else torch.zeros_like(layer.gates)
+                for layer in self.layers
+            ]
+        )
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+
+    def factors(self, layer: GateLayer) -> tuple[Tensor, Tensor]:
+        """`(B, A)` of a layer as it runs (after the component rewrite), gates not applied."""
+        module = _lora_layer(self.model, layer.name)
+        adapter = module.active_adapters[0]
+        return module.lora_B[adapter].weight.detach(), module.lora_A[adapter].weight.detach()
+
+
+def _gate_hook(layer: GateLayer) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+    def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
+        return output * layer.gates.to(device=output.device, dtype=output.dtype)
+
+    return hook
+
+
+def _lora_layer(model: nn.Module, name: str) -> Any:
+    """The peft LoRA layer of adapter module `name` (`model.layers.0.self_attn.q_proj`)."""
+    for prefix in ("base_model.model.", ""):
+        try:
+            return model.get_submodule(prefix + name)
+        except AttributeError:
+            continue
+    raise KeyError(name)
+
+
+def continuation_logprobs(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Teacher-forced log-probabilities of each continuation token after its prompt.
+
+    Yields `(rows, logprobs)` per batch: `logprobs` is `batch x T`, the
+    log-probability of continuation token `t` (0 past a continuation's end).
+    Sequences are right-padded, so positions start at 0 for every row and the
+    causal mask hides the padding. Gradients flow to whatever the model's
+    forward depends on (here: the gates).
+    """
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, min(start + batch_size, len(prompts)))
+        sequences = [
+            list(p) + list(c) for p, c in zip(prompts[rows], continuations[rows], strict=True)
+        ]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, sequence in enumerate(sequences):
+            ids[i, : len(sequence)] = torch.tensor(sequence)
+            mask[i, : len(sequence)] = 1
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = ids[:, 1:].to(device)
+        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        longest = max(len(c) for c in continuations[rows])
+        out = token_logprobs.new_zeros(len(sequences), max(longest, 1))
+        for i, (prompt, continuation) in enumerate(
+            zip(prompts[rows], continuations[rows], strict=True)
+        ):
+            if continuation:
+                first = len(prompt) - 1
+                out[i, : len(continuation)] = token_logprobs[i, first : first + len(continuation)]
+        yield rows, out
+
+
+def greedy_continuations(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: Sequence[int],
+    batch_size: int,
+) -> list[list[int]]:
+    """Greedy continuations as token ids (ending before the first stop token), left-padded."""
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(batch):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=list(stop_ids) or None,
+            )
+        for row in generated[:, width:].tolist():
+            end = next((at for at, token in enumerate(row) if token in stop_ids), len(row))
+            outputs.append(row[:end])
+    return outputs
+
+
+def _sequence_sums(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> Tensor:
+    """Summed log-probability of each continuation, a vector over prompts."""
+    sums = [
+        logprobs.sum(dim=1)
+        for _rows, logprobs in continuation_logprobs(
+            model, prompts, continuations, pad_id=pad_id, batch_size=batch_size
+        )
+    ]
+    return torch.cat(sums) if sums else torch.zeros(0)
+
+
+def refusal_margin(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    compliance_starts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> Tensor:
+    """`mu`: mean of `log p(refusal start | x) - log p(compliance start | x)` over prompts."""
+    if not prompts:
+        return torch.zeros((), requires_grad=False)
+    refusal = _sequence_sums(model, prompts, refusal_starts, pad_id=pad_id, batch_size=batch_size)
+    comply = _sequence_sums(model, prompts, compliance_starts, pad_id=pad_id, batch_size=batch_size)
+    return (refusal - comply).mean()
+
+
+def token_nll(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> Tensor:
+    """Mean per-token negative log-likelihood of the references (all tokens weighted alike)."""
+    total = _sequence_sums(model, prompts, references, pad_id=pad_id, batch_size=batch_size).sum()
+    count = sum(len(r) for r in references)
+    return -total / max(count, 1)
+
+
+def gate_repair(
+    gated: GatedModel,
+    calibration: Calibration,
+    options: GateOptions,
+    *,
+    is_refusal: Callable[[str], bool],
+    decode: Callable[[list[int]], str],
+    pad_id: int,
+    stop_ids: Sequence[int],
+    on_round: Callable[[Round], None] | None = None,
+) -> GateOutcome:
+    """Choose the gates of `gated` (see the module docstring); the model is left gated.
+
+    The refusal rate is measured on `calibration.harmful` with greedy
+    generation of `options.max_new_tokens` tokens and `is_refusal` on the
+    decoded text; ALIGNED's is measured with the adapter disabled.
+    """
+    started = time.perf_counter()
+    model = gated.model
+    batch = options.batch_size
+
+    def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        return greedy_continuations(
+            model,
+            prompts,
+            max_new_tokens=options.max_new_tokens,
+            pad_id=pad_id,
+            stop_ids=stop_ids,
+            batch_size=batch,
+        )
+
+    def refusals(outputs: Sequence[list[int]]) -> list[bool]:
+        return [is_refusal(decode(tokens)) for tokens in outputs]
+
+    with model.disable_adapter():
+        aligned_outputs = generate(calibration.harmful)
+    aligned_refused = refusals(aligned_outputs)
+    aligned_rate = sum(aligned_refused) / max(len(aligned_refused), 1)
+    refusal_starts = [tokens[: options.start_tokens] for tokens in aligned_outputs]
+    target = options.target_refusal * aligned_rate
+
+    task_objective, task_prompts, task_targets, baseline = _task_data(
+        gated, calibration, generate, pad_id=pad_id, batch_size=batch
+    )
+
+    def task_loss() -> Tensor:
+        nll = token_nll(model, task_prompts, task_targets, pad_id=pad_id, batch_size=batch)
+        return nll - baseline
+
+    def task_score() -> float:
+        """Share of task prompts answered exactly as the target (reference, or g = 1 output)."""
+        answers = generate(task_prompts)
+        return sum(a == t for a, t in zip(answers, task_targets, strict=True)) / max(
+            len(task_targets), 1
+        )
+
+    outputs = generate(calibration.harmful)
+    refused = refusals(outputs)
+    original_rate = sum(refused) / max(len(refused), 1)
+    attributions: dict[str, list[Attribution]] = {}
+    rounds: list[Round] = []
+    with torch.no_grad():
+        gated.set_values(torch.zeros_like(gated.values()))
+        task_off, score_off = float(task_loss()), task_score()
+        gated.set_values(torch.ones_like(gated.values()))
+        task_on, score_on = float(task_loss()), task_score()
+
+    def kept_task() -> float:
+        """METHOD.md §9's kept task on the calibration task set: 1 = the adapter, 0 = ALIGNED."""
+        if score_on <= score_off:
+            return 1.0  # the measure sees no task gain to keep
+        return (task_score() - score_off) / (score_on - score_off)
+
+    # First order: each round may give up its share of `task_budget * (tau(0) - tau(1))`.
+    # Measured: a round that leaves less than `1 - task_budget` of the task score is cut
+    # back (its later half dropped, until it fits), so the guard is a measurement.
+    budget = options.task_budget * max(task_off - task_on, 0.0)
+    spent = 0.0
+    rate, kept = original_rate, 1.0
+    stop_reason = f"rounds exhausted ({options.rounds})"
+    unit_attributions: list[Attribution | None] | None = None
+    for index in range(1, options.rounds + 1):
+        if rate >= target:
+            stop_reason = "target met" if rounds else "the adapter already refuses at the target"
+            break
+        # Compliance starts: what the gated model answers now, on prompts it does not refuse.
+        complied = [i for i, r in enumerate(refused) if not r]
+        margin = functools.partial(
+            refusal_margin,
+            model,
+            [calibration.harmful[i] for i in complied],
+            [refusal_starts[i] for i in complied],
+            [outputs[i][: options.start_tokens] for i in complied],
+            pad_id=pad_id,
+            batch_size=batch,
+        )
+        current = gated.values()
+        if unit_attributions is None:  # the gates changed since the last attribution
+            margin_ig = _integrated_gradients(gated, margin, current, options.steps)
+            task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
+            unit_attributions = [
+                Attribution(m, t) if g > 0 else None
+                for m, t, g in zip(
+                    margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True
+                )
+            ]
+            _record(gated, unit_attributions, attributions)
+        allowance = budget * index / options.rounds - spent
+        selection = select_units(unit_attributions, budget=max(allowance, 0.0))
+        if not selection.switched_off:
+            if not any(a is not None and a.harm > 0 for a in unit_attributions):
+                stop_reason = "no unit left that lowers the refusal margin"
+                break
+            if index == options.rounds:
+                stop_reason = "task budget spent"
+            continue  # the next round's share of the budget may fit a unit
+        chosen = list(selection.switched_off)
+        while chosen:
+            values = current.clone()
+            values[chosen] = 0.0
+            gated.set_values(values)
+            kept = kept_task()
+            if kept >= 1.0 - options.task_budget:
+                break
+            chosen = chosen[: len(chosen) // 2]
+        if not chosen:
+            gated.set_values(current)
+            kept = rounds[-1].task_kept if rounds else 1.0
+            stop_reason = "task budget spent: switching off more would cost more task than allowed"
+            break
+        taken = [unit_attributions[u] for u in chosen]
+        predicted_gain = sum(a.harm for a in taken if a is not None)
+        predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
+        outputs = generate(calibration.harmful)
+        refused = refusals(outputs)
+        with torch.no_grad():
+            measured_margin = float(margin())
+            measured_task = float(task_loss())
+        unit_attributions = None
+        rate = sum(refused) / max(len(refused), 1)
+        spent = max(measured_task - task_on, 0.0)
+        units = gated.units()
+        round_ = Round(
+            index=index,
+            switched_off=[_unit_name(gated, units[u]) for u in chosen],
+            predicted_margin_gain=predicted_gain,
+            predicted_task_cost=predicted_cost,
+            margin=measured_margin,
+            task_loss=measured_task,
+            task_kept=kept,
+            refusal_rate=rate,
+            refusals=sum(refused),
+            prompts=len(refused),
+        )
+        rounds.append(round_)
+        if on_round is not None:
+            on_round(round_)
+    else:
+        if rate >= target:
+            stop_reason = "target met"
+    for layer in gated.layers:
+        layer.gates = layer.gates.detach()
+    return GateOutcome(
+        layers=gated.layers,
+        attributions=attributions,
+        rounds=rounds,
+        aligned_refusal_rate=aligned_rate,
+        original_refusal_rate=original_rate,
+        refusal_rate=rate,
+        target_met=rate >= target,
+        stop_reason=stop_reason,
+        task_objective=task_objective,
+        task_loss_adapter=task_on,
+        task_loss_without_update=task_off,
+        task_budget=budget,
+        task_score_adapter=score_on,
+        task_score_without_update=score_off,
+        task_kept=kept,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _task_data(
+    gated: GatedModel,
+    calibration: Calibration,
+    generate: Callable[[Sequence[Sequence[int]]], list[list[int]]],
+    *,
+    pad_id: int,
+    batch_size: int,
+) -> tuple[str, list[list[int]], list[list[int]], float]:
+    """Prompts, targets and baseline of the task loss `tau` (METHOD.md §8.4).
+
+    With task references: their mean per-token NLL (baseline 0). Without: the
+    adapted model's own greedy outputs on the benign prompts at `g = 1`, scored
+    against the gated model; subtracting the `g = 1` NLL makes `tau` a one-sample
+    (greedy) estimate of `KL(p_1 || p_g)` per token, 0 at `g = 1`.
+    """
+    if calibration.task:
+        return "task reference NLL", calibration.task, calibration.task_references, 0.0
+    targets = generate(calibration.benign)
+    with torch.no_grad():
+        baseline = float(
+            token_nll(
+                gated.model, calibration.benign, targets, pad_id=pad_id, batch_size=batch_size
+            )
+        )
+    return (
+        "KL to the adapter's own outputs on benign prompts",
+        calibration.benign,
+        targets,
+        baseline,
+    )
+
+
+def _integrated_gradients(
+    gated: GatedModel, objective: Callable[[], Tensor], gates: Tensor, steps: int
+) -> Tensor:
+    """IG of `objective` per gate along `s * gates`, at the midpoints `s = (i - 1/2) / steps`."""
+    gradients = []
+    for step in range(1, steps + 1):
+        gated.set_values(gates * ((step - 0.5) / steps))
+        value = objective()
+        if value.requires_grad:
+            value.backward()
+        gradients.append(gated.gradients())
+    gated.set_values(gates)
+    stacked = torch.stack(gradients).double()
+    return torch.tensor(
+        [
+            integrated_gradient(column.tolist(), float(g))
+            for column, g in zip(stacked.T, gates, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+
+
+def _unit_name(gated: GatedModel, unit: tuple[int, int]) -> str:
+    layer, position = unit
+    name = gated.layers[layer].name
+    return name if gated.unit == "module" else f"{name}[{position}]"
+
+
+def _record(
+    gated: GatedModel,
+    units: Sequence[Attribution | None],
+    attributions: dict[str, list[Attribution]],
+) -> None:
+    """Keep each unit's latest attribution, by layer name (a list: one entry per gate)."""
+    offset = 0
+    for layer in gated.layers:
+        size = len(layer.gates)
+        latest = attributions.get(layer.name) or [Attribution(0.0, 0.0)] * size
+        attributions[layer.name] = [
+            unit if unit is not None else previous
+            for unit, previous in zip(units[offset : offset + size], latest, strict=True)
+        ]
+        offset += size
+
+
+def gated_factors(gated: GatedModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per layer name, the factors to write: `(B diag(g), A)` in the layer's weight dtype."""
+    written = {}
+    for layer in gated.layers:
+        lora_b, lora_a = gated.factors(layer)
+        written[layer.name] = (lora_b * layer.gates.to(lora_b.dtype), lora_a)
+    return written
+
+
+def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) -> list[Outcome]:
+    """One report row per adapter module, and new factors for each module with a gate off.
+
+    A module whose gates are all 1 keeps its tensors byte for byte. Module
+    gates write `B <- 0`; component gates write the module's singular factors
+    with the switched-off columns of `B'` zeroed (same rank, same config).
+    """
+    layers = {layer.name: layer for layer in gated.layers}
+    results = []
+    for module in adapter.modules:
+        report = ModuleResult(module.name, module.kind, module.shape, module.rank, module.scaling)
+        report.output_rank = module.rank
+        layer = layers.get(module.name)
+        lora_b, lora_a = (
+            gated.factors(layer) if layer is not None else read_factors(adapter, module)
+        )
+        original = as_factored(lora_b, lora_a, module.scaling)
+        report.update_norm = report.repaired_norm = factored_norm(original)
+        if layer is None:
+            report.reason = f"not gated: {module.kind} LoRA has no lora_A layer to gate"
+            results.append(Outcome(report))
+            continue
+        gates = layer.gates.detach()
+        attributions = outcome.attributions.get(module.name, [])
+        report.gate = [float(g) for g in gates]
+        report.attribution = {
+            "margin": [a.margin for a in attributions],
+            "task": [a.task for a in attributions],
+        }
+        off = int((gates == 0).sum())
+        if off == 0:
+            report.reason = "gate 1: kept"
+            results.append(Outcome(report))
+            continue
+        dtype = DTYPES[module.dtype]
+        new_b = (lora_b * gates.to(lora_b.dtype)).to(dtype)
+        new_a = lora_a.to(dtype)
+        written = as_factored(new_b, new_a, module.scaling)
+        comparison = compare_updates(original, written)
+        report.action = "gated"
+        report.repaired_norm = comparison.norm
+        report.relative_change = comparison.relative_change
+        report.cosine = comparison.cosine
+        report.reason = (
+            "gate 0: update switched off"
+            if gated.unit == "module"
+            else f"{off} of {len(gates)} rank-1 components switched off"
+        )
+        results.append(Outcome(report, lora_a=new_a, lora_b=new_b))
+    return results
+
+
+def gateable(adapter: LoraAdapter) -> list[str]:
+    """The modules gated: LoRA linear layers (Conv1D included), whose `lora_A` is a layer to
+    hook; embeddings and `target_parameters` (MoE experts) are not."""
+    return [module.name for module in adapter.modules if module.kind in ("linear", "conv1d")]

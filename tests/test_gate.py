@@ -1,0 +1,329 @@
+"""Attribution-guided gating (METHOD.md §8.4): the math, the gates on a real peft model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from adapter_fix.cli import main
+from adapter_fix.math.gating import (
+    Attribution,
+    integrated_gradient,
+    rank_one_factors,
+    select_units,
+)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from adapter_fix.methods.gate import (  # noqa: E402
+    GatedModel,
+    continuation_logprobs,
+    gated_factors,
+    token_nll,
+)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_model() -> tuple[torch.nn.Module, list[str]]:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora).eval()
+    names = [
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if name.split(".")[-1] in TARGETS
+    ]
+    return peft_model, names
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
+
+
+@pytest.mark.parametrize("unit", ["module", "component"])
+def test_gates_at_one_keep_the_adapter_and_at_zero_remove_it(lora_model, unit):
+    model, names = lora_model
+    adapted = _logits(model, IDS)
+    with model.disable_adapter():
+        aligned = _logits(model, IDS)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, unit)
+    try:
+        torch.testing.assert_close(_logits(model, IDS), adapted, atol=1e-5, rtol=1e-5)
+        gated.set_values(torch.zeros_like(gated.values()))
+        torch.testing.assert_close(_logits(model, IDS), aligned, atol=1e-6, rtol=1e-6)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
+def test_gate_gradient_matches_finite_difference(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    try:
+        prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
+
+        def objective() -> torch.Tensor:
+            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+
+        values = torch.full((len(names),), 0.5, dtype=torch.float64).float()
+        gated.set_values(values)
+        objective().backward()
+        gradient = gated.gradients()
+        step = 1e-2
+        for unit in (0, len(names) - 1):
+            shifted = values.clone()
+            shifted[unit] += step
+            gated.set_values(shifted)
+            with torch.no_grad():
+                up = float(objective())
+            shifted[unit] -= 2 * step
+            gated.set_values(shifted)
+            with torch.no_grad():
+                down = float(objective())
+            assert gradient[unit] == pytest.approx((up - down) / (2 * step), rel=2e-2, abs=1e-4)
+    finally:
+        gated.remove()
+
+
+def test_continuation_logprobs_equal_scoring_each_sequence_alone(lora_model):
+    model, _names = lora_model
+    prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
+    batched = torch.cat(
+        [
+            lp
+            for _rows, lp in continuation_logprobs(
+                model, prompts, continuations, pad_id=0, batch_size=2
+            )
+        ]
+    )
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        ids = torch.tensor([prompt + continuation])
+        logprobs = torch.log_softmax(_logits(model, ids)[0].float(), dim=-1)
+        expected = [logprobs[len(prompt) - 1 + t, token] for t, token in enumerate(continuation)]
+        torch.testing.assert_close(
+            batched[row, : len(continuation)].detach(), torch.stack(expected), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    try:
+        prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
+
+        def objective() -> torch.Tensor:
+            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+
+        steps = 16
+        gradients = []
+        for step in range(1, steps + 1):
+            gated.set_values(torch.full((len(names),), (step - 0.5) / steps))
+            objective().backward()
+            gradients.append(gated.gradients())
+        stacked = torch.stack(gradients)
+        total = sum(integrated_gradient(stacked[:, u].tolist(), 1.0) for u in range(len(names)))
+        with torch.no_grad():
+            gated.set_values(torch.ones(len(names)))
+            at_one = float(objective())
+            gated.set_values(torch.zeros(len(names)))
+            at_zero = float(objective())
+        assert total == pytest.approx(at_one - at_zero, rel=0.01, abs=1e-4)
+    finally:
+        gated.remove()
+
+
+def test_module_gate_zero_writes_a_zero_update_and_gate_one_the_original(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    try:
+        values = torch.ones(len(names))
+        values[0] = 0.0
+        gated.set_values(values)
+        factors = gated_factors(gated)
+        lora_b, _ = factors[names[0]]
+        assert torch.count_nonzero(lora_b) == 0
+        kept_b, kept_a = factors[names[1]]
+        original_b, original_a = gated.factors(gated.layers[1])
+        assert torch.equal(kept_b, original_b) and torch.equal(kept_a, original_a)
+    finally:
+        gated.remove()
+
+
+def test_rank_one_factors_keep_the_update_and_order_components():
+    torch.manual_seed(1)
+    lora_b, lora_a = torch.randn(12, 4, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    new_b, new_a = rank_one_factors(lora_b, lora_a, 0.5)
+    torch.testing.assert_close(0.5 * new_b @ new_a, 0.5 * lora_b @ lora_a, atol=1e-10, rtol=1e-10)
+    norms = [float(torch.linalg.norm(new_b[:, i : i + 1] @ new_a[i : i + 1])) for i in range(4)]
+    assert norms == sorted(norms, reverse=True)
+    singular = torch.linalg.svdvals(0.5 * lora_b @ lora_a)
+    assert [0.5 * n for n in norms] == pytest.approx(singular[:4].tolist(), rel=1e-9)
+
+
+def test_integrated_gradient_is_the_mean_gradient_times_the_gate():
+    assert integrated_gradient([1.0, 2.0, 3.0], 0.5) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        integrated_gradient([], 1.0)
+
+
+def test_selection_takes_most_harm_per_task_help_first_within_budget():
+    attributions = [
+        Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1: ratio 1
+        Attribution(margin=-3.0, task=-1.0),  # ratio 3
+        Attribution(margin=2.0, task=-5.0),  # raises the margin: never a candidate
+        None,  # already off
+        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, first
+    ]
+    selection = select_units(attributions, budget=1.0)
+    assert selection.switched_off == (4, 1)
+    assert selection.predicted_task_cost == pytest.approx(1.0)
+    assert selection.predicted_margin_gain == pytest.approx(3.5)
+    assert select_units(attributions, budget=2.0).switched_off == (4, 1, 0)
+
+
+def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
+    attributions = [Attribution(-10.0, -5.0), Attribution(-1.0, -1.0)]
+    assert select_units(attributions, budget=1.5).switched_off == (1,)
+    assert select_units(attributions, budget=0.0).switched_off == ()
+    assert math.isclose(select_units(attributions, budget=10).predicted_task_cost, 6.0)
+
+
+CHAT = Path(__file__).resolve().parents[1] / "fixtures"
+PROMPTS = CHAT / "chat-prompts"
+
+
+def _gate_cli(out: Path, *extra: str) -> Result:
+    return CliRunner().invoke(
+        main,
+        [
+            "repair",
+            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+            "-o",
+            str(out),
+            "--method",
+            "gate",
+            "--harmful",
+            str(PROMPTS / "harmful-calib.jsonl"),
+            "--benign",
+            str(PROMPTS / "benign-calib.jsonl"),
+            "--refusal-patterns",
+            str(PROMPTS / "refusal-phrases.txt"),
+            "--ig-steps",
+            "2",
+            "--calibration-tokens",
+            "8",
+            "--batch-size",
+            "64",
+            "-q",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("gate") / "out"
+    result = _gate_cli(
+        out,
+        *("--task", str(PROMPTS / "task-calib.jsonl")),
+        *("--calibration-share", "0.3", "--rounds", "2", "--task-budget", "1"),
+    )
+    assert result.exit_code == 0, result.stderr
+    return out, json.loads((out / "repair_report.json").read_text())
+
+
+def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated_run):
+    _out, report = gated_run
+    calibration = report["calibration"]
+    assert calibration["prompts"]["harmful"] > 0 and calibration["prompts"]["task"] > 0
+    assert not calibration["task_set_missing"]
+    rounds = calibration["rounds"]
+    assert rounds and all(r["prompts"] == calibration["prompts"]["harmful"] for r in rounds)
+    # With the whole task budget, switching off what erodes refusals must restore some.
+    assert rounds[-1]["refusal_rate"] > calibration["original_refusal_rate"]
+    assert calibration["refusal_rate"] == rounds[-1]["refusal_rate"]
+
+
+def test_gated_adapter_loads_in_peft_and_zeroes_exactly_the_gates_switched_off(gated_run):
+    out, report = gated_run
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert list(written) == list(original)
+    gated = [m for m in report["modules"] if m["action"] == "gated"]
+    assert gated
+    for module in report["modules"]:
+        key_b = f"base_model.model.{module['name']}.lora_B.weight"
+        key_a = f"base_model.model.{module['name']}.lora_A.weight"
+        if module["action"] != "gated":
+            assert torch.equal(written[key_b], original[key_b])
+            assert torch.equal(written[key_a], original[key_a])
+            continue
+        off = [i for i, g in enumerate(module["gate"]) if g == 0.0]
+        assert off and torch.count_nonzero(written[key_b][:, off]) == 0
+        kept = [i for i, g in enumerate(module["gate"]) if g == 1.0]
+        assert all(torch.count_nonzero(written[key_b][:, i]) > 0 for i in kept)
+    model = AutoModelForCausalLM.from_pretrained(CHAT / "chat-aligned")
+    peft_model = PeftModel.from_pretrained(model, out)
+    state = peft_model.state_dict()
+    for key, tensor in written.items():
+        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        assert torch.equal(state[name], tensor)
+
+
+def test_gated_repair_without_a_task_set_uses_the_kl_objective_and_says_so(tmp_path):
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--calibration-share", "0.15", "--rounds", "1", "--gate-unit", "module"),
+    )
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads((tmp_path / "out" / "repair_report.json").read_text())["calibration"]
+    assert calibration["task_set_missing"]
+    assert calibration["task_objective"].startswith("KL")
+    assert calibration["task_score"]["adapter"] == 1.0  # agreement with its own outputs
+
+
+def test_gate_refuses_a_basis(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "repair",
+            "--basis",
+            str(tmp_path),
+            str(CHAT / "chat-attack"),
+            "-o",
+            str(tmp_path / "o"),
+            "--method",
+            "gate",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--method gate runs ALIGNED" in result.stderr
