@@ -967,7 +967,17 @@ def check(
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="torch seed set before each row."
+    "--skip-calibration-share",
+    type=FiniteFloat(min=0, max=1),
+    help="Leave out the prompts `repair --method gate --calibration-share X --seed S` "
+    "calibrated on (the same X here, the same S as --seed): report on the rest only.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="torch seed set before each row; also the seed of --skip-calibration-share's split.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document to stdout.")
 @click.option(
@@ -1011,6 +1021,7 @@ def eval_command(
     limit: int | None,
     device: str,
     dtype: str,
+    skip_calibration_share: float | None,
     seed: int,
     as_json: bool,
     reports: tuple[Path, ...],
@@ -1071,6 +1082,8 @@ def eval_command(
         reports=reports,
         samples=outputs,
         force=force,
+        skip_calibration_share=skip_calibration_share,
+        split_seed=seed,
     )
     options = EvalOptions(
         system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed

@@ -83,7 +83,8 @@ def test_safelora_runs_no_svd(fixtures_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_every_registered_method_declares_what_it_needs() -> None:
-    assert set(METHODS) == {"csulora", "project", "safelora", "none"}
+    assert set(REGISTRY) == {"csulora", "project", "safelora", "none"}
+    assert set(METHODS) == {*REGISTRY, "gate"}  # gate calibrates on prompts, not the stream
     for name, method in REGISTRY.items():
         assert method.name == name
         assert method.needs and method.needs <= {SUBSPACE, DISPLACEMENT}

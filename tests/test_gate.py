@@ -327,3 +327,31 @@ def test_gate_refuses_a_basis(tmp_path):
     )
     assert result.exit_code == 2
     assert "--method gate runs ALIGNED" in result.stderr
+
+
+def test_eval_skips_exactly_the_calibration_share_of_a_prompt_set() -> None:
+    from adapter_fix.commands.eval import EvalInputs, held_out
+    from adapter_fix.evaluate.prompts import load_prompt_set
+    from adapter_fix.evaluate.split import split_prompts
+
+    prompts = load_prompt_set(str(PROMPTS / "harmful-eval.jsonl"), "harmful")
+    calibration, rest = split_prompts(prompts, 0.4, 7)
+    assert calibration.prompts and rest.prompts
+    assert len(calibration) + len(rest) == len(prompts)
+    inputs = EvalInputs("a", (), skip_calibration_share=0.4, split_seed=7)
+    assert held_out(prompts, inputs).prompts == rest.prompts
+    assert not set(held_out(prompts, inputs).texts) & set(calibration.texts)
+    # The split depends on each prompt alone: reversing the file changes nothing.
+    reversed_set = type(prompts)(prompts.name, prompts.origin, prompts.prompts[::-1])
+    assert set(split_prompts(reversed_set, 0.4, 7)[0].texts) == set(calibration.texts)
+
+
+def test_gated_repair_reruns_byte_identically(tmp_path):
+    options = ("--calibration-share", "0.1", "--rounds", "1", "--task-budget", "1")
+    for name in ("first", "second"):
+        result = _gate_cli(tmp_path / name, *options)
+        assert result.exit_code == 0, result.stderr
+    first, second = (
+        (tmp_path / name / "adapter_model.safetensors").read_bytes() for name in ("first", "second")
+    )
+    assert first == second

@@ -25,6 +25,7 @@ from adapter_fix.evaluate.runner import (
     ProgressCallback,
     run_eval,
 )
+from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.outputs import OutputSet
 from adapter_fix.io.sources import HubOptions, Source, open_source
 
@@ -46,6 +47,8 @@ class EvalInputs:
     reports: tuple[Path, ...] = ()  # --report files
     samples: Path | None = None  # --outputs: every prompt, response and judgement
     force: bool = False  # replace existing report and samples files
+    skip_calibration_share: float | None = None  # leave out `repair --method gate`'s share
+    split_seed: int = 0  # the seed that share was picked with (repair's --seed)
 
 
 def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
@@ -63,10 +66,20 @@ def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
 def _prompt_set(
     spec: str | None, role: Literal["harmful", "benign"], inputs: EvalInputs, hub: HubOptions
 ) -> PromptSet:
-    """The file given for `role`, else the shipped set; --limit applied."""
-    if spec is None:
-        return default_prompt_set(role).limited(inputs.limit)
-    return load_prompt_set(spec, role, field=inputs.field, hub=hub).limited(inputs.limit)
+    """The file given for `role`, else the shipped set; calibration prompts left out; --limit."""
+    prompts = (
+        default_prompt_set(role)
+        if spec is None
+        else load_prompt_set(spec, role, field=inputs.field, hub=hub)
+    )
+    return held_out(prompts, inputs).limited(inputs.limit)
+
+
+def held_out(prompts: PromptSet, inputs: EvalInputs) -> PromptSet:
+    """Without the share a gated repair calibrated on (same share and seed), when asked."""
+    if inputs.skip_calibration_share is None:
+        return prompts
+    return split_prompts(prompts, inputs.skip_calibration_share, inputs.split_seed)[1]
 
 
 @dataclass
@@ -86,9 +99,9 @@ def prepare(inputs: EvalInputs, hub: HubOptions) -> Prepared:
         benign=_prompt_set(inputs.benign, "benign", inputs, hub),
         task=None
         if inputs.task is None
-        else load_prompt_set(inputs.task, "task", field=inputs.field, hub=hub).limited(
-            inputs.limit
-        ),
+        else held_out(
+            load_prompt_set(inputs.task, "task", field=inputs.field, hub=hub), inputs
+        ).limited(inputs.limit),
     )
     local = [path for source in sources for path in source.local_paths]
     local += [
