@@ -257,14 +257,14 @@ def gate_options(command: F) -> F:
         click.option(
             "--rounds",
             type=click.IntRange(min=1, max=100),
-            default=6,
+            default=20,
             show_default=True,
             help="[gate] Rounds of attribution, selection and measurement.",
         ),
         click.option(
             "--ig-steps",
             type=click.IntRange(min=1, max=64),
-            default=4,
+            default=8,
             show_default=True,
             help="[gate] Integrated-gradient steps per attribution.",
         ),

@@ -48,8 +48,8 @@ class GateOptions:
     unit: str = "component"
     target_refusal: float = 0.9
     task_budget: float = 0.2
-    rounds: int = 6
-    steps: int = 4
+    rounds: int = 20
+    steps: int = 8
     start_tokens: int = 8
     max_new_tokens: int = 32
     batch_size: int = 16

@@ -56,6 +56,7 @@ GRID: list[tuple[str, list[str]]] = [
     ("safelora threshold 0.5", ["--method", "safelora", "--safelora-select", "threshold"]),
     ("gate (defaults: components, task budget 0.2)", ["--method", "gate", *CALIBRATION]),
     ("gate, task budget 0.5", ["--method", "gate", *CALIBRATION, "--task-budget", "0.5"]),
+    ("gate, task budget 0.8", ["--method", "gate", *CALIBRATION, "--task-budget", "0.8"]),
     (
         "gate, modules, task budget 0.5",
         ["--method", "gate", *CALIBRATION, "--gate-unit", "module", "--task-budget", "0.5"],
