@@ -23,7 +23,6 @@ peft = pytest.importorskip("peft")
 
 from adapter_fix.methods.gate import (  # noqa: E402
     GatedModel,
-    continuation_logprobs,
     gated_factors,
     token_nll,
 )
@@ -106,26 +105,6 @@ def test_gate_gradient_matches_finite_difference(lora_model):
             assert gradient[unit] == pytest.approx((up - down) / (2 * step), rel=2e-2, abs=1e-4)
     finally:
         gated.remove()
-
-
-def test_continuation_logprobs_equal_scoring_each_sequence_alone(lora_model):
-    model, _names = lora_model
-    prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
-    batched = torch.cat(
-        [
-            lp
-            for _rows, lp in continuation_logprobs(
-                model, prompts, continuations, pad_id=0, batch_size=2
-            )
-        ]
-    )
-    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
-        ids = torch.tensor([prompt + continuation])
-        logprobs = torch.log_softmax(_logits(model, ids)[0].float(), dim=-1)
-        expected = [logprobs[len(prompt) - 1 + t, token] for t, token in enumerate(continuation)]
-        torch.testing.assert_close(
-            batched[row, : len(continuation)].detach(), torch.stack(expected), atol=1e-5, rtol=1e-5
-        )
 
 
 def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):

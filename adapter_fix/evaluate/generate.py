@@ -128,30 +128,48 @@ def generate(
     an answer ends at the first stop token (`stop_ids`), which is not part of
     the returned text, nor are special tokens.
     """
+    answers = generate_ids(
+        model,
+        encode_prompts(tokenizer, prompts, system),
+        pad=pad_id(tokenizer),
+        stops=stop_ids(model, tokenizer),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        on_batch=on_batch,
+    )
+    return [tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in answers]
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Any,
+    encoded: Sequence[Sequence[int]],
+    *,
+    pad: int,
+    stops: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: BatchCallback | None = None,
+) -> list[list[int]]:
+    """Greedy answers to already encoded prompts, as token ids ending before the first stop."""
     from transformers import GenerationConfig
 
-    encoded = encode_prompts(tokenizer, prompts, system)
-    pad = pad_id(tokenizer)
-    stops = stop_ids(model, tokenizer)
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
-        eos_token_id=stops or None,
+        eos_token_id=list(stops) or None,
     )
     device = _model_device(model)
-    answers: list[str] = [""] * len(prompts)
+    answers: list[list[int]] = [[] for _ in encoded]
     for batch in _batches([len(ids) for ids in encoded], batch_size):
         ids, mask = _left_padded([encoded[index] for index in batch], pad, device)
         output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        generated = 0
         for row, index in enumerate(batch):
             new = output[row, ids.shape[1] :].tolist()
-            end = next((at for at, token in enumerate(new) if token in stops), len(new))
-            generated += end
-            answers[index] = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+            answers[index] = new[: next((at for at, t in enumerate(new) if t in stops), len(new))]
         if on_batch is not None:
-            on_batch(len(batch), generated)
+            on_batch(len(batch), sum(len(answers[index]) for index in batch))
     return answers
 
 
@@ -180,9 +198,23 @@ def continuation_logprob(
         else [int(token) for token in item]
         for item in continuations
     ]
+    return sequence_logprobs(model, prompt_ids, targets, pad_id(tokenizer)), [
+        len(target) for target in targets
+    ]
+
+
+def sequence_logprobs(
+    model: Any, prompt_ids: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad: int
+) -> torch.Tensor:
+    """Summed log-probability of each `targets[i]` after `prompt_ids[i]`, in one batch.
+
+    Token ids in, `(len(prompt_ids),)` float32 out on the model's device;
+    differentiable (gradients reach whatever the forward depends on, e.g. gates
+    on adapter outputs). Right-padded, so no position adjustment is needed.
+    """
     sequences = [p + t for p, t in zip(prompt_ids, targets, strict=True)]
     width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), pad_id(tokenizer), dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
@@ -199,7 +231,7 @@ def continuation_logprob(
         scores = logits[row, start : start + len(target)].float().log_softmax(dim=-1)
         wanted = torch.tensor(target, dtype=torch.long, device=scores.device)
         totals.append(scores.gather(1, wanted[:, None]).sum())
-    return torch.stack(totals), [len(target) for target in targets]
+    return torch.stack(totals)
 
 
 @torch.inference_mode()

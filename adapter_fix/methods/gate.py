@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from adapter_fix.errors import IncompatibleModelsError
+from adapter_fix.evaluate.generate import generate_ids, sequence_logprobs
 from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
@@ -201,88 +203,16 @@ def _lora_layer(model: nn.Module, name: str) -> Any:
     """The peft LoRA layer of adapter module `name` (`model.layers.0.self_attn.q_proj`)."""
     for prefix in ("base_model.model.", ""):
         try:
-            return model.get_submodule(prefix + name)
+            layer = model.get_submodule(prefix + name)
         except AttributeError:
             continue
-    raise KeyError(name)
-
-
-def continuation_logprobs(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Iterator[tuple[slice, Tensor]]:
-    """Teacher-forced log-probabilities of each continuation token after its prompt.
-
-    Yields `(rows, logprobs)` per batch: `logprobs` is `batch x T`, the
-    log-probability of continuation token `t` (0 past a continuation's end).
-    Sequences are right-padded, so positions start at 0 for every row and the
-    causal mask hides the padding. Gradients flow to whatever the model's
-    forward depends on (here: the gates).
-    """
-    for start in range(0, len(prompts), batch_size):
-        rows = slice(start, min(start + batch_size, len(prompts)))
-        sequences = [
-            list(p) + list(c) for p, c in zip(prompts[rows], continuations[rows], strict=True)
-        ]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, sequence in enumerate(sequences):
-            ids[i, : len(sequence)] = torch.tensor(sequence)
-            mask[i, : len(sequence)] = 1
-        device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, 1:].to(device)
-        token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        longest = max(len(c) for c in continuations[rows])
-        out = token_logprobs.new_zeros(len(sequences), max(longest, 1))
-        for i, (prompt, continuation) in enumerate(
-            zip(prompts[rows], continuations[rows], strict=True)
-        ):
-            if continuation:
-                first = len(prompt) - 1
-                out[i, : len(continuation)] = token_logprobs[i, first : first + len(continuation)]
-        yield rows, out
-
-
-def greedy_continuations(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    pad_id: int,
-    stop_ids: Sequence[int],
-    batch_size: int,
-) -> list[list[int]]:
-    """Greedy continuations as token ids (ending before the first stop token), left-padded."""
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, prompt in enumerate(batch):
-            ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            mask[i, width - len(prompt) :] = 1
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=list(stop_ids) or None,
-            )
-        for row in generated[:, width:].tolist():
-            end = next((at for at, token in enumerate(row) if token in stop_ids), len(row))
-            outputs.append(row[:end])
-    return outputs
+        if hasattr(layer, "lora_A"):
+            return layer
+    raise IncompatibleModelsError(
+        f"peft put no LoRA layer at module {name!r} of ALIGNED, so it cannot be gated. "
+        "Was the adapter trained on another model?",
+        key=name,
+    )
 
 
 def _sequence_sums(
@@ -293,12 +223,15 @@ def _sequence_sums(
     pad_id: int,
     batch_size: int,
 ) -> Tensor:
-    """Summed log-probability of each continuation, a vector over prompts."""
+    """Summed log-probability of each continuation, a vector over prompts (batched)."""
     sums = [
-        logprobs.sum(dim=1)
-        for _rows, logprobs in continuation_logprobs(
-            model, prompts, continuations, pad_id=pad_id, batch_size=batch_size
-        )
+        sequence_logprobs(
+            model,
+            prompts[start : start + batch_size],
+            continuations[start : start + batch_size],
+            pad_id,
+        ).cpu()
+        for start in range(0, len(prompts), batch_size)
     ]
     return torch.cat(sums) if sums else torch.zeros(0)
 
@@ -356,12 +289,12 @@ def gate_repair(
     batch = options.batch_size
 
     def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        return greedy_continuations(
+        return generate_ids(
             model,
             prompts,
+            pad=pad_id,
+            stops=stop_ids,
             max_new_tokens=options.max_new_tokens,
-            pad_id=pad_id,
-            stop_ids=stop_ids,
             batch_size=batch,
         )
 
