@@ -133,7 +133,19 @@ def repair(
         "adapter_sha256": _sha256(adapter.weights_path),
     }
     result = RepairResult(options, inputs, [o.report for o in outcomes], clock.timings)
-    if method.writes and out is not None:
+    return _finish(result, adapter, outcomes, out if method.writes else None, force, clock)
+
+
+def _finish(
+    result: RepairResult,
+    adapter: LoraAdapter,
+    outcomes: list[Outcome],
+    out: Path | None,
+    force: bool,
+    clock: Clock,
+) -> RepairResult:
+    """Write OUT when there is one, and close the timings."""
+    if out is not None:
         result.output = str(out.resolve())
         with clock.measure("write_s"):
             _write(adapter, outcomes, result, out, force, clock)
@@ -298,12 +310,7 @@ def repair_gated(
         clock.timings,
         calibration=_calibration_report(calibration, gate_options, outcome),
     )
-    if out is not None:
-        result.output = str(out.resolve())
-        with clock.measure("write_s"):
-            _write(adapter, outcomes, result, out, force, clock)
-    result.timings = clock.now()
-    return result
+    return _finish(result, adapter, outcomes, out, force, clock)
 
 
 def _calibration_report(
