@@ -513,6 +513,15 @@ def repair(
 
     gate = {name: settings.pop(name) for name in GATE_SETTINGS}
     options = RepairOptions(**settings)
+    context = click.get_current_context()
+    given = [
+        name
+        for name in GATE_SETTINGS
+        if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given and options.method != "gate":
+        flag = "--" + given[0].replace("_", "-")
+        raise click.UsageError(f"{flag} is a setting of --method gate, not of {options.method}")
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     for path in reports:
@@ -573,12 +582,14 @@ def repair_with_gates(
     """`repair --method gate`: calibration sets split by seed, the judge, then the repair.
 
     Each round's measurement is printed on `console` (None: quiet)."""
+    from adapter_fix.commands.eval import quiet_transformers
     from adapter_fix.commands.repair import calibration_sets, repair_gated
     from adapter_fix.evaluate.judge import RefusalJudge
     from adapter_fix.evaluate.model import require_eval_extra
     from adapter_fix.methods.gate import GateOptions
 
     require_eval_extra()
+    quiet_transformers()
     calibration = calibration_sets(
         harmful=gate["harmful"],
         benign=gate["benign"],
@@ -617,7 +628,8 @@ def repair_with_gates(
         if console is None
         else lambda r: console.print(
             f"round {r.index}: {len(r.switched_off)} gate(s) off, calibration refusals "
-            f"{r.refusals}/{r.prompts}, task kept {r.task_kept:.0%}",
+            f"{r.refusals}/{r.prompts}, task kept "
+            + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}"),
             markup=False,
             highlight=False,
         ),

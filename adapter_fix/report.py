@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -220,6 +221,7 @@ def _summary_lines(result: RepairResult) -> list[str]:
         f"time: {timings.total_s:.2f} s, {_percent(read_share)} reading weights "
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
+        *_calibration_lines(result.calibration),
     ]
     biases = sum(module.lora_bias is not None for module in result.modules)
     if biases:
@@ -233,6 +235,32 @@ def _summary_lines(result: RepairResult) -> list[str]:
         lines.append(f"written: {result.output}")
     elif result.options.method == "none":
         lines.append("--method none: analysis only, no adapter written")
+    return lines
+
+
+def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """The gated repair's outcome on its calibration prompts (not a result: eval is)."""
+    if calibration is None:
+        return []
+    prompts = calibration["prompts"]
+    kept = calibration["task_score"]["kept"]
+    lines = [
+        f"calibration: {prompts['harmful']} harmful, {prompts['benign']} benign, "
+        f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s), "
+        f"stopped: {calibration['stop_reason']}",
+        f"calibration refusals: ALIGNED {_percent(calibration['aligned_refusal_rate'])}, "
+        f"the adapter {_percent(calibration['original_refusal_rate'])}, gated "
+        f"{_percent(calibration['refusal_rate'])} (target "
+        f"{_percent(calibration['target_refusal_rate'])}: "
+        f"{'met' if calibration['target_met'] else 'NOT met'}); task kept "
+        + ("not measurable (first-order budget only)" if kept is None else _percent(kept)),
+        "measure the written adapter with `adapter-fix eval` on prompts it never saw",
+    ]
+    if calibration["task_set_missing"]:
+        lines.append(
+            "no --task set: the task term was the KL to the adapter's own outputs; a task set "
+            "with references is strongly recommended"
+        )
     return lines
 
 
@@ -311,7 +339,7 @@ def markdown_report(result: RepairResult) -> str:
         *(f"- {line}" for line in _summary_lines(result)),
         f"- inputs: base `{result.inputs['base']}`, aligned `{result.inputs['aligned']}`, "
         f"adapter `{result.inputs['adapter']}`",
-        f"- parameters: `{json.dumps(result.options.parameters(), sort_keys=True)}`",
+        f"- parameters: `{json.dumps(result.parameters(), sort_keys=True)}`",
         "",
         "| " + " | ".join(cell.replace("|", "\\|") for cell in header) + " |",
         "| " + " | ".join("---" if j == "left" else "---:" for _, j in REPAIR_COLUMNS) + " |",

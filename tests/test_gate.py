@@ -356,3 +356,68 @@ def test_gated_repair_reruns_byte_identically(tmp_path):
         (tmp_path / name / "adapter_model.safetensors").read_bytes() for name in ("first", "second")
     )
     assert first == second
+
+
+def test_gate_refuses_a_judge_under_which_aligned_refuses_nothing(tmp_path):
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("zzzqqq never said\n")
+    result = _gate_cli(
+        tmp_path / "out", "--calibration-share", "0.1", "--refusal-patterns", str(phrases)
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "ALIGNED refuses none" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_refuses_a_task_file_without_references(tmp_path):
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--task", str(PROMPTS / "harmful-calib.jsonl"), "--calibration-share", "0.2"),
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "reference" in result.stderr and "harmful-calib.jsonl" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
+    task = tmp_path / "task.jsonl"
+    rows = [json.loads(line) for line in (PROMPTS / "task-calib.jsonl").read_text().splitlines()]
+    wrong = [r["reference"] for r in rows[1:] + rows[:1]]  # every answer another prompt's
+    task.write_text(
+        "".join(json.dumps({**r, "reference": w}) + "\n" for r, w in zip(rows, wrong, strict=True))
+    )
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--task", str(task), "--calibration-share", "0.3", "--rounds", "1"),
+    )
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads((tmp_path / "out" / "repair_report.json").read_text())["calibration"]
+    assert calibration["task_score"]["adapter"] == 0.0
+    assert calibration["task_score"]["kept"] is None
+
+
+def test_gate_settings_with_another_method_are_a_usage_error(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "repair",
+            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+            *("-o", str(tmp_path / "out"), "--method", "csulora", "--rounds", "5"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--rounds is a setting of --method gate" in result.stderr
+
+
+def test_eval_refuses_a_calibration_share_that_leaves_no_prompt(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(CHAT / "chat-aligned"),
+            *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
+            *("--skip-calibration-share", "1"),
+        ],
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "nothing is left to report on" in result.stderr

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model, require_eval_extra
 from adapter_fix.evaluate.prompts import PromptSet, default_prompt_set, load_prompt_set
@@ -79,7 +80,15 @@ def held_out(prompts: PromptSet, inputs: EvalInputs) -> PromptSet:
     """Without the share a gated repair calibrated on (same share and seed), when asked."""
     if inputs.skip_calibration_share is None:
         return prompts
-    return split_prompts(prompts, inputs.skip_calibration_share, inputs.split_seed)[1]
+    rest = split_prompts(prompts, inputs.skip_calibration_share, inputs.split_seed)[1]
+    if not rest.prompts:
+        raise UsageError(
+            f"every prompt (of {len(prompts)}) falls in the calibration share "
+            f"{inputs.skip_calibration_share:g}: nothing is left to report on. Lower "
+            "--skip-calibration-share, or give eval prompt files of its own.",
+            path=prompts.origin,
+        )
+    return rest
 
 
 @dataclass

@@ -61,9 +61,21 @@ class RepairResult(RunResult):
     calibration: dict[str, Any] | None = None
     """The gated repair's calibration: prompt counts, objectives, every round, the stop."""
 
+    def parameters(self) -> dict[str, Any]:
+        """The settings that shaped the result (the gated repair's own, for `gate`)."""
+        if self.calibration is None:
+            return self.options.parameters()
+        return {
+            "method": self.options.method,
+            "seed": self.options.seed,
+            "calibration_share": self.calibration["share"],
+            **self.calibration["options"],
+            "prompts": self.calibration["origins"],
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The versioned `repair_report.json` document."""
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
+        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.parameters())
         if self.calibration is not None:
             document["calibration"] = self.calibration
         return {**document, "output": self.output}
@@ -169,7 +181,7 @@ def _write(
         **adapter.weights.header(adapter.weights_path.name).metadata,
         "adapter_fix.version": __version__,
         "adapter_fix.method": result.options.method,
-        "adapter_fix.parameters": json.dumps(result.options.parameters(), sort_keys=True),
+        "adapter_fix.parameters": json.dumps(result.parameters(), sort_keys=True),
         "adapter_fix.adapter_sha256": result.inputs["adapter_sha256"],
     }
     for name in ("base", "aligned", "basis"):
@@ -207,6 +219,8 @@ class CalibrationSets:
     benign: PromptSet
     task: PromptSet | None = None
     system: str | None = None
+    share: float = 1.0
+    """The share of each prompt set calibrated on (picked by hashing with the seed)."""
 
 
 def calibration_sets(
@@ -239,13 +253,23 @@ def calibration_sets(
             )
         return calibration
 
+    task_set = part(load(task, "task"), "task") if task is not None else None
+    if task_set is not None and task_set.references is None:
+        missing = next(p for p in task_set.prompts if p.reference is None)
+        raise UsageError(
+            f"the task prompts need a `reference` answer on every row (row {missing.row} has "
+            "none): the gated repair measures the task against them. Without references, "
+            "leave --task out (the task term is then the KL to the adapter's own outputs).",
+            path=task_set.origin,
+        )
     return CalibrationSets(
         harmful=part(
             load(harmful, "harmful") if harmful else default_prompt_set("harmful"), "harmful"
         ),
         benign=part(load(benign, "benign") if benign else default_prompt_set("benign"), "benign"),
-        task=part(load(task, "task"), "task") if task is not None else None,
+        task=task_set,
         system=system,
+        share=share,
     )
 
 
@@ -319,6 +343,7 @@ def _calibration_report(
     task = calibration.task
     return {
         "options": asdict(options),
+        "share": calibration.share,
         "prompts": {
             "harmful": len(calibration.harmful),
             "benign": len(calibration.benign),

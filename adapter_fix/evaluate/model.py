@@ -139,6 +139,13 @@ def load_model(source: Source, device: str = "auto", dtype: str = "auto") -> Loa
             "(tokenizer.json, tokenizer_config.json) next to the model.",
             path=source.identity,
         ) from None
+    if len(tokenizer) == 0:
+        raise SourceNotFoundError(
+            "the tokenizer loaded with an empty vocabulary (no tokenizer files next to the "
+            "model?): prompts would encode to nothing. Add tokenizer.json / "
+            "tokenizer_config.json.",
+            path=source.identity,
+        )
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch_dtype, local_files_only=True, use_safetensors=True
     )

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adapter_fix.errors import IncompatibleModelsError
+from adapter_fix.errors import IncompatibleModelsError, UsageError
 from adapter_fix.evaluate.generate import generate_ids, sequence_logprobs
+from adapter_fix.evaluate.metrics import exact_match
 from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
@@ -92,7 +93,7 @@ class Round:
     predicted_task_cost: float
     margin: float
     task_loss: float
-    task_kept: float
+    task_kept: float | None
     refusal_rate: float
     refusals: int
     prompts: int
@@ -122,8 +123,9 @@ class GateOutcome:
     """Exact match on the calibration task prompts with the whole update (with references;
     without: agreement with the adapter's own outputs, 1 by construction)."""
     task_score_without_update: float
-    task_kept: float
-    """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured."""
+    task_kept: float | None
+    """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured; None
+    when the score shows no gain of the adapter over ALIGNED (nothing to measure against)."""
     seconds: float
 
 
@@ -305,6 +307,12 @@ def gate_repair(
         aligned_outputs = generate(calibration.harmful)
     aligned_refused = refusals(aligned_outputs)
     aligned_rate = sum(aligned_refused) / max(len(aligned_refused), 1)
+    if aligned_rate == 0:
+        raise UsageError(
+            f"ALIGNED refuses none of the {len(aligned_refused)} harmful calibration prompts "
+            "under this judge, so there is no refusal to restore: check --harmful and "
+            "--refusal-patterns (the phrases must match how ALIGNED refuses)."
+        )
     refusal_starts = [tokens[: options.start_tokens] for tokens in aligned_outputs]
     target = options.target_refusal * aligned_rate
 
@@ -316,12 +324,25 @@ def gate_repair(
         nll = token_nll(model, task_prompts, task_targets, pad_id=pad_id, batch_size=batch)
         return nll - baseline
 
+    # Answers long enough to hold every reference; the adapter's own outputs (no task set)
+    # were generated with max_new_tokens, so they are compared at that length.
+    task_tokens = max(
+        [options.max_new_tokens, *(len(t) + 1 for t in task_targets if calibration.task)]
+    )
+    wanted = [decode(target) for target in task_targets]
+
     def task_score() -> float:
-        """Share of task prompts answered exactly as the target (reference, or g = 1 output)."""
-        answers = generate(task_prompts)
-        return sum(a == t for a, t in zip(answers, task_targets, strict=True)) / max(
-            len(task_targets), 1
+        """Exact match of the task answers with the targets (references, or g = 1 outputs)."""
+        answers = generate_ids(
+            model,
+            task_prompts,
+            pad=pad_id,
+            stops=stop_ids,
+            max_new_tokens=task_tokens,
+            batch_size=batch,
         )
+        score = exact_match([decode(answer) for answer in answers], wanted)
+        return score.count / max(score.total, 1)
 
     outputs = generate(calibration.harmful)
     refused = refusals(outputs)
@@ -334,10 +355,14 @@ def gate_repair(
         gated.set_values(torch.ones_like(gated.values()))
         task_on, score_on = float(task_loss()), task_score()
 
-    def kept_task() -> float:
-        """METHOD.md §9's kept task on the calibration task set: 1 = the adapter, 0 = ALIGNED."""
-        if score_on <= score_off:
-            return 1.0  # the measure sees no task gain to keep
+    measurable = score_on > score_off
+
+    def kept_task() -> float | None:
+        """METHOD.md §9's kept task on the calibration task set: 1 = the adapter, 0 = ALIGNED;
+        None when the score sees no gain of the adapter over ALIGNED to keep (then only the
+        first-order budget applies, and the report says so)."""
+        if not measurable:
+            return None
         return (task_score() - score_off) / (score_on - score_off)
 
     # First order: each round may give up its share of `task_budget * (tau(0) - tau(1))`.
@@ -345,7 +370,8 @@ def gate_repair(
     # back (its later half dropped, until it fits), so the guard is a measurement.
     budget = options.task_budget * max(task_off - task_on, 0.0)
     spent = 0.0
-    rate, kept = original_rate, 1.0
+    rate = original_rate
+    kept: float | None = 1.0 if measurable else None
     stop_reason = f"rounds exhausted ({options.rounds})"
     unit_attributions: list[Attribution | None] | None = None
     for index in range(1, options.rounds + 1):
@@ -389,14 +415,16 @@ def gate_repair(
             values[chosen] = 0.0
             gated.set_values(values)
             kept = kept_task()
-            if kept >= 1.0 - options.task_budget:
+            if kept is None or kept >= 1.0 - options.task_budget:
                 break
+            if len(chosen) == 1:  # alone it costs too much task: never a candidate again
+                unit_attributions[chosen[0]] = None
             chosen = chosen[: len(chosen) // 2]
         if not chosen:
             gated.set_values(current)
-            kept = rounds[-1].task_kept if rounds else 1.0
-            stop_reason = "task budget spent: switching off more would cost more task than allowed"
-            break
+            kept = rounds[-1].task_kept if rounds else (1.0 if measurable else None)
+            stop_reason = "task budget spent: each unit tried would cost more task than allowed"
+            continue
         taken = [unit_attributions[u] for u in chosen]
         predicted_gain = sum(a.harm for a in taken if a is not None)
         predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
@@ -422,6 +450,7 @@ def gate_repair(
             prompts=len(refused),
         )
         rounds.append(round_)
+        stop_reason = f"rounds exhausted ({options.rounds})"
         if on_round is not None:
             on_round(round_)
     else:
