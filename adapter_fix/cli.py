@@ -176,6 +176,48 @@ def basis_option(command: F) -> F:
     )(command)
 
 
+def prompt_set_options(prefix: str = "") -> Callable[[F], F]:
+    """--harmful, --benign, --task, --field, --system, --refusal-patterns (eval, and the gated
+    repair's calibration data, whose help starts with `prefix`)."""
+    options = [
+        click.option(
+            "--harmful",
+            metavar="FILE",
+            help=f"{prefix}Harmful prompts (.txt/.jsonl/.json/.csv, or "
+            "hf://datasets/org/name/file); default: the shipped smoke probe.",
+        ),
+        click.option(
+            "--benign",
+            metavar="FILE",
+            help=f"{prefix}Safe prompts that look risky (over-refusal; the gated repair's "
+            "task term without --task); default: the shipped set.",
+        ),
+        click.option(
+            "--task",
+            metavar="FILE",
+            help=f"{prefix}The adapter's own prompts, with `reference` answers.",
+        ),
+        click.option(
+            "--field",
+            help=f"{prefix}Prompt column of --harmful/--benign/--task files, when not known.",
+        ),
+        click.option("--system", help=f"{prefix}System prompt for every conversation."),
+        click.option(
+            "--refusal-patterns",
+            type=click.Path(path_type=Path),
+            help=f"{prefix}Refusal phrases, one a line, replacing the default list "
+            "(plain text, not regex).",
+        ),
+    ]
+
+    def decorate(command: F) -> F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 GATE_SETTINGS = (
     "harmful",
     "benign",
@@ -198,30 +240,6 @@ GATE_SETTINGS = (
 def gate_options(command: F) -> F:
     """The gated repair's calibration data and settings (`--method gate` only)."""
     options = [
-        click.option(
-            "--harmful",
-            metavar="FILE",
-            help="[gate] Harmful prompts to calibrate on (as for eval); default: the shipped "
-            "probe.",
-        ),
-        click.option(
-            "--benign",
-            metavar="FILE",
-            help="[gate] Benign prompts (the task term without --task); default: the shipped set.",
-        ),
-        click.option(
-            "--task",
-            metavar="FILE",
-            help="[gate] The adapter's task prompts with `reference` answers (strongly "
-            "recommended: without it the task term is the KL to the adapter's own outputs).",
-        ),
-        click.option("--field", help="[gate] Prompt column of the prompt files, when not known."),
-        click.option("--system", help="[gate] System prompt for every conversation."),
-        click.option(
-            "--refusal-patterns",
-            type=click.Path(path_type=Path),
-            help="[gate] Refusal phrases, one a line, replacing the default list.",
-        ),
         click.option(
             "--calibration-share",
             type=FiniteFloat(min=0, max=1, min_open=True),
@@ -292,7 +310,7 @@ def gate_options(command: F) -> F:
     ]
     for option in reversed(options):
         command = option(command)
-    return command
+    return prompt_set_options("[gate] ")(command)
 
 
 def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> list[Source]:
@@ -930,25 +948,7 @@ def check(
 @main.command(name="eval", epilog=EXIT_CODES_HELP)
 @click.argument("aligned")
 @click.argument("adapters", nargs=-1)
-@click.option(
-    "--harmful",
-    metavar="FILE",
-    help="Harmful prompts (.txt/.jsonl/.json/.csv, or hf://datasets/org/name/file); "
-    "default: the shipped smoke probe.",
-)
-@click.option(
-    "--benign",
-    metavar="FILE",
-    help="Safe prompts that look risky, for over-refusal; default: the shipped set.",
-)
-@click.option("--task", metavar="FILE", help="The adapter's own prompts, with `reference` answers.")
-@click.option("--field", help="Prompt column of --harmful/--benign/--task files, when not known.")
-@click.option("--system", help="System prompt for every conversation.")
-@click.option(
-    "--refusal-patterns",
-    type=click.Path(path_type=Path),
-    help="Refusal phrases, one a line, replacing the default list (plain text, not regex).",
-)
+@prompt_set_options()
 @click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
