@@ -566,7 +566,7 @@ def repair(
     with outputs:
         if options.method == "gate":
             result = repair_with_gates(
-                sources, options, gate, hub, outputs.folder, force, None if quiet else console
+                sources, lora, options, gate, hub, outputs.folder, force, None if quiet else console
             )
         else:
             with ModuleProgress(
@@ -590,6 +590,7 @@ def repair(
 
 def repair_with_gates(
     sources: list[Source],
+    adapter: Any,
     options: Any,
     gate: dict[str, Any],
     hub: HubOptions,
@@ -632,7 +633,7 @@ def repair_with_gates(
     inputs = {"base": sources[0].identity}
     return repair_gated(
         sources[1],
-        sources[2],
+        adapter,
         options,
         gate_options,
         calibration,

@@ -26,7 +26,7 @@ from adapter_fix.evaluate.judge import RefusalJudge
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, default_prompt_set, load_prompt_set
 from adapter_fix.evaluate.split import split_prompts
-from adapter_fix.io.adapter import LoraAdapter, assemble_factors, load_adapter, write_adapter
+from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
 from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.methods import METHODS, REGISTRY
 from adapter_fix.methods.base import Outcome, RepairOptions
@@ -275,7 +275,7 @@ def calibration_sets(
 
 def repair_gated(
     aligned: Source,
-    adapter_source: Source,
+    adapter: LoraAdapter,
     options: RepairOptions,
     gate_options: GateOptions,
     calibration: CalibrationSets,
@@ -290,12 +290,11 @@ def repair_gated(
 ) -> RepairResult:
     """The gated repair (METHOD.md §8.4): ALIGNED runs once with the adapter; gates are chosen
     by attribution and measurement on the calibration prompts; the gated adapter is written."""
-    adapter = load_adapter(adapter_source)
     check_repairable(adapter)
     clock = Clock()
     with clock.measure("read_s"):
         loaded = load_model(aligned, device, dtype)
-        attach_adapters(loaded, [adapter_source])
+        attach_adapters(loaded, [adapter.source])
     tokenizer = loaded.tokenizer
     system = calibration.system
     task = calibration.task

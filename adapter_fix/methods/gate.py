@@ -306,7 +306,7 @@ def gate_repair(
     with model.disable_adapter():
         aligned_outputs = generate(calibration.harmful)
     aligned_refused = refusals(aligned_outputs)
-    aligned_rate = sum(aligned_refused) / max(len(aligned_refused), 1)
+    aligned_rate = _share(aligned_refused)
     if aligned_rate == 0:
         raise UsageError(
             f"ALIGNED refuses none of the {len(aligned_refused)} harmful calibration prompts "
@@ -346,7 +346,7 @@ def gate_repair(
 
     outputs = generate(calibration.harmful)
     refused = refusals(outputs)
-    original_rate = sum(refused) / max(len(refused), 1)
+    original_rate = _share(refused)
     attributions: dict[str, list[Attribution]] = {}
     rounds: list[Round] = []
     with torch.no_grad():
@@ -434,7 +434,7 @@ def gate_repair(
             measured_margin = float(margin())
             measured_task = float(task_loss())
         unit_attributions = None
-        rate = sum(refused) / max(len(refused), 1)
+        rate = _share(refused)
         spent = max(measured_task - task_on, 0.0)
         units = gated.units()
         round_ = Round(
@@ -530,6 +530,11 @@ def _integrated_gradients(
         ],
         dtype=torch.float64,
     )
+
+
+def _share(flags: Sequence[bool]) -> float:
+    """The share of true flags (0 for none)."""
+    return sum(flags) / max(len(flags), 1)
 
 
 def _unit_name(gated: GatedModel, unit: tuple[int, int]) -> str:
