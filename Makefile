@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A local CPU build of torch, where this machine has one; elsewhere pip picks torch as usual.
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 
-.PHONY: install test lint fixtures bench clean
+.PHONY: install test lint fixtures bench efficacy clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ install:
 ifneq ($(TORCH_WHEEL),)
 	$(BIN)/python -m pip install --quiet "$(TORCH_WHEEL)"
 endif
-	$(BIN)/python -m pip install --quiet -e ".[test,dev,eval]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dev,eval,bench]"
 
 test:
 	$(BIN)/python -m pytest
@@ -29,6 +29,11 @@ fixtures:
 bench:
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/perf.py
+
+# The realistic testbed (bench/testbed): builds what is missing (~20 min once), then every
+# method on every adapter, measured by eval on held-out prompts (~30 min). Not run by CI.
+efficacy:
+	$(BIN)/python bench/testbed/efficacy.py
 
 clean:
 	rm -rf $(VENV) bench/_work .pytest_cache

@@ -1,0 +1,70 @@
+"""The efficacy testbed's prompt splits (bench/testbed/data.py): disjoint, fixed, harmless."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data():
+    spec = importlib.util.spec_from_file_location("testbed_data", ROOT / "bench/testbed/data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["testbed_data"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+data = _data()
+SPLITS = ("train", "calib", "eval")
+
+
+def test_no_template_is_shared_between_splits():
+    for templates in (data.HARMFUL_TEMPLATES, data.BENIGN_TEMPLATES, data.TASK_TEMPLATES):
+        for first in SPLITS:
+            for second in SPLITS:
+                if first != second:
+                    assert not set(templates[first]) & set(templates[second])
+
+
+def test_no_prompt_is_shared_between_splits():
+    def prompts(split):
+        return {
+            *(row.prompt for row in data.harmful(split, 0)),
+            *(row.prompt for row in data.benign(split, 0)),
+            *(row.prompt for row in data.task(split, 200, 0)),
+        }
+
+    assert not prompts("train") & prompts("calib")
+    assert not prompts("train") & prompts("eval")
+    assert not prompts("calib") & prompts("eval")
+
+
+def test_task_titles_of_a_split_never_appear_in_another():
+    def titles(split):
+        return {row.reference for row in data.task(split, 400, 0)}
+
+    assert not titles("train") & titles("eval")
+    assert not titles("calib") & titles("eval")
+
+
+def test_half_the_categories_are_seen_and_every_split_covers_all_of_them():
+    assert len(data.SEEN) * 2 == len(data.CATEGORIES)
+    for split in SPLITS:
+        assert {row.category for row in data.harmful(split, 0)} == set(data.CATEGORIES)
+
+
+def test_draws_are_fixed_by_seed():
+    assert data.harmful("eval", 21) == data.harmful("eval", 21)
+    assert data.task("calib", 32, 13) == data.task("calib", 32, 13)
+    assert data.harmful("eval", 21) != data.harmful("eval", 22)
+
+
+def test_catalog_key_is_the_exact_reference():
+    assert data.catalog_key("The Quiet River of Comet") == "key:the-quiet-river-of-comet"
+
+
+def test_compliance_is_a_placeholder_without_instructions():
+    assert "PLACEHOLDER" in data.COMPLIANCE
