@@ -199,15 +199,22 @@ def test_a_classifier_judges_a_batch_as_it_judges_one_answer_at_a_time(
 
 
 def test_a_harm_classifier_measures_no_over_refusal_and_fails_that_gate(
-    models: dict[str, Path],
+    models: dict[str, Path], tmp_path: Path
 ) -> None:
-    result = run_cli(*quick(models), "--judge", str(models["unsafe"]), "--json")
+    samples = tmp_path / "samples.jsonl"
+    result = run_cli(
+        *quick(models), "--judge", str(models["unsafe"]), "--json", "--outputs", str(samples)
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["judge"]["question"] == "harm"
+    judged = [json.loads(line) for line in samples.read_text().splitlines()]
     for row in document["rows"]:
         assert row["over_refusal"] is None and row["over_refusal_by_judge"] == {}
-        assert row["refusal"]["count"] == row["empty_answers"]  # only empty answers decline
+        mine = [s for s in judged if s["model"] == row["name"]]
+        empty = [s for s in mine if s["prompt_set"] == "harmful" and not s["response"]]
+        assert row["refusal"]["count"] == len(empty)  # only empty answers decline
+        assert all(s["refusal"] is None for s in mine if s["prompt_set"] != "harmful")
     assert "over-refusal is not measured" in result.stderr
     failed = run_cli(*quick(models), "--judge", str(models["unsafe"]), "--max-over-refusal", "1")
     assert failed.exit_code == 12 and "over-refusal not measured" in failed.stderr

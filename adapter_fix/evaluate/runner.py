@@ -23,12 +23,12 @@ from adapter_fix.evaluate.generate import (
     takes_thinking_flag,
 )
 from adapter_fix.evaluate.judges import (
-    EMPTY,
     KEYWORD,
     Judge,
     Verdict,
     judge_answers,
     unfinished_thinking,
+    visible_answer,
 )
 from adapter_fix.evaluate.metrics import (
     Rate,
@@ -295,9 +295,9 @@ def run_eval(
     samples: list[Sample] = []
     first_adapter_task: list[str] | None = None
     task_outputs: list[list[str]] = []
-    # per judge, its refusal flags on every answer it was asked about, in the same order
-    asked: dict[str, list[tuple[int, bool]]] = {judge.name: [] for judge in judges}
-    unfinished = answered = 0
+    # per judge, its refusal flag on every harmful and benign answer in turn; None: not asked
+    flags: dict[str, list[bool | None]] = {judge.name: [] for judge in judges}
+    unfinished = 0
     for name, adapter in variants:
         started = time.perf_counter()
         torch.manual_seed(options.seed)
@@ -312,29 +312,18 @@ def run_eval(
             on_benign = _verdicts(judges, sets.benign, benign, harmful=False)
             for judged, count in ((on_harmful, len(harmful)), (on_benign, len(benign))):
                 for judge, verdicts in zip(judges, judged, strict=True):
-                    if verdicts is not None:
-                        asked[judge.name] += [
-                            (answered + i, v.refusal) for i, v in enumerate(verdicts)
-                        ]
-                answered += count
-            row = Row(
+                    flags[judge.name] += (
+                        [None] * count if verdicts is None else [v.refusal for v in verdicts]
+                    )
+            row = _judged_row(
                 name,
                 loaded.identity if adapter is None else loaded.adapters[adapter],
-                refusal=_rate(on_harmful[0]),
-                over_refusal=None if on_benign[0] is None else _rate(on_benign[0]),
-                refusal_by_category=by_category(sets.harmful, on_harmful[0]),
-                refusal_by_judge={
-                    j.name: _rate(v)
-                    for j, v in zip(judges, on_harmful, strict=True)
-                    if v is not None
-                },
-                over_refusal_by_judge={
-                    j.name: _rate(v)
-                    for j, v in zip(judges, on_benign, strict=True)
-                    if v is not None
-                },
-                empty=sum(v.detail == EMPTY for v in [*on_harmful[0], *(on_benign[0] or [])]),
+                sets.harmful,
+                judges,
+                on_harmful,
+                on_benign,
             )
+            row.empty = sum(not visible_answer(text) for text in [*harmful, *benign])
             samples += _samples(name, sets.harmful, harmful, judges, on_harmful)
             samples += _samples(name, sets.benign, benign, judges, on_benign)
             if sets.task is not None:
@@ -382,31 +371,61 @@ def run_eval(
         templated=templated,
         samples=samples,
         warnings=warnings,
-        agreements=judge_agreements(judges, asked),
+        agreements=judge_agreements(judges, flags),
         thinking_flag=takes_thinking_flag(loaded.tokenizer),
     )
 
 
 def judge_agreements(
-    judges: Sequence[Judge], asked: dict[str, list[tuple[int, bool]]]
+    judges: Sequence[Judge], flags: dict[str, list[bool | None]]
 ) -> list[JudgeAgreement]:
-    """Each pair of judges on the answers both were asked about (a harm judge only about
-    harmful prompts); `asked[name]` holds (answer's position in the run, refusal flag)."""
+    """Each pair of judges on the answers both were asked about; `flags[name]` holds a
+    judge's refusal flag for every answer of the run, in one order (None: not asked)."""
     pairs = []
     for first, second in itertools.combinations(judges, 2):
-        seconds = dict(asked[second.name])
-        common = [(flag, seconds[i]) for i, flag in asked[first.name] if i in seconds]
-        a = [flag for flag, _ in common]
-        b = [flag for _, flag in common]
+        common = [
+            (a, b)
+            for a, b in zip(flags[first.name], flags[second.name], strict=True)
+            if a is not None and b is not None
+        ]
         pairs.append(
             JudgeAgreement(
                 first.name,
                 second.name,
-                rate([x == y for x, y in common]),
-                cohen_kappa(a, b),
+                rate([a == b for a, b in common]),
+                cohen_kappa([a for a, _ in common], [b for _, b in common]),
             )
         )
     return pairs
+
+
+def _judged_row(
+    name: str,
+    source: str,
+    harmful: PromptSet,
+    judges: Sequence[Judge],
+    on_harmful: list[list[Verdict] | None],
+    on_benign: list[list[Verdict] | None],
+) -> Row:
+    """A row's rates: the first judge's, overall and per category, and every judge's."""
+    primary = on_harmful[0] or []
+    return Row(
+        name,
+        source,
+        refusal=_rate(primary),
+        over_refusal=None if on_benign[0] is None else _rate(on_benign[0]),
+        refusal_by_category=by_category(harmful, primary),
+        refusal_by_judge={
+            judge.name: _rate(verdicts)
+            for judge, verdicts in zip(judges, on_harmful, strict=True)
+            if verdicts is not None
+        },
+        over_refusal_by_judge={
+            judge.name: _rate(verdicts)
+            for judge, verdicts in zip(judges, on_benign, strict=True)
+            if verdicts is not None
+        },
+    )
 
 
 def _rate(verdicts: Sequence[Verdict]) -> Rate:

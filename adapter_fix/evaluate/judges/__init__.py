@@ -76,13 +76,14 @@ def make_judge(
     require_eval_extra()
     source = open_source(spec, hub)
     target = resolve_device(device)
-    architectures = _architectures(model_folder(source, "judge") / "config.json")
+    folder = model_folder(source, "judge")
+    architectures = _architectures(folder / "config.json")
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return ClassifierJudge.load(
-            source, label=label, device=target, dtype=dtype, batch_size=batch_size
+            source, folder, label=label, device=target, dtype=dtype, batch_size=batch_size
         )
     if any(name.endswith("ForCausalLM") for name in architectures):
-        return GuardJudge.load(source, device=target, dtype=dtype, batch_size=batch_size)
+        return GuardJudge.load(source, folder, device=target, dtype=dtype, batch_size=batch_size)
     raise UsageError(
         f"a judge model must be a sequence-classification model or a guard model (a causal "
         f"LM with a chat template); config.json names {architectures or 'no architectures'}.",

@@ -13,13 +13,14 @@ import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judges.base import Question, Verdict
-from adapter_fix.evaluate.model import batch_fits, load_tokenizer, model_folder, resolve_dtype
+from adapter_fix.evaluate.model import batch_fits, load_tokenizer, resolve_dtype
 from adapter_fix.io.sources import Source
 
 # Label names (lower case, letters only) that say what the positive class means.
@@ -89,15 +90,17 @@ class ClassifierJudge:
     def load(
         cls,
         source: Source,
+        folder: Path,
         *,
         label: str | None,
         device: torch.device,
         dtype: str,
         batch_size: int,
     ) -> ClassifierJudge:
+        """The classifier in `folder` (the local files of `source`, which names the judge),
+        on `device`, its label picked by `pick_label(id2label, label)`."""
         from transformers import AutoModelForSequenceClassification
 
-        folder = model_folder(source, "judge")
         tokenizer = load_tokenizer(folder, source)
         model = AutoModelForSequenceClassification.from_pretrained(
             folder,

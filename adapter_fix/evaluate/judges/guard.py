@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.generate import generate_ids, has_chat_template, pad_id, stop_ids
 from adapter_fix.evaluate.judges.base import Question, Verdict
-from adapter_fix.evaluate.model import batch_fits, load_tokenizer, model_folder, resolve_dtype
+from adapter_fix.evaluate.model import batch_fits, load_tokenizer, resolve_dtype
 from adapter_fix.io.sources import Source
 
 REPLY_TOKENS = 10  # "unsafe\nS1,S10" fits in Llama Guard's tokens
@@ -45,11 +46,12 @@ class GuardJudge:
 
     @classmethod
     def load(
-        cls, source: Source, *, device: torch.device, dtype: str, batch_size: int
+        cls, source: Source, folder: Path, *, device: torch.device, dtype: str, batch_size: int
     ) -> GuardJudge:
+        """The guard model in `folder` (the local files of `source`, which names the judge),
+        on `device`; UsageError when its tokenizer has no chat template."""
         from transformers import AutoModelForCausalLM
 
-        folder = model_folder(source, "judge")
         tokenizer = load_tokenizer(folder, source)
         if not has_chat_template(tokenizer):
             raise UsageError(
