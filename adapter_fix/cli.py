@@ -206,7 +206,7 @@ def prompt_set_options(prefix: str = "") -> Callable[[F], F]:
             "--refusal-patterns",
             type=click.Path(path_type=Path),
             help=f"{prefix}Refusal phrases, one a line, replacing the default list "
-            "(plain text, not regex).",
+            "(plain text, not regex; a leading ^ matches only at the start of the answer).",
         ),
     ]
 

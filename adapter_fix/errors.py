@@ -16,7 +16,8 @@ Exit codes (documented in the README):
     11  `inspect --strict`: the adapter has warnings
     12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short), or
         `check` (a threshold exceeded)
-    13  out of memory: a batch did not fit on the device (`eval --batch-size`)
+    13  out of memory: a batch did not fit on the device (`--batch-size` of eval or the
+        gated repair)
     130 interrupted (Ctrl-C): cleaned up, nothing written
     143 terminated (SIGTERM): cleaned up like Ctrl-C, nothing written
 

@@ -305,3 +305,20 @@ def test_an_error_that_is_not_about_memory_is_not_called_one(
     result = run_cli(*quick(models))
     assert result.exit_code == 1  # a bug, reported as one
     assert "shape mismatch" in result.stderr and "memory" not in result.stderr
+
+
+def test_a_gated_repair_batch_that_does_not_fit_exits_13_and_writes_nothing(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr("adapter_fix.commands.repair.gate_repair", out_of_memory)
+    chat = [str(fixtures_dir / name) for name in ("chat-base", "chat-aligned", "chat-attack")]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["repair", *chat, "-o", str(out), "--method", "gate", "--batch-size", "32", "-q"]
+    )
+    assert result.exit_code == 13, result.output
+    assert "Lower --batch-size (now 32)" in result.stderr
+    assert not out.exists()

@@ -23,7 +23,7 @@ from adapter_fix.engine import SubspaceSource, Target, module_stream
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judges import Judge, judge_answers
-from adapter_fix.evaluate.model import attach_adapters, load_model
+from adapter_fix.evaluate.model import attach_adapters, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
@@ -307,7 +307,7 @@ def repair_gated(
             for reference in references or []
         ],
     )
-    with clock.measure("solve_s"):
+    with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
         gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
         outcome = gate_repair(
             gated,

@@ -264,7 +264,7 @@ def batch_fits(batch_size: int, device: object, option: str = "--batch-size") ->
         raise OutOfMemoryError(
             f"a batch of {batch_size} prompts did not fit in memory on {device} "
             f"({_first_line(error)}). Lower {option} (now {batch_size}); --dtype bfloat16 "
-            "halves a float32 model, and --device-map auto spreads a model over every GPU."
+            "also halves a float32 model's memory."
         ) from None
 
 
