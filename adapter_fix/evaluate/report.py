@@ -110,7 +110,7 @@ def footer_lines(result: EvalResult) -> list[str]:
 def judge_lines(result: EvalResult) -> list[str]:
     """Which judge gave the rates, the others' rates, their agreement, empty answers."""
     judge = result.judge
-    lines = [f"Judge: {judge.name}" + (" (the rates above)" if len(result.judges) > 1 else ".")]
+    lines = [f"Judge: {judge.name}" + (" (the rates above)." if len(result.judges) > 1 else ".")]
     for other in result.judges[1:]:
         rates = ", ".join(
             f"{row.name} {_percent(_value(row.refusal_by_judge.get(other.name)))}"

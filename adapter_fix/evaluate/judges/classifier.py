@@ -26,6 +26,10 @@ from adapter_fix.io.sources import Source
 # Label names (lower case, letters only) that say what the positive class means.
 REFUSAL_LABELS = ("refusal", "refused", "refuse", "refusing", "rejection", "rejected", "reject")
 HARM_LABELS = ("unsafe", "harmful", "harm", "jailbroken", "jailbreak", "toxic")
+LABEL_NAMES: tuple[tuple[tuple[str, ...], Question], ...] = (
+    (REFUSAL_LABELS, "refusal"),
+    (HARM_LABELS, "harm"),
+)
 QUESTION_PREFIXES: dict[str, Question] = {"refusal": "refusal", "unsafe": "harm", "harm": "harm"}
 MAX_TOKENS = 512  # the classifier's input, when its config gives no smaller context
 
@@ -46,24 +50,20 @@ def pick_label(
     """
     labels = ", ".join(repr(name) for name in id2label.values())
     if wanted is None:
-        for names, question in ((REFUSAL_LABELS, "refusal"), (HARM_LABELS, "harm")):
+        for names, question in LABEL_NAMES:
             found = [(i, name) for i, name in id2label.items() if _folded(name) in names]
             if found:
-                return found[0][0], found[0][1], question  # type: ignore[return-value]
+                return found[0][0], found[0][1], question
         raise UsageError(
             f"none of the classifier's labels ({labels}) says refusal or unsafe by name. Name "
             "the one that does with --judge-label refusal:NAME or --judge-label unsafe:NAME.",
             path=origin,
         )
     prefix, _, rest = wanted.partition(":")
-    question, name = (
-        (QUESTION_PREFIXES[prefix], rest)
-        if rest and prefix in QUESTION_PREFIXES
-        else (
-            "refusal",
-            wanted,
-        )
-    )
+    question: Question = "refusal"
+    name = wanted
+    if rest and prefix in QUESTION_PREFIXES:
+        question, name = QUESTION_PREFIXES[prefix], rest
     found = [i for i, label in id2label.items() if label == name]
     if not found:
         raise UsageError(
