@@ -88,6 +88,21 @@ def test_eval_reports_the_thinking_setting(
     assert settings["thinking"] == {"template_flag": True, "on": on}
 
 
+def test_thinking_with_a_template_that_has_no_such_flag_says_it_has_no_effect(
+    models: dict[str, Path],
+) -> None:
+    result = run_cli(*quick(models), "--thinking", "--json")
+    assert result.exit_code == 0, result.output
+    assert any("--thinking has no effect" in w for w in json.loads(result.stdout)["warnings"])
+
+
+def test_two_judges_that_resolve_to_one_model_are_refused(models: dict[str, Path]) -> None:
+    folder = models["refuses"]
+    result = run_cli(*quick(models), "--judge", str(folder), "--judge", f"{folder}/")
+    assert result.exit_code == 2, result.output
+    assert "name the same model" in result.stderr
+
+
 def canned(answers: Sequence[str]) -> Any:
     """A stand-in for `generate` that answers the i-th prompt of every set with answers[i]."""
 

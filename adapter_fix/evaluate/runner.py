@@ -291,6 +291,10 @@ def run_eval(
             "the tokenizer has no chat template: prompts are given to the model raw, which a "
             "chat model may not answer as it would in a conversation."
         )
+    if options.thinking and not takes_thinking_flag(loaded.tokenizer):
+        warnings.append(
+            "--thinking has no effect: the chat template does not read enable_thinking."
+        )
     rows: list[Row] = []
     samples: list[Sample] = []
     first_adapter_task: list[str] | None = None

@@ -131,6 +131,10 @@ def make_judges(
     ]
     if label is not None and not any(judge.describe()["kind"] == "classifier" for judge in judges):
         raise UsageError("--judge-label names a classifier's label, and no --judge is one.")
+    names = [judge.name for judge in judges]
+    same = next((name for name in names if names.count(name) > 1), None)
+    if same is not None:
+        raise UsageError(f"two --judge name the same model, {same}: give it once.")
     return judges
 
 
