@@ -144,7 +144,7 @@ def test_a_phrase_file_replaces_the_default_list(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("# only a comment\n\n", "empty"), ("x" * 201 + "\n", "longer than")],
+    [("# only a comment\n\n", "empty"), ("x" * 201 + "\n", "longer than"), ("^\n", "anchor")],
 )
 def test_unusable_phrase_files_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
     phrases = tmp_path / "phrases.txt"

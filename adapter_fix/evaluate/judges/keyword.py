@@ -161,6 +161,13 @@ class KeywordJudge:
                 f"in, so it could never match: {long[:60]!r}...",
                 path=origin,
             )
+        bare = next(
+            (phrase for phrase in phrases if not normalize(phrase.removeprefix(ANCHOR))), None
+        )
+        if bare is not None:
+            raise UsageError(
+                f"the refusal phrase {bare!r} is an anchor with no text after it.", path=origin
+            )
         return cls(tuple(phrases), window)
 
     def matched(self, text: str) -> str | None:
