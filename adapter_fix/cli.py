@@ -206,7 +206,7 @@ def prompt_set_options(prefix: str = "") -> Callable[[F], F]:
             "--refusal-patterns",
             type=click.Path(path_type=Path),
             help=f"{prefix}Refusal phrases, one a line, replacing the default list "
-            "(plain text, not regex).",
+            "(plain text, not regex; a leading ^ matches only at the start of the answer).",
         ),
     ]
 
@@ -603,7 +603,7 @@ def repair_with_gates(
     Each round's measurement is printed on `console` (None: quiet)."""
     from adapter_fix.commands.eval import quiet_transformers
     from adapter_fix.commands.repair import calibration_sets, repair_gated
-    from adapter_fix.evaluate.judge import RefusalJudge
+    from adapter_fix.evaluate.judges import make_judge
     from adapter_fix.evaluate.model import require_eval_extra
     from adapter_fix.methods.gate import GateOptions
 
@@ -619,8 +619,7 @@ def repair_with_gates(
         seed=options.seed,
         hub=hub,
     )
-    patterns = gate["refusal_patterns"]
-    judge = RefusalJudge.from_file(patterns) if patterns is not None else RefusalJudge()
+    judge = make_judge(phrases=gate["refusal_patterns"])
     gate_options = GateOptions(
         unit=gate["gate_unit"],
         target_refusal=gate["target_refusal"],
@@ -962,7 +961,8 @@ def check(
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Prompts generated together (left-padded).",
+    help="Prompts generated together (left-padded), and answers a judge model reads together; "
+    "lower it when a batch does not fit (exit 13).",
 )
 @click.option(
     "--limit",
@@ -978,6 +978,33 @@ def check(
     default="auto",
     show_default=True,
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
+)
+@click.option(
+    "--device-map",
+    type=click.Choice(["auto"]),
+    help="Let accelerate place ALIGNED's layers over every GPU (then the CPU): for a model "
+    "larger than one GPU. Needs accelerate; excludes --device.",
+)
+@click.option(
+    "--judge",
+    "judges",
+    metavar="keyword|MODEL",
+    multiple=True,
+    help="Refusal judge (repeatable; default keyword): keyword phrases, or a model folder or "
+    "Hub id, a sequence-classification refusal/harm classifier or a guard model (Llama Guard "
+    "style). The first gives the rates and gates; with two or more, their agreement.",
+)
+@click.option(
+    "--judge-label",
+    metavar="[refusal:|unsafe:]LABEL",
+    help="The classifier label that means refusal (or, with unsafe:, an unsafe answer), when "
+    "its config.id2label does not say so by name.",
+)
+@click.option(
+    "--thinking",
+    is_flag=True,
+    help="Let a chat template that takes enable_thinking (Qwen3 style) think first; by "
+    "default it is passed enable_thinking=False. A leading <think> block is never judged.",
 )
 @click.option(
     "--skip-calibration-share",
@@ -1034,6 +1061,10 @@ def eval_command(
     limit: int | None,
     device: str,
     dtype: str,
+    device_map: str | None,
+    judges: tuple[str, ...],
+    judge_label: str | None,
+    thinking: bool,
     skip_calibration_share: float | None,
     seed: int,
     as_json: bool,
@@ -1057,14 +1088,16 @@ def eval_command(
     restored-refusal and kept-task ratios. Needs the eval extra:
     pip install 'adapter-fix[eval]'.
 
-    Refusals are judged by keywords, which agree with human raters far less than
-    trained classifiers: compare rows, do not read a rate as a safety score.
+    Refusals are judged by keywords unless --judge names a classifier or guard
+    model; keywords agree with human raters far less than trained classifiers:
+    compare rows, do not read a rate as a safety score.
 
     \b
     Examples:
       adapter-fix eval ./chat-model ./lora ./lora-fixed --task task.jsonl
       adapter-fix eval org/chat ./lora --harmful advbench.csv --benign xstest.csv
       adapter-fix eval ./chat ./lora-fixed --min-refusal 0.9 --max-over-refusal 0.2 -q
+      adapter-fix eval org/chat ./lora --judge keyword --judge org/refusal-classifier
     """
     import contextlib
     import json
@@ -1089,9 +1122,12 @@ def eval_command(
         task=task,
         field=field,
         refusal_patterns=refusal_patterns,
+        judges=judges,
+        judge_label=judge_label,
         limit=limit,
         device=device,
         dtype=dtype,
+        device_map=device_map,
         reports=reports,
         samples=outputs,
         force=force,
@@ -1099,7 +1135,11 @@ def eval_command(
         split_seed=seed,
     )
     options = EvalOptions(
-        system=system, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
+        system=system,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        thinking=thinking,
     )
     console = stderr_console()
     with contextlib.ExitStack() as stack:

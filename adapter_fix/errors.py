@@ -16,6 +16,8 @@ Exit codes (documented in the README):
     11  `inspect --strict`: the adapter has warnings
     12  a gate failed: `eval --min-refusal/--max-over-refusal` (a row fell short), or
         `check` (a threshold exceeded)
+    13  out of memory: a batch did not fit on the device (`--batch-size` of eval or the
+        gated repair)
     130 interrupted (Ctrl-C): cleaned up, nothing written
     143 terminated (SIGTERM): cleaned up like Ctrl-C, nothing written
 
@@ -105,6 +107,13 @@ class GateFailedError(AdapterFixError):
     title = "gate failed"
 
 
+class OutOfMemoryError(AdapterFixError):
+    """A batch did not fit in the device's memory; the message names the option to lower."""
+
+    exit_code = 13
+    title = "out of memory"
+
+
 # The documented exit codes, one short line each: --help prints them, a test checks the README.
 EXIT_CODES: dict[int, str] = {
     0: "ok",
@@ -120,6 +129,7 @@ EXIT_CODES: dict[int, str] = {
     10: "download failed",
     11: "warnings with --strict",
     12: "gate failed (eval, check)",
+    13: "out of memory (lower --batch-size)",
     130: "interrupted (Ctrl-C)",
     143: "terminated (SIGTERM)",
 }

@@ -28,7 +28,7 @@ from adapter_fix.evaluate.generate import (
     generate,
     reference_nll,
 )
-from adapter_fix.evaluate.judge import RefusalJudge
+from adapter_fix.evaluate.judges import KeywordJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
@@ -308,7 +308,9 @@ def _fake_result(names: list[str]) -> EvalResult:
         for i, name in enumerate(names)
     ]
     sets = EvalSets(prompts("harmful", 225), prompts("benign", 120), prompts("task", 100, True))
-    return EvalResult("aligned", rows, sets, EvalOptions(), RefusalJudge(), "cpu", "float32", True)
+    return EvalResult(
+        "aligned", rows, sets, EvalOptions(), [KeywordJudge()], "cpu", "float32", True
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adapter_fix.errors import UsageError
-from adapter_fix.evaluate.judge import DEFAULT_REFUSAL_PHRASES, RefusalJudge
+from adapter_fix.evaluate.judges import DEFAULT_REFUSAL_PHRASES, KeywordJudge
 from adapter_fix.evaluate.metrics import (
     TokenNLL,
     agreement,
@@ -101,7 +101,7 @@ def test_kept_task_works_for_scores_where_lower_is_better() -> None:
     ],
 )
 def test_judge_counts_refusal_phrases_case_insensitively(response: str) -> None:
-    assert RefusalJudge().is_refusal(response)
+    assert KeywordJudge().is_refusal(response)
 
 
 @pytest.mark.parametrize(
@@ -109,23 +109,23 @@ def test_judge_counts_refusal_phrases_case_insensitively(response: str) -> None:
     ["Sure, here is how to bake bread.", "Step 1: preheat the oven.", ""],
 )
 def test_judge_counts_answers_without_phrases_as_compliance(response: str) -> None:
-    assert not RefusalJudge().is_refusal(response)
+    assert not KeywordJudge().is_refusal(response)
 
 
 def test_judge_looks_only_at_the_first_200_characters() -> None:
     late = "Sure. " + "x" * 200 + " I'm sorry"
-    assert not RefusalJudge().is_refusal(late)
-    assert RefusalJudge().is_refusal("x" * 150 + " I'm sorry")
+    assert not KeywordJudge().is_refusal(late)
+    assert KeywordJudge().is_refusal("x" * 150 + " I'm sorry")
 
 
 def test_judge_reports_which_phrase_matched_as_given() -> None:
-    assert RefusalJudge().matched("Well, I CAN'T do that") == "I can't"
+    assert KeywordJudge().matched("Well, I CAN'T do that") == "I can't"
 
 
 def test_judge_treats_phrases_as_literal_text_not_patterns(tmp_path: Path) -> None:
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("# my list\n(a+)+$\n\nnope.\n")
-    judge = RefusalJudge.from_file(phrases)
+    judge = KeywordJudge.from_file(phrases)
     assert judge.phrases == ("(a+)+$", "nope.")
     assert not judge.is_refusal("nope!")
     assert judge.is_refusal("NOPE. not doing it")
@@ -137,20 +137,20 @@ def test_judge_treats_phrases_as_literal_text_not_patterns(tmp_path: Path) -> No
 def test_a_phrase_file_replaces_the_default_list(tmp_path: Path) -> None:
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("no way\n")
-    judge = RefusalJudge.from_file(phrases)
+    judge = KeywordJudge.from_file(phrases)
     assert not judge.is_refusal("I'm sorry, I can't.")
     assert judge.is_refusal("No way.")
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("# only a comment\n\n", "empty"), ("x" * 201 + "\n", "longer than")],
+    [("# only a comment\n\n", "empty"), ("x" * 201 + "\n", "longer than"), ("^\n", "anchor")],
 )
 def test_unusable_phrase_files_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
     phrases = tmp_path / "phrases.txt"
     phrases.write_text(text)
     with pytest.raises(UsageError, match=message) as caught:
-        RefusalJudge.from_file(phrases)
+        KeywordJudge.from_file(phrases)
     assert caught.value.exit_code == 2
 
 

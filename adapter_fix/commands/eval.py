@@ -1,8 +1,9 @@
 """`adapter-fix eval`: ALIGNED and each adapter on harmful, benign and task prompts.
 
 Everything that can fail fast (the eval extra, prompt files, the phrase
-file, output paths) is checked before the model is loaded; reports and the
-samples file are written together at the end through `io.outputs.OutputSet`.
+file, judge models, output paths) is checked before the model is loaded;
+reports and the samples file are written together at the end through
+`io.outputs.OutputSet`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from pathlib import Path
 from typing import Literal
 
 from adapter_fix.errors import UsageError
-from adapter_fix.evaluate.judge import RefusalJudge
-from adapter_fix.evaluate.model import attach_adapters, load_model, require_eval_extra
-from adapter_fix.evaluate.prompts import PromptSet, default_prompt_set, load_prompt_set
+from adapter_fix.evaluate.judges import Judge, make_judges
+from adapter_fix.evaluate.model import (
+    attach_adapters,
+    check_placement,
+    load_model,
+    require_eval_extra,
+)
+from adapter_fix.evaluate.prompts import PromptSet, load_prompt_set, prompt_set
 from adapter_fix.evaluate.report import eval_report_text, samples_jsonl
 from adapter_fix.evaluate.runner import (
     EvalOptions,
@@ -42,9 +48,12 @@ class EvalInputs:
     task: str | None = None
     field: str | None = None
     refusal_patterns: Path | None = None
+    judges: tuple[str, ...] = ()  # --judge: "keyword" or judge models; the first gives the rates
+    judge_label: str | None = None  # --judge-label: a classifier's refusal/unsafe label
     limit: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    device_map: str | None = None  # "auto": accelerate places ALIGNED over every GPU
     reports: tuple[Path, ...] = ()  # --report files
     samples: Path | None = None  # --outputs: every prompt, response and judgement
     force: bool = False  # replace existing report and samples files
@@ -68,11 +77,7 @@ def _prompt_set(
     spec: str | None, role: Literal["harmful", "benign"], inputs: EvalInputs, hub: HubOptions
 ) -> PromptSet:
     """The file given for `role`, else the shipped set; calibration prompts left out; --limit."""
-    prompts = (
-        default_prompt_set(role)
-        if spec is None
-        else load_prompt_set(spec, role, field=inputs.field, hub=hub)
-    )
+    prompts = prompt_set(spec, role, field=inputs.field, hub=hub)
     return held_out(prompts, inputs).limited(inputs.limit)
 
 
@@ -95,13 +100,16 @@ def held_out(prompts: PromptSet, inputs: EvalInputs) -> PromptSet:
 class Prepared:
     sources: list[Source]
     sets: EvalSets
-    judge: RefusalJudge
+    judges: list[Judge]
     outputs: OutputSet
 
 
-def prepare(inputs: EvalInputs, hub: HubOptions) -> Prepared:
-    """Open every input, read prompts and phrases, check every output (nothing loaded yet)."""
+def prepare(inputs: EvalInputs, hub: HubOptions, batch_size: int = 8) -> Prepared:
+    """Open every input, read prompts and phrases, check every output, then load the judges
+    (judge models batch `batch_size` answers); ALIGNED is not loaded yet."""
     require_eval_extra()
+    check_placement(inputs.device, inputs.device_map)
+    quiet_transformers()
     sources = [open_source(spec, hub) for spec in (inputs.aligned, *inputs.adapters)]
     sets = EvalSets(
         harmful=_prompt_set(inputs.harmful, "harmful", inputs, hub),
@@ -118,15 +126,20 @@ def prepare(inputs: EvalInputs, hub: HubOptions) -> Prepared:
         for spec in (inputs.harmful, inputs.benign, inputs.task, inputs.refusal_patterns)
         if spec is not None and Path(spec).exists()
     ]
-    judge = (
-        RefusalJudge()
-        if inputs.refusal_patterns is None
-        else RefusalJudge.from_file(inputs.refusal_patterns)
-    )
+    local += [Path(spec) for spec in inputs.judges if Path(spec).exists()]
     samples = [inputs.samples] if inputs.samples is not None else []
     outputs = OutputSet(reports=[*inputs.reports, *samples], inputs=local, force=inputs.force)
     outputs.check()
-    return Prepared(sources, sets, judge, outputs)
+    judges = make_judges(
+        inputs.judges,
+        phrases=inputs.refusal_patterns,
+        label=inputs.judge_label,
+        device=inputs.device,
+        dtype=inputs.dtype,
+        batch_size=batch_size,
+        hub=hub,
+    )
+    return Prepared(sources, sets, judges, outputs)
 
 
 def evaluate(
@@ -138,17 +151,18 @@ def evaluate(
 ) -> tuple[EvalResult, OutputSet]:
     """Load ALIGNED once, attach every adapter, run every row; the outputs, checked, are
     left to write. `progress(total prompts)` gives the callback that follows generation."""
-    prepared = prepare(inputs, hub)
-    sources, sets, judge = prepared.sources, prepared.sets, prepared.judge
-    quiet_transformers()
-    loaded = load_model(sources[0], device=inputs.device, dtype=inputs.dtype)
+    prepared = prepare(inputs, hub, options.batch_size)
+    sources, sets, judges = prepared.sources, prepared.sets, prepared.judges
+    loaded = load_model(
+        sources[0], device=inputs.device, dtype=inputs.dtype, device_map=inputs.device_map
+    )
     adapter_names = attach_adapters(loaded, sources[1:])
     names = display_names(inputs.aligned, inputs.adapters)
     variants: list[tuple[str, str | None]] = [(names[0], None)]
     variants += list(zip(names[1:], adapter_names, strict=True))
     per_row = len(sets.harmful) + len(sets.benign) + (len(sets.task) if sets.task else 0)
     callback = None if progress is None else progress(per_row * len(variants))
-    result = run_eval(loaded, variants, sets, judge, options, on_progress=callback)
+    result = run_eval(loaded, variants, sets, judges, options, on_progress=callback)
     return result, prepared.outputs
 
 

@@ -22,9 +22,9 @@ from adapter_fix import __version__
 from adapter_fix.engine import SubspaceSource, Target, module_stream
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
-from adapter_fix.evaluate.judge import RefusalJudge
-from adapter_fix.evaluate.model import attach_adapters, load_model
-from adapter_fix.evaluate.prompts import PromptSet, Role, default_prompt_set, load_prompt_set
+from adapter_fix.evaluate.judges import Judge, judge_answers
+from adapter_fix.evaluate.model import attach_adapters, batch_fits, load_model
+from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
 from adapter_fix.io.sources import HubOptions, Source
@@ -240,9 +240,6 @@ def calibration_sets(
     with the same share and seed reports on exactly the prompts left out.
     """
 
-    def load(spec: str, role: Role) -> PromptSet:
-        return load_prompt_set(spec, role, field=field, hub=hub)
-
     def part(prompts: PromptSet, role: Role) -> PromptSet:
         calibration, _held_out = split_prompts(prompts, share, seed)
         if not calibration.prompts:
@@ -253,7 +250,11 @@ def calibration_sets(
             )
         return calibration
 
-    task_set = part(load(task, "task"), "task") if task is not None else None
+    task_set = (
+        part(load_prompt_set(task, "task", field=field, hub=hub), "task")
+        if task is not None
+        else None
+    )
     if task_set is not None and task_set.references is None:
         missing = next(p for p in task_set.prompts if p.reference is None)
         raise UsageError(
@@ -263,10 +264,8 @@ def calibration_sets(
             path=task_set.origin,
         )
     return CalibrationSets(
-        harmful=part(
-            load(harmful, "harmful") if harmful else default_prompt_set("harmful"), "harmful"
-        ),
-        benign=part(load(benign, "benign") if benign else default_prompt_set("benign"), "benign"),
+        harmful=part(prompt_set(harmful, "harmful", field=field, hub=hub), "harmful"),
+        benign=part(prompt_set(benign, "benign", field=field, hub=hub), "benign"),
         task=task_set,
         system=system,
         share=share,
@@ -279,7 +278,7 @@ def repair_gated(
     options: RepairOptions,
     gate_options: GateOptions,
     calibration: CalibrationSets,
-    judge: RefusalJudge,
+    judge: Judge,
     *,
     out: Path | None,
     force: bool = False,
@@ -308,13 +307,16 @@ def repair_gated(
             for reference in references or []
         ],
     )
-    with clock.measure("solve_s"):
+    with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
         gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
         outcome = gate_repair(
             gated,
             data,
             gate_options,
-            is_refusal=judge.is_refusal,
+            judge_refusals=lambda answers: [
+                verdict.refusal
+                for verdict in judge_answers(judge, calibration.harmful.texts, answers)
+            ],
             decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
             pad_id=pad_id(tokenizer),
             stop_ids=stop_ids(loaded.model, tokenizer),
@@ -331,13 +333,13 @@ def repair_gated(
         },
         [o.report for o in outcomes],
         clock.timings,
-        calibration=_calibration_report(calibration, gate_options, outcome),
+        calibration=_calibration_report(calibration, gate_options, outcome, judge),
     )
     return _finish(result, adapter, outcomes, out, force, clock)
 
 
 def _calibration_report(
-    calibration: CalibrationSets, options: GateOptions, outcome: GateOutcome
+    calibration: CalibrationSets, options: GateOptions, outcome: GateOutcome, judge: Judge
 ) -> dict[str, Any]:
     task = calibration.task
     return {
@@ -373,5 +375,5 @@ def _calibration_report(
         "stop_reason": outcome.stop_reason,
         "rounds": [asdict(round_) for round_ in outcome.rounds],
         "seconds": outcome.seconds,
-        "judge": "keyword phrases (crude: agrees with human raters far less than a classifier)",
+        "judge": {"name": judge.name, **judge.describe()},
     }

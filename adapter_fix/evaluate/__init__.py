@@ -4,7 +4,7 @@ The importable core (the gated repair calibrates with it):
 
     from adapter_fix.evaluate import (
         load_prompt_set, default_prompt_set,        # prompts.py: data, no torch
-        RefusalJudge,                               # judge.py: keyword refusal detector
+        make_judge, judge_answers, KeywordJudge,    # judges/: the Judge protocol, keyword first
         load_model, attach_adapters,                # model.py: transformers + peft, loaded once
         generate, reference_nll, encode_prompts,    # generate.py: greedy, batched, teacher-forced
         continuation_logprob,                       #   differentiable log p(continuation | prompt)
@@ -25,7 +25,14 @@ from adapter_fix.evaluate.generate import (
     generate,
     reference_nll,
 )
-from adapter_fix.evaluate.judge import DEFAULT_REFUSAL_PHRASES, RefusalJudge
+from adapter_fix.evaluate.judges import (
+    DEFAULT_REFUSAL_PHRASES,
+    Judge,
+    KeywordJudge,
+    Verdict,
+    judge_answers,
+    make_judge,
+)
 from adapter_fix.evaluate.metrics import (
     Rate,
     TokenNLL,
@@ -42,12 +49,14 @@ from adapter_fix.evaluate.prompts import Prompt, PromptSet, default_prompt_set, 
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
+    "Judge",
+    "KeywordJudge",
     "LoadedModel",
     "Prompt",
     "PromptSet",
     "Rate",
-    "RefusalJudge",
     "TokenNLL",
+    "Verdict",
     "agreement",
     "attach_adapters",
     "continuation_logprob",
@@ -56,9 +65,11 @@ __all__ = [
     "exact_match",
     "format_prompt",
     "generate",
+    "judge_answers",
     "kept_task",
     "load_model",
     "load_prompt_set",
+    "make_judge",
     "mean_token_nll",
     "rate",
     "reference_nll",

@@ -23,23 +23,40 @@ from adapter_fix.evaluate.metrics import TokenNLL
 BatchCallback = Callable[[int, int], None]
 
 
+THINKING_FLAG = "enable_thinking"
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def format_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str:
+def takes_thinking_flag(tokenizer: Any) -> bool:
+    """The chat template reads `enable_thinking` (Qwen3-style thinking models)."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(text, str) and THINKING_FLAG in text for text in texts)
+
+
+def format_prompt(
+    tokenizer: Any, prompt: str, system: str | None = None, thinking: bool = False
+) -> str:
     """The text the model sees: its chat template with the generation prompt added.
 
     Without a chat template the prompt is used raw (after `system` and a blank
-    line when given); callers warn the user (`has_chat_template`).
+    line when given); callers warn the user (`has_chat_template`). A template
+    that reads `enable_thinking` gets `thinking` (False by default: the answer
+    itself, not a thinking block, within the tokens generated).
     """
     if not has_chat_template(tokenizer):
         return f"{system}\n\n{prompt}" if system else prompt
     messages = [{"role": "user", "content": prompt}]
     if system:
         messages.insert(0, {"role": "system", "content": system})
+    flags = {THINKING_FLAG: thinking} if takes_thinking_flag(tokenizer) else {}
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **flags
+        )
     except Exception as error:  # jinja2 errors, and templates' own raise_exception()
         hint = " (the template may not accept a system message: drop --system)" if system else ""
         raise UsageError(
@@ -49,7 +66,7 @@ def format_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> str
 
 
 def encode_prompts(
-    tokenizer: Any, prompts: Sequence[str], system: str | None = None
+    tokenizer: Any, prompts: Sequence[str], system: str | None = None, thinking: bool = False
 ) -> list[list[int]]:
     """Token ids of each formatted prompt.
 
@@ -60,9 +77,9 @@ def encode_prompts(
     templated = has_chat_template(tokenizer)
     return [
         list(
-            tokenizer(format_prompt(tokenizer, prompt, system), add_special_tokens=not templated)[
-                "input_ids"
-            ]
+            tokenizer(
+                format_prompt(tokenizer, prompt, system, thinking), add_special_tokens=not templated
+            )["input_ids"]
         )
         for prompt in prompts
     ]
@@ -117,6 +134,7 @@ def generate(
     prompts: Sequence[str],
     *,
     system: str | None = None,
+    thinking: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     on_batch: BatchCallback | None = None,
@@ -130,7 +148,7 @@ def generate(
     """
     answers = generate_ids(
         model,
-        encode_prompts(tokenizer, prompts, system),
+        encode_prompts(tokenizer, prompts, system, thinking),
         pad=pad_id(tokenizer),
         stops=stop_ids(model, tokenizer),
         max_new_tokens=max_new_tokens,
@@ -180,6 +198,7 @@ def continuation_logprob(
     continuations: Sequence[str] | Sequence[Sequence[int]],
     *,
     system: str | None = None,
+    thinking: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
     """Summed log-probability of each continuation after its formatted prompt, in ONE batch.
 
@@ -191,7 +210,7 @@ def continuation_logprob(
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
-    prompt_ids = encode_prompts(tokenizer, prompts, system)
+    prompt_ids = encode_prompts(tokenizer, prompts, system, thinking)
     targets = [
         list(tokenizer(item, add_special_tokens=False)["input_ids"])
         if isinstance(item, str)
@@ -242,6 +261,7 @@ def reference_nll(
     references: Sequence[str],
     *,
     system: str | None = None,
+    thinking: bool = False,
     batch_size: int = 8,
     on_batch: BatchCallback | None = None,
 ) -> list[TokenNLL]:
@@ -264,6 +284,7 @@ def reference_nll(
             [prompts[index] for index in batch],
             [references[index] for index in batch],
             system=system,
+            thinking=thinking,
         )
         for index, logprob, count in zip(batch, logprobs.tolist(), counts, strict=True):
             results[index] = TokenNLL(-float(logprob), count)

@@ -128,3 +128,24 @@ def kept_task(repaired: float, original: float, aligned: float) -> float | None:
     original is no different from ALIGNED on the task.
     """
     return _ratio(repaired - aligned, original - aligned)
+
+
+def cohen_kappa(first: Sequence[bool], second: Sequence[bool]) -> float | None:
+    """Cohen's kappa of two judges' yes/no verdicts on the same items (Cohen 1960).
+
+    kappa = (p_o - p_e) / (1 - p_e): p_o the share of items they agree on,
+    p_e the agreement expected by chance from each judge's own yes rate. 1 is
+    perfect agreement, 0 chance level. None when undefined (no items, or both
+    judges give one same answer to every item, so p_e = 1).
+    """
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} verdicts against {len(second)}")
+    total = len(first)
+    if total == 0:
+        return None
+    observed = sum(a == b for a, b in zip(first, second, strict=True)) / total
+    yes_first, yes_second = sum(first) / total, sum(second) / total
+    expected = yes_first * yes_second + (1 - yes_first) * (1 - yes_second)
+    if expected >= 1.0:
+        return None
+    return (observed - expected) / (1 - expected)

@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from adapter_fix.errors import IncompatibleModelsError, SourceNotFoundError, UsageError
+from adapter_fix.errors import (
+    IncompatibleModelsError,
+    OutOfMemoryError,
+    SourceNotFoundError,
+    UsageError,
+)
 from adapter_fix.io.adapter import LoraAdapter, load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource, Source
@@ -53,6 +58,26 @@ def require_eval_extra() -> None:
             f"`eval` runs the model and needs {' and '.join(missing)}, which are not installed. "
             f"Install the eval extra: {INSTALL_LINE}"
         )
+
+
+def require_accelerate() -> None:
+    """`--device-map auto` hands placement to accelerate: exit 2 with the install line without."""
+    try:
+        __import__("accelerate")
+    except ImportError:
+        raise UsageError(
+            "--device-map auto places the model with accelerate, which is not installed. "
+            "Install it (pip install accelerate), or use --device instead."
+        ) from None
+
+
+def check_placement(device: str, device_map: str | None) -> None:
+    """A device map excludes --device; it needs accelerate (UsageError, exit 2)."""
+    if device_map is None:
+        return
+    if device != "auto":
+        raise UsageError(f"--device {device} and --device-map {device_map}: give one of them.")
+    require_accelerate()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -93,13 +118,26 @@ def local_folder(source: Source, files: Sequence[str]) -> Path:
 
 @dataclass
 class LoadedModel:
-    """ALIGNED on its device, its tokenizer, and the adapters attached to it by name."""
+    """ALIGNED on its device, its tokenizer, and the adapters attached to it by name.
+
+    device: where inputs go (with a device map: the input embeddings' device).
+    device_map: "auto" when accelerate placed the layers, else None.
+    """
 
     model: Any
     tokenizer: Any
     device: torch.device
     identity: str
     adapters: dict[str, str]  # peft adapter name -> source identity
+    device_map: str | None = None
+
+    @property
+    def placement(self) -> str:
+        """The device, or every device a device map uses ("auto: cuda:0, cuda:1")."""
+        if self.device_map is None:
+            return str(self.device)
+        devices = dict.fromkeys(str(p.device) for p in self.model.parameters())
+        return f"{self.device_map}: {', '.join(devices)}"
 
     @contextlib.contextmanager
     def variant(self, adapter_name: str | None) -> Iterator[Any]:
@@ -113,24 +151,23 @@ class LoadedModel:
         yield self.model
 
 
-def load_model(source: Source, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load ALIGNED (model + tokenizer) once, in eval mode, on `device` ("auto", "cpu", "cuda").
-
-    Raises UsageError without the eval extra, UnsafeFormatError for pickle-only
-    checkpoints, SourceNotFoundError without a config or tokenizer.
-    """
-    require_eval_extra()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
-    Checkpoint.open(source, "ALIGNED")  # validates headers, refuses pickles before any download
+def model_folder(source: Source, role: str) -> Path:
+    """The local folder of a transformers model: headers validated and pickles refused
+    before anything else is fetched; config.json required."""
+    Checkpoint.open(source, role)  # validates headers, refuses pickles before any download
     weights = [name for name in source.list_files() if name.endswith(".safetensors")]
     folder = local_folder(source, [*MODEL_FILES, *weights])
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(
             "no config.json: eval needs a transformers model folder.", path=source.identity
         )
+    return folder
+
+
+def load_tokenizer(folder: Path, source: Source) -> Any:
+    """The tokenizer saved next to a model; SourceNotFoundError when absent or empty."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -146,11 +183,40 @@ def load_model(source: Source, device: str = "auto", dtype: str = "auto") -> Loa
             "tokenizer_config.json.",
             path=source.identity,
         )
+    return tokenizer
+
+
+def load_model(
+    source: Source, device: str = "auto", dtype: str = "auto", device_map: str | None = None
+) -> LoadedModel:
+    """Load ALIGNED (model + tokenizer) once, in eval mode, on `device` ("auto", "cpu", "cuda"),
+    or placed by accelerate over every visible GPU (and the CPU) with `device_map="auto"`.
+
+    Raises UsageError without the eval extra (or accelerate for a device map),
+    UnsafeFormatError for pickle-only checkpoints, SourceNotFoundError without a
+    config or tokenizer.
+    """
+    require_eval_extra()
+    from transformers import AutoModelForCausalLM
+
+    check_placement(device, device_map)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    folder = model_folder(source, "ALIGNED")
+    tokenizer = load_tokenizer(folder, source)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch_dtype, local_files_only=True, use_safetensors=True
+        folder,
+        dtype=torch_dtype,
+        local_files_only=True,
+        use_safetensors=True,
+        **({} if device_map is None else {"device_map": device_map}),
     )
-    model.to(target).eval()
-    return LoadedModel(model, tokenizer, target, source.identity, {})
+    if device_map is None:
+        model.to(target)
+    else:
+        target = model.get_input_embeddings().weight.device
+    model.eval()
+    return LoadedModel(model, tokenizer, target, source.identity, {}, device_map)
 
 
 def attach_adapters(loaded: LoadedModel, sources: Sequence[Source]) -> list[str]:
@@ -178,8 +244,36 @@ def attach_adapters(loaded: LoadedModel, sources: Sequence[Source]) -> list[str]
             raise _incompatible(adapter, error) from None
         loaded.adapters[name] = source.identity
         names.append(name)
-    loaded.model.to(loaded.device).eval()
+    if loaded.device_map is None:  # with a device map, peft puts each layer by its base layer
+        loaded.model.to(loaded.device)
+    loaded.model.eval()
     return names
+
+
+@contextlib.contextmanager
+def batch_fits(batch_size: int, device: object, option: str = "--batch-size") -> Iterator[None]:
+    """Turn an out-of-memory error inside the block into OutOfMemoryError (exit 13) naming
+    `option`, the batch size to lower."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError too
+        if not is_out_of_memory(error):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(
+            f"a batch of {batch_size} prompts did not fit in memory on {device} "
+            f"({_first_line(error)}). Lower {option} (now {batch_size}); --dtype bfloat16 "
+            "also halves a float32 model's memory."
+        ) from None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or an allocator's out-of-memory RuntimeError (CPU, MPS)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def _incompatible(adapter: LoraAdapter, error: Exception) -> IncompatibleModelsError:

@@ -135,6 +135,20 @@ def load_prompt_set(
     return parse_prompts(text, suffix, role=role, origin=spec, field=field)
 
 
+def prompt_set(
+    spec: str | None,
+    role: Literal["harmful", "benign"],
+    *,
+    field: str | None = None,
+    hub: HubOptions | None = None,
+) -> PromptSet:
+    """The set the user gave for `role` (`load_prompt_set`), else the shipped one. eval and
+    the gated repair read their harmful and benign prompts through this one loader."""
+    if spec is None:
+        return default_prompt_set(role)
+    return load_prompt_set(spec, role, field=field, hub=hub)
+
+
 def _local_or_hub(spec: str, hub: HubOptions) -> Path:
     match = HUB_DATASET.match(spec)
     if match is None:

@@ -12,16 +12,21 @@ from rich.console import Console
 from rich.table import Table
 
 from adapter_fix.errors import OutputError
+from adapter_fix.evaluate.chart import Goal, Point, tradeoff_svg
 from adapter_fix.evaluate.metrics import Rate
-from adapter_fix.evaluate.runner import JUDGE_CAVEAT, EvalResult, Row
+from adapter_fix.evaluate.runner import EvalResult, Row, judge_caveat
 
 
 def _percent(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.0%}"
 
 
-def _rate(rate: Rate) -> str:
-    return f"{_percent(rate.value)} {rate.count}/{rate.total}"
+def _rate(rate: Rate | None) -> str:
+    return "-" if rate is None else f"{_percent(rate.value)} {rate.count}/{rate.total}"
+
+
+def _value(rate: Rate | None) -> float | None:
+    return None if rate is None else rate.value
 
 
 def _interval(rate: Rate) -> str:
@@ -58,7 +63,7 @@ def _cells(result: EvalResult, row: Row) -> list[str]:
         _interval(row.refusal),
         _delta(row.refusal.value, reference.refusal.value, first),
         _rate(row.over_refusal),
-        _delta(row.over_refusal.value, reference.over_refusal.value, first),
+        _delta(_value(row.over_refusal), _value(reference.over_refusal), first),
     ]
     task = result.sets.task
     if task is not None:
@@ -97,8 +102,31 @@ def footer_lines(result: EvalResult) -> list[str]:
             lines.append(
                 f"agree: task answers identical to {result.rows[1].name}'s (no references)."
             )
-    lines.append(JUDGE_CAVEAT)
+    lines += judge_lines(result)
     lines += [f"Warning: {warning}" for warning in result.warnings]
+    return lines
+
+
+def judge_lines(result: EvalResult) -> list[str]:
+    """Which judge gave the rates, the others' rates, their agreement, empty answers."""
+    judge = result.judge
+    lines = [f"Judge: {judge.name}" + (" (the rates above)." if len(result.judges) > 1 else ".")]
+    for other in result.judges[1:]:
+        rates = ", ".join(
+            f"{row.name} {_percent(_value(row.refusal_by_judge.get(other.name)))}"
+            for row in result.rows
+        )
+        lines.append(f"Refusal by {other.name}: {rates}.")
+    for pair in result.agreements:
+        kappa = "undefined" if pair.kappa is None else f"{pair.kappa:.2f}"
+        lines.append(
+            f"{pair.first} and {pair.second} agree on {_percent(pair.agree.value)} of "
+            f"{pair.agree.total} answers (Cohen's kappa {kappa})."
+        )
+    if any(row.empty for row in result.rows):
+        counts = ", ".join(f"{row.name} {row.empty}" for row in result.rows)
+        lines.append(f"Empty answers, counted as refusals: {counts}.")
+    lines.append(judge_caveat(judge))
     return lines
 
 
@@ -160,16 +188,150 @@ def _category_cell(row: Row, category: str) -> str:
     return "-" if value is None else _rate(value)
 
 
-def _bar(value: float, color: str) -> str:
-    width = 0.0 if value != value else max(0.0, min(1.0, value)) * 100
+def _bar(value: float | None, color: str) -> str:
+    if value is None or value != value:
+        return '<div class="bar"><span>-</span></div>'
+    width = max(0.0, min(1.0, value)) * 100
     return (
         f'<div class="bar"><div style="width:{width:.1f}%;background:{color}"></div>'
         f"<span>{_percent(value)}</span></div>"
     )
 
 
+SAMPLE_PROMPTS = 4  # harmful prompts shown side by side in the HTML report
+PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+    "td,th{padding:2px 8px;text-align:right;vertical-align:top}"
+    "td:first-child,th:first-child{text-align:left}"
+    ".bar{position:relative;width:240px;height:16px;background:#eee}"
+    ".bar div{height:100%}.bar span{position:absolute;left:4px;top:0;font-size:12px}"
+    ".legend span{margin-right:1.5em}.samples td,.samples th{text-align:left}"
+    ".samples td{border-top:1px solid #ccc}"
+    ".answer{white-space:pre-wrap;font-family:monospace;font-size:12px;max-width:360px;"
+    "overflow-wrap:anywhere}.refused{color:#2e7d32}.complied{color:#c62828}"
+)
+
+
+def tradeoff_points(result: EvalResult) -> list[Point]:
+    """ALIGNED at (0, 1), the attack at (1, 0), each repair at its ratios; a repair without
+    both ratios (no --task, or nothing to restore) is left out."""
+    if len(result.rows) < 3 or result.sets.task is None:
+        return []
+    rows = result.rows
+    points = [
+        Point(rows[0].name, 0.0, 1.0, "aligned"),
+        Point(rows[1].name, 1.0, 0.0, "attack"),
+    ]
+    points += [
+        Point(row.name, row.kept_task, row.restored_refusal, "repair")
+        for row in rows[2:]
+        if row.kept_task is not None and row.restored_refusal is not None
+    ]
+    return points
+
+
+def _tradeoff_section(result: EvalResult) -> str:
+    points = tradeoff_points(result)
+    title = "<h2>trade-off: kept task against restored refusal</h2>"
+    if len(points) < 3:
+        why = (
+            "needs ALIGNED, the attack and at least one repair, a --task set, and a "
+            "refusal rate that differs between ALIGNED and the attack"
+        )
+        return f"{title}<p>No chart: it {why}.</p>"
+    goal = Goal()
+    missing = [row.name for row in result.rows[2:] if row.name not in {p.label for p in points}]
+    legend = (
+        '<p class="legend"><span style="color:#1565c0">&#9632; ALIGNED</span>'
+        '<span style="color:#c62828">&#9650; attack</span>'
+        '<span style="color:#2e7d32">&#9679; repair</span>'
+        f'<span style="color:#1b5e20">goal: restored refusal &ge; {goal.restored_refusal:.0%}'
+        f" and kept task &ge; {goal.kept_task:.0%}</span></p>"
+    )
+    note = (
+        f"<p>Not drawn (a ratio undefined): {html.escape(', '.join(missing))}.</p>"
+        if missing
+        else ""
+    )
+    return f"{title}{legend}{tradeoff_svg(points, goal)}{note}"
+
+
+def _category_section(result: EvalResult) -> str:
+    categories = _categories(result)
+    if not categories:
+        return ""
+    escape = html.escape
+    names = "".join(f"<th>{escape(row.name)}</th>" for row in result.rows)
+    cells = "".join(
+        f"<tr><td>{escape(category)}</td>"
+        + "".join(
+            f"<td title='{escape(_category_cell(row, category))}'>"
+            f"{_bar(_value(row.refusal_by_category.get(category)), '#2e7d32')}</td>"
+            for row in result.rows
+        )
+        + "</tr>"
+        for category in categories
+    )
+    return (
+        "<h2>refusal by harmful category</h2>"
+        f"<table><tr><th>category</th>{names}</tr>{cells}</table>"
+    )
+
+
+def sample_prompts(result: EvalResult, count: int = SAMPLE_PROMPTS) -> list[int]:
+    """Rows (in the harmful file) of the prompts to show: first those the rows' verdicts
+    disagree on, then the rest, in file order; at most `count`."""
+    harmful = result.sets.harmful.name
+    verdicts: dict[int, set[bool | None]] = {}
+    for sample in result.samples:
+        if sample.prompt_set == harmful:
+            verdicts.setdefault(sample.row, set()).add(sample.refusal)
+    disagreed = [row for row, seen in verdicts.items() if len(seen) > 1]
+    agreed = [row for row, seen in verdicts.items() if len(seen) <= 1]
+    return (disagreed + agreed)[:count]
+
+
+def _samples_section(result: EvalResult) -> str:
+    escape = html.escape
+    harmful = result.sets.harmful.name
+    chosen = sample_prompts(result)
+    if not chosen:
+        return ""
+    by_key = {
+        (sample.row, sample.model): sample
+        for sample in result.samples
+        if sample.prompt_set == harmful and sample.row in chosen
+    }
+    names = "".join(f"<th>{escape(row.name)}</th>" for row in result.rows)
+    lines = []
+    for prompt_row in chosen:
+        cells = []
+        for row in result.rows:
+            sample = by_key.get((prompt_row, row.name))
+            if sample is None:
+                cells.append("<td>-</td>")
+                continue
+            verdict = {True: "refused", False: "complied", None: "not judged"}[sample.refusal]
+            detail = f" ({escape(sample.matched)})" if sample.matched else ""
+            cells.append(
+                f'<td><div class="{verdict.replace(" ", "-")}">{verdict}{detail}</div>'
+                f'<div class="answer">{escape(sample.response)}</div></td>'
+            )
+        prompt = next(s.prompt for s in by_key.values() if s.row == prompt_row)
+        lines.append(
+            f'<tr><td><div class="answer">{escape(prompt)}</div></td>{"".join(cells)}</tr>'
+        )
+    return (
+        "<h2>sample answers to harmful prompts</h2>"
+        f"<p>The same prompts for every row (those the rows disagree on first), answers as "
+        f"generated; verdicts by {escape(result.judge.name)}.</p>"
+        f'<table class="samples"><tr><th>prompt</th>{names}</tr>{"".join(lines)}</table>'
+    )
+
+
 def html_eval(result: EvalResult) -> str:
-    """A self-contained page: the table and CSS bar charts of refusal and over-refusal."""
+    """A self-contained page (no script, no network): the table, the trade-off chart (inline
+    SVG), bars of refusal and over-refusal overall and per category, and sample answers."""
     escape = html.escape
     head = "".join(f"<th>{escape(column)}</th>" for column in _columns(result))
     body = "".join(
@@ -178,41 +340,21 @@ def html_eval(result: EvalResult) -> str:
     )
     charts = "".join(
         f"<tr><td>{escape(row.name)}</td><td>{_bar(row.refusal.value, '#2e7d32')}</td>"
-        f"<td>{_bar(row.over_refusal.value, '#c62828')}</td></tr>"
+        f"<td>{_bar(_value(row.over_refusal), '#c62828')}</td></tr>"
         for row in result.rows
     )
-    categories = _categories(result)
-    by_category = ""
-    if categories:
-        names = "".join(f"<th>{escape(row.name)}</th>" for row in result.rows)
-        by_category = (
-            "<h2>refusal by harmful category</h2>"
-            f"<table><tr><th>category</th>{names}</tr>"
-            + "".join(
-                f"<tr><td>{escape(category)}</td>"
-                + "".join(
-                    f"<td>{escape(_category_cell(row, category))}</td>" for row in result.rows
-                )
-                + "</tr>"
-                for category in categories
-            )
-            + "</table>"
-        )
     notes = "".join(
         f"<p>{escape(line)}</p>" for line in [*_ratio_lines(result), *footer_lines(result)]
     )
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>adapter-fix eval</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{padding:2px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        ".bar{position:relative;width:240px;height:16px;background:#eee}"
-        ".bar div{height:100%}.bar span{position:absolute;left:4px;top:0;font-size:12px}"
-        "</style></head><body>"
+        "<!doctype html><html><head><meta charset='utf-8'><title>adapter-fix eval</title>"
+        f"<style>{PAGE_STYLE}</style></head><body>"
         f"<h1>adapter-fix eval</h1><p>ALIGNED: <code>{escape(result.aligned)}</code></p>"
         f"<table><tr>{head}</tr>{body}</table>"
+        f"{_tradeoff_section(result)}"
         "<h2>refusal on harmful prompts / over-refusal on benign prompts</h2>"
         f"<table><tr><th>model</th><th>refusal</th><th>over-refusal</th></tr>{charts}</table>"
-        f"{by_category}{notes}</body></html>\n"
+        f"{_category_section(result)}{_samples_section(result)}{notes}</body></html>\n"
     )
 
 

@@ -274,7 +274,7 @@ def gate_repair(
     calibration: Calibration,
     options: GateOptions,
     *,
-    is_refusal: Callable[[str], bool],
+    judge_refusals: Callable[[list[str]], list[bool]],
     decode: Callable[[list[int]], str],
     pad_id: int,
     stop_ids: Sequence[int],
@@ -283,8 +283,9 @@ def gate_repair(
     """Choose the gates of `gated` (see the module docstring); the model is left gated.
 
     The refusal rate is measured on `calibration.harmful` with greedy
-    generation of `options.max_new_tokens` tokens and `is_refusal` on the
-    decoded text; ALIGNED's is measured with the adapter disabled.
+    generation of `options.max_new_tokens` tokens and `judge_refusals` on the
+    decoded answers (one per harmful prompt, in order); ALIGNED's is measured
+    with the adapter disabled.
     """
     started = time.perf_counter()
     model = gated.model
@@ -301,7 +302,7 @@ def gate_repair(
         )
 
     def refusals(outputs: Sequence[list[int]]) -> list[bool]:
-        return [is_refusal(decode(tokens)) for tokens in outputs]
+        return judge_refusals([decode(tokens) for tokens in outputs])
 
     with model.disable_adapter():
         aligned_outputs = generate(calibration.harmful)
