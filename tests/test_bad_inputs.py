@@ -278,6 +278,42 @@ HEADER_CASES = [
 ]
 
 
+# The fuzz inputs saved in fixtures/bad/ (fixtures/make_bad.py): as adapter, BASE, ALIGNED
+
+BAD_HEADERS = sorted(path.stem for path in (FIXTURES / "bad").glob("*.safetensors"))
+
+
+def bad_header(name: str, role: str) -> Callable[[Path], list[str]]:
+    def build(work: Path) -> list[str]:
+        bad = FIXTURES / "bad" / f"{name}.safetensors"
+        if role == "adapter":
+            folder = adapter_copy(work)
+            shutil.copyfile(bad, folder / "adapter_model.safetensors")
+            return ["inspect", str(folder)]
+        model = work / role
+        model.mkdir()
+        shutil.copyfile(FIXTURES / "llama-base" / "config.json", model / "config.json")
+        shutil.copyfile(bad, model / "model.safetensors")
+        inputs = {"base": FIXTURES / "llama-base", "aligned": FIXTURES / "llama-aligned"}
+        inputs[role] = model
+        return repair_args(work, inputs["base"], inputs["aligned"], FIXTURES / "llama-lora")
+
+    return build
+
+
+BAD_HEADER_CASES = [
+    Case(
+        f"fuzz-{name}-{role}",
+        bad_header(name, role),
+        5,
+        f"file {{work}}/{'adapter/adapter_model' if role == 'adapter' else role + '/model'}"
+        ".safetensors, key ",
+    )
+    for name in BAD_HEADERS
+    for role in ("adapter", "base", "aligned")
+]
+
+
 # A sharded BASE with a broken index (exit 5) or pickles (exit 4)
 
 
@@ -446,7 +482,7 @@ OTHER_CASES = [
     Case("option-energy-inf", lambda work: fixture_repair(work, "--energy", "inf"), 2, "--energy"),
 ]
 
-CASES = CONFIG_CASES + HEADER_CASES + INDEX_CASES + OTHER_CASES
+CASES = CONFIG_CASES + HEADER_CASES + BAD_HEADER_CASES + INDEX_CASES + OTHER_CASES
 
 
 def snapshot(folder: Path) -> dict[str, bytes | str]:
@@ -465,6 +501,7 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 
 def test_the_matrix_has_at_least_40_cases() -> None:
     assert len(CASES) >= 40
+    assert len(BAD_HEADERS) >= 8
     assert len({case.id for case in CASES}) == len(CASES)
 
 
@@ -481,7 +518,7 @@ def test_bad_input_exits_with_its_code_names_the_file_and_changes_nothing(
     result = CliRunner().invoke(main, args)
     stderr = result.stderr
     assert result.exit_code == case.code, stderr
-    assert case.names in stderr, stderr
+    assert case.names.format(work=work) in stderr, stderr
     assert "Traceback" not in stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
     if case.code not in (2, 11):  # usage errors are click's; --strict prints the table first

@@ -231,6 +231,35 @@ def test_a_basis_of_another_model_exits_7_naming_the_module(
     assert "model.layers.0.self_attn.q_proj" in stderr and "[48, 32]" in stderr
 
 
+def test_a_basis_whose_norm_is_not_one_number_exits_5_naming_the_key(
+    llama_basis: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
+    tensors = load_file(basis / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight.displacement_norm"
+    tensors[key] = torch.ones(2, dtype=torch.float64)
+    save_file(tensors, basis / "model.safetensors")
+    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    assert code == 5, stderr
+    assert f"key '{key}'" in stderr and "must be one number" in stderr
+
+
+def test_a_basis_config_nested_too_deeply_exits_5(
+    llama_basis: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    import shutil
+
+    basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
+    (basis / "basis_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    assert code == 5, stderr
+    assert "basis_config.json" in stderr
+
+
 def test_usage_errors_of_basis_and_basis_inputs_exit_2(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     code, _, stderr = cli("basis", base, aligned, "-o", tmp_path / "b", "--modules", "(")

@@ -43,6 +43,7 @@ from adapter_fix.errors import (
 )
 from adapter_fix.io.adapter import resolve_weight_key
 from adapter_fix.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, dtype_name
+from adapter_fix.io.jsonfile import JsonError, parse_json
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import write_safetensors
 
@@ -89,8 +90,8 @@ class Basis:
                 path=source.identity,
             )
         try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = parse_json(config_path.read_bytes())
+        except (OSError, JsonError):
             raise CorruptCheckpointError(
                 f"{CONFIG_NAME} is not valid JSON.", path=config_path
             ) from None
@@ -139,6 +140,14 @@ class Basis:
                 path=left.file,
                 key=f"{key}.U",
             )
+        for name in FIELDS[3:]:
+            scalar = self.checkpoint.info(f"{key}.{name}")
+            if scalar.numel != 1:
+                raise CorruptCheckpointError(
+                    f"basis entry {name} must be one number, it has shape {list(scalar.shape)}.",
+                    path=scalar.file,
+                    key=scalar.key,
+                )
         return left.shape[0], right.shape[0]
 
     def read(self, key: str) -> BasisEntry:
