@@ -445,6 +445,48 @@ def nan_aligned(work: Path) -> list[str]:
     return repair_args(work, FIXTURES / "llama-base", work / "aligned", FIXTURES / "llama-lora")
 
 
+def aligned_copy_of_base(work: Path) -> list[str]:
+    aligned = Path(shutil.copytree(FIXTURES / "llama-base", work / "aligned"))
+    return repair_args(work, FIXTURES / "llama-base", aligned, FIXTURES / "llama-lora")
+
+
+def deep_base_config(work: Path) -> list[str]:
+    base = Path(shutil.copytree(FIXTURES / "llama-base", work / "base"))
+    (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return repair_args(work, base, FIXTURES / "llama-aligned", FIXTURES / "llama-lora")
+
+
+def overflowing_adapter(work: Path) -> Path:
+    """llama-lora with every factor scaled to entries up to 1e38: finite, but `s B A`
+    reaches ~1e77, far beyond float32 (the repair once wrote Inf factors from it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = adapter_copy(work)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    scaled = {key: tensor / tensor.abs().max() * 1e38 for key, tensor in tensors.items()}
+    save_file(scaled, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def huge_weights(work: Path, base_value: float | None, aligned_value: float) -> list[str]:
+    """BASE and ALIGNED with one weight set to finite values near float32's largest."""
+    from safetensors.torch import load_file, save_file
+
+    inputs = {}
+    for role, value in (("base", base_value), ("aligned", aligned_value)):
+        source = FIXTURES / ("llama-base" if role == "base" else "llama-aligned-single")
+        if value is None:
+            inputs[role] = source
+            continue
+        tensors = load_file(source / "model.safetensors")
+        tensors["model.layers.0.self_attn.q_proj.weight"].fill_(value)
+        (work / role).mkdir()
+        shutil.copyfile(source / "config.json", work / role / "config.json")
+        save_file(tensors, work / role / "model.safetensors", metadata={"format": "pt"})
+        inputs[role] = work / role
+    return repair_args(work, inputs["base"], inputs["aligned"], FIXTURES / "llama-lora")
+
+
 def wrong_base(work: Path) -> list[str]:
     return repair_args(
         work, FIXTURES / "gpt2-base", FIXTURES / "llama-aligned", FIXTURES / "llama-lora"
@@ -473,6 +515,28 @@ OTHER_CASES = [
     ),
     Case("aligned-nan", nan_aligned, 8, "model.safetensors"),
     Case("base-wrong-architecture", wrong_base, 7, "model.layers.0"),
+    Case("aligned-a-copy-of-base", aligned_copy_of_base, 7, "ALIGNED equals BASE"),
+    Case("base-config-deep-nesting", deep_base_config, 5, "base/config.json"),
+    Case(
+        "adapter-update-overflows-float32",
+        lambda work: repair_args(
+            work, FIXTURES / "llama-base", FIXTURES / "llama-aligned", overflowing_adapter(work)
+        ),
+        8,
+        "adapter/adapter_model.safetensors",
+    ),
+    Case(
+        "displacement-overflows-float32",
+        lambda work: huge_weights(work, -3e38, 3e38),
+        8,
+        "aligned/model.safetensors",
+    ),
+    Case(
+        "displacement-svd-overflows-float32",
+        lambda work: huge_weights(work, None, 3e38),
+        8,
+        "aligned/model.safetensors",
+    ),
     Case(
         "option-strength-nan",
         lambda work: fixture_repair(work, "--strength", "nan"),
