@@ -124,9 +124,11 @@ def load_model(source: Source, device: str = "auto", dtype: str = "auto") -> Loa
 
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    Checkpoint.open(source, "ALIGNED")  # validates headers, refuses pickles before any download
+    checkpoint = Checkpoint.open(source, "ALIGNED")  # refuses pickles before any download
     weights = [name for name in source.list_files() if name.endswith(".safetensors")]
     folder = local_folder(source, [*MODEL_FILES, *weights])
+    for shard in dict.fromkeys(checkpoint.weight_map.values()):
+        checkpoint.header(shard)  # every header validated before transformers parses it
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(
             "no config.json: eval needs a transformers model folder.", path=source.identity
