@@ -194,6 +194,27 @@ def _span(info: TensorInfo, data_start: int) -> str:
 MAX_TENSOR_BYTES = 1 << 50
 
 
+def _byte_size(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None past `MAX_TENSOR_BYTES` (stops multiplying
+    there, so a header of huge dimensions costs no big-integer arithmetic)."""
+    if 0 in shape:
+        return 0
+    size = itemsize
+    for dim in shape:
+        size *= dim
+        if size > MAX_TENSOR_BYTES:
+            return None
+    return size
+
+
+def _bounded(values: list[int]) -> str:
+    """A list of integers for a message, at most ~60 characters."""
+    text = str(values[:8])
+    if len(values) > 8 or len(text) > 60:
+        return text[:57].rstrip("]") + ", ...]"
+    return text
+
+
 def _tensor_info(path: Path, key: str, entry: object, data_start: int) -> TensorInfo:
     """One header entry, every field's JSON type checked before it is used."""
     if not isinstance(entry, dict):
@@ -213,19 +234,19 @@ def _tensor_info(path: Path, key: str, entry: object, data_start: int) -> Tensor
     if offsets[0] > offsets[1]:
         raise _corrupt(path, f"data_offsets {offsets} end before they begin", key)
     nbytes = offsets[1] - offsets[0]
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
-    if expected > MAX_TENSOR_BYTES:
+    expected = _byte_size(shape, DTYPES[dtype].itemsize)
+    if expected is None:
         raise _corrupt(
             path,
-            f"shape {shape} of {dtype} would need {expected:.3g} bytes, more than any real "
-            "tensor: the header is corrupt",
+            f"shape {_bounded(shape)} of {dtype} would need more than 2^50 bytes, more than "
+            "any real tensor: the header is corrupt",
             key,
         )
     if nbytes != expected:
         raise _corrupt(
             path,
-            f"data_offsets {offsets} span {nbytes} bytes but shape {shape} of {dtype} needs "
-            f"{expected}: the header is corrupt",
+            f"data_offsets {_bounded(offsets)} span {nbytes} bytes but shape {_bounded(shape)} "
+            f"of {dtype} needs {expected}: the header is corrupt",
             key,
         )
     return TensorInfo(key, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
