@@ -222,14 +222,14 @@ def check_outcomes(adapter: LoraAdapter, outcomes: list[Outcome]) -> None:
             if factor is not None and not is_finite(factor)
         ] + report.non_finite()
         if bad:
-            module = next(m for m in adapter.modules if m.name == report.name)
+            keys = [m.key_b for m in adapter.modules if m.name == report.name]
             raise NonFiniteError(
                 f"module {report.name!r}: NaN or Inf computed ({', '.join(bad)}) from finite "
                 "inputs, an overflow; nothing is written or reported. The adapter's factors or "
                 "the weights are far beyond a trained model's; check the adapter with "
                 "`adapter-fix inspect`.",
                 path=adapter.weights_path,
-                key=module.key_b,
+                key=keys[0] if keys else None,
             )
 
 
