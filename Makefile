@@ -25,6 +25,7 @@ lint:
 fixtures:
 	$(BIN)/python fixtures/make_fixtures.py
 	$(BIN)/python fixtures/make_miniature.py
+	$(BIN)/python fixtures/make_bad.py
 
 bench:
 	$(BIN)/python bench/startup.py

@@ -25,15 +25,17 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from adapter_fix.errors import IncompatibleModelsError
+from adapter_fix.errors import IncompatibleModelsError, NonFiniteError
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis, BasisEntry
-from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
+from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.io.keymap import StoredWeight, WeightLayout, read_rows
+from adapter_fix.math.solve import as_factored, largest_singular_value
 from adapter_fix.math.subspace import (
     Subspace,
     frobenius_norm,
@@ -132,12 +134,17 @@ class SubspaceSource(ABC):
     def weights_read(self) -> int:
         """How many tensors were read so far (progress)."""
 
+    def finish(self) -> None:  # noqa: B027 (a hook: most sources have nothing to check)
+        """Check what only the whole stream shows, once every target was loaded."""
+
 
 @dataclass
 class _Displacement:
     displacement: torch.Tensor
     aligned_norm: float
     displacement_norm: float
+    file: Path
+    """ALIGNED's file holding the weight (for messages)."""
 
 
 class WeightPair(SubspaceSource):
@@ -148,6 +155,10 @@ class WeightPair(SubspaceSource):
     def __init__(self, base: Checkpoint, aligned: Checkpoint) -> None:
         self.base, self.aligned = base, aligned
         self.inputs = {"base": base.source.identity, "aligned": aligned.source.identity}
+        self.compared: list[tuple[TensorInfo, TensorInfo]] = []
+        """BASE's and ALIGNED's weight for each displacement computed, in order."""
+        self.any_displacement = False
+        """Whether any of them differs between BASE and ALIGNED."""
 
     def plan(self, target: Target) -> tuple[StoredWeight, StoredWeight]:
         """The target's weight as BASE and ALIGNED store it (io/keymap.py), shapes checked."""
@@ -210,6 +221,7 @@ class WeightPair(SubspaceSource):
         """
         base_weight, aligned_weight = plan
         base, aligned = self.base, self.aligned
+        self.compared.append((base_weight.parts[0], aligned_weight.parts[0]))
         displacement = torch.empty(aligned_weight.shape, dtype=torch.float32)
         aligned_squares = displacement_squares = 0.0
         for rows, block in read_rows(aligned, aligned_weight):
@@ -224,10 +236,23 @@ class WeightPair(SubspaceSource):
             for checkpoint, weight in ((aligned, aligned_weight), (base, base_weight)):
                 for key in weight.keys:
                     checkpoint.read(key)  # raises NonFiniteError naming file and key
+            info = aligned_weight.parts[0]
+            raise NonFiniteError(
+                "both weights are finite but W_aligned - W_base overflows float32 (the "
+                "precision the displacement is computed in): their values are far beyond "
+                "those of a trained model. Check BASE and ALIGNED (a broken export?).",
+                path=info.file,
+                key=info.key,
+            )
+        if displacement_squares > 0:
+            self.any_displacement = True
         if base_weight.transposed:
             displacement = displacement.T
         return _Displacement(
-            displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
+            displacement,
+            math.sqrt(aligned_squares),
+            math.sqrt(displacement_squares),
+            aligned_weight.parts[0].file,
         )
 
     def complete(
@@ -253,6 +278,22 @@ class WeightPair(SubspaceSource):
     def weights_read(self) -> int:
         return len(self.base.reads) + len(self.aligned.reads)
 
+    def finish(self) -> None:
+        """Refuse ALIGNED equal to BASE on every weight compared: a copy of BASE given as
+        ALIGNED (the same file is refused in `plan`). Only the weights the run reads are
+        compared, so this is decided from their displacements, all exactly zero."""
+        if self.compared and not self.any_displacement:
+            base, aligned = self.compared[0]
+            raise IncompatibleModelsError(
+                f"ALIGNED equals BASE: there is no alignment to protect. All "
+                f"{len(self.compared)} weights read are identical in BASE ({base.file}) and "
+                f"ALIGNED ({aligned.file}), so every displacement W_aligned - W_base is zero. "
+                "ALIGNED must be the aligned (chat) model the adapter was trained on, BASE the "
+                "pretrained model it was aligned from: is one a copy of the other?",
+                path=aligned.file,
+                key=aligned.key,
+            )
+
 
 def _svd(target: Target, loaded: _Displacement, settings: SubspaceSettings) -> Subspace:
     subspace = safety_subspace(
@@ -264,6 +305,17 @@ def _svd(target: Target, loaded: _Displacement, settings: SubspaceSettings) -> S
         reference_norm=loaded.aligned_norm,
         displacement_norm=loaded.displacement_norm,
     )
+    if not (
+        math.isfinite(subspace.captured_energy)
+        and bool(torch.isfinite(subspace.singular_values).all())
+    ):
+        raise NonFiniteError(
+            f"module {target.name!r}: the SVD of the finite displacement W_aligned - W_base "
+            "gave NaN or Inf (an overflow in float32): the weights are far beyond a trained "
+            "model's. Check BASE and ALIGNED (a broken export?).",
+            path=loaded.file,
+            key=target.weight_key,
+        )
     if settings.device == "cpu":
         return subspace
     return replace(
@@ -272,6 +324,26 @@ def _svd(target: Target, loaded: _Displacement, settings: SubspaceSettings) -> S
         right=subspace.right.cpu(),
         singular_values=subspace.singular_values.cpu(),
     )
+
+
+def check_update_range(
+    adapter: LoraAdapter, module: LoraModule, lora_b: torch.Tensor, lora_a: torch.Tensor
+) -> None:
+    """Refuse a module whose finite factors make an update `s B A` (`m x r`, `r x n`) beyond
+    the adapter dtype's range: PEFT's forward pass or a merge overflows to Inf, and so would
+    repaired factors stored in that dtype. One small SVD (`r x r`): negligible beside a read."""
+    limit = torch.finfo(DTYPES[module.dtype]).max
+    top = largest_singular_value(as_factored(lora_b, lora_a, module.scaling))
+    if not top <= limit:
+        raise NonFiniteError(
+            f"module {module.name!r}: the factors are finite, but the update s B A they make "
+            f"reaches {top:.3g} (its largest singular value), beyond the largest {module.dtype} "
+            f"({limit:.3g}): applied or merged in {module.dtype} it overflows to Inf, and so "
+            "would its repaired factors. Its factors are far beyond a trained adapter's (a "
+            "diverged fine-tune or a broken export?).",
+            path=adapter.weights_path,
+            key=module.key_b,
+        )
 
 
 def check_weight_dtype(info: TensorInfo) -> None:
@@ -419,6 +491,7 @@ def module_stream(
             factors = None
             if adapter is not None and target.module is not None:
                 factors = read_factors(adapter, target.module)
+                check_update_range(adapter, target.module, *factors)
         return loaded, factors
 
     if not targets:
@@ -446,6 +519,7 @@ def module_stream(
                 data.lora_b, data.lora_a = factors
             yield data
             del data
+        source.finish()
     finally:
         if pending is not None:
             pending.cancel()

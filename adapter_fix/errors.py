@@ -9,8 +9,9 @@ Exit codes (documented in the README):
     4   unsafe format refused (pickle checkpoints: .bin, .pt, .pth)
     5   corrupt or invalid checkpoint (truncated file, bad header or index, missing tensor)
     6   invalid or unsupported adapter (config/tensor mismatch, DoRA, unknown PEFT type)
-    7   models incompatible with each other or with the adapter (shapes, missing weights)
-    8   non-finite values (NaN or Inf) in a tensor that is read
+    7   models incompatible with each other or with the adapter (shapes, missing weights,
+        ALIGNED equal to BASE)
+    8   non-finite values (NaN or Inf) in a tensor that is read, or computed from finite ones
     9   output refused or failed (OUT is an input, exists without --force, write error)
     10  download failed (network, authentication, offline cache miss)
     11  `inspect --strict`: the adapter has warnings

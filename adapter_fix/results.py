@@ -7,6 +7,7 @@ the totals every report shows. report.py renders them; nothing here formats.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +58,22 @@ class ModuleResult:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape)}
+
+    def non_finite(self) -> list[str]:
+        """The fields holding a NaN or Inf (a number, or one inside a dict or list)."""
+
+        def numbers(value: Any) -> list[float]:
+            if isinstance(value, dict):
+                return [number for item in value.values() for number in numbers(item)]
+            if isinstance(value, list | tuple):
+                return [number for item in value for number in numbers(item)]
+            return [value] if isinstance(value, float) else []
+
+        return [
+            name
+            for name, value in asdict(self).items()
+            if not all(math.isfinite(number) for number in numbers(value))
+        ]
 
 
 @dataclass

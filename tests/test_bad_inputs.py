@@ -278,6 +278,42 @@ HEADER_CASES = [
 ]
 
 
+# The fuzz inputs saved in fixtures/bad/ (fixtures/make_bad.py): as adapter, BASE, ALIGNED
+
+BAD_HEADERS = sorted(path.stem for path in (FIXTURES / "bad").glob("*.safetensors"))
+
+
+def bad_header(name: str, role: str) -> Callable[[Path], list[str]]:
+    def build(work: Path) -> list[str]:
+        bad = FIXTURES / "bad" / f"{name}.safetensors"
+        if role == "adapter":
+            folder = adapter_copy(work)
+            shutil.copyfile(bad, folder / "adapter_model.safetensors")
+            return ["inspect", str(folder)]
+        model = work / role
+        model.mkdir()
+        shutil.copyfile(FIXTURES / "llama-base" / "config.json", model / "config.json")
+        shutil.copyfile(bad, model / "model.safetensors")
+        inputs = {"base": FIXTURES / "llama-base", "aligned": FIXTURES / "llama-aligned"}
+        inputs[role] = model
+        return repair_args(work, inputs["base"], inputs["aligned"], FIXTURES / "llama-lora")
+
+    return build
+
+
+BAD_HEADER_CASES = [
+    Case(
+        f"fuzz-{name}-{role}",
+        bad_header(name, role),
+        5,
+        f"file {{work}}/{'adapter/adapter_model' if role == 'adapter' else role + '/model'}"
+        ".safetensors, key ",
+    )
+    for name in BAD_HEADERS
+    for role in ("adapter", "base", "aligned")
+]
+
+
 # A sharded BASE with a broken index (exit 5) or pickles (exit 4)
 
 
@@ -409,6 +445,48 @@ def nan_aligned(work: Path) -> list[str]:
     return repair_args(work, FIXTURES / "llama-base", work / "aligned", FIXTURES / "llama-lora")
 
 
+def aligned_copy_of_base(work: Path) -> list[str]:
+    aligned = Path(shutil.copytree(FIXTURES / "llama-base", work / "aligned"))
+    return repair_args(work, FIXTURES / "llama-base", aligned, FIXTURES / "llama-lora")
+
+
+def deep_base_config(work: Path) -> list[str]:
+    base = Path(shutil.copytree(FIXTURES / "llama-base", work / "base"))
+    (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return repair_args(work, base, FIXTURES / "llama-aligned", FIXTURES / "llama-lora")
+
+
+def overflowing_adapter(work: Path) -> Path:
+    """llama-lora with every factor scaled to entries up to 1e38: finite, but `s B A`
+    reaches ~1e77, far beyond float32 (the repair once wrote Inf factors from it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = adapter_copy(work)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    scaled = {key: tensor / tensor.abs().max() * 1e38 for key, tensor in tensors.items()}
+    save_file(scaled, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def huge_weights(work: Path, base_value: float | None, aligned_value: float) -> list[str]:
+    """BASE and ALIGNED with one weight set to finite values near float32's largest."""
+    from safetensors.torch import load_file, save_file
+
+    inputs = {}
+    for role, value in (("base", base_value), ("aligned", aligned_value)):
+        source = FIXTURES / ("llama-base" if role == "base" else "llama-aligned-single")
+        if value is None:
+            inputs[role] = source
+            continue
+        tensors = load_file(source / "model.safetensors")
+        tensors["model.layers.0.self_attn.q_proj.weight"].fill_(value)
+        (work / role).mkdir()
+        shutil.copyfile(source / "config.json", work / role / "config.json")
+        save_file(tensors, work / role / "model.safetensors", metadata={"format": "pt"})
+        inputs[role] = work / role
+    return repair_args(work, inputs["base"], inputs["aligned"], FIXTURES / "llama-lora")
+
+
 def wrong_base(work: Path) -> list[str]:
     return repair_args(
         work, FIXTURES / "gpt2-base", FIXTURES / "llama-aligned", FIXTURES / "llama-lora"
@@ -437,6 +515,28 @@ OTHER_CASES = [
     ),
     Case("aligned-nan", nan_aligned, 8, "model.safetensors"),
     Case("base-wrong-architecture", wrong_base, 7, "model.layers.0"),
+    Case("aligned-a-copy-of-base", aligned_copy_of_base, 7, "ALIGNED equals BASE"),
+    Case("base-config-deep-nesting", deep_base_config, 5, "base/config.json"),
+    Case(
+        "adapter-update-overflows-float32",
+        lambda work: repair_args(
+            work, FIXTURES / "llama-base", FIXTURES / "llama-aligned", overflowing_adapter(work)
+        ),
+        8,
+        "adapter/adapter_model.safetensors",
+    ),
+    Case(
+        "displacement-overflows-float32",
+        lambda work: huge_weights(work, -3e38, 3e38),
+        8,
+        "aligned/model.safetensors",
+    ),
+    Case(
+        "displacement-svd-overflows-float32",
+        lambda work: huge_weights(work, None, 3e38),
+        8,
+        "aligned/model.safetensors",
+    ),
     Case(
         "option-strength-nan",
         lambda work: fixture_repair(work, "--strength", "nan"),
@@ -446,7 +546,7 @@ OTHER_CASES = [
     Case("option-energy-inf", lambda work: fixture_repair(work, "--energy", "inf"), 2, "--energy"),
 ]
 
-CASES = CONFIG_CASES + HEADER_CASES + INDEX_CASES + OTHER_CASES
+CASES = CONFIG_CASES + HEADER_CASES + BAD_HEADER_CASES + INDEX_CASES + OTHER_CASES
 
 
 def snapshot(folder: Path) -> dict[str, bytes | str]:
@@ -465,6 +565,7 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 
 def test_the_matrix_has_at_least_40_cases() -> None:
     assert len(CASES) >= 40
+    assert len(BAD_HEADERS) >= 8
     assert len({case.id for case in CASES}) == len(CASES)
 
 
@@ -481,7 +582,7 @@ def test_bad_input_exits_with_its_code_names_the_file_and_changes_nothing(
     result = CliRunner().invoke(main, args)
     stderr = result.stderr
     assert result.exit_code == case.code, stderr
-    assert case.names in stderr, stderr
+    assert case.names.format(work=work) in stderr, stderr
     assert "Traceback" not in stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
     if case.code not in (2, 11):  # usage errors are click's; --strict prints the table first

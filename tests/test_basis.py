@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,6 +230,66 @@ def test_a_basis_of_another_model_exits_7_naming_the_module(
     code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
     assert code == 7, stderr
     assert "model.layers.0.self_attn.q_proj" in stderr and "[48, 32]" in stderr
+
+
+def test_a_basis_whose_norm_is_not_one_number_exits_5_naming_the_key(
+    llama_basis: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
+    tensors = load_file(basis / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight.displacement_norm"
+    tensors[key] = torch.ones(2, dtype=torch.float64)
+    save_file(tensors, basis / "model.safetensors")
+    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    assert code == 5, stderr
+    assert f"key '{key}'" in stderr and "must be one number" in stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "damage", "says"),
+    [
+        ("S", lambda s: s.to(torch.int32), "basis entry S is I32"),
+        ("U", lambda u: u.to(torch.uint8), "basis entry U is U8"),
+        ("S", lambda s: s * 0, "S holds a negative value or no positive one"),
+        ("S", lambda s: -s, "S holds a negative value or no positive one"),
+        ("S", lambda s: s.flip(0), "S is not in descending order"),
+        ("S", lambda s: s * 1e3, "S holds sum(S^2) ="),
+        ("captured_energy", lambda e: e + 2, "captured_energy 3"),
+    ],
+)
+def test_a_basis_entry_that_cannot_be_an_svd_exits_5_naming_the_key(
+    llama_basis: Path, tmp_path: Path, fixtures_dir: Path, field: str, damage: Any, says: str
+) -> None:
+    """A basis comes from anyone (the Hub): its values are checked, not only its finiteness
+    (an S of zeros divided by zero; a uint8 U crashed the SVD code)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
+    tensors = load_file(basis / "model.safetensors")
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    tensors[f"{weight}.{field}"] = damage(tensors[f"{weight}.{field}"])
+    save_file(tensors, basis / "model.safetensors")
+    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    assert code == 5, stderr
+    assert f"key '{weight}." in stderr and says in stderr
+
+
+def test_a_basis_config_nested_too_deeply_exits_5(
+    llama_basis: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    import shutil
+
+    basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
+    (basis / "basis_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    assert code == 5, stderr
+    assert "basis_config.json" in stderr
 
 
 def test_usage_errors_of_basis_and_basis_inputs_exit_2(fixtures_dir: Path, tmp_path: Path) -> None:

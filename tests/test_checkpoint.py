@@ -214,3 +214,55 @@ def test_row_blocks_reassemble_the_tensor_and_record_one_read(tmp_path: Path) ->
     assert torch.equal(rebuilt, tensors["w"])
     assert blocks == 37 // (64 // 10) + 1
     assert checkpoint.reads == ["w"]
+
+
+BAD = Path(__file__).resolve().parents[1] / "fixtures" / "bad"
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "says"),
+    [
+        ("dtype-object", "a.weight", "dtype is an object, {'F32': 4}, not one of F64"),
+        ("dtype-list", "a.weight", "dtype is a list, ['F32']"),
+        ("shape-object", "a.weight", "shape is an object"),
+        ("offsets-object", "a.weight", "data_offsets is an object"),
+        (
+            "overlapping-offsets",
+            "b.weight",
+            "tensors 'a.weight' (data bytes 8-24) and 'b.weight' (data bytes 16-32) overlap",
+        ),
+        (
+            "offset-beyond-data",
+            "b.weight",
+            "4080 bytes between tensor 'a.weight' (ends at data byte 16) and this one",
+        ),
+        ("absurd-shape", "b.weight", "more than any real tensor: the header is corrupt"),
+        (
+            "shape-disagrees-with-offsets",
+            "a.weight",
+            "data_offsets [0, 16] span 16 bytes but shape [4, 4] of F32 needs 64",
+        ),
+    ],
+)
+def test_a_corrupt_header_says_what_is_wrong_with_it_and_not_that_the_file_is_truncated(
+    name: str, key: str, says: str
+) -> None:
+    with pytest.raises(CorruptCheckpointError) as error:
+        read_header(BAD / f"{name}.safetensors")
+    message = error.value.render()
+    assert error.value.key == key
+    assert error.value.path == str(BAD / f"{name}.safetensors")
+    assert says in message
+    assert "truncated" not in message and "fetch it again" not in message
+
+
+def test_a_truncated_file_names_the_first_tensor_it_cuts(tmp_path: Path) -> None:
+    save_file(_tensors(), tmp_path / "model.safetensors")
+    header = read_header(tmp_path / "model.safetensors")
+    cut = min(header.tensors.values(), key=lambda info: info.offset + info.nbytes)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: cut.offset + cut.nbytes - 1])
+    with pytest.raises(CorruptCheckpointError) as error:
+        read_header(tmp_path / "model.safetensors")
+    assert error.value.key == cut.key
+    assert "the file is truncated" in error.value.render()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from click.testing import CliRunner, Result
 from eval_models import save_lora, save_model
 from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from rich.console import Console
+from safetensors import safe_open
 
 from adapter_fix.cli import main
-from adapter_fix.errors import UnsafeFormatError, UsageError
+from adapter_fix.errors import CorruptCheckpointError, UnsafeFormatError, UsageError
 from adapter_fix.evaluate.generate import (
     continuation_logprob,
     encode_prompts,
@@ -160,6 +162,23 @@ def test_a_pickle_only_model_is_refused_before_loading(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UnsafeFormatError):
         load_model(open_source(str(tmp_path)), device="cpu")
+
+
+def test_a_shard_with_a_corrupt_header_is_refused_before_transformers_reads_it(
+    tiny: dict[str, Path], fixtures_dir: Path, tmp_path: Path
+) -> None:
+    """An index's shards are validated like a single file (a dtype object crashed before)."""
+    model = Path(shutil.copytree(tiny["chat"], tmp_path / "chat"))
+    with safe_open(model / "model.safetensors", framework="pt") as handle:
+        keys = list(handle.keys())
+    (model / "model.safetensors").unlink()
+    shard = "model-00001-of-00001.safetensors"
+    shutil.copyfile(fixtures_dir / "bad" / "dtype-object.safetensors", model / shard)
+    index = {"weight_map": dict.fromkeys(keys, shard)}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptCheckpointError) as error:
+        load_model(open_source(str(model)), device="cpu")
+    assert error.value.path == str(model / shard) and "dtype is an object" in error.value.message
 
 
 def run_cli(*args: str) -> Result:

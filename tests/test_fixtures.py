@@ -40,8 +40,8 @@ def _quiet():
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+def load_generator(name: str = "make_fixtures"):
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -208,7 +208,7 @@ def test_lora_component0_is_fully_aligned(adapter, base, aligned, module, kind):
 
 
 def _committed_files(root: Path) -> list[Path]:
-    """Files make_fixtures.py writes (the miniature, chat-*, has its own generator)."""
+    """Files make_fixtures.py writes (the miniature, chat-*, and bad/ have their own)."""
     return sorted(
         p.relative_to(root)
         for p in root.rglob("*")
@@ -216,7 +216,14 @@ def _committed_files(root: Path) -> list[Path]:
         and p.suffix != ".py"
         and "__pycache__" not in p.parts
         and not p.relative_to(root).parts[0].startswith("chat-")
+        and p.relative_to(root).parts[0] != "bad"
     )
+
+
+def test_bad_headers_are_what_make_bad_writes(tmp_path):
+    load_generator("make_bad").main(tmp_path)
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert written == {p.name: p.read_bytes() for p in (FIXTURES / "bad").iterdir()}
 
 
 def _without_miniature_section(text: str, marker: str) -> str:

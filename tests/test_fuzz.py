@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
+import shutil
 import struct
 import tempfile
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapter_fix.errors import AdapterFixError
+from adapter_fix.cli import main
+from adapter_fix.errors import EXIT_CODES, AdapterFixError
 from adapter_fix.io.adapter import _read_config, is_targeted
 from adapter_fix.io.checkpoint import DTYPES, _read_index, read_header
 from adapter_fix.io.safe_regex import UnsafePatternError, compile_pattern
@@ -40,7 +44,7 @@ json_values = st.recursive(
 small_ints = st.integers(min_value=-2, max_value=64) | st.booleans()
 tensor_entries = st.fixed_dictionaries(
     {
-        "dtype": st.sampled_from([*DTYPES, "Q4", 3]),
+        "dtype": st.sampled_from([*DTYPES, "Q4", 3]) | json_values,
         "shape": st.lists(small_ints, max_size=3) | json_values,
         "data_offsets": st.lists(small_ints, min_size=2, max_size=2) | json_values,
     }
@@ -158,3 +162,105 @@ def test_safe_regex_answers_like_python_re_where_it_accepts_a_pattern(
         return
     for text in texts:
         assert compiled.fullmatch(text) == (re.fullmatch(pattern, text) is not None), text
+
+
+# Mutations of real headers, through the CLI, from a fixed seed: whatever one field becomes,
+# the run ends in one documented refusal (or succeeds), never an internal error (exit 1) or a
+# traceback, and never calls a file whose header alone is wrong truncated.
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+NASTY: list[Any] = [
+    None,
+    True,
+    -1,
+    2**64,
+    1.5,
+    "F32",
+    "",
+    [],
+    {},
+    [[4]],
+    {"F32": 4},
+    ["F32"],
+    [0, 2**40],
+    [2**62, 2**62],
+    [10**200, 10**200],
+    [1] * 5000,
+    [True, 16],
+    [16, 0],
+]
+
+
+def _mutated(header: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """`header` with one random change to one tensor's entry (or the entry as a whole)."""
+    header = json.loads(json.dumps(header))
+    key = rng.choice([k for k in header if k != "__metadata__"])
+    entry = header[key]
+    field = rng.choice(["dtype", "shape", "data_offsets", "entry", "drop"])
+    kind = rng.random()
+    if field == "entry":
+        header[key] = rng.choice(NASTY)
+    elif field == "drop":
+        del entry[rng.choice(["dtype", "shape", "data_offsets"])]
+    elif kind < 0.5:
+        entry[field] = rng.choice(NASTY)
+    elif field == "dtype":
+        entry["dtype"] = rng.choice([*DTYPES, "Q4", "f32"])
+    elif field == "shape":
+        shape = list(entry["shape"])
+        shape[rng.randrange(len(shape))] = rng.choice([0, 1, shape[0] + 1, 10**12, 2**50])
+        entry["shape"] = shape if rng.random() < 0.8 else [*shape, 2]
+    else:
+        other = header[rng.choice([k for k in header if k != "__metadata__"])]["data_offsets"]
+        begin, end = entry["data_offsets"]
+        shift = rng.choice([1, -1, 8, 4096, 2**40, -begin])
+        entry["data_offsets"] = rng.choice(
+            [[begin + shift, end + shift], [begin, end + shift], list(other), [end, begin]]
+        )
+    return header
+
+
+def _with_header(path: Path, header: dict[str, Any], target: Path) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    raw = json.dumps(header).encode()
+    target.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def _header(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header: dict[str, Any] = json.loads(data[8 : 8 + length])
+    return header
+
+
+def _assert_documented(result: Any, what: str) -> None:
+    assert result.exit_code != 1, f"{what}: {result.stderr}"
+    assert result.exit_code in EXIT_CODES, f"{what}: {result.stderr}"
+    assert "Traceback" not in result.stderr, what
+    assert result.exception is None or isinstance(result.exception, SystemExit), what
+    if result.exit_code:
+        assert result.stderr.startswith("adapter-fix: "), f"{what}: {result.stderr}"
+    # Only the header changed, every data byte is there: never send the user to download again.
+    assert "truncated" not in result.stderr, f"{what}: {result.stderr}"
+
+
+def test_mutated_adapter_and_base_headers_end_in_a_documented_exit_code(tmp_path: Path) -> None:
+    rng = random.Random(21)
+    adapter = Path(shutil.copytree(FIXTURES / "llama-lora", tmp_path / "adapter"))
+    weights = FIXTURES / "llama-lora" / "adapter_model.safetensors"
+    for run in range(300):
+        header = _mutated(_header(weights), rng)
+        _with_header(weights, header, adapter / "adapter_model.safetensors")
+        result = CliRunner().invoke(main, ["inspect", str(adapter), "--json"])
+        _assert_documented(result, f"adapter mutation {run}: {json.dumps(header)[:300]}")
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copyfile(FIXTURES / "llama-base" / "config.json", base / "config.json")
+    weights = FIXTURES / "llama-base" / "model.safetensors"
+    for run in range(60):
+        header = _mutated(_header(weights), rng)
+        _with_header(weights, header, base / "model.safetensors")
+        args = ["check", str(base), str(FIXTURES / "llama-aligned"), str(FIXTURES / "llama-lora")]
+        result = CliRunner().invoke(main, [*args, "--quiet"])
+        _assert_documented(result, f"base mutation {run}: {json.dumps(header)[:300]}")

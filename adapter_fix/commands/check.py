@@ -35,7 +35,7 @@ from adapter_fix.engine import (
 from adapter_fix.io.adapter import LoraAdapter
 from adapter_fix.math.solve import alignment_reversal, basis_reversal
 from adapter_fix.math.subspace import Subspace
-from adapter_fix.methods.base import PreparedModule, prepare
+from adapter_fix.methods.base import Outcome, PreparedModule, check_outcomes, prepare
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 
 REPORT_SCHEMA = "adapter-fix/check-report"
@@ -147,6 +147,7 @@ def check(
         del data, prepared
         if on_module is not None:
             on_module(row, source.weights_read())
+    check_outcomes(adapter, [Outcome(row) for row in rows])
     total_reversal = -inner / displacement_energy if displacement_energy > 0 else 0.0
     total_off = off_energy / update_energy if update_energy > 0 else 0.0
     norms = sum(row.displacement_norm**2 for row in rows)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from adapter_fix import __version__
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, load_adapter, read_factors
-from adapter_fix.io.checkpoint import is_finite
+from adapter_fix.io.checkpoint import DTYPES, is_finite
 from adapter_fix.io.sources import HubOptions, open_source
 from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 
@@ -29,6 +32,8 @@ class ModuleSummary:
     update_norm: float | None  # None when a factor holds NaN or Inf
     effective_rank: float | None
     finite: bool
+    """The factors hold no NaN or Inf, and the update `s B A` they make stays within the
+    adapter dtype's range (its largest singular value is below the largest finite value)."""
     target: str = ""  # the weight it updates, as the model names it at run time
     expert: int | None = None  # for `target_parameters` LoRA on 3-D expert weights
     num_experts: int = 1
@@ -110,6 +115,14 @@ def _summarise(adapter: LoraAdapter, module: LoraModule, warnings: list[str]) ->
         spectrum = update_spectrum(as_factored(lora_b, lora_a, module.scaling))
         norm = float(spectrum.square().sum().sqrt())
         effective = effective_rank(spectrum)
+        top, limit = float(spectrum.max()), torch.finfo(DTYPES[module.dtype]).max
+        if not (math.isfinite(norm) and top <= limit):
+            finite = False
+            warnings.append(
+                f"{module.name}: the update s B A reaches {top:.3g} (its largest singular "
+                f"value), beyond the largest {module.dtype} ({limit:.3g}): applied or merged "
+                f"in {module.dtype} it overflows to Inf."
+            )
     else:
         warnings.append(f"{module.name}: lora_A or lora_B holds NaN or Inf values.")
         norm, effective = None, None

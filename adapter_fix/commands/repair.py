@@ -29,7 +29,7 @@ from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
 from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.methods import METHODS, REGISTRY
-from adapter_fix.methods.base import Outcome, RepairOptions
+from adapter_fix.methods.base import Outcome, RepairOptions, check_outcomes
 from adapter_fix.methods.gate import (
     Calibration,
     GatedModel,
@@ -157,6 +157,7 @@ def _finish(
     clock: Clock,
 ) -> RepairResult:
     """Write OUT when there is one, and close the timings."""
+    check_outcomes(adapter, outcomes)
     if out is not None:
         result.output = str(out.resolve())
         with clock.measure("write_s"):

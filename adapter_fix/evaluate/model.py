@@ -154,9 +154,11 @@ class LoadedModel:
 def model_folder(source: Source, role: str) -> Path:
     """The local folder of a transformers model: headers validated and pickles refused
     before anything else is fetched; config.json required."""
-    Checkpoint.open(source, role)  # validates headers, refuses pickles before any download
+    checkpoint = Checkpoint.open(source, role)  # refuses pickles before any download
     weights = [name for name in source.list_files() if name.endswith(".safetensors")]
     folder = local_folder(source, [*MODEL_FILES, *weights])
+    for shard in dict.fromkeys(checkpoint.weight_map.values()):
+        checkpoint.header(shard)  # every header validated before transformers parses it
     if not (folder / "config.json").is_file():
         raise SourceNotFoundError(
             "no config.json: eval needs a transformers model folder.", path=source.identity

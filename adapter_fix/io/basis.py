@@ -42,7 +42,15 @@ from adapter_fix.errors import (
     SourceNotFoundError,
 )
 from adapter_fix.io.adapter import resolve_weight_key
-from adapter_fix.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, dtype_name
+from adapter_fix.io.checkpoint import (
+    FLOAT_WEIGHT_DTYPES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    TensorInfo,
+    dtype_name,
+)
+from adapter_fix.io.jsonfile import JsonError, parse_json
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import write_safetensors
 
@@ -89,8 +97,8 @@ class Basis:
                 path=source.identity,
             )
         try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = parse_json(config_path.read_bytes())
+        except (OSError, JsonError):
             raise CorruptCheckpointError(
                 f"{CONFIG_NAME} is not valid JSON.", path=config_path
             ) from None
@@ -139,12 +147,28 @@ class Basis:
                 path=left.file,
                 key=f"{key}.U",
             )
+        for name in FIELDS:
+            info = self.checkpoint.info(f"{key}.{name}")
+            if info.dtype not in FLOAT_WEIGHT_DTYPES:
+                raise CorruptCheckpointError(
+                    f"basis entry {name} is {info.dtype}; a basis holds float tensors only.",
+                    path=info.file,
+                    key=info.key,
+                )
+        for name in FIELDS[3:]:
+            scalar = self.checkpoint.info(f"{key}.{name}")
+            if scalar.numel != 1:
+                raise CorruptCheckpointError(
+                    f"basis entry {name} must be one number, it has shape {list(scalar.shape)}.",
+                    path=scalar.file,
+                    key=scalar.key,
+                )
         return left.shape[0], right.shape[0]
 
     def read(self, key: str) -> BasisEntry:
         """One module's entry (NaN or Inf is an error naming file and key)."""
         tensors = {name: self._read(f"{key}.{name}") for name in FIELDS}
-        return BasisEntry(
+        entry = BasisEntry(
             left=tensors["U"],
             values=tensors["S"].double(),
             right=tensors["V"],
@@ -152,6 +176,15 @@ class Basis:
             aligned_norm=float(tensors["aligned_norm"]),
             captured_energy=float(tensors["captured_energy"]),
         )
+        problem = _inconsistency(entry)
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"basis entry {problem}: the basis is corrupt. Rebuild it with "
+                "`adapter-fix basis BASE ALIGNED -o BASIS`.",
+                path=self.checkpoint.info(f"{key}.S").file,
+                key=f"{key}.S",
+            )
+        return entry
 
     def _read(self, key: str) -> torch.Tensor:
         """A tensor whose finiteness is checked by one sum (a NaN or Inf makes it non-finite;
@@ -161,6 +194,27 @@ class Basis:
         if not math.isfinite(float(tensor.sum())):
             self.checkpoint.read(key)  # raises NonFiniteError naming file and key
         return tensor
+
+
+def _inconsistency(entry: BasisEntry) -> str | None:
+    """What makes a stored entry impossible as an SVD of `D`, or None: singular values
+    negative, increasing, or holding more than `||D||_F^2`; negative norms; a captured
+    energy outside [0, 1]; K values with no positive one."""
+    values = entry.values
+    energy = float(values.square().sum())
+    total = entry.displacement_norm**2
+    slack = 1e-3 * total + 1e-30  # stored in float32 / bfloat16 next to an exact norm
+    if entry.displacement_norm < 0 or entry.aligned_norm < 0:
+        return "displacement_norm or aligned_norm is negative"
+    if values.numel() and (bool((values < 0).any()) or float(values[0]) <= 0):
+        return "S holds a negative value or no positive one"
+    if bool((values[1:] > values[:-1] * (1 + 1e-6)).any()):
+        return "S is not in descending order"
+    if energy > total + slack:
+        return f"S holds sum(S^2) = {energy:.4g} > ||D||_F^2 = {total:.4g}"
+    if not -1e-6 <= entry.captured_energy <= 1 + 1e-6:
+        return f"captured_energy {entry.captured_energy:.4g} is outside [0, 1]"
+    return None
 
 
 class BasisWriter:

@@ -9,6 +9,7 @@ the pages of the shards it has looked at. No file stays open between reads.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import struct
@@ -115,7 +116,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise _corrupt(path, "__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for key, entry in header.items():
-        tensors[key] = _tensor_info(path, key, entry, data_start, size)
+        tensors[key] = _tensor_info(path, key, entry, data_start)
     _check_layout(path, tensors, data_start, size)
     return SafetensorsHeader(path, tensors, metadata, data_start)
 
@@ -125,45 +126,127 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _shown(value: object) -> str:
+    """A header value as the message shows it: its JSON type and a bounded repr."""
+    text = repr(value)
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, int | float) else "null"
+    )
+    return f"{kind}, {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
     """The tensors' byte ranges tile the data section exactly, as the safetensors library
-    requires: no two tensors share bytes, no bytes lie between, before or after them."""
+    requires: no two tensors share bytes, no bytes lie between, before or after them.
+
+    Only a header whose tensors tile a data section longer than the file is a truncated
+    file; overlaps, gaps and a first tensor that does not start the data section are
+    faults of the header itself, named with both tensors involved.
+    """
+    ordered = sorted(tensors.values(), key=lambda i: (i.offset, i.nbytes))
+    for previous, info in itertools.pairwise(ordered):
+        if info.offset < previous.offset + previous.nbytes:
+            raise _corrupt(
+                path,
+                f"the header's data_offsets make tensors {previous.key!r} (data bytes "
+                f"{_span(previous, data_start)}) and {info.key!r} (data bytes "
+                f"{_span(info, data_start)}) overlap; the header is corrupt",
+                info.key,
+            )
     end = data_start
-    for info in sorted(tensors.values(), key=lambda i: (i.offset, i.nbytes)):
-        if info.offset != end:
-            where = "overlaps another tensor's" if info.offset < end else "leaves a gap before its"
-            raise _corrupt(path, f"the tensor {where} data (data_offsets)", info.key)
+    for index, info in enumerate(ordered):
+        if info.offset > end:
+            begin = info.offset - data_start
+            where = (
+                f"the data section starts at byte 0 but its first tensor at byte {begin}"
+                if index == 0
+                else f"{begin - (end - data_start)} bytes between tensor "
+                f"{ordered[index - 1].key!r} (ends at data byte {end - data_start}) and this "
+                f"one (starts at {begin}) belong to no tensor"
+            )
+            raise _corrupt(path, f"{where} (data_offsets); the header is corrupt", info.key)
         end = info.offset + info.nbytes
-    if end != size:
+    if end < size:
         raise _corrupt(path, f"{size - end} bytes after the last tensor belong to none")
-
-
-def _tensor_info(path: Path, key: str, entry: object, data_start: int, size: int) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise _corrupt(path, "the header entry is not an object", key)
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _corrupt(path, f"unsupported dtype {dtype!r}", key)
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _corrupt(path, f"invalid shape {shape!r}", key)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise _corrupt(path, f"invalid data_offsets {offsets!r}", key)
-    nbytes = offsets[1] - offsets[0]
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
-    if nbytes != expected:
-        raise _corrupt(
-            path, f"holds {nbytes} bytes but shape {shape} of {dtype} needs {expected}", key
+    if end > size:
+        first_short = next(
+            info
+            for info in sorted(tensors.values(), key=lambda i: i.offset)
+            if info.offset + info.nbytes > size
         )
-    if data_start + offsets[1] > size:
         raise _corrupt(
             path,
-            f"the data ends at byte {data_start + offsets[1]} but the file has {size}: "
-            "the file is truncated (an interrupted download or copy?); fetch it again",
+            f"the header describes {end - data_start} bytes of tensor data but the file holds "
+            f"{size - data_start} after the header, ending inside this tensor (data bytes "
+            f"{_span(first_short, data_start)}): the file is truncated (an interrupted "
+            "download or copy?); fetch it again (if a fresh copy has the same size, its "
+            "header is corrupt instead)",
+            first_short.key,
+        )
+
+
+def _span(info: TensorInfo, data_start: int) -> str:
+    begin = info.offset - data_start
+    return f"{begin}-{begin + info.nbytes}"
+
+
+# No real tensor comes near this (1 PiB); a header that claims one is corrupt, not truncated.
+MAX_TENSOR_BYTES = 1 << 50
+
+
+def _byte_size(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor of `shape`, or None past `MAX_TENSOR_BYTES` (stops multiplying
+    there, so a header of huge dimensions costs no big-integer arithmetic)."""
+    if 0 in shape:
+        return 0
+    size = itemsize
+    for dim in shape:
+        size *= dim
+        if size > MAX_TENSOR_BYTES:
+            return None
+    return size
+
+
+def _bounded(values: list[int]) -> str:
+    """A list of integers for a message, at most ~60 characters."""
+    text = str(values[:8])
+    if len(values) > 8 or len(text) > 60:
+        return text[:57].rstrip("]") + ", ...]"
+    return text
+
+
+def _tensor_info(path: Path, key: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry, every field's JSON type checked before it is used."""
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"the header entry is not an object but {_shown(entry)}", key)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        names = ", ".join(DTYPES)
+        raise _corrupt(path, f"dtype is {_shown(dtype)}, not one of {names}", key)
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _corrupt(path, f"shape is {_shown(shape)}, not a list of non-negative integers", key)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise _corrupt(
+            path,
+            f"data_offsets is {_shown(offsets)}, not a list of two non-negative integers",
+            key,
+        )
+    if offsets[0] > offsets[1]:
+        raise _corrupt(path, f"data_offsets {offsets} end before they begin", key)
+    nbytes = offsets[1] - offsets[0]
+    expected = _byte_size(shape, DTYPES[dtype].itemsize)
+    if expected is None:
+        raise _corrupt(
+            path,
+            f"shape {_bounded(shape)} of {dtype} would need more than 2^50 bytes, more than "
+            "any real tensor: the header is corrupt",
+            key,
+        )
+    if nbytes != expected:
+        raise _corrupt(
+            path,
+            f"data_offsets {_bounded(offsets)} span {nbytes} bytes but shape {_bounded(shape)} "
+            f"of {dtype} needs {expected}: the header is corrupt",
             key,
         )
     return TensorInfo(key, dtype, tuple(shape), path, data_start + offsets[0], nbytes)

@@ -464,9 +464,10 @@ def read_model_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8
+        why = "nested too deeply" if isinstance(error, RecursionError) else error
         raise CorruptCheckpointError(
-            f"{checkpoint.label}: cannot parse the model config ({error}).", path=path
+            f"{checkpoint.label}: cannot parse the model config ({why}).", path=path
         ) from None
     if not isinstance(config, dict):
         raise CorruptCheckpointError(

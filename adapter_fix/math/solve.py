@@ -305,6 +305,17 @@ def update_spectrum(update: FactoredUpdate) -> Tensor:
     return torch.linalg.svdvals(_core_values(update))
 
 
+def largest_singular_value(update: FactoredUpdate) -> float:
+    """`sigma_1` of `X = s L R` (0.0 for an empty update).
+
+    It bounds every entry of `X` and the norm of `X x` for a unit `x`: when it
+    is below a dtype's largest finite value, `X` merged or applied in that
+    dtype cannot overflow; above it, it is expected to.
+    """
+    values = update_spectrum(update)
+    return float(values[0]) if values.numel() else 0.0
+
+
 def effective_rank(singular_values: Tensor) -> float:
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values.
 

@@ -235,6 +235,10 @@ def frobenius_norm(matrix: torch.Tensor) -> float:
     squares = norms.double().square().sum()
     if whole < flat.numel():
         squares += torch.linalg.vector_norm(flat[whole:]).double().square()
+    if not math.isfinite(float(squares)) and flat.dtype != torch.float64:
+        # A float32 sum of squares overflows from entries near 1e19 on: redo it in float64,
+        # so only NaN or Inf entries make the norm non-finite (a rare path: no cost otherwise).
+        return frobenius_norm(flat.double())
     return math.sqrt(float(squares))
 
 

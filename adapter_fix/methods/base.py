@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 
 from adapter_fix.engine import ModuleData, SubspaceSettings, one_thread
+from adapter_fix.errors import NonFiniteError
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, lora_scaling
-from adapter_fix.io.checkpoint import DTYPES
+from adapter_fix.io.checkpoint import DTYPES, is_finite
 from adapter_fix.math.solve import (
     Decomposition,
     FactoredUpdate,
@@ -207,6 +208,29 @@ def refactor(
     report.truncation_residual = factors.truncation_residual
     fill_metrics(report, prepared.original, written, prepared.data.subspace)
     return Outcome(report, *peft_orientation(module, new_b, new_a))
+
+
+def check_outcomes(adapter: LoraAdapter, outcomes: list[Outcome]) -> None:
+    """Refuse to report or write what was computed when it holds NaN or Inf (new factors, or
+    a number in a module's row): finite inputs can still overflow in the arithmetic.
+    `check` passes its rows as outcomes without factors."""
+    for outcome in outcomes:
+        report = outcome.report
+        bad = [
+            name
+            for name, factor in (("lora_A", outcome.lora_a), ("lora_B", outcome.lora_b))
+            if factor is not None and not is_finite(factor)
+        ] + report.non_finite()
+        if bad:
+            keys = [m.key_b for m in adapter.modules if m.name == report.name]
+            raise NonFiniteError(
+                f"module {report.name!r}: NaN or Inf computed ({', '.join(bad)}) from finite "
+                "inputs, an overflow; nothing is written or reported. The adapter's factors or "
+                "the weights are far beyond a trained model's; check the adapter with "
+                "`adapter-fix inspect`.",
+                path=adapter.weights_path,
+                key=keys[0] if keys else None,
+            )
 
 
 def peft_orientation(
