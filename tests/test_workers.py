@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class CountingSource(SubspaceSource):
     """A source of `count` tiny modules that records how many are held (read, not yet
     processed) at once, and sleeps longer for earlier modules so they finish out of order."""
 
-    inputs: dict[str, str] = {}
+    inputs: ClassVar[dict[str, str]] = {}
     provides_displacement = False
 
     def __init__(self, count: int) -> None:
@@ -66,8 +67,18 @@ class CountingSource(SubspaceSource):
             self.held -= 1
 
 
-def targets(count: int) -> list[Target]:
-    return [Target(str(index), f"{index}.weight", (2, 2)) for index in range(count)]
+def stream(
+    count: int, source: CountingSource, process: Callable[[ModuleData], Any], workers: int
+) -> Iterator[Any]:
+    return map_modules(
+        [Target(str(index), f"{index}.weight", (2, 2)) for index in range(count)],
+        source,
+        frozenset({SUBSPACE}),
+        SubspaceSettings(),
+        Clock(),
+        process,
+        workers=workers,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -80,17 +91,7 @@ def test_results_come_in_module_order_and_memory_is_bounded_by_the_workers(
         source.release()
         return data.target.name
 
-    names = list(
-        map_modules(
-            targets(12),
-            source,
-            frozenset({SUBSPACE}),
-            SubspaceSettings(),
-            Clock(),
-            process,
-            workers=workers,
-        )  # fmt: skip
-    )
+    names = list(stream(12, source, process, workers))
     assert names == [str(index) for index in range(12)]
     # Each worker holds its own module; one worker also reads the next one ahead.
     assert source.most_held == (2 if workers == 1 else workers)
@@ -101,17 +102,7 @@ def test_each_worker_runs_torch_on_one_thread_whatever_the_caller_runs_on() -> N
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        list(
-            map_modules(
-                targets(6),
-                CountingSource(6),
-                frozenset({SUBSPACE}),
-                SubspaceSettings(),
-                Clock(),
-                lambda data: seen.append(torch.get_num_threads()),
-                workers=2,
-            )  # fmt: skip
-        )
+        list(stream(6, CountingSource(6), lambda data: seen.append(torch.get_num_threads()), 2))
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
@@ -124,13 +115,10 @@ def test_a_failing_module_stops_the_stream_with_its_error() -> None:
             raise ValueError("module 3 is broken")
         return data.target.name
 
-    stream = map_modules(
-        targets(10), CountingSource(10), frozenset({SUBSPACE}), SubspaceSettings(), Clock(),
-        process, workers=3,
-    )  # fmt: skip
-    assert [next(stream) for _ in range(3)] == ["0", "1", "2"]
+    results = stream(10, CountingSource(10), process, 3)
+    assert [next(results) for _ in range(3)] == ["0", "1", "2"]
     with pytest.raises(ValueError, match="module 3 is broken"):
-        next(stream)
+        next(results)
 
 
 def test_default_workers_is_the_usable_cores_at_most_eight() -> None:
@@ -166,9 +154,22 @@ def test_repair_output_and_report_are_the_same_bytes_for_any_workers(
     for workers in (1, 2, 3):
         out, report = tmp_path / f"out-{workers}", tmp_path / f"report-{workers}.json"
         run(
-            "repair", base, aligned, adapter, "-o", out, "--method", method, "--seed", "5",
-            "--workers", workers, "--report", report, "-q",
-        )  # fmt: skip
+            "repair",
+            base,
+            aligned,
+            adapter,
+            "-o",
+            out,
+            "--method",
+            method,
+            "--seed",
+            "5",
+            "--workers",
+            workers,
+            "--report",
+            report,
+            "-q",
+        )
         outputs.append(folder_bytes(out))
         reports.append(stable_report(report))
         reports.append(stable_report(out / "repair_report.json"))
@@ -192,8 +193,20 @@ def test_basis_and_check_are_the_same_bytes_for_any_workers(
             ("basis", ("--basis", basis), basis_checks),
         ):
             check = tmp_path / f"check-{label}-{workers}.json"
-            run("check", *inputs, adapter, "--workers", workers, "--report", check, "-q",
-                "--max-reversal", "1", "--max-module-reversal", "1")  # fmt: skip
+            run(
+                "check",
+                *inputs,
+                adapter,
+                "--workers",
+                workers,
+                "--report",
+                check,
+                "-q",
+                "--max-reversal",
+                "1",
+                "--max-module-reversal",
+                "1",
+            )
             reports.append(stable_report(check))
     assert bases[0] == bases[1] == bases[2]
     for runs in (basis_reports, checks):
