@@ -205,9 +205,8 @@ def _reversal(
 ) -> tuple[float, float]:
     """`(u, ||D||^2)` against `D` when the stream has it, else `(u_k, sum S_k^2)` against `D_k`."""
     if displacement is not None:
-        return alignment_reversal(
-            prepared.original, displacement
-        ), prepared.data.displacement_norm**2
+        norm = prepared.data.displacement_norm
+        return alignment_reversal(prepared.original, displacement, displacement_norm=norm), norm**2
     if subspace is None:
         raise ValueError(f"{prepared.module.name}: the reversal needs D or a subspace")
     with one_thread():

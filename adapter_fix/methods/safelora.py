@@ -43,7 +43,12 @@ class SafeLora(Method):
         if data.lora_b is None or data.lora_a is None:
             raise ValueError(f"{report.name}: Safe LoRA needs the module's factors")
         if data.displacement is not None:
-            candidate = safelora_candidate(data.lora_b, data.lora_a, data.displacement)
+            candidate = safelora_candidate(
+                data.lora_b,
+                data.lora_a,
+                data.displacement,
+                displacement_norm=data.displacement_norm,
+            )
         elif data.subspace is not None:
             candidate = safelora_candidate_from_subspace(data.lora_b, data.lora_a, data.subspace)
         else:
