@@ -8,9 +8,10 @@ Tropp, "Finding structure with randomness: probabilistic algorithms for
 constructing approximate matrix decompositions", SIAM Review 53(2), 2011:
 Algorithm 4.4, randomized subspace iteration, followed by Algorithm 5.1,
 direct SVD). When `k` is chosen by energy, the sketch grows a block at a time
-(Martinsson & Voronin 2016), doubling `k` until `energy` is met or the cap is
-hit; `||D||_F^2` is computed exactly, so the captured fraction is known at
-every step.
+(Martinsson & Voronin 2016), doubling `k` (or more, where the spectrum shows
+that more directions are needed) until `energy` is met or the cap is hit;
+`||D||_F^2` is computed exactly, so the captured fraction is known at every
+step.
 
 Pure math: imports torch and the standard library only.
 """
@@ -51,7 +52,8 @@ Each costs two more passes over `D`; 2 keeps the energy shortfall at the same
 """
 
 INITIAL_RANK = 16
-"""First `k` tried when it is chosen by energy; doubled until `energy` is met or the cap is hit.
+"""First `k` tried when it is chosen by energy; at least doubled until `energy` is met or the
+cap is hit.
 
 Growing only adds the new sketch columns (and one small SVD per step), so a
 low-rank displacement stays cheap and a full-rank one costs about a single
@@ -203,7 +205,7 @@ def safety_subspace(
         if attempt == cap:
             chosen = cap
             break
-        attempt = min(2 * attempt, cap)
+        attempt = _next_attempt(attempt, cap, energy - float(cumulative[-1]), values, total_energy)
     return Subspace(
         left=_orthonormal_float64(left[:, :chosen]),
         right=_orthonormal_float64(right[:, :chosen]),
@@ -214,6 +216,23 @@ def safety_subspace(
         no_signal_reason=None,
         method=method,
     )
+
+
+def _next_attempt(
+    attempt: int, cap: int, unmet: float, values: torch.Tensor, total_energy: float
+) -> int:
+    """The next `k` to try when `attempt` directions hold `unmet` too little of `||D||^2`.
+
+    Twice `attempt`, or more where the spectrum says so: the directions past
+    `attempt` hold at most `sigma_attempt^2` each (singular values descend), so
+    at least `unmet ||D||^2 / sigma_attempt^2` more are needed. On a flat tail
+    (a noise floor under `energy`) that jumps to the cap at once instead of
+    doubling through it; each extension costs `2q + 2` passes over `D`, which
+    cost about the same whatever the sketch's width (bench/README.md, "Workers").
+    """
+    smallest = float(values[attempt - 1]) ** 2
+    needed = math.ceil(unmet * total_energy / smallest) if smallest > 0 else cap
+    return min(max(2 * attempt, attempt + needed), cap)
 
 
 NORM_BLOCK = 2**14
