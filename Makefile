@@ -28,6 +28,7 @@ fixtures:
 
 bench:
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/perf.py
 
 clean:

@@ -51,13 +51,19 @@ Each costs two more passes over `D`; 2 keeps the energy shortfall at the same
 `k` near 1e-3 or below except on noise-dominated (flat) spectra.
 """
 
-INITIAL_RANK = 16
+INITIAL_RANK = 32
 """First `k` tried when it is chosen by energy; at least doubled until `energy` is met or the
 cap is hit.
 
-Growing only adds the new sketch columns (and one small SVD per step), so a
-low-rank displacement stays cheap and a full-rank one costs about a single
-sketch at the cap.
+Growing only adds the new sketch columns (and one small SVD per step), but
+each step costs `2q + 2` passes over `D`, and on large weights a pass costs
+about the same whatever the sketch's width below ~100 columns: the products
+are bound by reading `D` (one thread, 14336 x 4096: 71 ms for 16 columns,
+132 ms for 52, 262 ms for 148; bench/README.md, "Workers"). So the first
+sketch is wide enough that a displacement needing up to 32 directions takes
+one step: at 16, the benchmark's modules (k = 18-19 at `energy=0.9`) took
+two, and the subspace cost 24% more; a displacement needing 16 or fewer
+pays ~25% more than it would at 16.
 """
 
 
