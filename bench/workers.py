@@ -9,8 +9,9 @@ reproduces it. Figures:
 - `repair` (csulora) and `repair --method safelora` at 1 and 2 workers, page
   cache warm, and at the default workers with the checkpoint evicted (cold);
   the I/O floor (plain safetensors reads of the same tensors) warm and cold;
-- `basis --like ADAPTER` at 1 and 2 workers (its output serves the next two);
-- `check --basis` and `repair --basis` at 1 and 2 workers;
+- `basis --like ADAPTER` at 1 and 2 workers;
+- `check --basis` and `repair --basis` at 1 and 2 workers on a 32-layer adapter and
+  basis (engine_bench.py's: the 2-layer basis repeated for every layer);
 - the outputs of 1 and 2 workers compared byte for byte;
 - the cost model: per module, the CPU seconds of the 1-worker run (`c =
   (CPU - CPU of the imports) / modules`), and the predicted wall of N workers
@@ -18,7 +19,7 @@ reproduces it. Figures:
 
     python bench/workers.py                       # everything, ~4 min on 2 idle cores
     python bench/workers.py --only repair,safelora
-    python bench/workers.py --only basis,check    # check needs the basis run's output
+    python bench/workers.py --only basis,check
 
 bench/README.md, "Workers", says how to read them.
 """
@@ -36,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine_bench import full_depth_basis
 from make_checkpoints import WORK, make_checkpoints
 from perf import adapter_weight_keys, evict, line, read_floor, run_measured, section, wait_for_quiet
 
@@ -235,27 +237,25 @@ def main() -> None:
         models["basis"] = model("basis", measured[1], measured[2], args.layers, imports_cpu)
 
     if "check" in only:
-        if not (basis / "basis_config.json").exists():
-            parser.error(f"no basis at {basis}: run with --only basis first")
+        # At full depth: the 2-layer basis repeated for 32 layers, and a 32-layer adapter.
+        deep_basis, deep_adapter = full_depth_basis(checkpoint, "llama-3-8b", args.layers)
         for label, command in (
-            ("check --basis", cli("check", "--basis", basis, adapter, "-q", "--max-reversal", "1",
-                                  "--max-module-reversal", "1")),
-            ("repair --basis", cli("repair", "--basis", basis, adapter, "-q", "--force")),
+            ("check --basis", cli("check", "--basis", deep_basis, deep_adapter, "-q",
+                                  "--max-reversal", "1", "--max-module-reversal", "1", "--force")),
+            ("repair --basis", cli("repair", "--basis", deep_basis, deep_adapter, "-q", "--force")),
         ):  # fmt: skip
-            section(f"{label}, {args.layers} layers")
+            section(f"{label}, {FULL_LAYERS} layers ({FULL_LAYERS * 7} modules)")
             measured = {}
             for workers in (1, 2):
                 report = out / f"{label.split()[0]}-basis-w{workers}.json"
                 extra = ["--report", report, "--workers", workers]
                 if label == "repair --basis":
                     extra += ["-o", out / f"repair-basis-w{workers}"]
-                else:
-                    extra += ["--force"]
                 measured[workers] = runs.run(
                     f"{label}, {workers} worker(s)", command + [str(e) for e in extra], report,
                     warm=None,
                 )  # fmt: skip
-            models[label] = model(label, measured[1], measured[2], args.layers, imports_cpu)
+            models[label] = model(label, measured[1], measured[2], FULL_LAYERS, imports_cpu)
 
     if "basis" in models and "repair" in models:
         ratio = models["basis"]["per_module_cpu_s"] / models["repair"]["per_module_cpu_s"]
