@@ -478,6 +478,9 @@ def map_modules(
         return
     count = max(1, workers if workers is not None else default_workers())
     stopping = threading.Event()
+    # read_factors keeps the last fused expert tensors it read (io/adapter.py), so workers take
+    # turns; the factors are small, the weights (read outside the lock) are not.
+    factors_lock = threading.Lock()
 
     def load(index: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
         target = targets[index]
@@ -485,7 +488,8 @@ def map_modules(
             loaded = source.load(target, plans[index])
             factors = None
             if adapter is not None and target.module is not None:
-                factors = read_factors(adapter, target.module)
+                with factors_lock:
+                    factors = read_factors(adapter, target.module)
         return loaded, factors
 
     def work(index: int, read: Future[Any] | None) -> Result | None:
