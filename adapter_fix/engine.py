@@ -57,6 +57,8 @@ from adapter_fix.results import Clock
 
 SUBSPACE = "subspace"
 DISPLACEMENT = "displacement"
+REDUCED = "reduced"
+"""`D^T B` (Safe LoRA's first product), taken while `D` is read: one pass over `D` fewer."""
 MAX_DEFAULT_WORKERS = 8
 """The default `--workers` is the usable cores, at most this: each worker holds one module
 (a Llama-3-8B MLP displacement is 235 MB in float32), so the cap keeps the default's memory
@@ -127,6 +129,8 @@ class ModuleData:
     """Why the module has no safety signal, or None."""
     displacement: torch.Tensor | None = None
     """`D`, `m x n` float32, when the consumer needs it and the source has it."""
+    reduced: torch.Tensor | None = None
+    """`D^T B`, `n x r` float32, when the consumer needs it (`REDUCED`) and the source has `D`."""
     subspace: Subspace | None = None
     """When the consumer needs it, or the source is a basis (it costs nothing there)."""
     note: str | None = None
@@ -145,8 +149,9 @@ class SubspaceSource(ABC):
         return what `load` needs."""
 
     @abstractmethod
-    def load(self, target: Target, plan: Any) -> Any:
-        """Read the module's data (the expensive I/O)."""
+    def load(self, target: Target, plan: Any, lora_b: torch.Tensor | None = None) -> Any:
+        """Read the module's data (the expensive I/O); with `lora_b` (`B`, `m x r`), a source
+        that reads `D` also takes `D^T B` on the way."""
 
     @abstractmethod
     def complete(
@@ -164,6 +169,7 @@ class _Displacement:
     displacement: torch.Tensor
     aligned_norm: float
     displacement_norm: float
+    reduced: torch.Tensor | None = None
 
 
 class WeightPair(SubspaceSource):
@@ -226,13 +232,21 @@ class WeightPair(SubspaceSource):
             )
         return base_weight, aligned_weight
 
-    def load(self, target: Target, plan: tuple[StoredWeight, StoredWeight]) -> _Displacement:
-        """`D = W_a - W_b` (float32, target orientation), `||W_a||_F` and `||D||_F`.
+    def load(
+        self,
+        target: Target,
+        plan: tuple[StoredWeight, StoredWeight],
+        lora_b: torch.Tensor | None = None,
+    ) -> _Displacement:
+        """`D = W_a - W_b` (float32, target orientation), `||W_a||_F`, `||D||_F`, and with
+        `lora_b` (`B`, `m x r`) `D^T B` (`n x r`, float32).
 
         Both weights stream in cache-sized row blocks straight into `D`, and the
         norms are taken block by block while the block is hot: the read costs
-        what reading the bytes costs. NaN or Inf in either weight makes a norm
-        non-finite; only then are the weights read whole, to name the one at fault.
+        what reading the bytes costs; so is `D^T B`, block by block, which saves
+        Safe LoRA a pass over `D` from memory. NaN or Inf in either weight makes a
+        norm non-finite; only then are the weights read whole, to name the one at
+        fault.
         """
         base_weight, aligned_weight = plan
         base, aligned = self.base, self.aligned
@@ -242,10 +256,18 @@ class WeightPair(SubspaceSource):
             part = displacement[rows]
             part.copy_(block)
             aligned_squares += frobenius_norm(part) ** 2
+        left = None if lora_b is None else lora_b.to(torch.float32)
+        # Stored rows are D's rows (m), or, for a transposed weight, D^T's (n).
+        reduced = None if left is None else left.new_zeros(target.shape[1], left.shape[1])
         for rows, block in read_rows(base, base_weight):
             part = displacement[rows]
             part.sub_(block)
             displacement_squares += frobenius_norm(part) ** 2
+            if left is not None and reduced is not None:
+                if base_weight.transposed:
+                    reduced[rows] = part @ left
+                else:
+                    reduced.addmm_(part.T, left[rows])
         if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
             for checkpoint, weight in ((aligned, aligned_weight), (base, base_weight)):
                 for key in weight.keys:
@@ -253,7 +275,7 @@ class WeightPair(SubspaceSource):
         if base_weight.transposed:
             displacement = displacement.T
         return _Displacement(
-            displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares)
+            displacement, math.sqrt(aligned_squares), math.sqrt(displacement_squares), reduced
         )
 
     def complete(
@@ -271,6 +293,7 @@ class WeightPair(SubspaceSource):
             aligned_norm=loaded.aligned_norm,
             no_signal=no_signal_reason(loaded.displacement_norm, loaded.aligned_norm),
             displacement=loaded.displacement if DISPLACEMENT in needs else None,
+            reduced=loaded.reduced if REDUCED in needs else None,
         )
         if SUBSPACE in needs:
             data.subspace = _svd(target, loaded, settings)
@@ -341,8 +364,8 @@ class BasisSource(SubspaceSource):
             )
         return key
 
-    def load(self, target: Target, plan: str) -> Any:
-        return self.basis.read(plan)
+    def load(self, target: Target, plan: str, lora_b: torch.Tensor | None = None) -> Any:
+        return self.basis.read(plan)  # no D here, so no D^T B
 
     def complete(
         self, target: Target, loaded: Any, settings: SubspaceSettings, needs: frozenset[str]
@@ -485,11 +508,12 @@ def map_modules(
     def load(index: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
         target = targets[index]
         with clock.measure("read_s"):
-            loaded = source.load(target, plans[index])
             factors = None
             if adapter is not None and target.module is not None:
                 with factors_lock:
                     factors = read_factors(adapter, target.module)
+            lora_b = factors[0] if factors is not None and REDUCED in needs else None
+            loaded = source.load(target, plans[index], lora_b)
         return loaded, factors
 
     def work(index: int, read: Future[Any] | None) -> Result | None:

@@ -37,7 +37,7 @@ from make_checkpoints import make_checkpoints
 from perf import adapter_weight_keys, read_floor
 
 from adapter_fix.commands.repair import RepairOptions
-from adapter_fix.engine import SUBSPACE, BasisSource, SubspaceSource, Target, WeightPair
+from adapter_fix.engine import REDUCED, SUBSPACE, BasisSource, SubspaceSource, Target, WeightPair
 from adapter_fix.io.adapter import load_adapter, read_factors
 from adapter_fix.io.basis import Basis
 from adapter_fix.io.checkpoint import Checkpoint
@@ -85,9 +85,9 @@ def module_costs(
             target = Target.of(module)
             plan = source.plan(target)
             watch = Stopwatch()
-            with watch.stage("read"):
-                loaded = source.load(target, plan)
+            with watch.stage("read"):  # as engine.map_modules reads
                 factors = read_factors(adapter, module)
+                loaded = source.load(target, plan, factors[0] if REDUCED in needs else None)
             with watch.stage("subspace"):
                 data = source.complete(target, loaded, settings, needs)
             del loaded

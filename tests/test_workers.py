@@ -47,7 +47,7 @@ class CountingSource(SubspaceSource):
     def plan(self, target: Target) -> int:
         return int(target.name)
 
-    def load(self, target: Target, plan: int) -> int:
+    def load(self, target: Target, plan: int, lora_b: torch.Tensor | None = None) -> int:
         with self.lock:
             self.held += 1
             self.most_held = max(self.most_held, self.held)

@@ -375,13 +375,19 @@ def to_lora_factors(
 
 
 def safelora_candidate(
-    lora_b: Tensor, lora_a: Tensor, displacement: Tensor, *, displacement_norm: float | None = None
+    lora_b: Tensor,
+    lora_a: Tensor,
+    displacement: Tensor,
+    *,
+    displacement_norm: float | None = None,
+    reduced: Tensor | None = None,
 ) -> SafeLoraCandidate:
     """Safe LoRA's projected `B~ = C B`, `C = D D^T / ||D||_F`, and its similarity.
 
     `lora_b` is `m x r`, `lora_a` is `r x n`, `displacement` is `D`, `m x n`
     (nonzero); `displacement_norm` is `||D||_F` when the caller has it (the
-    stream takes it while reading `D`), saving a pass over `D`. `B~` is
+    stream takes it while reading `D`), saving a pass over `D`; so does
+    `reduced`, `D^T B` (`n x r`) when the caller has it. `B~` is
     computed as `D (D^T B) / ||D||_F` in float32 (float64 for a float64 `D`),
     never forming `C` (`m x m`). The similarity is the cosine
     between flattened `B~ A` and `B A`, by Gram matrices, rounded with
@@ -407,7 +413,10 @@ def safelora_candidate(
         raise ValueError("Safe LoRA needs a nonzero displacement: C = D D^T / ||D||_F")
     work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
     matrix = displacement.to(work_dtype)
-    reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
+    if reduced is None:
+        reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
+    else:
+        reduced = reduced.to(device=matrix.device, dtype=work_dtype)
     projected_b = (matrix @ reduced).to(device=b.device, dtype=torch.float64) / norm
     return _safelora_similarity(b, a, projected_b)
 
