@@ -511,9 +511,10 @@ def map_modules(
 ) -> Iterator[Result]:
     """Yield `process(data)` for each target's `ModuleData`, in the targets' order.
 
-    `needs` holds `SUBSPACE` and/or `DISPLACEMENT`: the SVD runs only for
-    `SUBSPACE` (a basis source always gives its subspace, which costs nothing),
-    and `D` is kept only for `DISPLACEMENT` (never from a basis, which has none).
+    `needs` holds `SUBSPACE`, `DISPLACEMENT` and/or `REDUCED`: the SVD runs only
+    for `SUBSPACE` (a basis source always gives its subspace, which costs
+    nothing), `D` is kept only for `DISPLACEMENT` and `D^T B` taken only for
+    `REDUCED` (never from a basis, which has no `D`).
     Every target is checked against the source from headers before any data is
     read, so a mismatch fails in milliseconds. With `adapter`, each module's
     factors are read with its weights.
