@@ -29,6 +29,7 @@ fixtures:
 
 bench:
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/perf.py
 
 # The realistic testbed (bench/testbed): builds what is missing (~20 min once), then every

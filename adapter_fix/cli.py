@@ -176,6 +176,17 @@ def basis_option(command: F) -> F:
     )(command)
 
 
+def workers_option(command: F) -> F:
+    """--workers: modules processed at once (engine.map_modules)."""
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        help="Modules processed at once, each on one thread [default: the usable cores, at "
+        "most 8]. Memory grows by about one module per worker; the output is the same bytes "
+        "for any value.",
+    )(command)
+
+
 def prompt_set_options(prefix: str = "") -> Callable[[F], F]:
     """--harmful, --benign, --task, --field, --system, --refusal-patterns (eval, and the gated
     repair's calibration data, whose help starts with `prefix`)."""
@@ -468,6 +479,7 @@ def inspect(
     show_default=True,
     help="Where the SVD runs.",
 )
+@workers_option
 @gate_options
 @click.option(
     "--report",
@@ -723,6 +735,7 @@ def check_device(device: str) -> None:
     "or a regex matched against whole module names (e.g. '.*\\.(q|v)_proj').",
 )
 @subspace_options(energy=0.99, max_rank=128)
+@workers_option
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16"]),
@@ -832,6 +845,7 @@ def basis(
 @click.argument("inputs", nargs=-1, metavar="(BASE ALIGNED | --basis BASIS) ADAPTER")
 @basis_option
 @subspace_options(energy=0.9, max_rank=128)
+@workers_option
 @click.option(
     "--max-reversal",
     type=FiniteFloat(),

@@ -10,23 +10,34 @@ subspace comes from one of two `SubspaceSource`s:
 - `BasisSource`: a basis file (`adapter-fix basis`); only the module's stored
   `U_K, S_K, V_K` are read, and `k` is chosen within them.
 
-Reading runs one module ahead on a background thread, so the read of module
-`i + 1` overlaps the SVD and solve of module `i`; at most one module is read
-ahead, so memory stays bounded by two modules' weights whatever the depth.
-The SVD runs only when the consumer needs the subspace: Safe LoRA needs the
-displacement alone and never pays for one.
+Modules are independent, so `workers` of them are processed at once, each on
+its own thread (torch releases the GIL in its kernels): the read, the SVD and
+the consumer's per-module work (`process`) run there, and results come back
+in module order. Memory stays bounded by `workers` modules' weights whatever
+the depth. One worker reads one module ahead on a reader thread, so the read
+of module `i + 1` overlaps the SVD and solve of module `i` (two modules in
+memory); several workers overlap reads and computations among themselves.
+
+Every worker runs torch on one thread. Workers times threads then never
+exceeds the cores when `workers` does not, and a module's math runs on one
+thread whatever `workers` is, so the output is the same bytes for any
+`--workers` (MKL's products and QRs give different last bits on different
+thread counts). The SVD runs only when the consumer needs the subspace: Safe
+LoRA needs the displacement alone and never pays for one.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -48,6 +59,23 @@ from adapter_fix.results import Clock
 
 SUBSPACE = "subspace"
 DISPLACEMENT = "displacement"
+REDUCED = "reduced"
+"""`D^T B` (Safe LoRA's first product), taken while `D` is read: one pass over `D` fewer."""
+MAX_DEFAULT_WORKERS = 8
+"""The default `--workers` is the usable cores, at most this: each worker holds one module
+(a Llama-3-8B MLP displacement is 235 MB in float32), so the cap keeps the default's memory
+near 2 GB on a large machine; more is one flag away."""
+
+Result = TypeVar("Result")
+
+
+def default_workers() -> int:
+    """`min(cores this process may run on, MAX_DEFAULT_WORKERS)`, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -103,6 +131,8 @@ class ModuleData:
     """Why the module has no safety signal, or None."""
     displacement: torch.Tensor | None = None
     """`D`, `m x n` float32, when the consumer needs it and the source has it."""
+    reduced: torch.Tensor | None = None
+    """`D^T B`, `n x r` float32, when the consumer needs it (`REDUCED`) and the source has `D`."""
     subspace: Subspace | None = None
     """When the consumer needs it, or the source is a basis (it costs nothing there)."""
     note: str | None = None
@@ -121,8 +151,9 @@ class SubspaceSource(ABC):
         return what `load` needs."""
 
     @abstractmethod
-    def load(self, target: Target, plan: Any) -> Any:
-        """Read the module's data (the expensive I/O)."""
+    def load(self, target: Target, plan: Any, lora_b: torch.Tensor | None = None) -> Any:
+        """Read the module's data (the expensive I/O); with `lora_b` (`B`, `m x r`), a source
+        that reads `D` also takes `D^T B` on the way."""
 
     @abstractmethod
     def complete(
@@ -145,6 +176,7 @@ class _Displacement:
     displacement_norm: float
     file: Path
     """ALIGNED's file holding the weight (for messages)."""
+    reduced: torch.Tensor | None = None
 
 
 class WeightPair(SubspaceSource):
@@ -211,27 +243,62 @@ class WeightPair(SubspaceSource):
             )
         return base_weight, aligned_weight
 
-    def load(self, target: Target, plan: tuple[StoredWeight, StoredWeight]) -> _Displacement:
-        """`D = W_a - W_b` (float32, target orientation), `||W_a||_F` and `||D||_F`.
+    def load(
+        self,
+        target: Target,
+        plan: tuple[StoredWeight, StoredWeight],
+        lora_b: torch.Tensor | None = None,
+    ) -> _Displacement:
+        """`D = W_a - W_b` (float32, target orientation), `||W_a||_F`, `||D||_F`, and with
+        `lora_b` (`B`, `m x r`) `D^T B` (`n x r`, float32).
 
         Both weights stream in cache-sized row blocks straight into `D`, and the
         norms are taken block by block while the block is hot: the read costs
-        what reading the bytes costs. NaN or Inf in either weight makes a norm
-        non-finite; only then are the weights read whole, to name the one at fault.
+        what reading the bytes costs; so is `D^T B`, block by block, which saves
+        Safe LoRA a pass over `D` from memory. NaN or Inf in either weight makes a
+        norm non-finite; only then are the weights read whole, to name the one at
+        fault.
         """
         base_weight, aligned_weight = plan
         base, aligned = self.base, self.aligned
         self.compared.append((base_weight.parts[0], aligned_weight.parts[0]))
         displacement = torch.empty(aligned_weight.shape, dtype=torch.float32)
         aligned_squares = displacement_squares = 0.0
-        for rows, block in read_rows(aligned, aligned_weight):
-            part = displacement[rows]
-            part.copy_(block)
-            aligned_squares += frobenius_norm(part) ** 2
-        for rows, block in read_rows(base, base_weight):
+        left = None if lora_b is None else lora_b.to(torch.float32)
+        # Stored rows are D's rows (m), or, for a transposed weight, D^T's (n).
+        reduced = None if left is None else left.new_zeros(target.shape[1], left.shape[1])
+
+        def subtract(rows: slice, block: torch.Tensor) -> None:
+            nonlocal displacement_squares
             part = displacement[rows]
             part.sub_(block)
             displacement_squares += frobenius_norm(part) ** 2
+            if left is not None and reduced is not None:
+                if base_weight.transposed:
+                    reduced[rows] = part @ left
+                else:
+                    reduced.addmm_(part.T, left[rows])
+
+        if _same_blocks(aligned_weight, base_weight):
+            # Block by block from both files, so each block of D is still in cache when the
+            # base is subtracted: D is written to memory once, not written and read again.
+            pairs = zip(
+                read_rows(aligned, aligned_weight, INTERLEAVED_BLOCK_BYTES),
+                read_rows(base, base_weight, INTERLEAVED_BLOCK_BYTES),
+                strict=True,
+            )
+            for (rows, block), (_, base_block) in pairs:
+                part = displacement[rows]
+                part.copy_(block)
+                aligned_squares += frobenius_norm(part) ** 2
+                subtract(rows, base_block)
+        else:  # different dtypes or layouts: the blocks would not line up
+            for rows, block in read_rows(aligned, aligned_weight):
+                part = displacement[rows]
+                part.copy_(block)
+                aligned_squares += frobenius_norm(part) ** 2
+            for rows, block in read_rows(base, base_weight):
+                subtract(rows, block)
         if not (math.isfinite(aligned_squares) and math.isfinite(displacement_squares)):
             for checkpoint, weight in ((aligned, aligned_weight), (base, base_weight)):
                 for key in weight.keys:
@@ -253,6 +320,7 @@ class WeightPair(SubspaceSource):
             math.sqrt(aligned_squares),
             math.sqrt(displacement_squares),
             aligned_weight.parts[0].file,
+            reduced,
         )
 
     def complete(
@@ -270,6 +338,7 @@ class WeightPair(SubspaceSource):
             aligned_norm=loaded.aligned_norm,
             no_signal=no_signal_reason(loaded.displacement_norm, loaded.aligned_norm),
             displacement=loaded.displacement if DISPLACEMENT in needs else None,
+            reduced=loaded.reduced if REDUCED in needs else None,
         )
         if SUBSPACE in needs:
             data.subspace = _svd(target, loaded, settings)
@@ -293,6 +362,18 @@ class WeightPair(SubspaceSource):
                 path=aligned.file,
                 key=aligned.key,
             )
+
+
+INTERLEAVED_BLOCK_BYTES = 1 << 20
+"""Row blocks of 1 MiB when BASE and ALIGNED are read side by side: 2 MiB of float32 `D`,
+small enough to stay in a core's cache between the copy and the subtraction."""
+
+
+def _same_blocks(first: StoredWeight, second: StoredWeight) -> bool:
+    """Whether the two weights are read in the same row blocks (same parts, shapes, dtypes)."""
+    return [(info.shape, info.dtype) for info in first.parts] == [
+        (info.shape, info.dtype) for info in second.parts
+    ]
 
 
 def _svd(target: Target, loaded: _Displacement, settings: SubspaceSettings) -> Subspace:
@@ -387,8 +468,8 @@ class BasisSource(SubspaceSource):
             )
         return key
 
-    def load(self, target: Target, plan: str) -> Any:
-        return self.basis.read(plan)
+    def load(self, target: Target, plan: str, lora_b: torch.Tensor | None = None) -> Any:
+        return self.basis.read(plan)  # no D here, so no D^T B
 
     def complete(
         self, target: Target, loaded: Any, settings: SubspaceSettings, needs: frozenset[str]
@@ -448,8 +529,9 @@ def one_thread() -> Iterator[None]:
     and on two threads each call waits for a thread hand-off. Measured on a
     4096 x 14336 module with r = 16 while other processes used the cores:
     `to_lora_factors` took 258 ms on two threads, 9 ms on one (bench/README.md,
-    "The solve"). The big products (the SVD's, Safe LoRA's `D^T B`, the
-    reversal's `D A^T`) run outside, on every thread.
+    "The solve"). Inside `map_modules` every worker runs on one thread already;
+    this keeps the same math on one thread when a caller runs it on its own
+    thread (bench/engine_bench.py's solve figure), so it gives the same bytes.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -468,60 +550,128 @@ def module_stream(
     *,
     adapter: LoraAdapter | None = None,
     read_ahead: bool = True,
+    workers: int | None = 1,
 ) -> Iterator[ModuleData]:
-    """Yield each target's `ModuleData`, reading the next target while this one is used.
+    """Yield each target's `ModuleData` in order (`map_modules` with nothing to process)."""
+    return map_modules(
+        targets,
+        source,
+        needs,
+        settings,
+        clock,
+        _unchanged,
+        adapter=adapter,
+        read_ahead=read_ahead,
+        workers=workers,
+    )
 
-    `needs` holds `SUBSPACE` and/or `DISPLACEMENT`: the SVD runs only for
-    `SUBSPACE` (a basis source always gives its subspace, which costs nothing),
-    and `D` is kept only for `DISPLACEMENT` (never from a basis, which has none).
+
+def _unchanged(data: ModuleData) -> ModuleData:
+    return data
+
+
+def map_modules(
+    targets: Sequence[Target],
+    source: SubspaceSource,
+    needs: frozenset[str],
+    settings: SubspaceSettings,
+    clock: Clock,
+    process: Callable[[ModuleData], Result],
+    *,
+    adapter: LoraAdapter | None = None,
+    read_ahead: bool = True,
+    workers: int | None = None,
+) -> Iterator[Result]:
+    """Yield `process(data)` for each target's `ModuleData`, in the targets' order.
+
+    `needs` holds `SUBSPACE`, `DISPLACEMENT` and/or `REDUCED`: the SVD runs only
+    for `SUBSPACE` (a basis source always gives its subspace, which costs
+    nothing), `D` is kept only for `DISPLACEMENT` and `D^T B` taken only for
+    `REDUCED` (never from a basis, which has no `D`).
     Every target is checked against the source from headers before any data is
     read, so a mismatch fails in milliseconds. With `adapter`, each module's
-    factors are read with its weights. `read_ahead=False` reads in line (same
-    results, no overlap).
+    factors are read with its weights.
+
+    `workers` modules (None: `default_workers()`) are read, completed and
+    processed at once, on threads running torch on one thread each; `process`
+    must not share mutable state between modules. Memory holds `workers`
+    modules; with one worker and `read_ahead`, the next module is read on a
+    reader thread while this one is processed (two in memory), and without,
+    it is read in line (same results, no overlap). Timings are summed over
+    threads, so with several workers a phase can exceed `total_s`;
+    `read_wait_s` is the time a worker waited for the reader thread.
     """
     plans = [source.plan(target) for target in targets]
+    if not targets:
+        return
+    count = max(1, workers if workers is not None else default_workers())
+    stopping = threading.Event()
+    # read_factors keeps the last fused expert tensors it read (io/adapter.py), so workers take
+    # turns; the factors are small, the weights (read outside the lock) are not.
+    factors_lock = threading.Lock()
 
     def load(index: int) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
         target = targets[index]
-        # One thread: conversions and norms of cache-sized blocks gain nothing from two, and
-        # beside the SVD on the main thread they would wait for cores (omp threads are per
-        # calling thread, so this leaves the SVD's alone).
-        with clock.measure("read_s"), one_thread():
-            loaded = source.load(target, plans[index])
+        with clock.measure("read_s"):
             factors = None
             if adapter is not None and target.module is not None:
-                factors = read_factors(adapter, target.module)
+                with factors_lock:
+                    factors = read_factors(adapter, target.module)
                 check_update_range(adapter, target.module, *factors)
+            lora_b = factors[0] if factors is not None and REDUCED in needs else None
+            loaded = source.load(target, plans[index], lora_b)
         return loaded, factors
 
-    if not targets:
-        return
-    executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-fix-read") if read_ahead else None
-
-    def start(index: int) -> Future[Any] | None:
-        if executor is None or index >= len(targets):
+    def work(index: int, read: Future[Any] | None) -> Result | None:
+        if stopping.is_set():
             return None
-        return executor.submit(load, index)
+        if read is None:
+            loaded, factors = load(index)
+        else:
+            with clock.measure("read_wait_s"):
+                loaded, factors = read.result()
+        if stopping.is_set():
+            return None
+        target = targets[index]
+        with clock.measure("subspace_s"):
+            data = source.complete(target, loaded, settings, needs)
+        del loaded
+        if factors is not None:
+            data.lora_b, data.lora_a = factors
+        return process(data)
 
-    pending = start(0)
+    # One worker reads the next module on a reader thread while it computes this one. Several
+    # workers each read their own module: their reads and computations interleave by
+    # themselves, and a reader ahead of them would only add a module to memory and a busy
+    # thread beyond the cores.
+    readers = _single_threaded_pool(1, "adapter-fix-read") if read_ahead and count == 1 else None
+    computers = _single_threaded_pool(count, "adapter-fix-work")
+    window = count + 1 if readers is not None else count
+    pending: dict[int, Future[Result | None]] = {}
+
+    def submit(index: int) -> None:
+        if index < len(targets):
+            read = readers.submit(load, index) if readers is not None else None
+            pending[index] = computers.submit(work, index, read)
+
     try:
-        for index, target in enumerate(targets):
-            if pending is None:
-                loaded, factors = load(index)
-            else:
-                with clock.measure("read_wait_s"):
-                    loaded, factors = pending.result()
-            pending = start(index + 1)
-            with clock.measure("subspace_s"):
-                data = source.complete(target, loaded, settings, needs)
-            del loaded
-            if factors is not None:
-                data.lora_b, data.lora_a = factors
-            yield data
-            del data
+        for index in range(min(window, len(targets))):
+            submit(index)
+        for index in range(len(targets)):
+            result = pending.pop(index).result()
+            submit(index + window)
+            yield result  # type: ignore[misc]  # None only once stopping
+            del result
         source.finish()
     finally:
-        if pending is not None:
-            pending.cancel()
-        if executor is not None:
-            executor.shutdown(wait=True)
+        stopping.set()
+        for pool in (computers, readers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _single_threaded_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    """`threads` threads, each running torch on one thread (engine docstring: why)."""
+    return ThreadPoolExecutor(
+        threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,)
+    )

@@ -214,11 +214,13 @@ def _summary_lines(result: RepairResult) -> list[str]:
     totals = result.totals()
     timings = result.timings
     actions = ", ".join(f"{count} {action}" for action, count in totals["actions"].items())
-    read_share = timings.read_s / timings.total_s if timings.total_s > 0 else 0.0
+    # Phases are summed over the stream's threads, so the share is of their work, not of wall.
+    work = timings.read_s + timings.subspace_s + timings.solve_s + timings.write_s
+    read_share = timings.read_s / work if work > 0 else 0.0
     lines = [
         f"method {result.options.method}: {totals['modules']} modules ({actions})",
         f"energy kept: {_percent(totals['energy_kept'])} (Σ‖X‖² / Σ‖dW‖²)",
-        f"time: {timings.total_s:.2f} s, {_percent(read_share)} reading weights "
+        f"time: {timings.total_s:.2f} s, {_percent(read_share)} of the work reading weights "
         f"(subspace {timings.subspace_s:.2f} s, solve {timings.solve_s:.2f} s, "
         f"write {timings.write_s:.2f} s)",
         *_calibration_lines(result.calibration),

@@ -78,8 +78,10 @@ class ModuleResult:
 
 @dataclass
 class Timings:
-    """Seconds per phase. With read-ahead, reading runs beside the other phases:
-    `read_s` is the reading itself, `read_wait_s` the part the main loop waited for."""
+    """Seconds per phase, summed over the stream's threads (engine.map_modules): with several
+    workers a phase can exceed `total_s`, the wall time. With one worker, reading runs ahead
+    beside the other phases: `read_s` is the reading itself, `read_wait_s` the part the
+    worker waited for."""
 
     read_s: float = 0.0
     read_wait_s: float = 0.0

@@ -113,13 +113,16 @@ def solve_figures(figures: Figures, checkpoint: Path) -> None:
     )
 
 
-def in_process_repair(checkpoint: Path, method: str, read_ahead: bool) -> dict[str, float]:
+def in_process_repair(
+    checkpoint: Path, method: str, read_ahead: bool, workers: int | None = None
+) -> dict[str, float]:
     weights = WeightPair(
         Checkpoint.open(LocalSource(checkpoint / "base"), "BASE"),
         Checkpoint.open(LocalSource(checkpoint / "aligned"), "ALIGNED"),
     )
     adapter = load_adapter(LocalSource(checkpoint / "adapter"))
-    result = repair(weights, adapter, RepairOptions(method=method), read_ahead=read_ahead)
+    options = RepairOptions(method=method, workers=workers)
+    result = repair(weights, adapter, options, read_ahead=read_ahead)
     timings = result.timings
     return {**timings.__dict__, "modules": len(result.modules)}
 
@@ -131,7 +134,8 @@ def overlap_figures(figures: Figures, checkpoint: Path, quiet: float) -> None:
     for read_ahead in (True, False):
         read_floor(checkpoint, keys)  # page cache warm for both
         wait_for_quiet(quiet)
-        runs[read_ahead] = in_process_repair(checkpoint, "csulora", read_ahead)
+        # One worker: with several, the workers overlap reads among themselves instead.
+        runs[read_ahead] = in_process_repair(checkpoint, "csulora", read_ahead, workers=1)
     ahead, inline = runs[True], runs[False]
     summed = ahead["read_s"] + ahead["subspace_s"]
     line(

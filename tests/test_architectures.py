@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from transformers.utils import logging as hf_logging
 
 from adapter_fix.cli import main
 from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.keymap import WeightLayout
 from adapter_fix.io.sources import LocalSource
 
@@ -481,3 +483,26 @@ def test_a_basis_like_the_adapter_measures_what_the_weights_measure(
     assert [m["name"] for m in checks[0]] == [m["name"] for m in checks[1]]
     for direct, via in zip(*checks, strict=True):
         assert via["reversal"] == pytest.approx(direct["reversal"], rel=1e-4, abs=1e-9)
+
+
+def test_one_and_three_workers_write_the_same_bytes(
+    built: Built, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers read concurrently, and the experts of one fused parameter share a cached read
+    of its factors: slowed down, the reads interleave, and the bytes must not change."""
+    one = repaired(built, tmp_path_factory, "csulora", "--workers", "1")
+    real_read = Checkpoint.read
+
+    def slow_read(self: Checkpoint, key: str, **options: bool) -> torch.Tensor:
+        if "lora_" in key:
+            time.sleep(0.005)
+        return real_read(self, key, **options)
+
+    monkeypatch.setattr(Checkpoint, "read", slow_read)
+    three = tmp_path_factory.mktemp(f"{built.name}-workers") / "out"
+    code, output = cli(
+        "repair", built.base, built.aligned, built.adapter, "-o", three, "--workers", "3", "-q"
+    )
+    assert code == 0, output
+    weights = "adapter_model.safetensors"
+    assert (three / weights).read_bytes() == (one / weights).read_bytes()

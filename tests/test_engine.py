@@ -12,6 +12,7 @@ import adapter_fix.engine as engine_module
 from adapter_fix.commands.repair import RepairOptions, repair
 from adapter_fix.engine import (
     DISPLACEMENT,
+    REDUCED,
     SUBSPACE,
     SubspaceSettings,
     Target,
@@ -87,5 +88,24 @@ def test_every_registered_method_declares_what_it_needs() -> None:
     assert set(METHODS) == {*REGISTRY, "gate"}  # gate calibrates on prompts, not the stream
     for name, method in REGISTRY.items():
         assert method.name == name
-        assert method.needs and method.needs <= {SUBSPACE, DISPLACEMENT}
-    assert REGISTRY["safelora"].needs == {DISPLACEMENT}
+        assert method.needs and method.needs <= {SUBSPACE, DISPLACEMENT, REDUCED}
+    assert REGISTRY["safelora"].needs == {DISPLACEMENT, REDUCED}
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_safelora_gets_d_transpose_b_taken_while_d_is_read(fixtures_dir: Path, model: str) -> None:
+    """GPT-2's Conv1D weights are stored transposed: the product follows the stored rows."""
+    base = Checkpoint.open(LocalSource(fixtures_dir / f"{model}-base"), "BASE")
+    aligned = Checkpoint.open(LocalSource(fixtures_dir / f"{model}-aligned"), "ALIGNED")
+    adapter = load_adapter(LocalSource(fixtures_dir / f"{model}-lora"))
+    targets = [Target.of(module) for module in adapter.modules]
+    assert model == "llama" or any(target.transposed for target in targets)
+    needs = frozenset({DISPLACEMENT, REDUCED})
+    stream = module_stream(
+        targets, WeightPair(base, aligned), needs, SubspaceSettings(), Clock(), adapter=adapter
+    )
+    for item in stream:
+        assert item.displacement is not None and item.reduced is not None
+        assert item.lora_b is not None
+        expected = item.displacement.T @ item.lora_b.float()
+        assert torch.allclose(item.reduced, expected, rtol=1e-5, atol=1e-7), item.target.name

@@ -28,7 +28,8 @@ def _result(count: int) -> RepairResult:
         for i in range(count)
     ]
     inputs = {"base": "b", "aligned": "a", "adapter": "l", "adapter_sha256": "0" * 64}
-    return RepairResult(RepairOptions(), inputs, modules, Timings(total_s=1.0, read_s=0.5))
+    timings = Timings(total_s=1.0, read_s=0.5, subspace_s=0.4, solve_s=0.1)
+    return RepairResult(RepairOptions(), inputs, modules, timings)
 
 
 def test_long_tables_show_the_modules_changed_most_and_point_to_the_report() -> None:
@@ -39,7 +40,7 @@ def test_long_tables_show_the_modules_changed_most_and_point_to_the_report() -> 
     assert "model.layers.24.self_attn.q_proj" in text  # the largest relative change
     assert "model.layers.0.self_attn.v_proj" not in text  # the smallest
     assert "energy kept: 25.0%" in text
-    assert "50.0% reading weights" in text
+    assert "50.0% of the work reading weights" in text
 
 
 def test_markdown_and_html_list_every_module_and_the_heatmap_has_every_layer() -> None:

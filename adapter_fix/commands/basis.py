@@ -1,8 +1,9 @@
 """`adapter-fix basis`: the safety subspace of every chosen module, computed once, saved to reuse.
 
 The module stream (adapter_fix/engine.py) reads BASE and ALIGNED one module
-at a time, one module ahead, and takes each displacement's truncated SVD; the
-writer (io/basis.py) appends it to the current shard. Which modules: those of
+at a time, one module ahead, and takes each displacement's truncated SVD,
+`--workers` modules at once; the writer (io/basis.py) appends each to the
+current shard in module order. Which modules: those of
 an adapter (`--like`), every linear layer (`all-linear`), or a regex over
 module names. Each subspace is kept in the orientation the checkpoint stores
 the weight, so one basis serves adapters of any layout.
@@ -51,11 +52,14 @@ class BasisOptions:
     like: str | None = None
     shard_bytes: int = 2 << 30
     device: str = "cpu"
+    workers: int | None = None
+    """Modules computed at once (None: `engine.default_workers()`); never changes the basis."""
 
     def parameters(self) -> dict[str, Any]:
-        """What shapes the basis, for provenance (no device: it does not)."""
+        """What shapes the basis, for provenance (no device or workers: they do not)."""
         parameters = asdict(self)
         parameters.pop("device")
+        parameters.pop("workers")
         return parameters
 
 
@@ -141,7 +145,9 @@ def build_basis(
         "dtype": options.dtype,
     }
     rows: list[ModuleResult] = []
-    stream = module_stream(targets, weights, frozenset({SUBSPACE}), settings, clock)
+    stream = module_stream(
+        targets, weights, frozenset({SUBSPACE}), settings, clock, workers=options.workers
+    )
     with atomic_directory(out, force=force) as staging:
         writer = BasisWriter(staging, config, "", shard_bytes=options.shard_bytes)
         for data in stream:

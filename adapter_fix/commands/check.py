@@ -26,10 +26,11 @@ import torch
 from adapter_fix.engine import (
     DISPLACEMENT,
     SUBSPACE,
+    ModuleData,
     SubspaceSettings,
     SubspaceSource,
     Target,
-    module_stream,
+    map_modules,
     one_thread,
 )
 from adapter_fix.io.adapter import LoraAdapter
@@ -60,6 +61,8 @@ class CheckOptions:
     rank: int | None = None
     seed: int = 0
     device: str = "cpu"
+    workers: int | None = None
+    """Modules measured at once (None: `engine.default_workers()`); never changes the result."""
     max_reversal: float = DEFAULT_MAX_REVERSAL
     max_module_reversal: float = DEFAULT_MAX_MODULE_REVERSAL
     max_off_energy: float = DEFAULT_MAX_OFF_ENERGY
@@ -68,6 +71,7 @@ class CheckOptions:
     def parameters(self) -> dict[str, Any]:
         parameters = asdict(self)
         parameters.pop("device")
+        parameters.pop("workers")
         return parameters
 
     def subspace_settings(self) -> SubspaceSettings:
@@ -118,33 +122,34 @@ def check(
     clock = Clock()
     exact = source.provides_displacement
     needs = frozenset({SUBSPACE, DISPLACEMENT}) if exact else frozenset({SUBSPACE})
-    stream = module_stream(
+
+    def measure(data: ModuleData) -> _Measured:
+        with clock.measure("solve_s"):
+            return _measure(data, options)
+
+    rows: list[ModuleResult] = []
+    update_energy = off_energy = inner = displacement_energy = captured = 0.0
+    failures: list[str] = []
+    # Summed in module order on this thread, so the totals are the same bytes for any workers.
+    for measured in map_modules(
         [Target.of(module) for module in adapter.modules],
         source,
         needs,
         options.subspace_settings(),
         clock,
+        measure,
         adapter=adapter,
-    )
-    rows: list[ModuleResult] = []
-    update_energy = off_energy = inner = displacement_energy = captured = 0.0
-    failures: list[str] = []
-    for data in stream:
-        with clock.measure("solve_s"):
-            prepared = prepare(data)
-            row = prepared.report
-            captured += row.captured_energy * data.displacement_norm**2
-            if data.no_signal is not None:
-                row.reason = f"no safety signal: {data.no_signal}"
-            elif row.update_norm > 0:
-                row.reversal, reference = _reversal(data.displacement, data.subspace, prepared)
-                inner -= row.reversal * reference
-                displacement_energy += reference
-            update_energy += row.update_norm**2
-            off_energy += row.rho_before.get("off", 0.0) * row.update_norm**2
-            failures.extend(_module_failures(row, options))
+        workers=options.workers,
+    ):
+        row = measured.row
+        captured += row.captured_energy * row.displacement_norm**2
+        if measured.reference is not None:
+            inner -= (row.reversal or 0.0) * measured.reference
+            displacement_energy += measured.reference
+        update_energy += row.update_norm**2
+        off_energy += row.rho_before.get("off", 0.0) * row.update_norm**2
+        failures.extend(measured.failures)
         rows.append(row)
-        del data, prepared
         if on_module is not None:
             on_module(row, source.weights_read())
     check_outcomes(adapter, [Outcome(row) for row in rows])
@@ -174,14 +179,35 @@ def check(
     )
 
 
+@dataclass
+class _Measured:
+    """One module's row, the reference energy of its reversal (None: not measured), and the
+    per-module thresholds it failed."""
+
+    row: ModuleResult
+    reference: float | None
+    failures: list[str]
+
+
+def _measure(data: ModuleData, options: CheckOptions) -> _Measured:
+    """One module's row: shares, reversal, per-module verdict (runs on a stream worker)."""
+    prepared = prepare(data)
+    row = prepared.report
+    reference = None
+    if data.no_signal is not None:
+        row.reason = f"no safety signal: {data.no_signal}"
+    elif row.update_norm > 0:
+        row.reversal, reference = _reversal(data.displacement, data.subspace, prepared)
+    return _Measured(row, reference, _module_failures(row, options))
+
+
 def _reversal(
     displacement: torch.Tensor | None, subspace: Subspace | None, prepared: PreparedModule
 ) -> tuple[float, float]:
     """`(u, ||D||^2)` against `D` when the stream has it, else `(u_k, sum S_k^2)` against `D_k`."""
     if displacement is not None:
-        return alignment_reversal(
-            prepared.original, displacement
-        ), prepared.data.displacement_norm**2
+        norm = prepared.data.displacement_norm
+        return alignment_reversal(prepared.original, displacement, displacement_norm=norm), norm**2
     if subspace is None:
         raise ValueError(f"{prepared.module.name}: the reversal needs D or a subspace")
     with one_thread():

@@ -1,9 +1,9 @@
 """`adapter-fix repair`: the module stream, one method per module, then the adapter written.
 
 The stream (adapter_fix/engine.py) reads each module's factors and its
-base/aligned weights (or its stored basis), one module ahead on a background
-thread; the method (adapter_fix/methods/) solves it; only the small new
-factors are kept until the write. Peak memory is a small multiple of the
+base/aligned weights (or its stored basis), one module ahead; the method
+(adapter_fix/methods/) solves it on the stream's worker, `--workers` modules
+at once; only the small new factors are kept until the write. Peak memory is a small multiple of the
 largest module whatever the depth. Safe LoRA must see every module's
 similarity before it selects, so it keeps only small per-module candidates
 (`m x r`), never a weight.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.engine import SubspaceSource, Target, module_stream
+from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judges import Judge, judge_answers
@@ -121,22 +121,26 @@ def repair(
     check_repairable(adapter)
     clock = Clock()
     method = REGISTRY[options.method](options, adapter)
-    stream = module_stream(
+
+    def solve(data: ModuleData) -> Outcome:
+        with clock.measure("solve_s"):
+            return method.run(data)
+
+    outcomes = []
+    for outcome in map_modules(
         [Target.of(module) for module in adapter.modules],
         source,
         method.needs,
         options.subspace_settings(),
         clock,
+        solve,
         adapter=adapter,
         read_ahead=read_ahead,
-    )
-    outcomes = []
-    for data in stream:
-        with clock.measure("solve_s"):
-            outcomes.append(method.run(data))
-        del data  # the displacement, if any, goes before the next module's arrives
+        workers=options.workers,
+    ):
+        outcomes.append(outcome)
         if on_module is not None:
-            on_module(outcomes[-1].report, source.weights_read())
+            on_module(outcome.report, source.weights_read())
     with clock.measure("solve_s"):
         method.finish(outcomes)
     inputs = {

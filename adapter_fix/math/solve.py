@@ -265,17 +265,20 @@ def update_metrics(
     )
 
 
-def alignment_reversal(update: FactoredUpdate, displacement: Tensor) -> float:
+def alignment_reversal(
+    update: FactoredUpdate, displacement: Tensor, *, displacement_norm: float | None = None
+) -> float:
     """`u = -<dW, D>_F / ||D||_F^2`: the share of the alignment displacement `dW` undoes.
 
     `dW = s L R` (`m x q`, `q x n`), `D` is `m x n` (nonzero). `u = 1` means
     `dW` adds `-D` (the update erases the alignment along `D`), `u = 0` that it
     is orthogonal to `D`, `u < 0` that it reinforces it. Computed as
     `-s sum(L * (D R^T)) / ||D||^2`: `O(m n q)`, no `m x n` product is formed.
+    `displacement_norm` is `||D||_F` when the caller has it (a pass over `D` saved).
     """
     work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
     matrix = displacement.to(work_dtype)
-    norm = frobenius_norm(matrix)
+    norm = frobenius_norm(matrix) if displacement_norm is None else displacement_norm
     if norm == 0:
         raise ValueError("the reversal needs a nonzero displacement")
     projected = (matrix @ update.right.T.to(device=matrix.device, dtype=work_dtype)).double()
@@ -382,12 +385,22 @@ def to_lora_factors(
     return LoraFactors(lora_b, lora_a, output_rank, residual)
 
 
-def safelora_candidate(lora_b: Tensor, lora_a: Tensor, displacement: Tensor) -> SafeLoraCandidate:
+def safelora_candidate(
+    lora_b: Tensor,
+    lora_a: Tensor,
+    displacement: Tensor,
+    *,
+    displacement_norm: float | None = None,
+    reduced: Tensor | None = None,
+) -> SafeLoraCandidate:
     """Safe LoRA's projected `B~ = C B`, `C = D D^T / ||D||_F`, and its similarity.
 
     `lora_b` is `m x r`, `lora_a` is `r x n`, `displacement` is `D`, `m x n`
-    (nonzero). `B~` is computed as `D (D^T B) / ||D||_F` in float32 (float64 for
-    a float64 `D`), never forming `C` (`m x m`). The similarity is the cosine
+    (nonzero); `displacement_norm` is `||D||_F` when the caller has it (the
+    stream takes it while reading `D`), saving a pass over `D`; so does
+    `reduced`, `D^T B` (`n x r`) when the caller has it. `B~` is
+    computed as `D (D^T B) / ||D||_F` in float32 (float64 for a float64 `D`),
+    never forming `C` (`m x m`). The similarity is the cosine
     between flattened `B~ A` and `B A`, by Gram matrices, rounded with
     `numpy.round(., 5)`; 0.0 when either is zero (torch's `cosine_similarity`,
     which the reference uses, clamps the denominator the same way).
@@ -406,12 +419,15 @@ def safelora_candidate(lora_b: Tensor, lora_a: Tensor, displacement: Tensor) -> 
             f"displacement {tuple(displacement.shape)} does not match B {tuple(b.shape)} "
             f"and A {tuple(a.shape)}"
         )
-    norm = frobenius_norm(displacement)
+    norm = frobenius_norm(displacement) if displacement_norm is None else displacement_norm
     if norm == 0:
         raise ValueError("Safe LoRA needs a nonzero displacement: C = D D^T / ||D||_F")
     work_dtype = torch.float64 if displacement.dtype == torch.float64 else torch.float32
     matrix = displacement.to(work_dtype)
-    reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
+    if reduced is None:
+        reduced = matrix.T @ b.to(device=matrix.device, dtype=work_dtype)
+    else:
+        reduced = reduced.to(device=matrix.device, dtype=work_dtype)
     projected_b = (matrix @ reduced).to(device=b.device, dtype=torch.float64) / norm
     return _safelora_similarity(b, a, projected_b)
 

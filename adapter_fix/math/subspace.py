@@ -8,9 +8,10 @@ Tropp, "Finding structure with randomness: probabilistic algorithms for
 constructing approximate matrix decompositions", SIAM Review 53(2), 2011:
 Algorithm 4.4, randomized subspace iteration, followed by Algorithm 5.1,
 direct SVD). When `k` is chosen by energy, the sketch grows a block at a time
-(Martinsson & Voronin 2016), doubling `k` until `energy` is met or the cap is
-hit; `||D||_F^2` is computed exactly, so the captured fraction is known at
-every step.
+(Martinsson & Voronin 2016), doubling `k` (or more, where the spectrum shows
+that more directions are needed) until `energy` is met or the cap is hit;
+`||D||_F^2` is computed exactly, so the captured fraction is known at every
+step.
 
 Pure math: imports torch and the standard library only.
 """
@@ -50,12 +51,19 @@ Each costs two more passes over `D`; 2 keeps the energy shortfall at the same
 `k` near 1e-3 or below except on noise-dominated (flat) spectra.
 """
 
-INITIAL_RANK = 16
-"""First `k` tried when it is chosen by energy; doubled until `energy` is met or the cap is hit.
+INITIAL_RANK = 32
+"""First `k` tried when it is chosen by energy; at least doubled until `energy` is met or the
+cap is hit.
 
-Growing only adds the new sketch columns (and one small SVD per step), so a
-low-rank displacement stays cheap and a full-rank one costs about a single
-sketch at the cap.
+Growing only adds the new sketch columns (and one small SVD per step), but
+each step costs `2q + 2` passes over `D`, and on large weights a pass costs
+about the same whatever the sketch's width below ~100 columns: the products
+are bound by reading `D` (one thread, 14336 x 4096: 71 ms for 16 columns,
+132 ms for 52, 262 ms for 148; bench/README.md, "Workers"). So the first
+sketch is wide enough that a displacement needing up to 32 directions takes
+one step: at 16, the benchmark's modules (k = 18-19 at `energy=0.9`) took
+two, and the subspace cost 24% more; a displacement needing 16 or fewer
+pays ~25% more than it would at 16.
 """
 
 
@@ -203,7 +211,7 @@ def safety_subspace(
         if attempt == cap:
             chosen = cap
             break
-        attempt = min(2 * attempt, cap)
+        attempt = _next_attempt(attempt, cap, energy - float(cumulative[-1]), values, total_energy)
     return Subspace(
         left=_orthonormal_float64(left[:, :chosen]),
         right=_orthonormal_float64(right[:, :chosen]),
@@ -214,6 +222,23 @@ def safety_subspace(
         no_signal_reason=None,
         method=method,
     )
+
+
+def _next_attempt(
+    attempt: int, cap: int, unmet: float, values: torch.Tensor, total_energy: float
+) -> int:
+    """The next `k` to try when `attempt` directions hold `unmet` too little of `||D||^2`.
+
+    Twice `attempt`, or more where the spectrum says so: the directions past
+    `attempt` hold at most `sigma_attempt^2` each (singular values descend), so
+    at least `unmet ||D||^2 / sigma_attempt^2` more are needed. On a flat tail
+    (a noise floor under `energy`) that jumps to the cap at once instead of
+    doubling through it; each extension costs `2q + 2` passes over `D`, which
+    cost about the same whatever the sketch's width (bench/README.md, "Workers").
+    """
+    smallest = float(values[attempt - 1]) ** 2
+    needed = math.ceil(unmet * total_energy / smallest) if smallest > 0 else cap
+    return min(max(2 * attempt, attempt + needed), cap)
 
 
 NORM_BLOCK = 2**14

@@ -48,11 +48,15 @@ class RepairOptions:
     safelora_threshold: float = 0.5
     seed: int = 0
     device: str = "cpu"
+    workers: int | None = None
+    """Modules processed at once (None: `engine.default_workers()`); never changes the result."""
 
     def parameters(self) -> dict[str, Any]:
-        """The options that shape the result, for provenance (no device: it does not)."""
+        """The options that shape the result, for provenance (no device or workers: they do
+        not)."""
         parameters = asdict(self)
         parameters.pop("device")
+        parameters.pop("workers")
         return parameters
 
     def subspace_settings(self) -> SubspaceSettings:

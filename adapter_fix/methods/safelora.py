@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from adapter_fix.engine import DISPLACEMENT
+from adapter_fix.engine import DISPLACEMENT, REDUCED
 from adapter_fix.math.solve import (
     as_factored,
     safelora_candidate,
@@ -36,14 +36,20 @@ class _Choice:
 
 class SafeLora(Method):
     name = "safelora"
-    needs = frozenset({DISPLACEMENT})
+    needs = frozenset({DISPLACEMENT, REDUCED})
 
     def solve(self, prepared: PreparedModule) -> Outcome:
         data, report = prepared.data, prepared.report
         if data.lora_b is None or data.lora_a is None:
             raise ValueError(f"{report.name}: Safe LoRA needs the module's factors")
         if data.displacement is not None:
-            candidate = safelora_candidate(data.lora_b, data.lora_a, data.displacement)
+            candidate = safelora_candidate(
+                data.lora_b,
+                data.lora_a,
+                data.displacement,
+                displacement_norm=data.displacement_norm,
+                reduced=data.reduced,
+            )
         elif data.subspace is not None:
             candidate = safelora_candidate_from_subspace(data.lora_b, data.lora_a, data.subspace)
         else:
