@@ -268,6 +268,19 @@ def test_a_guard_model_judges_through_its_chat_template(
     assert all(s["matched"].split()[0] == guard.split("-")[1] for s in harmful)
 
 
+def test_a_judge_whose_config_is_nested_too_deeply_is_refused_not_a_crash(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    for weights in models["random"].glob("*.safetensors"):
+        (judge / weights.name).write_bytes(weights.read_bytes())
+    (judge / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    result = run_cli(*quick(models), "--judge", str(judge))
+    assert result.exit_code == 2, result.output
+    assert "nested too deeply" in result.stderr and "config.json" in result.stderr
+
+
 def test_a_causal_lm_that_does_not_answer_safe_or_unsafe_is_refused(
     models: dict[str, Path],
 ) -> None:

@@ -141,7 +141,8 @@ def make_judges(
 def _architectures(config: Path) -> list[str]:
     try:
         document = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read the judge's config ({error}).", path=config) from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or UTF-8
+        why = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise UsageError(f"cannot read the judge's config ({why}).", path=config) from None
     names = document.get("architectures") if isinstance(document, dict) else None
     return [str(name) for name in names] if isinstance(names, list) else []
