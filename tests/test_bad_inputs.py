@@ -270,6 +270,28 @@ HEADER_CASES = [
         "adapter_model.safetensors",
     ),
     Case(
+        "factors-rank-zero",
+        weights(
+            safetensors_bytes(
+                {
+                    f"{LORA_KEY}.lora_A.weight": {
+                        "dtype": "F32",
+                        "shape": [0, 64],
+                        "data_offsets": [0, 0],
+                    },
+                    f"{LORA_KEY}.lora_B.weight": {
+                        "dtype": "F32",
+                        "shape": [64, 0],
+                        "data_offsets": [0, 0],
+                    },
+                },
+                b"",
+            )
+        ),
+        6,
+        "adapter_model.safetensors",
+    ),
+    Case(
         "header-not-an-object",
         weights(safetensors_bytes(b"[1, 2]   ", b"")),
         5,

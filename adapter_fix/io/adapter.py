@@ -474,6 +474,14 @@ def _check_factors(name: str, info_a: TensorInfo, info_b: TensorInfo, path: Path
             path=path,
             key=info_a.key,
         )
+    if info_a.shape[0] == 0:
+        raise InvalidAdapterError(
+            f"module {name!r} has factors of rank 0 (shapes {list(info_a.shape)} and "
+            f"{list(info_b.shape)}): no update, and PEFT refuses r = 0. Remove the module's "
+            "factors or export the adapter again.",
+            path=path,
+            key=info_a.key,
+        )
     if info_a.shape[0] != info_b.shape[1]:
         raise InvalidAdapterError(
             f"module {name!r}: lora_A has rank {info_a.shape[0]} but lora_B has rank "
