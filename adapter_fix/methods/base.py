@@ -1,7 +1,8 @@
 """What every repair method shares: its options, its interface, and the per-module prelude.
 
 A method declares what it `needs` from the module stream (the safety
-subspace, the displacement, or both), solves one module at a time, and may
+subspace, the displacement, `D^T B` taken while the displacement is read),
+solves one module at a time, and may
 `finish` with a global step over every module (Safe LoRA's selection). A new
 method is one file here plus one line in `methods/__init__.py`.
 """
