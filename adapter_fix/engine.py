@@ -188,7 +188,8 @@ class WeightPair(SubspaceSource):
         self.base, self.aligned = base, aligned
         self.inputs = {"base": base.source.identity, "aligned": aligned.source.identity}
         self.compared: list[tuple[TensorInfo, TensorInfo]] = []
-        """BASE's and ALIGNED's weight for each displacement computed, in order."""
+        """BASE's and ALIGNED's weight for each target planned, in target order (plans are
+        made on one thread before any read; the loads finish in any order)."""
         self.any_displacement = False
         """Whether any of them differs between BASE and ALIGNED."""
 
@@ -241,6 +242,7 @@ class WeightPair(SubspaceSource):
                 path=base_info.file,
                 key=base_key,
             )
+        self.compared.append((base_info, aligned_info))
         return base_weight, aligned_weight
 
     def load(
@@ -261,7 +263,6 @@ class WeightPair(SubspaceSource):
         """
         base_weight, aligned_weight = plan
         base, aligned = self.base, self.aligned
-        self.compared.append((base_weight.parts[0], aligned_weight.parts[0]))
         displacement = torch.empty(aligned_weight.shape, dtype=torch.float32)
         aligned_squares = displacement_squares = 0.0
         left = None if lora_b is None else lora_b.to(torch.float32)

@@ -16,8 +16,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from adapter_fix.cli import main
-from adapter_fix.errors import NonFiniteError
+from adapter_fix.engine import Target, WeightPair
+from adapter_fix.errors import IncompatibleModelsError, NonFiniteError
 from adapter_fix.io.adapter import load_adapter
+from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
 from adapter_fix.math.solve import FactoredUpdate, largest_singular_value
 from adapter_fix.math.subspace import frobenius_norm
@@ -57,6 +59,24 @@ def test_aligned_a_copy_of_base_in_another_folder_is_refused_with_exit_7(
     assert str(FIXTURES / "llama-base" / "model.safetensors") in stderr
     assert f"file {aligned / 'model.safetensors'}, key 'model.layers." in stderr
     assert not out.exists()
+
+
+def test_aligned_equal_to_base_names_the_first_module_whatever_order_the_loads_finish(
+    tmp_path: Path,
+) -> None:
+    aligned = Path(shutil.copytree(FIXTURES / "llama-base", tmp_path / "aligned"))
+    pair = WeightPair(
+        Checkpoint.open(LocalSource(FIXTURES / "llama-base"), "BASE"),
+        Checkpoint.open(LocalSource(aligned), "ALIGNED"),
+    )
+    targets = [Target.of(m) for m in load_adapter(LocalSource(FIXTURES / "llama-lora")).modules]
+    plans = [pair.plan(target) for target in targets]
+    for target, plan in reversed(list(zip(targets, plans, strict=True))):  # workers finish late
+        pair.load(target, plan)
+    with pytest.raises(IncompatibleModelsError) as refused:
+        pair.finish()
+    assert refused.value.key == plans[0][1].key
+    assert f"All {len(targets)} weights read" in refused.value.message
 
 
 def test_aligned_equal_to_base_on_all_but_one_read_weight_is_repaired(tmp_path: Path) -> None:
