@@ -226,11 +226,15 @@ GATE_SETTINGS = (
     "system",
     "refusal_patterns",
     "calibration_share",
+    "calibration_harmful",
+    "calibration_task",
     "target_refusal",
     "task_budget",
     "gate_unit",
     "rounds",
     "ig_steps",
+    "margin_tokens",
+    "min_harm_share",
     "calibration_tokens",
     "batch_size",
     "dtype",
@@ -250,16 +254,31 @@ def gate_options(command: F) -> F:
             "reports on the rest. 1: every prompt (dedicated calibration files).",
         ),
         click.option(
+            "--calibration-harmful",
+            type=click.IntRange(min=1),
+            default=100,
+            show_default=True,
+            help="[gate] At most this many harmful prompts of the share (cost grows with it).",
+        ),
+        click.option(
+            "--calibration-task",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="[gate] At most this many task prompts of the share (benign ones without --task).",
+        ),
+        click.option(
             "--target-refusal",
             type=FiniteFloat(min=0, max=1, min_open=True),
-            default=0.9,
+            default=0.95,
             show_default=True,
-            help="[gate] Stop once the calibration refusal rate reaches this share of ALIGNED's.",
+            help="[gate] Stop once this share of the calibration prompts ALIGNED refuses are "
+            "refused again.",
         ),
         click.option(
             "--task-budget",
             type=FiniteFloat(min=0, max=1),
-            default=0.2,
+            default=0.1,
             show_default=True,
             help="[gate] Share of the adapter's task skill the repair may give up: a round that "
             "leaves less than 1 - this of the calibration task score is cut back.",
@@ -267,7 +286,7 @@ def gate_options(command: F) -> F:
         click.option(
             "--gate-unit",
             type=click.Choice(["module", "component"]),
-            default="component",
+            default="module",
             show_default=True,
             help="[gate] What one gate switches: a module's whole update, or one rank-1 "
             "component of it (finer: keeps more of the task at the same refusal rate).",
@@ -275,16 +294,31 @@ def gate_options(command: F) -> F:
         click.option(
             "--rounds",
             type=click.IntRange(min=1, max=100),
-            default=20,
+            default=8,
             show_default=True,
             help="[gate] Rounds of attribution, selection and measurement.",
         ),
         click.option(
             "--ig-steps",
             type=click.IntRange(min=1, max=64),
-            default=8,
+            default=4,
             show_default=True,
             help="[gate] Integrated-gradient steps per attribution.",
+        ),
+        click.option(
+            "--margin-tokens",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="[gate] Tokens of the refusal margin, counted from where ALIGNED's refusal "
+            "and the adapted model's answer first differ.",
+        ),
+        click.option(
+            "--min-harm-share",
+            type=FiniteFloat(min=0, max=1),
+            default=0.005,
+            show_default=True,
+            help="[gate] Never switch off a unit whose harm is below this share of the total.",
         ),
         click.option(
             "--calibration-tokens",
@@ -298,7 +332,8 @@ def gate_options(command: F) -> F:
             type=click.IntRange(min=1),
             default=16,
             show_default=True,
-            help="[gate] Prompts per forward pass.",
+            help="[gate] Prompts per forward pass; memory grows with it (checked before the "
+            "first round).",
         ),
         click.option(
             "--dtype",
@@ -618,6 +653,8 @@ def repair_with_gates(
         share=gate["calibration_share"],
         seed=options.seed,
         hub=hub,
+        harmful_limit=gate["calibration_harmful"],
+        task_limit=gate["calibration_task"],
     )
     patterns = gate["refusal_patterns"]
     judge = RefusalJudge.from_file(patterns) if patterns is not None else RefusalJudge()
@@ -627,6 +664,8 @@ def repair_with_gates(
         task_budget=gate["task_budget"],
         rounds=gate["rounds"],
         steps=gate["ig_steps"],
+        margin_tokens=gate["margin_tokens"],
+        min_harm_share=gate["min_harm_share"],
         max_new_tokens=gate["calibration_tokens"],
         batch_size=gate["batch_size"],
     )
@@ -648,7 +687,8 @@ def repair_with_gates(
         else lambda r: console.print(
             f"round {r.index}: {len(r.switched_off)} gate(s) off, calibration refusals "
             f"{r.refusals}/{r.prompts}, task kept "
-            + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}"),
+            + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
+            + f" ({r.seconds:.1f} s)",
             markup=False,
             highlight=False,
         ),

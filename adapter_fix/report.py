@@ -248,12 +248,16 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
         f"calibration: {prompts['harmful']} harmful, {prompts['benign']} benign, "
         f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s), "
         f"stopped: {calibration['stop_reason']}",
-        f"calibration refusals: ALIGNED {_percent(calibration['aligned_refusal_rate'])}, "
+        f"calibration refusals: ALIGNED {_percent(calibration['aligned_refusal_rate'])} "
+        f"(only its {calibration['refused_by_aligned']} refused prompts are used); on those, "
         f"the adapter {_percent(calibration['original_refusal_rate'])}, gated "
         f"{_percent(calibration['refusal_rate'])} (target "
         f"{_percent(calibration['target_refusal_rate'])}: "
         f"{'met' if calibration['target_met'] else 'NOT met'}); task kept "
         + ("not measurable (first-order budget only)" if kept is None else _percent(kept)),
+        f"time: {calibration['seconds']:.0f} s, of which setup "
+        f"{calibration['setup_seconds'] / max(calibration['seconds'], 1e-9):.0%}"
+        + "".join(f", round {r['index']} {r['share_of_time']:.0%}" for r in calibration["rounds"]),
         "measure the written adapter with `adapter-fix eval` on prompts it never saw",
     ]
     if calibration["task_set_missing"]:
@@ -262,6 +266,20 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
             "with references is strongly recommended"
         )
     return lines
+
+
+def _gate_time_line(calibration: dict[str, Any]) -> str:
+    """Where the gated repair's time went: setup, each round kept, and the rest (tries that
+    were cut back to nothing)."""
+    seconds = max(calibration["seconds"], 1e-9)
+    setup = calibration["setup_seconds"] / seconds
+    rounds = [r["share_of_time"] for r in calibration["rounds"]]
+    rest = 1.0 - setup - sum(rounds)
+    return (
+        f"time: {calibration['seconds']:.0f} s: setup {setup:.0%}"
+        + "".join(f", round {i} {share:.0%}" for i, share in enumerate(rounds, 1))
+        + (f", tries cut back to nothing {rest:.0%}" if rest >= 0.005 else "")
+    )
 
 
 # The terminal table: most important first; the rest is in every report file.

@@ -13,7 +13,10 @@ from click.testing import CliRunner, Result
 from adapter_fix.cli import main
 from adapter_fix.math.gating import (
     Attribution,
+    candidates,
+    cut_back,
     integrated_gradient,
+    priority_order,
     rank_one_factors,
     select_units,
 )
@@ -21,11 +24,8 @@ from adapter_fix.math.gating import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_fix.methods.gate import (  # noqa: E402
-    GatedModel,
-    gated_factors,
-    token_nll,
-)
+from adapter_fix.evaluate.objectives import token_nll  # noqa: E402
+from adapter_fix.methods.gate import GatedModel, gated_factors  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -84,24 +84,22 @@ def test_gate_gradient_matches_finite_difference(lora_model):
     try:
         prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
 
-        def objective() -> torch.Tensor:
-            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+        def objective(backward: bool = False) -> float:
+            return token_nll(model, prompts, continuations, pad=0, batch_size=2, backward=backward)
 
         values = torch.full((len(names),), 0.5, dtype=torch.float64).float()
         gated.set_values(values)
-        objective().backward()
+        objective(backward=True)
         gradient = gated.gradients()
         step = 1e-2
         for unit in (0, len(names) - 1):
             shifted = values.clone()
             shifted[unit] += step
             gated.set_values(shifted)
-            with torch.no_grad():
-                up = float(objective())
+            up = objective()
             shifted[unit] -= 2 * step
             gated.set_values(shifted)
-            with torch.no_grad():
-                down = float(objective())
+            down = objective()
             assert gradient[unit] == pytest.approx((up - down) / (2 * step), rel=2e-2, abs=1e-4)
     finally:
         gated.remove()
@@ -113,22 +111,21 @@ def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):
     try:
         prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
 
-        def objective() -> torch.Tensor:
-            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+        def objective(backward: bool = False) -> float:
+            return token_nll(model, prompts, continuations, pad=0, batch_size=2, backward=backward)
 
         steps = 16
         gradients = []
         for step in range(1, steps + 1):
             gated.set_values(torch.full((len(names),), (step - 0.5) / steps))
-            objective().backward()
+            objective(backward=True)
             gradients.append(gated.gradients())
         stacked = torch.stack(gradients)
         total = sum(integrated_gradient(stacked[:, u].tolist(), 1.0) for u in range(len(names)))
-        with torch.no_grad():
-            gated.set_values(torch.ones(len(names)))
-            at_one = float(objective())
-            gated.set_values(torch.zeros(len(names)))
-            at_zero = float(objective())
+        gated.set_values(torch.ones(len(names)))
+        at_one = objective()
+        gated.set_values(torch.zeros(len(names)))
+        at_zero = objective()
         assert total == pytest.approx(at_one - at_zero, rel=0.01, abs=1e-4)
     finally:
         gated.remove()
@@ -168,19 +165,41 @@ def test_integrated_gradient_is_the_mean_gradient_times_the_gate():
         integrated_gradient([], 1.0)
 
 
-def test_selection_takes_most_harm_per_task_help_first_within_budget():
+def test_selection_takes_most_harm_per_floored_task_help_first_within_budget():
     attributions = [
-        Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1: ratio 1
-        Attribution(margin=-3.0, task=-1.0),  # ratio 3
+        Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1
+        Attribution(margin=-3.0, task=-1.0),  # harm 3, help 1: first
         Attribution(margin=2.0, task=-5.0),  # raises the margin: never a candidate
         None,  # already off
-        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, first
+        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, but small harm
     ]
+    # Task help floored at the candidates' mean help (2/3): 1.8, 0.75, 0.6 for units 1, 4, 0.
     selection = select_units(attributions, budget=1.0)
-    assert selection.switched_off == (4, 1)
+    assert selection.switched_off == (1, 4)
     assert selection.predicted_task_cost == pytest.approx(1.0)
     assert selection.predicted_margin_gain == pytest.approx(3.5)
-    assert select_units(attributions, budget=2.0).switched_off == (4, 1, 0)
+    assert select_units(attributions, budget=2.0).switched_off == (1, 4, 0)
+
+
+def test_selection_does_not_put_units_of_near_zero_task_help_first_for_that_alone():
+    attributions = [
+        Attribution(margin=-0.01, task=-1e-12),  # tiny harm, no task help
+        Attribution(margin=-0.02, task=0.0),
+        Attribution(margin=-5.0, task=-0.5),  # carries the compliance, some task help
+    ]
+    assert priority_order(attributions, [0, 1, 2]) == [2, 1, 0]
+
+
+def test_selection_ignores_units_whose_harm_is_below_a_share_of_the_total():
+    attributions = [Attribution(-0.004, 0.0), Attribution(-1.0, -0.1), Attribution(-0.1, 0.0)]
+    assert candidates(attributions, min_harm_share=0.01) == [1, 2]
+    assert select_units(attributions, budget=1.0, min_harm_share=0.05).switched_off == (1, 2)
+    assert select_units(attributions, budget=1.0).switched_off == (1, 2, 0)
+
+
+def test_selection_orders_by_harm_when_no_unit_helps_the_task():
+    attributions = [Attribution(-1.0, 0.3), Attribution(-2.0, 0.0), Attribution(-1.5, 0.1)]
+    assert select_units(attributions, budget=0.0).switched_off == (1, 2, 0)
 
 
 def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
@@ -188,6 +207,18 @@ def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
     assert select_units(attributions, budget=1.5).switched_off == (1,)
     assert select_units(attributions, budget=0.0).switched_off == ()
     assert math.isclose(select_units(attributions, budget=10).predicted_task_cost, 6.0)
+
+
+def test_cut_back_keeps_the_half_of_largest_harm_in_the_chosen_order():
+    attributions = [
+        Attribution(-1.0, -0.1),
+        Attribution(-4.0, -2.0),
+        Attribution(-0.5, 0.0),
+        Attribution(-3.0, -0.1),
+    ]
+    assert cut_back([2, 0, 3, 1], attributions) == [3, 1]
+    assert cut_back([3, 1], attributions) == [1]
+    assert cut_back([1], attributions) == []
 
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"

@@ -5,14 +5,19 @@ gets a gate on its update through a forward hook on `lora_A`: a scalar (unit
 `module`) or one value per rank-1 component (unit `component`, after the
 layer's factors are rewritten as their singular components, same update).
 Gradients are taken with respect to the gates only: every weight is frozen,
-no optimizer state exists, so memory is inference plus activations.
+no optimizer state exists, so memory is inference plus one batch's
+activations (the objectives in evaluate/objectives.py back-propagate batch
+by batch and form logits only where they score).
 
-Each round: integrated gradients of the refusal margin `mu` (harmful
-calibration prompts) and of the task loss `tau` along `s * g`, a greedy
-choice of units to switch off within the round's share of the task budget,
-then a measurement (greedy generation + the refusal judge) of the refusal
-rate on the calibration prompts. Rounds stop when the rate reaches the target
-relative to ALIGNED's, when the budget is spent, or after `rounds`.
+Calibration uses only the harmful prompts ALIGNED itself refuses. Each
+round: integrated gradients of the refusal margin `mu` and of the task loss
+`tau` along `s * g`, a greedy choice of units to switch off within what is
+left of the task budget (math/gating.py: noise-sized harms ignored, most
+harm per unit of task help first), then a measurement (greedy generation +
+the refusal judge) of the refusal rate and of the task score; a choice that
+costs too much task is cut back to its units of largest harm. Rounds stop
+when the rate reaches the target, when the budget is spent, or after
+`rounds`.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ import torch
 from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
-from adapter_fix.evaluate.generate import generate_ids, sequence_logprobs
+from adapter_fix.evaluate.generate import generate_ids
 from adapter_fix.evaluate.metrics import exact_match
+from adapter_fix.evaluate.objectives import (
+    MemoryEstimate,
+    pass_memory,
+    refusal_margins,
+    token_nll,
+    with_stop,
+)
 from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
+    cut_back,
     integrated_gradient,
     rank_one_factors,
     select_units,
@@ -48,12 +61,15 @@ UNITS = ("module", "component")
 class GateOptions:
     """Every choice the gated repair makes; built once from the CLI."""
 
-    unit: str = "component"
-    target_refusal: float = 0.9
-    task_budget: float = 0.2
-    rounds: int = 20
-    steps: int = 8
-    start_tokens: int = 8
+    unit: str = "module"
+    target_refusal: float = 0.95
+    task_budget: float = 0.1
+    rounds: int = 8
+    steps: int = 4
+    margin_tokens: int = 1
+    """Tokens of the refusal margin, from where the refusal and compliance starts differ."""
+    min_harm_share: float = 0.005
+    """Units whose harm is below this share of the total harm are never switched off."""
     max_new_tokens: int = 32
     batch_size: int = 16
 
@@ -97,6 +113,7 @@ class Round:
     refusal_rate: float
     refusals: int
     prompts: int
+    seconds: float
 
 
 @dataclass
@@ -107,7 +124,11 @@ class GateOutcome:
     attributions: dict[str, list[Attribution]]
     rounds: list[Round]
     aligned_refusal_rate: float
+    """ALIGNED's refusal rate on every harmful calibration prompt."""
+    refused_by_aligned: int
+    """The harmful calibration prompts ALIGNED refuses: the only ones calibrated on."""
     original_refusal_rate: float
+    """The adapter's refusal rate on the prompts ALIGNED refuses (so are the rates below)."""
     refusal_rate: float
     """The calibration refusal rate at the chosen gates."""
     target_met: bool
@@ -127,6 +148,8 @@ class GateOutcome:
     """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured; None
     when the score shows no gain of the adapter over ALIGNED (nothing to measure against)."""
     seconds: float
+    setup_seconds: float
+    """Before the first round: ALIGNED's and the adapter's answers, the task scores."""
 
 
 class GatedModel:
@@ -217,58 +240,6 @@ def _lora_layer(model: nn.Module, name: str) -> Any:
     )
 
 
-def _sequence_sums(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """Summed log-probability of each continuation, a vector over prompts (batched)."""
-    sums = [
-        sequence_logprobs(
-            model,
-            prompts[start : start + batch_size],
-            continuations[start : start + batch_size],
-            pad_id,
-        ).cpu()
-        for start in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(sums) if sums else torch.zeros(0)
-
-
-def refusal_margin(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    refusal_starts: Sequence[Sequence[int]],
-    compliance_starts: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """`mu`: mean of `log p(refusal start | x) - log p(compliance start | x)` over prompts."""
-    if not prompts:
-        return torch.zeros((), requires_grad=False)
-    refusal = _sequence_sums(model, prompts, refusal_starts, pad_id=pad_id, batch_size=batch_size)
-    comply = _sequence_sums(model, prompts, compliance_starts, pad_id=pad_id, batch_size=batch_size)
-    return (refusal - comply).mean()
-
-
-def token_nll(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    references: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """Mean per-token negative log-likelihood of the references (all tokens weighted alike)."""
-    total = _sequence_sums(model, prompts, references, pad_id=pad_id, batch_size=batch_size).sum()
-    count = sum(len(r) for r in references)
-    return -total / max(count, 1)
-
-
 def gate_repair(
     gated: GatedModel,
     calibration: Calibration,
@@ -282,16 +253,18 @@ def gate_repair(
 ) -> GateOutcome:
     """Choose the gates of `gated` (see the module docstring); the model is left gated.
 
-    The refusal rate is measured on `calibration.harmful` with greedy
-    generation of `options.max_new_tokens` tokens and `is_refusal` on the
-    decoded text; ALIGNED's is measured with the adapter disabled.
+    The refusal rate is measured with greedy generation of
+    `options.max_new_tokens` tokens and `is_refusal` on the decoded text,
+    on the harmful calibration prompts ALIGNED itself refuses (measured
+    first, with the adapter disabled): on the others the margin would
+    reward compliance.
     """
     started = time.perf_counter()
     model = gated.model
     batch = options.batch_size
 
     def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        return generate_ids(
+        answers = generate_ids(
             model,
             prompts,
             pad=pad_id,
@@ -299,6 +272,7 @@ def gate_repair(
             max_new_tokens=options.max_new_tokens,
             batch_size=batch,
         )
+        return [with_stop(answer, stop_ids, options.max_new_tokens) for answer in answers]
 
     def refusals(outputs: Sequence[list[int]]) -> list[bool]:
         return [is_refusal(decode(tokens)) for tokens in outputs]
@@ -313,15 +287,19 @@ def gate_repair(
             "under this judge, so there is no refusal to restore: check --harmful and "
             "--refusal-patterns (the phrases must match how ALIGNED refuses)."
         )
-    refusal_starts = [tokens[: options.start_tokens] for tokens in aligned_outputs]
-    target = options.target_refusal * aligned_rate
+    kept_prompts = [i for i, refused in enumerate(aligned_refused) if refused]
+    harmful = [calibration.harmful[i] for i in kept_prompts]
+    refusal_starts = [aligned_outputs[i] for i in kept_prompts]
+    target = options.target_refusal
 
     task_objective, task_prompts, task_targets, baseline = _task_data(
         gated, calibration, generate, pad_id=pad_id, batch_size=batch
     )
 
-    def task_loss() -> Tensor:
-        nll = token_nll(model, task_prompts, task_targets, pad_id=pad_id, batch_size=batch)
+    def task_loss(backward: bool = False) -> float:
+        nll = token_nll(
+            model, task_prompts, task_targets, pad=pad_id, batch_size=batch, backward=backward
+        )
         return nll - baseline
 
     # Answers long enough to hold every reference; the adapter's own outputs (no task set)
@@ -344,17 +322,15 @@ def gate_repair(
         score = exact_match([decode(answer) for answer in answers], wanted)
         return score.count / max(score.total, 1)
 
-    outputs = generate(calibration.harmful)
+    outputs = generate(harmful)
     refused = refusals(outputs)
     original_rate = _share(refused)
     attributions: dict[str, list[Attribution]] = {}
     rounds: list[Round] = []
-    with torch.no_grad():
-        gated.set_values(torch.zeros_like(gated.values()))
-        task_off, score_off = float(task_loss()), task_score()
-        gated.set_values(torch.ones_like(gated.values()))
-        task_on, score_on = float(task_loss()), task_score()
-
+    gated.set_values(torch.zeros_like(gated.values()))
+    task_off, score_off = task_loss(), task_score()
+    gated.set_values(torch.ones_like(gated.values()))
+    task_on, score_on = task_loss(), task_score()
     measurable = score_on > score_off
 
     def kept_task() -> float | None:
@@ -365,28 +341,33 @@ def gate_repair(
             return None
         return (task_score() - score_off) / (score_on - score_off)
 
-    # First order: each round may give up its share of `task_budget * (tau(0) - tau(1))`.
-    # Measured: a round that leaves less than `1 - task_budget` of the task score is cut
-    # back (its later half dropped, until it fits), so the guard is a measurement.
+    # First order: a round may give up `task_budget * (tau(0) - tau(1))` (what the rounds
+    # spent is subtracted only when no task score measures it). Measured: a round that
+    # leaves less than `1 - task_budget` of the task score is cut back (to its half of
+    # largest harm, until it fits). First-order costs and measured ones can differ 10-100x
+    # on a real model, so the measurement decides.
     budget = options.task_budget * max(task_off - task_on, 0.0)
     spent = 0.0
     rate = original_rate
     kept: float | None = 1.0 if measurable else None
     stop_reason = f"rounds exhausted ({options.rounds})"
     unit_attributions: list[Attribution | None] | None = None
+    setup_seconds = time.perf_counter() - started
     for index in range(1, options.rounds + 1):
+        round_started = time.perf_counter()
         if rate >= target:
             stop_reason = "target met" if rounds else "the adapter already refuses at the target"
             break
         # Compliance starts: what the gated model answers now, on prompts it does not refuse.
         complied = [i for i, r in enumerate(refused) if not r]
         margin = functools.partial(
-            refusal_margin,
+            _mean_margin,
             model,
-            [calibration.harmful[i] for i in complied],
+            [harmful[i] for i in complied],
             [refusal_starts[i] for i in complied],
-            [outputs[i][: options.start_tokens] for i in complied],
-            pad_id=pad_id,
+            [outputs[i] for i in complied],
+            window=options.margin_tokens,
+            pad=pad_id,
             batch_size=batch,
         )
         current = gated.values()
@@ -400,15 +381,20 @@ def gate_repair(
                 )
             ]
             _record(gated, unit_attributions, attributions)
-        allowance = budget * index / options.rounds - spent
-        selection = select_units(unit_attributions, budget=max(allowance, 0.0))
+        # With a measured task score, each round may spend the whole first-order budget: the
+        # measured guard below decides what is kept. Without one, the budget is all there is.
+        selection = select_units(
+            unit_attributions,
+            budget=budget if measurable else max(budget - spent, 0.0),
+            min_harm_share=options.min_harm_share,
+        )
         if not selection.switched_off:
-            if not any(a is not None and a.harm > 0 for a in unit_attributions):
-                stop_reason = "no unit left that lowers the refusal margin"
-                break
-            if index == options.rounds:
-                stop_reason = "task budget spent"
-            continue  # the next round's share of the budget may fit a unit
+            stop_reason = (
+                "task budget spent"
+                if any(a is not None and a.harm > 0 for a in unit_attributions)
+                else "no unit left that lowers the refusal margin"
+            )
+            break
         chosen = list(selection.switched_off)
         while chosen:
             values = current.clone()
@@ -419,7 +405,7 @@ def gate_repair(
                 break
             if len(chosen) == 1:  # alone it costs too much task: never a candidate again
                 unit_attributions[chosen[0]] = None
-            chosen = chosen[: len(chosen) // 2]
+            chosen = cut_back(chosen, unit_attributions)
         if not chosen:
             gated.set_values(current)
             kept = rounds[-1].task_kept if rounds else (1.0 if measurable else None)
@@ -428,11 +414,10 @@ def gate_repair(
         taken = [unit_attributions[u] for u in chosen]
         predicted_gain = sum(a.harm for a in taken if a is not None)
         predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
-        outputs = generate(calibration.harmful)
+        outputs = generate(harmful)
         refused = refusals(outputs)
-        with torch.no_grad():
-            measured_margin = float(margin())
-            measured_task = float(task_loss())
+        measured_margin = margin()
+        measured_task = task_loss()
         unit_attributions = None
         rate = _share(refused)
         spent = max(measured_task - task_on, 0.0)
@@ -448,6 +433,7 @@ def gate_repair(
             refusal_rate=rate,
             refusals=sum(refused),
             prompts=len(refused),
+            seconds=time.perf_counter() - round_started,
         )
         rounds.append(round_)
         stop_reason = f"rounds exhausted ({options.rounds})"
@@ -463,6 +449,7 @@ def gate_repair(
         attributions=attributions,
         rounds=rounds,
         aligned_refusal_rate=aligned_rate,
+        refused_by_aligned=len(kept_prompts),
         original_refusal_rate=original_rate,
         refusal_rate=rate,
         target_met=rate >= target,
@@ -475,7 +462,33 @@ def gate_repair(
         task_score_without_update=score_off,
         task_kept=kept,
         seconds=time.perf_counter() - started,
+        setup_seconds=setup_seconds,
     )
+
+
+def _mean_margin(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    compliance_starts: Sequence[Sequence[int]],
+    backward: bool = False,
+    *,
+    window: int,
+    pad: int,
+    batch_size: int,
+) -> float:
+    """`mu`: the mean refusal margin over the prompts (0 without prompts)."""
+    margins = refusal_margins(
+        model,
+        prompts,
+        refusal_starts,
+        compliance_starts,
+        window=window,
+        pad=pad,
+        batch_size=batch_size,
+        backward=backward,
+    )
+    return float(margins.double().mean()) if len(margins) else 0.0
 
 
 def _task_data(
@@ -488,20 +501,18 @@ def _task_data(
 ) -> tuple[str, list[list[int]], list[list[int]], float]:
     """Prompts, targets and baseline of the task loss `tau` (METHOD.md §8.4).
 
-    With task references: their mean per-token NLL (baseline 0). Without: the
-    adapted model's own greedy outputs on the benign prompts at `g = 1`, scored
-    against the gated model; subtracting the `g = 1` NLL makes `tau` a one-sample
-    (greedy) estimate of `KL(p_1 || p_g)` per token, 0 at `g = 1`.
+    With task references (ending with the end-of-sequence token): their mean
+    per-token NLL (baseline 0). Without: the adapted model's own greedy
+    outputs on the benign prompts at `g = 1`, scored against the gated model;
+    subtracting the `g = 1` NLL makes `tau` a one-sample (greedy) estimate of
+    `KL(p_1 || p_g)` per token, 0 at `g = 1`.
     """
     if calibration.task:
         return "task reference NLL", calibration.task, calibration.task_references, 0.0
     targets = generate(calibration.benign)
-    with torch.no_grad():
-        baseline = float(
-            token_nll(
-                gated.model, calibration.benign, targets, pad_id=pad_id, batch_size=batch_size
-            )
-        )
+    baseline = token_nll(
+        gated.model, calibration.benign, targets, pad=pad_id, batch_size=batch_size
+    )
     return (
         "KL to the adapter's own outputs on benign prompts",
         calibration.benign,
@@ -511,15 +522,17 @@ def _task_data(
 
 
 def _integrated_gradients(
-    gated: GatedModel, objective: Callable[[], Tensor], gates: Tensor, steps: int
+    gated: GatedModel, objective: Callable[[bool], float], gates: Tensor, steps: int
 ) -> Tensor:
-    """IG of `objective` per gate along `s * gates`, at the midpoints `s = (i - 1/2) / steps`."""
+    """IG of `objective` per gate along `s * gates`, at the midpoints `s = (i - 1/2) / steps`.
+
+    `objective(True)` back-propagates batch by batch (evaluate/objectives.py): the
+    gates' gradients accumulate over the batches, and no graph outlives a batch.
+    """
     gradients = []
     for step in range(1, steps + 1):
         gated.set_values(gates * ((step - 0.5) / steps))
-        value = objective()
-        if value.requires_grad:
-            value.backward()
+        objective(True)
         gradients.append(gated.gradients())
     gated.set_values(gates)
     stacked = torch.stack(gradients).double()
@@ -530,6 +543,80 @@ def _integrated_gradients(
         ],
         dtype=torch.float64,
     )
+
+
+def memory_needed(
+    model: nn.Module, calibration: Calibration, options: GateOptions
+) -> MemoryEstimate:
+    """The largest working set of one pass of the gated repair beside the loaded weights
+    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
+    loss (with gradients), and greedy generation (without)."""
+    config = model.config.get_text_config()
+    hidden = int(config.hidden_size)
+    intermediate = (
+        int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 0)
+        or 4 * hidden
+    )
+    element = next(model.parameters()).element_size()
+    shape = {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "layers": int(config.num_hidden_layers),
+        "heads": int(config.num_attention_heads),
+        "vocab": int(config.vocab_size),
+        "element_bytes": element,
+    }
+    batch = options.batch_size
+    longest = max((len(p) for p in calibration.harmful), default=0)
+    generated = options.max_new_tokens + 1
+    task = calibration.task or calibration.benign
+    references = calibration.task_references or [[0] * generated]
+    task_length = max((len(p) for p in task), default=0) + max(len(r) for r in references)
+    passes = [
+        pass_memory(
+            rows=batch if options.margin_tokens == 1 else 2 * batch,
+            length=longest + generated,
+            scored=options.margin_tokens,
+            gradients=True,
+            **shape,
+        ),
+        pass_memory(
+            rows=batch,
+            length=task_length,
+            scored=max(len(r) for r in references),
+            gradients=True,
+            **shape,
+        ),
+        pass_memory(rows=batch, length=longest + generated, scored=1, gradients=False, **shape),
+    ]
+    return max(passes, key=lambda estimate: estimate.total)
+
+
+def check_memory(
+    model: nn.Module, calibration: Calibration, options: GateOptions, available: int | None
+) -> MemoryEstimate:
+    """Refuse (UsageError, exit 2, naming --batch-size) a run whose passes would not fit in
+    `available` bytes; None (unknown) passes. Returns the estimate."""
+    estimate = memory_needed(model, calibration, options)
+    if available is not None and estimate.total > available:
+        fits = options.batch_size * available // max(estimate.total, 1)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        advice = (
+            f"use --batch-size {fits}"
+            if fits >= 1
+            else "even --batch-size 1 would not fit: use fewer --calibration-tokens, shorter "
+            "prompts, --dtype bfloat16 or a machine with more memory"
+        )
+        raise UsageError(
+            f"the gated repair would not fit in memory: one pass of --batch-size "
+            f"{options.batch_size} needs about {_gib(estimate.total)} beside the "
+            f"{_gib(weights)} of loaded weights, and {_gib(available)} are available. {advice}."
+        )
+    return estimate
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _share(flags: Sequence[bool]) -> float:
