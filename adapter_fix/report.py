@@ -484,11 +484,27 @@ def _check_summary(result: CheckResult) -> list[str]:
         f"total off-subspace energy rho_O = {_percent(result.total_off_energy)} "
         f"(--max-off-energy {options.max_off_energy:g}, per module "
         f"{options.max_module_off_energy:g})",
+        _probe_line(result.probe),
     ]
     lines.extend(f"failed: {failure}" for failure in result.failures[:10])
     if len(result.failures) > 10:
         lines.append(f"... and {len(result.failures) - 10} more (see --report)")
     return lines
+
+
+def _probe_line(probe: dict[str, Any] | None) -> str:
+    """The behavioural probe's figures, or why it did not run."""
+    if probe is None or ("skipped" in probe and "margin_drop" not in probe):
+        return f"behavioural probe: not run ({(probe or {}).get('skipped', 'not asked for')})"
+    if "skipped" in probe:
+        return f"behavioural probe: {probe['skipped']}"
+    return (
+        f"behavioural probe ({probe['refused_by_aligned']} of {probe['prompts']} harmful prompts "
+        f"refused by ALIGNED, {probe['seconds']:.1f} s): refusal margin drop "
+        f"{probe['margin_drop']:.2f} nats (--max-margin-drop {probe['max_margin_drop']:g}); "
+        f"preferred start flips on {probe['flips']} ({_percent(probe['flip_share'])}; "
+        f"--max-flip-share {probe['max_flip_share']:g})"
+    )
 
 
 def render_check(result: CheckResult, console: Console, max_rows: int = 20) -> None:
