@@ -452,3 +452,11 @@ def test_eval_refuses_a_calibration_share_that_leaves_no_prompt(tmp_path):
     )
     assert result.exit_code == 2, result.stderr
     assert "nothing is left to report on" in result.stderr
+
+
+def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr("adapter_fix.commands.repair.available_memory", lambda _device: 1 << 20)
+    result = _gate_cli(tmp_path / "out", "--calibration-share", "0.2")
+    assert result.exit_code == 2, result.stderr
+    assert "would not fit in memory" in result.stderr and "--batch-size" in result.stderr
+    assert not (tmp_path / "out").exists()

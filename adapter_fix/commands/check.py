@@ -289,12 +289,25 @@ def behaviour_probe(
         if required:
             raise
         return probe_skipped(f"ALIGNED cannot be run: {error}"), []
+    except ValueError as error:
+        # transformers has no causal LM class for this config (an encoder-decoder, a
+        # vision-language model): the weight-space measures still apply.
+        reason = f"ALIGNED is not a causal LM transformers can run ({str(error)[:160]})"
+        if required:
+            raise UsageError(f"the probe cannot run: {reason}.", path=aligned.identity) from None
+        return probe_skipped(reason), []
     attach_adapters(loaded, [adapter.source])
     tokenizer = loaded.tokenizer
-    texts = spread(prompts.texts, options.prompts)
+    encoded = [
+        ids
+        for ids in encode_prompts(tokenizer, spread(prompts.texts, options.prompts), options.system)
+        if ids
+    ]
+    if not encoded:
+        return probe_skipped("ALIGNED's tokenizer encodes every prompt to nothing"), []
     result = refusal_probe(
         loaded.model,
-        encode_prompts(tokenizer, texts, options.system),
+        encoded,
         is_refusal=judge.is_refusal,
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
         pad=pad_id(tokenizer),
