@@ -312,6 +312,7 @@ GATE_SETTINGS = (
     "ig_steps",
     "margin_tokens",
     "min_harm_share",
+    "refine",
     "calibration_tokens",
     "batch_size",
     "dtype",
@@ -396,6 +397,12 @@ def gate_options(command: F) -> F:
             default=0.005,
             show_default=True,
             help="[gate] Never switch off a unit whose harm is below this share of the total.",
+        ),
+        click.option(
+            "--refine",
+            is_flag=True,
+            help="[gate] Coarse to fine: once the target is met, give task back inside the "
+            "modules switched off, rank-1 component by component, while refusals hold.",
         ),
         click.option(
             "--calibration-tokens",
@@ -743,6 +750,7 @@ def repair_with_gates(
         steps=gate["ig_steps"],
         margin_tokens=gate["margin_tokens"],
         min_harm_share=gate["min_harm_share"],
+        refine=gate["refine"],
         max_new_tokens=gate["calibration_tokens"],
         batch_size=gate["batch_size"],
     )
@@ -762,7 +770,9 @@ def repair_with_gates(
         on_round=None
         if console is None
         else lambda r: console.print(
-            f"round {r.index}: {len(r.switched_off)} gate(s) off, calibration refusals "
+            f"round {r.index}: {len(r.switched_off)} gate(s) off"
+            + (f", {len(r.restored)} given back" if r.restored else "")
+            + f", calibration refusals "
             f"{r.refusals}/{r.prompts}, task kept "
             + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
             + f" ({r.seconds:.1f} s)",

@@ -18,6 +18,7 @@ from adapter_fix.math.gating import (
     integrated_gradient,
     priority_order,
     rank_one_factors,
+    restore_order,
     select_units,
 )
 
@@ -25,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from adapter_fix.evaluate.objectives import token_nll  # noqa: E402
-from adapter_fix.methods.gate import GatedModel, gated_factors  # noqa: E402
+from adapter_fix.methods.gate import GatedModel, GateOptions, gated_factors, refine_components  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -219,6 +220,82 @@ def test_cut_back_keeps_the_half_of_largest_harm_in_the_chosen_order():
     assert cut_back([2, 0, 3, 1], attributions) == [3, 1]
     assert cut_back([3, 1], attributions) == [1]
     assert cut_back([1], attributions) == []
+
+
+def test_restore_order_gives_back_most_task_help_per_floored_harm_first():
+    attributions = [
+        None,  # not switched off
+        Attribution(margin=-1.0, task=-2.0),  # help 2, harm 1
+        Attribution(margin=0.0, task=-0.1),  # help 0.1, no harm: not first for that alone
+        Attribution(margin=-4.0, task=-3.0),  # help 3, harm 4
+        Attribution(margin=-1.0, task=0.5),  # hurts the task: never given back
+    ]
+    # Harm floored at the mean harm (5/3): 2/2.67, 0.1/1.67, 3/5.67.
+    assert restore_order(attributions) == [1, 3, 2]
+    assert restore_order([None, Attribution(0.0, -1.0), Attribution(0.0, -2.0)]) == [2, 1]
+
+
+def test_split_keeps_the_update_and_the_gate_value(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = _logits(model, IDS)
+    with model.disable_adapter():
+        aligned = _logits(model, IDS)
+    gated = GatedModel(model, names, "module")
+    try:
+        values = torch.ones(len(names))
+        values[0] = 0.0
+        gated.set_values(values)
+        before = _logits(model, IDS)
+        gated.split(0)
+        assert gated.layers[0].components and len(gated.layers[0].gates) == 4
+        torch.testing.assert_close(_logits(model, IDS), before, atol=1e-5, rtol=1e-5)
+        gated.set_values(torch.ones_like(gated.values()))
+        torch.testing.assert_close(_logits(model, IDS), adapted, atol=1e-5, rtol=1e-5)
+        gated.set_values(torch.zeros_like(gated.values()))
+        torch.testing.assert_close(_logits(model, IDS), aligned, atol=1e-6, rtol=1e-6)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("refusals_hold", [True, False])
+def test_refine_gives_components_back_only_while_refusals_hold(lora_model, refusals_hold):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "module")
+    try:
+        prompts, references = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
+
+        def task(backward: bool = False) -> float:
+            return token_nll(model, prompts, references, pad=0, batch_size=2, backward=backward)
+
+        def margin(backward: bool = False) -> float:
+            return -task(backward)  # any objective with a gradient will do
+
+        values = torch.ones(len(names))
+        values[[0, 2]] = 0.0
+        gated.set_values(values)
+        tries: list[torch.Tensor] = []
+
+        def measure() -> float:
+            tries.append(gated.values())
+            return 1.0 if refusals_hold else 0.0
+
+        given = refine_components(
+            gated, GateOptions(steps=2), margin=margin, task_loss=task, measure=measure, target=0.9
+        )
+        restorable = {u for u, (layer, _) in enumerate(gated.units()) if layer in (0, 2)}
+        if refusals_hold:
+            assert given and set(given) <= restorable and len(tries) == 1
+            assert all(float(gated.values()[u]) == 1.0 for u in given)
+        else:
+            assert given is None and len(tries) >= 2
+            assert all(float(gated.values()[u]) == 0.0 for u in restorable)
+        assert [layer.components for layer in gated.layers[:3]] == [True, False, True]
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
 
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"

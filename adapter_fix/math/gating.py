@@ -159,3 +159,24 @@ def cut_back(chosen: Sequence[int], attributions: Sequence[Attribution | None]) 
 
     keep = set(sorted(chosen, key=lambda index: (-harm(index), index))[: len(chosen) // 2])
     return [index for index in chosen if index in keep]
+
+
+def restore_order(attributions: Sequence[Attribution | None]) -> list[int]:
+    """Units that are off, in the order to give them back (coarse to fine): most task help per
+    unit of harm first.
+
+    `attributions[i]` is the attribution of switching unit `i` back ON (None: not a unit
+    to restore). Only units that help the task (`task_help > 0`) are candidates. Harm is
+    floored at the candidates' mean positive harm, so a unit of no harm is not put first for
+    that alone; ties keep unit order.
+    """
+    chosen = [
+        (index, a) for index, a in enumerate(attributions) if a is not None and a.task_help > 0
+    ]
+    harms = [max(a.harm, 0.0) for _, a in chosen]
+    floor = math.fsum(harms) / len(harms) if harms else 0.0
+    floor = floor if floor > 0 else 1.0  # no unit harms: order by task help alone
+    ranked = sorted(
+        chosen, key=lambda item: (-item[1].task_help / (max(item[1].harm, 0.0) + floor), item[0])
+    )
+    return [index for index, _ in ranked]

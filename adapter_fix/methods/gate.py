@@ -48,6 +48,7 @@ from adapter_fix.math.gating import (
     cut_back,
     integrated_gradient,
     rank_one_factors,
+    restore_order,
     select_units,
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
@@ -70,6 +71,9 @@ class GateOptions:
     """Tokens of the refusal margin, from where the refusal and compliance starts differ."""
     min_harm_share: float = 0.005
     """Units whose harm is below this share of the total harm are never switched off."""
+    refine: bool = False
+    """Coarse to fine: once module gates meet the target, give task back inside the modules
+    switched off, rank-1 component by component, as far as the refusal target allows."""
     max_new_tokens: int = 32
     batch_size: int = 16
 
@@ -95,8 +99,10 @@ class GateLayer:
 
     name: str
     rank: int
-    gates: Tensor  # shape (1,) for unit "module", (r,) for "component"
+    gates: Tensor  # shape (1,) for a module gate, (r,) for component gates
     handle: Any = None
+    components: bool = False
+    """Whether the layer's factors were rewritten as its rank-1 components (one gate each)."""
 
 
 @dataclass
@@ -114,6 +120,8 @@ class Round:
     refusals: int
     prompts: int
     seconds: float
+    restored: list[str] = field(default_factory=list)
+    """Units switched back on (the coarse-to-fine step: components of modules switched off)."""
 
 
 @dataclass
@@ -165,20 +173,32 @@ class GatedModel:
             parameter.requires_grad_(False)
         for name in names:
             layer = _lora_layer(model, name)
-            adapter = layer.active_adapters[0]
-            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-            rank = lora_a.weight.shape[0]
-            if unit == "component":
-                with torch.no_grad():
-                    new_b, new_a = rank_one_factors(
-                        lora_b.weight.double(), lora_a.weight.double(), layer.scaling[adapter]
-                    )
-                    lora_b.weight.copy_(new_b.to(lora_b.weight.dtype))
-                    lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
-            gates = torch.ones(1 if unit == "module" else rank, dtype=lora_a.weight.dtype)
-            gated = GateLayer(name, rank, gates)
+            lora_a = layer.lora_A[layer.active_adapters[0]]
+            gated = GateLayer(
+                name, lora_a.weight.shape[0], torch.ones(1, dtype=lora_a.weight.dtype)
+            )
             gated.handle = lora_a.register_forward_hook(_gate_hook(gated))
             self.layers.append(gated)
+            if unit == "component":
+                self.split(len(self.layers) - 1)
+
+    def split(self, index: int) -> None:
+        """Rewrite layer `index`'s factors as its rank-1 components (same update), each with
+        its own gate, all at the layer's current (module) gate value."""
+        gated = self.layers[index]
+        if gated.components:
+            return
+        layer = _lora_layer(self.model, gated.name)
+        adapter = layer.active_adapters[0]
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        with torch.no_grad():
+            new_b, new_a = rank_one_factors(
+                lora_b.weight.double(), lora_a.weight.double(), layer.scaling[adapter]
+            )
+            lora_b.weight.copy_(new_b.to(lora_b.weight.dtype))
+            lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
+        gated.gates = gated.gates.detach().expand(gated.rank).clone()
+        gated.components = True
 
     def units(self) -> list[tuple[int, int]]:
         """Every gate as `(layer index, position)`, in layer order."""
@@ -323,6 +343,7 @@ def gate_repair(
         return score.count / max(score.total, 1)
 
     outputs = generate(harmful)
+    adapter_outputs = outputs
     refused = refusals(outputs)
     original_rate = _share(refused)
     attributions: dict[str, list[Attribution]] = {}
@@ -442,6 +463,58 @@ def gate_repair(
     else:
         if rate >= target:
             stop_reason = "target met"
+    if options.refine and rate >= target:
+        refine_started = time.perf_counter()
+        against_adapter = functools.partial(
+            _mean_margin,
+            model,
+            harmful,
+            refusal_starts,
+            adapter_outputs,
+            window=options.margin_tokens,
+            pad=pad_id,
+            batch_size=batch,
+        )
+        answers: list[list[list[int]]] = []
+
+        def measure() -> float:
+            answers[:] = [generate(harmful)]
+            return _share(refusals(answers[0]))
+
+        refined = refine_components(
+            gated,
+            options,
+            margin=against_adapter,
+            task_loss=task_loss,
+            measure=measure,
+            target=target,
+        )
+        if refined is not None:
+            outputs = answers[0]
+            refused = refusals(outputs)
+            rate = _share(refused)
+            kept = kept_task()
+            units = gated.units()
+            taken = [a for a in refined.values() if a is not None]
+            rounds.append(
+                Round(
+                    index=len(rounds) + 1,
+                    switched_off=[],
+                    predicted_margin_gain=-sum(a.harm for a in taken),
+                    predicted_task_cost=-sum(max(a.task_help, 0.0) for a in taken),
+                    margin=against_adapter(),
+                    task_loss=task_loss(),
+                    task_kept=kept,
+                    refusal_rate=rate,
+                    refusals=sum(refused),
+                    prompts=len(refused),
+                    seconds=time.perf_counter() - refine_started,
+                    restored=[_unit_name(gated, units[u]) for u in refined],
+                )
+            )
+            stop_reason += f"; then {len(refined)} component(s) given back"
+            if on_round is not None:
+                on_round(rounds[-1])
     for layer in gated.layers:
         layer.gates = layer.gates.detach()
     return GateOutcome(
@@ -464,6 +537,54 @@ def gate_repair(
         seconds=time.perf_counter() - started,
         setup_seconds=setup_seconds,
     )
+
+
+def refine_components(
+    gated: GatedModel,
+    options: GateOptions,
+    *,
+    margin: Callable[[bool], float],
+    task_loss: Callable[[bool], float],
+    measure: Callable[[], float],
+    target: float,
+) -> dict[int, Attribution | None] | None:
+    """Coarse to fine: split the modules switched off into rank-1 components (all off), then
+    switch back on those that help the task most per unit of harm (`restore_order`, from IG
+    along the path off -> on of those components; the margin is taken against the adapter's
+    own answers), as many as keep the measured refusal rate (`measure`) at `target`: every
+    candidate first, then the better half, and so on. Returns the units given back with
+    their attributions (of switching them on); None when none could be (the gates are then
+    left as they were, split).
+    """
+    off = [
+        index
+        for index, layer in enumerate(gated.layers)
+        if not layer.components and float(layer.gates.detach()[0]) == 0.0
+    ]
+    if not off:
+        return None
+    for index in off:
+        gated.split(index)
+    current = gated.values()
+    on = current.clone()
+    restorable = {u for u, (layer, _) in enumerate(gated.units()) if layer in off}
+    on[sorted(restorable)] = 1.0
+    margin_ig = _integrated_gradients(gated, margin, on, options.steps, start=current)
+    task_ig = _integrated_gradients(gated, task_loss, on, options.steps, start=current)
+    attributions = [
+        Attribution(m, t) if unit in restorable else None
+        for unit, (m, t) in enumerate(zip(margin_ig.tolist(), task_ig.tolist(), strict=True))
+    ]
+    chosen = restore_order(attributions)
+    while chosen:
+        values = current.clone()
+        values[chosen] = 1.0
+        gated.set_values(values)
+        if measure() >= target:
+            return {unit: attributions[unit] for unit in chosen}
+        chosen = chosen[: len(chosen) // 2]
+    gated.set_values(current)
+    return None
 
 
 def _mean_margin(
@@ -522,16 +643,22 @@ def _task_data(
 
 
 def _integrated_gradients(
-    gated: GatedModel, objective: Callable[[bool], float], gates: Tensor, steps: int
+    gated: GatedModel,
+    objective: Callable[[bool], float],
+    gates: Tensor,
+    steps: int,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """IG of `objective` per gate along `s * gates`, at the midpoints `s = (i - 1/2) / steps`.
+    """IG of `objective` per gate along the straight path `start -> gates` (`start` 0 unless
+    given), at the midpoints `s = (i - 1/2) / steps`.
 
     `objective(True)` back-propagates batch by batch (evaluate/objectives.py): the
     gates' gradients accumulate over the batches, and no graph outlives a batch.
     """
+    origin = torch.zeros_like(gates) if start is None else start
     gradients = []
     for step in range(1, steps + 1):
-        gated.set_values(gates * ((step - 0.5) / steps))
+        gated.set_values(origin + (gates - origin) * ((step - 0.5) / steps))
         objective(True)
         gradients.append(gated.gradients())
     gated.set_values(gates)
@@ -539,7 +666,7 @@ def _integrated_gradients(
     return torch.tensor(
         [
             integrated_gradient(column.tolist(), float(g))
-            for column, g in zip(stacked.T, gates, strict=True)
+            for column, g in zip(stacked.T, gates - origin, strict=True)
         ],
         dtype=torch.float64,
     )
@@ -627,7 +754,7 @@ def _share(flags: Sequence[bool]) -> float:
 def _unit_name(gated: GatedModel, unit: tuple[int, int]) -> str:
     layer, position = unit
     name = gated.layers[layer].name
-    return name if gated.unit == "module" else f"{name}[{position}]"
+    return f"{name}[{position}]" if gated.layers[layer].components else name
 
 
 def _record(
@@ -700,9 +827,9 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
         report.relative_change = comparison.relative_change
         report.cosine = comparison.cosine
         report.reason = (
-            "gate 0: update switched off"
-            if gated.unit == "module"
-            else f"{off} of {len(gates)} rank-1 components switched off"
+            f"{off} of {len(gates)} rank-1 components switched off"
+            if layer.components
+            else "gate 0: update switched off"
         )
         results.append(Outcome(report, lora_a=new_a, lora_b=new_b))
     return results
