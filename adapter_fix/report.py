@@ -255,9 +255,7 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
         f"{_percent(calibration['target_refusal_rate'])}: "
         f"{'met' if calibration['target_met'] else 'NOT met'}); task kept "
         + ("not measurable (first-order budget only)" if kept is None else _percent(kept)),
-        f"time: {calibration['seconds']:.0f} s, of which setup "
-        f"{calibration['setup_seconds'] / max(calibration['seconds'], 1e-9):.0%}"
-        + "".join(f", round {r['index']} {r['share_of_time']:.0%}" for r in calibration["rounds"]),
+        _gate_time_line(calibration),
         "measure the written adapter with `adapter-fix eval` on prompts it never saw",
     ]
     if calibration["task_set_missing"]:

@@ -352,6 +352,23 @@ def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated
     # With the whole task budget, switching off what erodes refusals must restore some.
     assert rounds[-1]["refusal_rate"] > calibration["original_refusal_rate"]
     assert calibration["refusal_rate"] == rounds[-1]["refusal_rate"]
+    # Each round's time and its share of the run; ALIGNED refuses the prompts calibrated on.
+    assert all(r["seconds"] > 0 and 0 < r["share_of_time"] < 1 for r in rounds)
+    assert 0 < calibration["setup_seconds"] < calibration["seconds"]
+    assert 0 < calibration["refused_by_aligned"] <= calibration["prompts"]["harmful"]
+
+
+def test_the_time_line_gives_setup_each_round_and_the_rest():
+    from adapter_fix.report import _gate_time_line
+
+    calibration = {
+        "seconds": 100.0,
+        "setup_seconds": 20.0,
+        "rounds": [{"share_of_time": 0.5}, {"share_of_time": 0.1}],
+    }
+    assert _gate_time_line(calibration) == (
+        "time: 100 s: setup 20%, round 1 50%, round 2 10%, tries cut back to nothing 20%"
+    )
 
 
 def test_eval_on_held_out_prompts_sees_more_refusals_after_the_gated_repair(gated_run):
