@@ -554,3 +554,17 @@ def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, 
     assert result.exit_code == 2, result.stderr
     assert "would not fit in memory" in result.stderr and "--batch-size" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--calibration-share", "0.15", "--rounds", "1", "--task-budget", "1"),
+        *("--dtype", "bfloat16"),
+    )
+    assert result.exit_code == 0, result.stderr
+    original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
