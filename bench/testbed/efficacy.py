@@ -124,9 +124,31 @@ def table(rows: list[dict]) -> str:
             fmt(r["task"]),
             fmt(r["restored_refusal"]),
             fmt(r["kept_task"]),
-            r.get("check", "") or "",
+            (r.get("check") or {}).get("verdict", ""),
             fmt(r["seconds"], 1) if r["seconds"] is not None else "-",
             fmt(r["peak_mb"], 0) if r["peak_mb"] is not None else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check_table(rows: list[dict]) -> str:
+    """What `check` at its defaults says of each adapter, with the measures behind it."""
+    lines = [
+        "| adapter | check | total reversal | probe margin drop | probe flip share | check s |",
+        "|" + " --- |" * 6,
+    ]
+    for r in rows:
+        checked = r.get("check")
+        if not isinstance(checked, dict):
+            continue
+        cells = [
+            r["adapter"],
+            checked["verdict"],
+            fmt(checked["total_reversal"], 4),
+            fmt(checked["margin_drop"]),
+            fmt(checked["flip_share"]),
+            fmt(checked["seconds"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -156,12 +178,23 @@ def merged(rows: list[dict]) -> list[dict]:
     )
 
 
-def check(adapter: Path) -> str:
-    done, _, _ = run(
+def check(adapter: Path) -> dict:
+    """`adapter-fix check BASE ALIGNED ADAPTER` at its defaults: verdict and measures."""
+    done, seconds, peak = run(
         ["check", str(WORK / "base"), str(WORK / "aligned"), str(adapter), "--json", "-q"]
     )
     verdict = {0: "pass", 12: "FAIL"}.get(done.returncode, f"exit {done.returncode}")
-    return verdict
+    report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+    probe = report.get("probe") or {}
+    return {
+        "verdict": verdict,
+        "total_reversal": report.get("total_reversal"),
+        "margin_drop": probe.get("margin_drop"),
+        "flip_share": probe.get("flip_share"),
+        "failures": report.get("failures"),
+        "seconds": seconds,
+        "peak_mb": peak,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     kinds = args.adapter or list(build.ADAPTERS)
     methods = [(m, o) for m, o in METHODS if not args.only or m in args.only]
     out_root = WORK / "repaired"
-    plan: list[tuple[str, str, Path, float | None, float | None, str]] = []
+    plan: list[tuple[str, str, Path, float | None, float | None, dict | None]] = []
     for kind in kinds:
         adapter = WORK / "adapters" / kind
-        plan.append((kind, "none (the adapter)", adapter, None, None, check(adapter)))
+        checked = check(adapter)
+        build.log(f"{kind} / check: {checked['verdict']} ({checked['seconds']:.0f} s)")
+        plan.append((kind, "none (the adapter)", adapter, None, None, checked))
         for label, options in methods:
             out = out_root / kind / label
             done, seconds, peak = run(
@@ -191,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"repair {kind}/{label} failed ({done.returncode}):\n{done.stderr}"
                 )
             build.log(f"{kind} / {label}: {seconds:.0f} s, peak RSS {peak:.0f} MB")
-            plan.append((kind, label, out, seconds, peak, ""))
+            plan.append((kind, label, out, seconds, peak, None))
     result = evaluate([path for *_, path, _, _, _ in plan])
     aligned, *measured = result["rows"]
 
@@ -241,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = merged(rows)
     (WORK / "efficacy.json").write_text(json.dumps({"rows": rows}, indent=2))
     print(table(rows))
+    print()
+    print(check_table(rows))
     return 0
 
 
