@@ -250,12 +250,14 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
         f"calibration: {prompts['harmful']} harmful, {prompts['benign']} benign, "
         f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s), "
         f"stopped: {calibration['stop_reason']}",
-        f"calibration refusals: ALIGNED {_percent(calibration['aligned_refusal_rate'])}, "
+        f"calibration refusals: ALIGNED {_percent(calibration['aligned_refusal_rate'])} "
+        f"(only its {calibration['refused_by_aligned']} refused prompts are used); on those, "
         f"the adapter {_percent(calibration['original_refusal_rate'])}, gated "
         f"{_percent(calibration['refusal_rate'])} (target "
         f"{_percent(calibration['target_refusal_rate'])}: "
         f"{'met' if calibration['target_met'] else 'NOT met'}); task kept "
         + ("not measurable (first-order budget only)" if kept is None else _percent(kept)),
+        _gate_time_line(calibration),
         "measure the written adapter with `adapter-fix eval` on prompts it never saw",
     ]
     if calibration["task_set_missing"]:
@@ -264,6 +266,20 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
             "with references is strongly recommended"
         )
     return lines
+
+
+def _gate_time_line(calibration: dict[str, Any]) -> str:
+    """Where the gated repair's time went: setup, each round kept, and the rest (tries that
+    were cut back to nothing)."""
+    seconds = max(calibration["seconds"], 1e-9)
+    setup = calibration["setup_seconds"] / seconds
+    rounds = [r["share_of_time"] for r in calibration["rounds"]]
+    rest = 1.0 - setup - sum(rounds)
+    return (
+        f"time: {calibration['seconds']:.0f} s: setup {setup:.0%}"
+        + "".join(f", round {i} {share:.0%}" for i, share in enumerate(rounds, 1))
+        + (f", tries cut back to nothing {rest:.0%}" if rest >= 0.005 else "")
+    )
 
 
 # The terminal table: most important first; the rest is in every report file.
@@ -468,11 +484,27 @@ def _check_summary(result: CheckResult) -> list[str]:
         f"total off-subspace energy rho_O = {_percent(result.total_off_energy)} "
         f"(--max-off-energy {options.max_off_energy:g}, per module "
         f"{options.max_module_off_energy:g})",
+        _probe_line(result.probe),
     ]
     lines.extend(f"failed: {failure}" for failure in result.failures[:10])
     if len(result.failures) > 10:
         lines.append(f"... and {len(result.failures) - 10} more (see --report)")
     return lines
+
+
+def _probe_line(probe: dict[str, Any] | None) -> str:
+    """The behavioural probe's figures, or why it did not run."""
+    if probe is None or ("skipped" in probe and "margin_drop" not in probe):
+        return f"behavioural probe: not run ({(probe or {}).get('skipped', 'not asked for')})"
+    if "skipped" in probe:
+        return f"behavioural probe: {probe['skipped']}"
+    return (
+        f"behavioural probe ({probe['refused_by_aligned']} of {probe['prompts']} harmful prompts "
+        f"refused by ALIGNED, {probe['seconds']:.1f} s): refusal margin drop "
+        f"{probe['margin_drop']:.2f} nats (--max-margin-drop {probe['max_margin_drop']:g}); "
+        f"preferred start flips on {probe['flips']} ({_percent(probe['flip_share'])}; "
+        f"--max-flip-share {probe['max_flip_share']:g})"
+    )
 
 
 def render_check(result: CheckResult, console: Console, max_rows: int = 20) -> None:

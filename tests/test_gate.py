@@ -13,19 +13,20 @@ from click.testing import CliRunner, Result
 from adapter_fix.cli import main
 from adapter_fix.math.gating import (
     Attribution,
+    candidates,
+    cut_back,
     integrated_gradient,
+    priority_order,
     rank_one_factors,
+    restore_order,
     select_units,
 )
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_fix.methods.gate import (  # noqa: E402
-    GatedModel,
-    gated_factors,
-    token_nll,
-)
+from adapter_fix.evaluate.objectives import token_nll  # noqa: E402
+from adapter_fix.methods.gate import GatedModel, GateOptions, gated_factors, refine_components  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -84,24 +85,22 @@ def test_gate_gradient_matches_finite_difference(lora_model):
     try:
         prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
 
-        def objective() -> torch.Tensor:
-            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+        def objective(backward: bool = False) -> float:
+            return token_nll(model, prompts, continuations, pad=0, batch_size=2, backward=backward)
 
         values = torch.full((len(names),), 0.5, dtype=torch.float64).float()
         gated.set_values(values)
-        objective().backward()
+        objective(backward=True)
         gradient = gated.gradients()
         step = 1e-2
         for unit in (0, len(names) - 1):
             shifted = values.clone()
             shifted[unit] += step
             gated.set_values(shifted)
-            with torch.no_grad():
-                up = float(objective())
+            up = objective()
             shifted[unit] -= 2 * step
             gated.set_values(shifted)
-            with torch.no_grad():
-                down = float(objective())
+            down = objective()
             assert gradient[unit] == pytest.approx((up - down) / (2 * step), rel=2e-2, abs=1e-4)
     finally:
         gated.remove()
@@ -113,22 +112,21 @@ def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):
     try:
         prompts, continuations = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
 
-        def objective() -> torch.Tensor:
-            return token_nll(model, prompts, continuations, pad_id=0, batch_size=2)
+        def objective(backward: bool = False) -> float:
+            return token_nll(model, prompts, continuations, pad=0, batch_size=2, backward=backward)
 
         steps = 16
         gradients = []
         for step in range(1, steps + 1):
             gated.set_values(torch.full((len(names),), (step - 0.5) / steps))
-            objective().backward()
+            objective(backward=True)
             gradients.append(gated.gradients())
         stacked = torch.stack(gradients)
         total = sum(integrated_gradient(stacked[:, u].tolist(), 1.0) for u in range(len(names)))
-        with torch.no_grad():
-            gated.set_values(torch.ones(len(names)))
-            at_one = float(objective())
-            gated.set_values(torch.zeros(len(names)))
-            at_zero = float(objective())
+        gated.set_values(torch.ones(len(names)))
+        at_one = objective()
+        gated.set_values(torch.zeros(len(names)))
+        at_zero = objective()
         assert total == pytest.approx(at_one - at_zero, rel=0.01, abs=1e-4)
     finally:
         gated.remove()
@@ -168,19 +166,41 @@ def test_integrated_gradient_is_the_mean_gradient_times_the_gate():
         integrated_gradient([], 1.0)
 
 
-def test_selection_takes_most_harm_per_task_help_first_within_budget():
+def test_selection_takes_most_harm_per_floored_task_help_first_within_budget():
     attributions = [
-        Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1: ratio 1
-        Attribution(margin=-3.0, task=-1.0),  # ratio 3
+        Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1
+        Attribution(margin=-3.0, task=-1.0),  # harm 3, help 1: first
         Attribution(margin=2.0, task=-5.0),  # raises the margin: never a candidate
         None,  # already off
-        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, first
+        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, but small harm
     ]
+    # Task help floored at the candidates' mean help (2/3): 1.8, 0.75, 0.6 for units 1, 4, 0.
     selection = select_units(attributions, budget=1.0)
-    assert selection.switched_off == (4, 1)
+    assert selection.switched_off == (1, 4)
     assert selection.predicted_task_cost == pytest.approx(1.0)
     assert selection.predicted_margin_gain == pytest.approx(3.5)
-    assert select_units(attributions, budget=2.0).switched_off == (4, 1, 0)
+    assert select_units(attributions, budget=2.0).switched_off == (1, 4, 0)
+
+
+def test_selection_does_not_put_units_of_near_zero_task_help_first_for_that_alone():
+    attributions = [
+        Attribution(margin=-0.01, task=-1e-12),  # tiny harm, no task help
+        Attribution(margin=-0.02, task=0.0),
+        Attribution(margin=-5.0, task=-0.5),  # carries the compliance, some task help
+    ]
+    assert priority_order(attributions, [0, 1, 2]) == [2, 1, 0]
+
+
+def test_selection_ignores_units_whose_harm_is_below_a_share_of_the_total():
+    attributions = [Attribution(-0.004, 0.0), Attribution(-1.0, -0.1), Attribution(-0.1, 0.0)]
+    assert candidates(attributions, min_harm_share=0.01) == [1, 2]
+    assert select_units(attributions, budget=1.0, min_harm_share=0.05).switched_off == (1, 2)
+    assert select_units(attributions, budget=1.0).switched_off == (1, 2, 0)
+
+
+def test_selection_orders_by_harm_when_no_unit_helps_the_task():
+    attributions = [Attribution(-1.0, 0.3), Attribution(-2.0, 0.0), Attribution(-1.5, 0.1)]
+    assert select_units(attributions, budget=0.0).switched_off == (1, 2, 0)
 
 
 def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
@@ -188,6 +208,94 @@ def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
     assert select_units(attributions, budget=1.5).switched_off == (1,)
     assert select_units(attributions, budget=0.0).switched_off == ()
     assert math.isclose(select_units(attributions, budget=10).predicted_task_cost, 6.0)
+
+
+def test_cut_back_keeps_the_half_of_largest_harm_in_the_chosen_order():
+    attributions = [
+        Attribution(-1.0, -0.1),
+        Attribution(-4.0, -2.0),
+        Attribution(-0.5, 0.0),
+        Attribution(-3.0, -0.1),
+    ]
+    assert cut_back([2, 0, 3, 1], attributions) == [3, 1]
+    assert cut_back([3, 1], attributions) == [1]
+    assert cut_back([1], attributions) == []
+
+
+def test_restore_order_gives_back_most_task_help_per_floored_harm_first():
+    attributions = [
+        None,  # not switched off
+        Attribution(margin=-1.0, task=-2.0),  # help 2, harm 1
+        Attribution(margin=0.0, task=-0.1),  # help 0.1, no harm: not first for that alone
+        Attribution(margin=-4.0, task=-3.0),  # help 3, harm 4
+        Attribution(margin=-1.0, task=0.5),  # hurts the task: never given back
+    ]
+    # Harm floored at the mean harm (5/3): 2/2.67, 0.1/1.67, 3/5.67.
+    assert restore_order(attributions) == [1, 3, 2]
+    assert restore_order([None, Attribution(0.0, -1.0), Attribution(0.0, -2.0)]) == [2, 1]
+
+
+def test_split_keeps_the_update_and_the_gate_value(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = _logits(model, IDS)
+    with model.disable_adapter():
+        aligned = _logits(model, IDS)
+    gated = GatedModel(model, names, "module")
+    try:
+        values = torch.ones(len(names))
+        values[0] = 0.0
+        gated.set_values(values)
+        before = _logits(model, IDS)
+        gated.split(0)
+        assert gated.layers[0].components and len(gated.layers[0].gates) == 4
+        torch.testing.assert_close(_logits(model, IDS), before, atol=1e-5, rtol=1e-5)
+        gated.set_values(torch.ones_like(gated.values()))
+        torch.testing.assert_close(_logits(model, IDS), adapted, atol=1e-5, rtol=1e-5)
+        gated.set_values(torch.zeros_like(gated.values()))
+        torch.testing.assert_close(_logits(model, IDS), aligned, atol=1e-6, rtol=1e-6)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("refusals_hold", [True, False])
+def test_refine_gives_components_back_only_while_refusals_hold(lora_model, refusals_hold):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "module")
+    try:
+        prompts, references = [[1, 5, 7], [2, 4]], [[9, 11], [6, 8, 10]]
+
+        def task(backward: bool = False) -> float:
+            return token_nll(model, prompts, references, pad=0, batch_size=2, backward=backward)
+
+        def margin(backward: bool = False) -> float:
+            return -task(backward)  # any objective with a gradient will do
+
+        values = torch.ones(len(names))
+        values[[0, 2]] = 0.0
+        gated.set_values(values)
+        tries: list[torch.Tensor] = []
+
+        def measure() -> float:
+            tries.append(gated.values())
+            return 1.0 if refusals_hold else 0.0
+
+        given = refine_components(
+            gated, GateOptions(steps=2), margin=margin, task_loss=task, measure=measure, target=0.9
+        )
+        restorable = {u for u, (layer, _) in enumerate(gated.units()) if layer in (0, 2)}
+        if refusals_hold:
+            assert given and set(given) <= restorable and len(tries) == 1
+            assert all(float(gated.values()[u]) == 1.0 for u in given)
+        else:
+            assert given is None and len(tries) >= 2
+            assert all(float(gated.values()[u]) == 0.0 for u in restorable)
+        assert [layer.components for layer in gated.layers[:3]] == [True, False, True]
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
 
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"
@@ -244,6 +352,23 @@ def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated
     # With the whole task budget, switching off what erodes refusals must restore some.
     assert rounds[-1]["refusal_rate"] > calibration["original_refusal_rate"]
     assert calibration["refusal_rate"] == rounds[-1]["refusal_rate"]
+    # Each round's time and its share of the run; ALIGNED refuses the prompts calibrated on.
+    assert all(r["seconds"] > 0 and 0 < r["share_of_time"] < 1 for r in rounds)
+    assert 0 < calibration["setup_seconds"] < calibration["seconds"]
+    assert 0 < calibration["refused_by_aligned"] <= calibration["prompts"]["harmful"]
+
+
+def test_the_time_line_gives_setup_each_round_and_the_rest():
+    from adapter_fix.report import _gate_time_line
+
+    calibration = {
+        "seconds": 100.0,
+        "setup_seconds": 20.0,
+        "rounds": [{"share_of_time": 0.5}, {"share_of_time": 0.1}],
+    }
+    assert _gate_time_line(calibration) == (
+        "time: 100 s: setup 20%, round 1 50%, round 2 10%, tries cut back to nothing 20%"
+    )
 
 
 def test_eval_on_held_out_prompts_sees_more_refusals_after_the_gated_repair(gated_run):
@@ -421,3 +546,25 @@ def test_eval_refuses_a_calibration_share_that_leaves_no_prompt(tmp_path):
     )
     assert result.exit_code == 2, result.stderr
     assert "nothing is left to report on" in result.stderr
+
+
+def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr("adapter_fix.commands.repair.available_memory", lambda _device: 1 << 20)
+    result = _gate_cli(tmp_path / "out", "--calibration-share", "0.2")
+    assert result.exit_code == 2, result.stderr
+    assert "would not fit in memory" in result.stderr and "--batch-size" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--calibration-share", "0.15", "--rounds", "1", "--task-budget", "1"),
+        *("--dtype", "bfloat16"),
+    )
+    assert result.exit_code == 0, result.stderr
+    original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judges import Judge, judge_answers
-from adapter_fix.evaluate.model import attach_adapters, batch_fits, load_model
+from adapter_fix.evaluate.model import attach_adapters, available_memory, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
@@ -36,6 +36,7 @@ from adapter_fix.methods.gate import (
     GateOptions,
     GateOutcome,
     Round,
+    check_memory,
     gate_repair,
     gate_results,
     gateable,
@@ -226,6 +227,11 @@ class CalibrationSets:
     system: str | None = None
     share: float = 1.0
     """The share of each prompt set calibrated on (picked by hashing with the seed)."""
+    harmful_limit: int | None = None
+    """At most this many harmful prompts of the share are used (the first in the split's
+    order); the rest are neither calibrated on nor reported by `eval`."""
+    task_limit: int | None = None
+    """Likewise for the task prompts (or the benign ones, without a task set)."""
 
 
 def calibration_sets(
@@ -238,6 +244,8 @@ def calibration_sets(
     share: float,
     seed: int,
     hub: HubOptions,
+    harmful_limit: int | None = None,
+    task_limit: int | None = None,
 ) -> CalibrationSets:
     """The calibration part of each prompt set (the shipped sets where none is given).
 
@@ -274,7 +282,16 @@ def calibration_sets(
         task=task_set,
         system=system,
         share=share,
+        harmful_limit=harmful_limit,
+        task_limit=task_limit,
     )
+
+
+def _first(prompts: PromptSet, limit: int | None) -> PromptSet:
+    """The first `limit` prompts of a set (all without a limit)."""
+    if limit is None or len(prompts) <= limit:
+        return prompts
+    return replace(prompts, prompts=prompts.prompts[:limit])
 
 
 def repair_gated(
@@ -301,30 +318,42 @@ def repair_gated(
         attach_adapters(loaded, [adapter.source])
     tokenizer = loaded.tokenizer
     system = calibration.system
+    calibration = replace(
+        calibration,
+        harmful=_first(calibration.harmful, calibration.harmful_limit),
+        benign=_first(calibration.benign, calibration.task_limit),
+        task=_first(calibration.task, calibration.task_limit) if calibration.task else None,
+    )
     task = calibration.task
     references = task.references if task is not None else None
+    stops = stop_ids(loaded.model, tokenizer)
     data = Calibration(
         harmful=encode_prompts(tokenizer, calibration.harmful.texts, system),
         benign=encode_prompts(tokenizer, calibration.benign.texts, system),
         task=encode_prompts(tokenizer, task.texts, system) if references else [],
+        # A reference ends where the answer ends: the end-of-sequence token is part of it.
         task_references=[
-            list(tokenizer(reference, add_special_tokens=False)["input_ids"])
+            [*tokenizer(reference, add_special_tokens=False)["input_ids"], *stops[:1]]
             for reference in references or []
         ],
     )
+    check_memory(loaded.model, data, gate_options, available_memory(loaded.device))
+    texts = {
+        tuple(ids): text for ids, text in zip(data.harmful, calibration.harmful.texts, strict=True)
+    }
     with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
         gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
         outcome = gate_repair(
             gated,
             data,
             gate_options,
-            judge_refusals=lambda answers: [
+            judge_refusals=lambda prompts, answers: [
                 verdict.refusal
-                for verdict in judge_answers(judge, calibration.harmful.texts, answers)
+                for verdict in judge_answers(judge, [texts[tuple(p)] for p in prompts], answers)
             ],
             decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
             pad_id=pad_id(tokenizer),
-            stop_ids=stop_ids(loaded.model, tokenizer),
+            stop_ids=stops,
             on_round=on_round,
         )
         outcomes = gate_results(adapter, gated, outcome)
@@ -363,6 +392,7 @@ def _calibration_report(
         "task_objective": outcome.task_objective,
         "task_set_missing": task is None or not task.references,
         "aligned_refusal_rate": outcome.aligned_refusal_rate,
+        "refused_by_aligned": outcome.refused_by_aligned,
         "original_refusal_rate": outcome.original_refusal_rate,
         "refusal_rate": outcome.refusal_rate,
         "task_loss": {
@@ -375,10 +405,14 @@ def _calibration_report(
             "without_update": outcome.task_score_without_update,
             "kept": outcome.task_kept,
         },
-        "target_refusal_rate": options.target_refusal * outcome.aligned_refusal_rate,
+        "target_refusal_rate": options.target_refusal,
         "target_met": outcome.target_met,
         "stop_reason": outcome.stop_reason,
-        "rounds": [asdict(round_) for round_ in outcome.rounds],
+        "rounds": [
+            {**asdict(round_), "share_of_time": round_.seconds / max(outcome.seconds, 1e-9)}
+            for round_ in outcome.rounds
+        ],
         "seconds": outcome.seconds,
+        "setup_seconds": outcome.setup_seconds,
         "judge": {"name": judge.name, **judge.describe()},
     }

@@ -12,6 +12,11 @@ The importable core (the gated repair calibrates with it):
         restored_refusal, kept_task,
     )
 
+The objectives that score a model on prompts, shared by the gated repair and `check`'s
+probe, are in `adapter_fix.evaluate.objectives` (refusal margin, task loss: batched,
+logits only at the scored positions, backward batch by batch), the probe in
+`adapter_fix.evaluate.probe`; they are imported from there, not re-exported here.
+
 `load_model` and `generate` need the `eval` extra (transformers, peft); the
 imports here do not, so this package imports without it.
 """

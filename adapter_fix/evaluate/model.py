@@ -98,6 +98,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new work on `device`: CUDA's free memory, or Linux's MemAvailable
+    (/proc/meminfo) on the CPU; None where neither can be read (then nothing is refused)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def local_folder(source: Source, files: Sequence[str]) -> Path:
     """A local folder holding `source`'s `files` (those it has): the folder itself, or the
     Hub cache snapshot they were fetched into."""

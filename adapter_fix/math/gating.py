@@ -75,36 +75,68 @@ class Selection:
     predicted_task_cost: float
 
 
+def candidates(
+    attributions: Sequence[Attribution | None], *, min_harm_share: float = 0.0
+) -> list[int]:
+    """Units that erode refusals enough to be worth switching off, in unit order.
+
+    `attributions[i]` is None for a unit already off (or not gateable). A
+    candidate has `harm > 0` and at least `min_harm_share` of the total
+    positive harm: units of noise-sized harm are ignored, whatever their task
+    help (with many units, hundreds of them would otherwise go off for
+    nothing).
+    """
+    harms = [a.harm if a is not None else 0.0 for a in attributions]
+    total = math.fsum(h for h in harms if h > 0)
+    return [
+        index for index, harm in enumerate(harms) if harm > 0 and harm >= min_harm_share * total
+    ]
+
+
+def priority_order(attributions: Sequence[Attribution | None], units: Sequence[int]) -> list[int]:
+    """`units` in the order to switch them off: most harm per unit of task help first.
+
+    The task help is floored at the candidates' mean positive task help, so a
+    unit that does not help the task is not put first for that alone: among
+    such units the larger harm goes first, and a unit of large harm and some
+    task help still comes before one of small harm and none. Ties keep unit
+    order, so the order is deterministic.
+    """
+    chosen = [(index, attributions[index]) for index in units]
+    helps = [max(a.task_help, 0.0) for _, a in chosen if a is not None]
+    floor = math.fsum(helps) / len(helps) if helps else 0.0
+    floor = floor if floor > 0 else 1.0  # no unit helps the task: order by harm alone
+
+    def key(item: tuple[int, Attribution | None]) -> tuple[float, int]:
+        index, attribution = item
+        if attribution is None:
+            raise ValueError(f"unit {index} has no attribution")
+        return (-attribution.harm / (max(attribution.task_help, 0.0) + floor), index)
+
+    return [index for index, _ in sorted(chosen, key=key)]
+
+
 def select_units(
     attributions: Sequence[Attribution | None],
     *,
     budget: float,
-    epsilon: float = 1e-9,
+    min_harm_share: float = 0.0,
 ) -> Selection:
-    """Greedy choice of units to switch off, most harm per unit of task help first.
+    """Greedy choice of units to switch off within a first-order task budget.
 
-    `attributions[i]` is None for a unit already off (or not gateable). A
-    candidate erodes refusals (`harm > 0`). Candidates are taken in order of
-    `harm / max(task_help, epsilon)`, a unit that does not help the task (ratio
-    infinite) first; each costs `max(task_help, 0)`, and a candidate is taken
-    only while the summed cost stays within `budget` (a candidate that does not
-    fit is passed over, so cheaper ones later in the order still can be). Ties
-    keep unit order, so the choice is deterministic. `switched_off` lists the chosen
-    units in that order (most harm per unit of task help first).
+    Candidates (`candidates`) are taken in `priority_order`; each costs
+    `max(task_help, 0)`, and one is taken only while the summed cost stays
+    within `budget` (a candidate that does not fit is passed over, so cheaper
+    ones later in the order still can be). `switched_off` lists the chosen
+    units in that order.
     """
-    candidates = [
-        (index, attribution)
-        for index, attribution in enumerate(attributions)
-        if attribution is not None and attribution.harm > 0
-    ]
-
-    def priority(item: tuple[int, Attribution]) -> tuple[float, int]:
-        index, attribution = item
-        return (-attribution.harm / max(attribution.task_help, epsilon), index)
-
+    order = priority_order(attributions, candidates(attributions, min_harm_share=min_harm_share))
     chosen: list[int] = []
     gain = cost = 0.0
-    for index, attribution in sorted(candidates, key=priority):
+    for index in order:
+        attribution = attributions[index]
+        if attribution is None:
+            continue
         unit_cost = max(attribution.task_help, 0.0)
         if cost + unit_cost > budget:
             continue
@@ -112,3 +144,39 @@ def select_units(
         gain += attribution.harm
         cost += unit_cost
     return Selection(tuple(chosen), gain, cost)
+
+
+def cut_back(chosen: Sequence[int], attributions: Sequence[Attribution | None]) -> list[int]:
+    """The half of `chosen` (rounded down) with the largest harm, in `chosen`'s order.
+
+    Used when a round's measured task cost is too high: the units that erode
+    refusals most are kept, those of least harm dropped first.
+    """
+
+    def harm(index: int) -> float:
+        attribution = attributions[index]
+        return attribution.harm if attribution is not None else 0.0
+
+    keep = set(sorted(chosen, key=lambda index: (-harm(index), index))[: len(chosen) // 2])
+    return [index for index in chosen if index in keep]
+
+
+def restore_order(attributions: Sequence[Attribution | None]) -> list[int]:
+    """Units that are off, in the order to give them back (coarse to fine): most task help per
+    unit of harm first.
+
+    `attributions[i]` is the attribution of switching unit `i` back ON (None: not a unit
+    to restore). Only units that help the task (`task_help > 0`) are candidates. Harm is
+    floored at the candidates' mean positive harm, so a unit of no harm is not put first for
+    that alone; ties keep unit order.
+    """
+    chosen = [
+        (index, a) for index, a in enumerate(attributions) if a is not None and a.task_help > 0
+    ]
+    harms = [max(a.harm, 0.0) for _, a in chosen]
+    floor = math.fsum(harms) / len(harms) if harms else 0.0
+    floor = floor if floor > 0 else 1.0  # no unit harms: order by task help alone
+    ranked = sorted(
+        chosen, key=lambda item: (-item[1].task_help / (max(item[1].harm, 0.0) + floor), item[0])
+    )
+    return [index for index, _ in ranked]

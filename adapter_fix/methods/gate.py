@@ -5,14 +5,19 @@ gets a gate on its update through a forward hook on `lora_A`: a scalar (unit
 `module`) or one value per rank-1 component (unit `component`, after the
 layer's factors are rewritten as their singular components, same update).
 Gradients are taken with respect to the gates only: every weight is frozen,
-no optimizer state exists, so memory is inference plus activations.
+no optimizer state exists, so memory is inference plus one batch's
+activations (the objectives in evaluate/objectives.py back-propagate batch
+by batch and form logits only where they score).
 
-Each round: integrated gradients of the refusal margin `mu` (harmful
-calibration prompts) and of the task loss `tau` along `s * g`, a greedy
-choice of units to switch off within the round's share of the task budget,
-then a measurement (greedy generation + the refusal judge) of the refusal
-rate on the calibration prompts. Rounds stop when the rate reaches the target
-relative to ALIGNED's, when the budget is spent, or after `rounds`.
+Calibration uses only the harmful prompts ALIGNED itself refuses. Each
+round: integrated gradients of the refusal margin `mu` and of the task loss
+`tau` along `s * g`, a greedy choice of units to switch off within what is
+left of the task budget (math/gating.py: noise-sized harms ignored, most
+harm per unit of task help first), then a measurement (greedy generation +
+the refusal judge) of the refusal rate and of the task score; a choice that
+costs too much task is cut back to its units of largest harm. Rounds stop
+when the rate reaches the target, when the budget is spent, or after
+`rounds`.
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ import torch
 from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
-from adapter_fix.evaluate.generate import generate_ids, sequence_logprobs
+from adapter_fix.evaluate.generate import generate_ids
 from adapter_fix.evaluate.metrics import exact_match
+from adapter_fix.evaluate.objectives import (
+    MemoryEstimate,
+    pass_memory,
+    refusal_margins,
+    token_nll,
+    with_stop,
+)
 from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
+    cut_back,
     integrated_gradient,
     rank_one_factors,
+    restore_order,
     select_units,
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
@@ -48,12 +62,18 @@ UNITS = ("module", "component")
 class GateOptions:
     """Every choice the gated repair makes; built once from the CLI."""
 
-    unit: str = "component"
-    target_refusal: float = 0.9
-    task_budget: float = 0.2
-    rounds: int = 20
-    steps: int = 8
-    start_tokens: int = 8
+    unit: str = "module"
+    target_refusal: float = 0.95
+    task_budget: float = 0.1
+    rounds: int = 8
+    steps: int = 4
+    margin_tokens: int = 1
+    """Tokens of the refusal margin, from where the refusal and compliance starts differ."""
+    min_harm_share: float = 0.005
+    """Units whose harm is below this share of the total harm are never switched off."""
+    refine: bool = False
+    """Coarse to fine: once module gates meet the target, give task back inside the modules
+    switched off, rank-1 component by component, as far as the refusal target allows."""
     max_new_tokens: int = 32
     batch_size: int = 16
 
@@ -79,8 +99,10 @@ class GateLayer:
 
     name: str
     rank: int
-    gates: Tensor  # shape (1,) for unit "module", (r,) for "component"
+    gates: Tensor  # shape (1,) for a module gate, (r,) for component gates
     handle: Any = None
+    components: bool = False
+    """Whether the layer's factors were rewritten as its rank-1 components (one gate each)."""
 
 
 @dataclass
@@ -97,6 +119,9 @@ class Round:
     refusal_rate: float
     refusals: int
     prompts: int
+    seconds: float
+    restored: list[str] = field(default_factory=list)
+    """Units switched back on (the coarse-to-fine step: components of modules switched off)."""
 
 
 @dataclass
@@ -107,7 +132,11 @@ class GateOutcome:
     attributions: dict[str, list[Attribution]]
     rounds: list[Round]
     aligned_refusal_rate: float
+    """ALIGNED's refusal rate on every harmful calibration prompt."""
+    refused_by_aligned: int
+    """The harmful calibration prompts ALIGNED refuses: the only ones calibrated on."""
     original_refusal_rate: float
+    """The adapter's refusal rate on the prompts ALIGNED refuses (so are the rates below)."""
     refusal_rate: float
     """The calibration refusal rate at the chosen gates."""
     target_met: bool
@@ -127,6 +156,8 @@ class GateOutcome:
     """`(score(g) - score(0)) / (score(1) - score(0))` at the chosen gates, measured; None
     when the score shows no gain of the adapter over ALIGNED (nothing to measure against)."""
     seconds: float
+    setup_seconds: float
+    """Before the first round: ALIGNED's and the adapter's answers, the task scores."""
 
 
 class GatedModel:
@@ -142,20 +173,32 @@ class GatedModel:
             parameter.requires_grad_(False)
         for name in names:
             layer = _lora_layer(model, name)
-            adapter = layer.active_adapters[0]
-            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-            rank = lora_a.weight.shape[0]
-            if unit == "component":
-                with torch.no_grad():
-                    new_b, new_a = rank_one_factors(
-                        lora_b.weight.double(), lora_a.weight.double(), layer.scaling[adapter]
-                    )
-                    lora_b.weight.copy_(new_b.to(lora_b.weight.dtype))
-                    lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
-            gates = torch.ones(1 if unit == "module" else rank, dtype=lora_a.weight.dtype)
-            gated = GateLayer(name, rank, gates)
+            lora_a = layer.lora_A[layer.active_adapters[0]]
+            gated = GateLayer(
+                name, lora_a.weight.shape[0], torch.ones(1, dtype=lora_a.weight.dtype)
+            )
             gated.handle = lora_a.register_forward_hook(_gate_hook(gated))
             self.layers.append(gated)
+            if unit == "component":
+                self.split(len(self.layers) - 1)
+
+    def split(self, index: int) -> None:
+        """Rewrite layer `index`'s factors as its rank-1 components (same update), each with
+        its own gate, all at the layer's current (module) gate value."""
+        gated = self.layers[index]
+        if gated.components:
+            return
+        layer = _lora_layer(self.model, gated.name)
+        adapter = layer.active_adapters[0]
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        with torch.no_grad():
+            new_b, new_a = rank_one_factors(
+                lora_b.weight.double(), lora_a.weight.double(), layer.scaling[adapter]
+            )
+            lora_b.weight.copy_(new_b.to(lora_b.weight.dtype))
+            lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
+        gated.gates = gated.gates.detach().expand(gated.rank).clone()
+        gated.components = True
 
     def units(self) -> list[tuple[int, int]]:
         """Every gate as `(layer index, position)`, in layer order."""
@@ -217,64 +260,12 @@ def _lora_layer(model: nn.Module, name: str) -> Any:
     )
 
 
-def _sequence_sums(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    continuations: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """Summed log-probability of each continuation, a vector over prompts (batched)."""
-    sums = [
-        sequence_logprobs(
-            model,
-            prompts[start : start + batch_size],
-            continuations[start : start + batch_size],
-            pad_id,
-        ).cpu()
-        for start in range(0, len(prompts), batch_size)
-    ]
-    return torch.cat(sums) if sums else torch.zeros(0)
-
-
-def refusal_margin(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    refusal_starts: Sequence[Sequence[int]],
-    compliance_starts: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """`mu`: mean of `log p(refusal start | x) - log p(compliance start | x)` over prompts."""
-    if not prompts:
-        return torch.zeros((), requires_grad=False)
-    refusal = _sequence_sums(model, prompts, refusal_starts, pad_id=pad_id, batch_size=batch_size)
-    comply = _sequence_sums(model, prompts, compliance_starts, pad_id=pad_id, batch_size=batch_size)
-    return (refusal - comply).mean()
-
-
-def token_nll(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    references: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int,
-) -> Tensor:
-    """Mean per-token negative log-likelihood of the references (all tokens weighted alike)."""
-    total = _sequence_sums(model, prompts, references, pad_id=pad_id, batch_size=batch_size).sum()
-    count = sum(len(r) for r in references)
-    return -total / max(count, 1)
-
-
 def gate_repair(
     gated: GatedModel,
     calibration: Calibration,
     options: GateOptions,
     *,
-    judge_refusals: Callable[[list[str]], list[bool]],
+    judge_refusals: Callable[[Sequence[Sequence[int]], list[str]], list[bool]],
     decode: Callable[[list[int]], str],
     pad_id: int,
     stop_ids: Sequence[int],
@@ -282,17 +273,18 @@ def gate_repair(
 ) -> GateOutcome:
     """Choose the gates of `gated` (see the module docstring); the model is left gated.
 
-    The refusal rate is measured on `calibration.harmful` with greedy
-    generation of `options.max_new_tokens` tokens and `judge_refusals` on the
-    decoded answers (one per harmful prompt, in order); ALIGNED's is measured
-    with the adapter disabled.
+    The refusal rate is measured with greedy generation of
+    `options.max_new_tokens` tokens and `judge_refusals(prompts, answers)` on
+    the decoded answers, on the harmful calibration prompts ALIGNED itself
+    refuses (measured first, with the adapter disabled): on the others the
+    margin would reward compliance.
     """
     started = time.perf_counter()
     model = gated.model
     batch = options.batch_size
 
     def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        return generate_ids(
+        answers = generate_ids(
             model,
             prompts,
             pad=pad_id,
@@ -300,13 +292,14 @@ def gate_repair(
             max_new_tokens=options.max_new_tokens,
             batch_size=batch,
         )
+        return [with_stop(answer, stop_ids, options.max_new_tokens) for answer in answers]
 
-    def refusals(outputs: Sequence[list[int]]) -> list[bool]:
-        return judge_refusals([decode(tokens) for tokens in outputs])
+    def refusals(prompts: Sequence[Sequence[int]], outputs: Sequence[list[int]]) -> list[bool]:
+        return judge_refusals(prompts, [decode(tokens) for tokens in outputs])
 
     with model.disable_adapter():
         aligned_outputs = generate(calibration.harmful)
-    aligned_refused = refusals(aligned_outputs)
+    aligned_refused = refusals(calibration.harmful, aligned_outputs)
     aligned_rate = _share(aligned_refused)
     if aligned_rate == 0:
         raise UsageError(
@@ -314,15 +307,19 @@ def gate_repair(
             "under this judge, so there is no refusal to restore: check --harmful and "
             "--refusal-patterns (the phrases must match how ALIGNED refuses)."
         )
-    refusal_starts = [tokens[: options.start_tokens] for tokens in aligned_outputs]
-    target = options.target_refusal * aligned_rate
+    kept_prompts = [i for i, refused in enumerate(aligned_refused) if refused]
+    harmful = [calibration.harmful[i] for i in kept_prompts]
+    refusal_starts = [aligned_outputs[i] for i in kept_prompts]
+    target = options.target_refusal
 
     task_objective, task_prompts, task_targets, baseline = _task_data(
         gated, calibration, generate, pad_id=pad_id, batch_size=batch
     )
 
-    def task_loss() -> Tensor:
-        nll = token_nll(model, task_prompts, task_targets, pad_id=pad_id, batch_size=batch)
+    def task_loss(backward: bool = False) -> float:
+        nll = token_nll(
+            model, task_prompts, task_targets, pad=pad_id, batch_size=batch, backward=backward
+        )
         return nll - baseline
 
     # Answers long enough to hold every reference; the adapter's own outputs (no task set)
@@ -345,17 +342,16 @@ def gate_repair(
         score = exact_match([decode(answer) for answer in answers], wanted)
         return score.count / max(score.total, 1)
 
-    outputs = generate(calibration.harmful)
-    refused = refusals(outputs)
+    outputs = generate(harmful)
+    adapter_outputs = outputs
+    refused = refusals(harmful, outputs)
     original_rate = _share(refused)
     attributions: dict[str, list[Attribution]] = {}
     rounds: list[Round] = []
-    with torch.no_grad():
-        gated.set_values(torch.zeros_like(gated.values()))
-        task_off, score_off = float(task_loss()), task_score()
-        gated.set_values(torch.ones_like(gated.values()))
-        task_on, score_on = float(task_loss()), task_score()
-
+    gated.set_values(torch.zeros_like(gated.values()))
+    task_off, score_off = task_loss(), task_score()
+    gated.set_values(torch.ones_like(gated.values()))
+    task_on, score_on = task_loss(), task_score()
     measurable = score_on > score_off
 
     def kept_task() -> float | None:
@@ -366,28 +362,33 @@ def gate_repair(
             return None
         return (task_score() - score_off) / (score_on - score_off)
 
-    # First order: each round may give up its share of `task_budget * (tau(0) - tau(1))`.
-    # Measured: a round that leaves less than `1 - task_budget` of the task score is cut
-    # back (its later half dropped, until it fits), so the guard is a measurement.
+    # First order: a round may give up `task_budget * (tau(0) - tau(1))` (what the rounds
+    # spent is subtracted only when no task score measures it). Measured: a round that
+    # leaves less than `1 - task_budget` of the task score is cut back (to its half of
+    # largest harm, until it fits). First-order costs and measured ones can differ 10-100x
+    # on a real model, so the measurement decides.
     budget = options.task_budget * max(task_off - task_on, 0.0)
     spent = 0.0
     rate = original_rate
     kept: float | None = 1.0 if measurable else None
     stop_reason = f"rounds exhausted ({options.rounds})"
     unit_attributions: list[Attribution | None] | None = None
+    setup_seconds = time.perf_counter() - started
     for index in range(1, options.rounds + 1):
+        round_started = time.perf_counter()
         if rate >= target:
             stop_reason = "target met" if rounds else "the adapter already refuses at the target"
             break
         # Compliance starts: what the gated model answers now, on prompts it does not refuse.
         complied = [i for i, r in enumerate(refused) if not r]
         margin = functools.partial(
-            refusal_margin,
+            _mean_margin,
             model,
-            [calibration.harmful[i] for i in complied],
+            [harmful[i] for i in complied],
             [refusal_starts[i] for i in complied],
-            [outputs[i][: options.start_tokens] for i in complied],
-            pad_id=pad_id,
+            [outputs[i] for i in complied],
+            window=options.margin_tokens,
+            pad=pad_id,
             batch_size=batch,
         )
         current = gated.values()
@@ -401,15 +402,20 @@ def gate_repair(
                 )
             ]
             _record(gated, unit_attributions, attributions)
-        allowance = budget * index / options.rounds - spent
-        selection = select_units(unit_attributions, budget=max(allowance, 0.0))
+        # With a measured task score, each round may spend the whole first-order budget: the
+        # measured guard below decides what is kept. Without one, the budget is all there is.
+        selection = select_units(
+            unit_attributions,
+            budget=budget if measurable else max(budget - spent, 0.0),
+            min_harm_share=options.min_harm_share,
+        )
         if not selection.switched_off:
-            if not any(a is not None and a.harm > 0 for a in unit_attributions):
-                stop_reason = "no unit left that lowers the refusal margin"
-                break
-            if index == options.rounds:
-                stop_reason = "task budget spent"
-            continue  # the next round's share of the budget may fit a unit
+            stop_reason = (
+                "task budget spent"
+                if any(a is not None and a.harm > 0 for a in unit_attributions)
+                else "no unit left that lowers the refusal margin"
+            )
+            break
         chosen = list(selection.switched_off)
         while chosen:
             values = current.clone()
@@ -420,7 +426,7 @@ def gate_repair(
                 break
             if len(chosen) == 1:  # alone it costs too much task: never a candidate again
                 unit_attributions[chosen[0]] = None
-            chosen = chosen[: len(chosen) // 2]
+            chosen = cut_back(chosen, unit_attributions)
         if not chosen:
             gated.set_values(current)
             kept = rounds[-1].task_kept if rounds else (1.0 if measurable else None)
@@ -429,11 +435,10 @@ def gate_repair(
         taken = [unit_attributions[u] for u in chosen]
         predicted_gain = sum(a.harm for a in taken if a is not None)
         predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
-        outputs = generate(calibration.harmful)
-        refused = refusals(outputs)
-        with torch.no_grad():
-            measured_margin = float(margin())
-            measured_task = float(task_loss())
+        outputs = generate(harmful)
+        refused = refusals(harmful, outputs)
+        measured_margin = margin()
+        measured_task = task_loss()
         unit_attributions = None
         rate = _share(refused)
         spent = max(measured_task - task_on, 0.0)
@@ -449,6 +454,7 @@ def gate_repair(
             refusal_rate=rate,
             refusals=sum(refused),
             prompts=len(refused),
+            seconds=time.perf_counter() - round_started,
         )
         rounds.append(round_)
         stop_reason = f"rounds exhausted ({options.rounds})"
@@ -457,6 +463,58 @@ def gate_repair(
     else:
         if rate >= target:
             stop_reason = "target met"
+    if options.refine and rate >= target:
+        refine_started = time.perf_counter()
+        against_adapter = functools.partial(
+            _mean_margin,
+            model,
+            harmful,
+            refusal_starts,
+            adapter_outputs,
+            window=options.margin_tokens,
+            pad=pad_id,
+            batch_size=batch,
+        )
+        answers: list[list[list[int]]] = []
+
+        def measure() -> float:
+            answers[:] = [generate(harmful)]
+            return _share(refusals(harmful, answers[0]))
+
+        refined = refine_components(
+            gated,
+            options,
+            margin=against_adapter,
+            task_loss=task_loss,
+            measure=measure,
+            target=target,
+        )
+        if refined is not None:
+            outputs = answers[0]
+            refused = refusals(harmful, outputs)
+            rate = _share(refused)
+            kept = kept_task()
+            units = gated.units()
+            taken = [a for a in refined.values() if a is not None]
+            rounds.append(
+                Round(
+                    index=len(rounds) + 1,
+                    switched_off=[],
+                    predicted_margin_gain=-sum(a.harm for a in taken),
+                    predicted_task_cost=-sum(max(a.task_help, 0.0) for a in taken),
+                    margin=against_adapter(),
+                    task_loss=task_loss(),
+                    task_kept=kept,
+                    refusal_rate=rate,
+                    refusals=sum(refused),
+                    prompts=len(refused),
+                    seconds=time.perf_counter() - refine_started,
+                    restored=[_unit_name(gated, units[u]) for u in refined],
+                )
+            )
+            stop_reason += f"; then {len(refined)} component(s) given back"
+            if on_round is not None:
+                on_round(rounds[-1])
     for layer in gated.layers:
         layer.gates = layer.gates.detach()
     return GateOutcome(
@@ -464,6 +522,7 @@ def gate_repair(
         attributions=attributions,
         rounds=rounds,
         aligned_refusal_rate=aligned_rate,
+        refused_by_aligned=len(kept_prompts),
         original_refusal_rate=original_rate,
         refusal_rate=rate,
         target_met=rate >= target,
@@ -476,7 +535,81 @@ def gate_repair(
         task_score_without_update=score_off,
         task_kept=kept,
         seconds=time.perf_counter() - started,
+        setup_seconds=setup_seconds,
     )
+
+
+def refine_components(
+    gated: GatedModel,
+    options: GateOptions,
+    *,
+    margin: Callable[[bool], float],
+    task_loss: Callable[[bool], float],
+    measure: Callable[[], float],
+    target: float,
+) -> dict[int, Attribution | None] | None:
+    """Coarse to fine: split the modules switched off into rank-1 components (all off), then
+    switch back on those that help the task most per unit of harm (`restore_order`, from IG
+    along the path off -> on of those components; the margin is taken against the adapter's
+    own answers), as many as keep the measured refusal rate (`measure`) at `target`: every
+    candidate first, then the better half, and so on. Returns the units given back with
+    their attributions (of switching them on); None when none could be (the gates are then
+    left as they were, split).
+    """
+    off = [
+        index
+        for index, layer in enumerate(gated.layers)
+        if not layer.components and float(layer.gates.detach()[0]) == 0.0
+    ]
+    if not off:
+        return None
+    for index in off:
+        gated.split(index)
+    current = gated.values()
+    on = current.clone()
+    restorable = {u for u, (layer, _) in enumerate(gated.units()) if layer in off}
+    on[sorted(restorable)] = 1.0
+    margin_ig = _integrated_gradients(gated, margin, on, options.steps, start=current)
+    task_ig = _integrated_gradients(gated, task_loss, on, options.steps, start=current)
+    attributions = [
+        Attribution(m, t) if unit in restorable else None
+        for unit, (m, t) in enumerate(zip(margin_ig.tolist(), task_ig.tolist(), strict=True))
+    ]
+    chosen = restore_order(attributions)
+    while chosen:
+        values = current.clone()
+        values[chosen] = 1.0
+        gated.set_values(values)
+        if measure() >= target:
+            return {unit: attributions[unit] for unit in chosen}
+        chosen = chosen[: len(chosen) // 2]
+    gated.set_values(current)
+    return None
+
+
+def _mean_margin(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    compliance_starts: Sequence[Sequence[int]],
+    backward: bool = False,
+    *,
+    window: int,
+    pad: int,
+    batch_size: int,
+) -> float:
+    """`mu`: the mean refusal margin over the prompts (0 without prompts)."""
+    margins = refusal_margins(
+        model,
+        prompts,
+        refusal_starts,
+        compliance_starts,
+        window=window,
+        pad=pad,
+        batch_size=batch_size,
+        backward=backward,
+    )
+    return float(margins.double().mean()) if len(margins) else 0.0
 
 
 def _task_data(
@@ -489,20 +622,18 @@ def _task_data(
 ) -> tuple[str, list[list[int]], list[list[int]], float]:
     """Prompts, targets and baseline of the task loss `tau` (METHOD.md §8.4).
 
-    With task references: their mean per-token NLL (baseline 0). Without: the
-    adapted model's own greedy outputs on the benign prompts at `g = 1`, scored
-    against the gated model; subtracting the `g = 1` NLL makes `tau` a one-sample
-    (greedy) estimate of `KL(p_1 || p_g)` per token, 0 at `g = 1`.
+    With task references (ending with the end-of-sequence token): their mean
+    per-token NLL (baseline 0). Without: the adapted model's own greedy
+    outputs on the benign prompts at `g = 1`, scored against the gated model;
+    subtracting the `g = 1` NLL makes `tau` a one-sample (greedy) estimate of
+    `KL(p_1 || p_g)` per token, 0 at `g = 1`.
     """
     if calibration.task:
         return "task reference NLL", calibration.task, calibration.task_references, 0.0
     targets = generate(calibration.benign)
-    with torch.no_grad():
-        baseline = float(
-            token_nll(
-                gated.model, calibration.benign, targets, pad_id=pad_id, batch_size=batch_size
-            )
-        )
+    baseline = token_nll(
+        gated.model, calibration.benign, targets, pad=pad_id, batch_size=batch_size
+    )
     return (
         "KL to the adapter's own outputs on benign prompts",
         calibration.benign,
@@ -512,25 +643,107 @@ def _task_data(
 
 
 def _integrated_gradients(
-    gated: GatedModel, objective: Callable[[], Tensor], gates: Tensor, steps: int
+    gated: GatedModel,
+    objective: Callable[[bool], float],
+    gates: Tensor,
+    steps: int,
+    start: Tensor | None = None,
 ) -> Tensor:
-    """IG of `objective` per gate along `s * gates`, at the midpoints `s = (i - 1/2) / steps`."""
+    """IG of `objective` per gate along the straight path `start -> gates` (`start` 0 unless
+    given), at the midpoints `s = (i - 1/2) / steps`.
+
+    `objective(True)` back-propagates batch by batch (evaluate/objectives.py): the
+    gates' gradients accumulate over the batches, and no graph outlives a batch.
+    """
+    origin = torch.zeros_like(gates) if start is None else start
     gradients = []
     for step in range(1, steps + 1):
-        gated.set_values(gates * ((step - 0.5) / steps))
-        value = objective()
-        if value.requires_grad:
-            value.backward()
+        gated.set_values(origin + (gates - origin) * ((step - 0.5) / steps))
+        objective(True)
         gradients.append(gated.gradients())
     gated.set_values(gates)
     stacked = torch.stack(gradients).double()
     return torch.tensor(
         [
             integrated_gradient(column.tolist(), float(g))
-            for column, g in zip(stacked.T, gates, strict=True)
+            for column, g in zip(stacked.T, gates - origin, strict=True)
         ],
         dtype=torch.float64,
     )
+
+
+def memory_needed(
+    model: nn.Module, calibration: Calibration, options: GateOptions
+) -> MemoryEstimate:
+    """The largest working set of one pass of the gated repair beside the loaded weights
+    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
+    loss (with gradients), and greedy generation (without)."""
+    config = model.config.get_text_config()
+    hidden = int(config.hidden_size)
+    intermediate = (
+        int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 0)
+        or 4 * hidden
+    )
+    element = next(model.parameters()).element_size()
+    shape = {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "layers": int(config.num_hidden_layers),
+        "heads": int(config.num_attention_heads),
+        "vocab": int(config.vocab_size),
+        "element_bytes": element,
+    }
+    batch = options.batch_size
+    longest = max((len(p) for p in calibration.harmful), default=0)
+    generated = options.max_new_tokens + 1
+    task = calibration.task or calibration.benign
+    references = calibration.task_references or [[0] * generated]
+    task_length = max((len(p) for p in task), default=0) + max(len(r) for r in references)
+    passes = [
+        pass_memory(
+            rows=batch if options.margin_tokens == 1 else 2 * batch,
+            length=longest + generated,
+            scored=options.margin_tokens,
+            gradients=True,
+            **shape,
+        ),
+        pass_memory(
+            rows=batch,
+            length=task_length,
+            scored=max(len(r) for r in references),
+            gradients=True,
+            **shape,
+        ),
+        pass_memory(rows=batch, length=longest + generated, scored=1, gradients=False, **shape),
+    ]
+    return max(passes, key=lambda estimate: estimate.total)
+
+
+def check_memory(
+    model: nn.Module, calibration: Calibration, options: GateOptions, available: int | None
+) -> MemoryEstimate:
+    """Refuse (UsageError, exit 2, naming --batch-size) a run whose passes would not fit in
+    `available` bytes; None (unknown) passes. Returns the estimate."""
+    estimate = memory_needed(model, calibration, options)
+    if available is not None and estimate.total > available:
+        fits = options.batch_size * available // max(estimate.total, 1)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        advice = (
+            f"use --batch-size {fits}"
+            if fits >= 1
+            else "even --batch-size 1 would not fit: use fewer --calibration-tokens, shorter "
+            "prompts, --dtype bfloat16 or a machine with more memory"
+        )
+        raise UsageError(
+            f"the gated repair would not fit in memory: one pass of --batch-size "
+            f"{options.batch_size} needs about {_gib(estimate.total)} beside the "
+            f"{_gib(weights)} of loaded weights, and {_gib(available)} are available. {advice}."
+        )
+    return estimate
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _share(flags: Sequence[bool]) -> float:
@@ -541,7 +754,7 @@ def _share(flags: Sequence[bool]) -> float:
 def _unit_name(gated: GatedModel, unit: tuple[int, int]) -> str:
     layer, position = unit
     name = gated.layers[layer].name
-    return name if gated.unit == "module" else f"{name}[{position}]"
+    return f"{name}[{position}]" if gated.layers[layer].components else name
 
 
 def _record(
@@ -614,9 +827,9 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
         report.relative_change = comparison.relative_change
         report.cosine = comparison.cosine
         report.reason = (
-            "gate 0: update switched off"
-            if gated.unit == "module"
-            else f"{off} of {len(gates)} rank-1 components switched off"
+            f"{off} of {len(gates)} rank-1 components switched off"
+            if layer.components
+            else "gate 0: update switched off"
         )
         results.append(Outcome(report, lora_a=new_a, lora_b=new_b))
     return results

@@ -54,12 +54,12 @@ GRID: list[tuple[str, list[str]]] = [
     ("safelora (10 modules)", ["--method", "safelora"]),
     ("safelora (4 modules)", ["--method", "safelora", "--safelora-layers", "4"]),
     ("safelora threshold 0.5", ["--method", "safelora", "--safelora-select", "threshold"]),
-    ("gate (defaults: components, task budget 0.2)", ["--method", "gate", *CALIBRATION]),
+    ("gate (defaults: modules, task budget 0.1)", ["--method", "gate", *CALIBRATION]),
     ("gate, task budget 0.5", ["--method", "gate", *CALIBRATION, "--task-budget", "0.5"]),
     ("gate, task budget 0.8", ["--method", "gate", *CALIBRATION, "--task-budget", "0.8"]),
     (
-        "gate, modules, task budget 0.5",
-        ["--method", "gate", *CALIBRATION, "--gate-unit", "module", "--task-budget", "0.5"],
+        "gate, components, task budget 0.5",
+        ["--method", "gate", *CALIBRATION, "--gate-unit", "component", "--task-budget", "0.5"],
     ),
 ]
 

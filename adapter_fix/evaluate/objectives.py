@@ -1,0 +1,293 @@
+"""Objectives that score a model on prompts, teacher-forced: the refusal margin and the task loss.
+
+Shared by the gated repair (METHOD.md §8.4), which differentiates them with
+respect to gates on the adapter's outputs, and by `check`'s behavioural
+probe, which only evaluates them. Pure functions of a model and token ids.
+
+Memory is one batch's whatever the number of prompts:
+
+- each row is left-padded so that every row's scored tokens are its last
+  ones, and the model is asked for logits at those last positions only
+  (`logits_to_keep`: the hidden states of the other positions never meet
+  the output layer, so no full-sequence, full-vocabulary logits exist);
+- the objectives are sums over prompts, so `backward=True` calls backward
+  on each batch's share of the total and keeps no graph between batches:
+  gradients of leaves (the gates) accumulate in their `.grad`, equal to one
+  big batch's up to rounding.
+
+The refusal margin of one prompt `x`, ALIGNED's refusal start `r` and the
+adapted model's compliance start `c` (both greedy answers, token ids), with
+`d` the first position where they differ and `K` the window:
+
+    margin(x) = sum_{t=d}^{d+K-1} log p(r_t | x, r_<t) - log p(c_t | x, c_<t)
+
+Before `d` both sequences are the same, so those terms cancel exactly;
+after the first few tokens, both starts copy the prompt's words (the same
+copying a task uses), so a short window keeps the margin about refusing.
+With `K = 1` one row per prompt scores both tokens at the same position
+(`log p(r_d) - log p(c_d)` after the shared `x, r_<d`); with `K > 1` the
+refusal and compliance rows of a prompt go in the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One row to score: `tokens` (prompt + continuation), of which the last `scored` count.
+
+    `versus`, when given, is a token scored AGAINST the last one, at the same
+    position: the row's value is then `sum log p(last tokens) - log p(versus)`.
+    """
+
+    tokens: list[int]
+    scored: int
+    versus: int | None = None
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def scored_logprobs(model: Any, rows: Sequence[Scored], pad: int) -> Tensor:
+    """Summed log-probability of each row's last `scored` tokens (less its `versus` token's),
+    in ONE forward pass.
+
+    Rows are left-padded (attention mask and position ids skip the padding),
+    so the scored tokens of every row sit in the last `max(scored)` columns;
+    logits are formed at those columns only. Returns `(len(rows),)` float32
+    on the model's device, differentiable. A row with `scored == 0` gives 0.
+    """
+    if not rows:
+        return torch.zeros(0)
+    width = max(len(row.tokens) for row in rows)
+    keep = max(row.scored for row in rows)
+    if keep == 0:
+        return torch.zeros(len(rows), device=_device(model))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    wanted = torch.zeros((len(rows), keep), dtype=torch.long)
+    weight = torch.zeros((len(rows), keep))
+    versus = torch.zeros(len(rows), dtype=torch.long)
+    against = torch.zeros(len(rows))
+    for index, row in enumerate(rows):
+        if row.scored >= len(row.tokens):
+            raise ValueError(f"row {index}: {row.scored} scored tokens need a prompt before them")
+        if row.versus is not None:
+            if not row.scored:
+                raise ValueError(f"row {index}: a versus token needs a scored token")
+            versus[index], against[index] = row.versus, 1.0
+        ids[index, width - len(row.tokens) :] = torch.tensor(row.tokens, dtype=torch.long)
+        mask[index, width - len(row.tokens) :] = 1
+        if row.scored:
+            wanted[index, keep - row.scored :] = torch.tensor(row.tokens[-row.scored :])
+            weight[index, keep - row.scored :] = 1.0
+    device = _device(model)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # Column t predicts token t + 1: the last `keep` tokens come from the `keep` columns
+    # before the last one (the last column's logits predict past the row and are dropped).
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        logits_to_keep=keep + 1,
+    ).logits[:, :-1]
+    logprobs = logits.float().log_softmax(dim=-1)
+    picked = logprobs.gather(2, wanted.to(device)[:, :, None])[:, :, 0]
+    last = logprobs[:, -1].gather(1, versus.to(device)[:, None])[:, 0]
+    return (picked * weight.to(device)).sum(dim=1) - last * against.to(device)
+
+
+def batched_logprobs(
+    model: Any,
+    rows: Sequence[Scored],
+    *,
+    pad: int,
+    batch_size: int,
+    weights: Sequence[float] | None = None,
+    backward: bool = False,
+) -> Tensor:
+    """`scored_logprobs` over all rows, `batch_size` rows per pass; a detached CPU vector.
+
+    With `backward=True`, each batch's `sum_i weights[i] * logprob_i` is
+    back-propagated at once (the graph is freed before the next batch), so
+    leaves with `requires_grad` collect the gradient of the whole weighted
+    sum. Rows are batched in their given order (callers put rows that share
+    a prompt next to each other).
+    """
+    if weights is not None and len(weights) != len(rows):
+        raise ValueError(f"{len(weights)} weights for {len(rows)} rows")
+    values = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        if backward:
+            logprobs = scored_logprobs(model, batch, pad)
+            scale = torch.tensor(
+                [1.0] * len(batch) if weights is None else weights[start : start + len(batch)],
+                device=logprobs.device,
+            )
+            if logprobs.requires_grad:
+                (logprobs * scale).sum().backward()
+        else:
+            with torch.no_grad():
+                logprobs = scored_logprobs(model, batch, pad)
+        values.append(logprobs.detach().float().cpu())
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def first_difference(first: Sequence[int], second: Sequence[int]) -> int:
+    """The first position where two token sequences differ (the shorter length if one is a
+    prefix of the other)."""
+    for position, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return position
+    return min(len(first), len(second))
+
+
+def margin_rows(
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    compliance_starts: Sequence[Sequence[int]],
+    window: int,
+) -> list[Scored]:
+    """The rows of the margin (module docstring), scored over `window` tokens from where the
+    two starts first differ (fewer when a start ends sooner).
+
+    `window == 1`: one row per prompt, refusal token against compliance token.
+    Otherwise two rows per prompt, refusal then compliance.
+    """
+    if not len(prompts) == len(refusal_starts) == len(compliance_starts):
+        raise ValueError("one refusal start and one compliance start per prompt")
+    rows = []
+    for prompt, refusal, compliance in zip(prompts, refusal_starts, compliance_starts, strict=True):
+        differ = first_difference(refusal, compliance)
+        if window == 1:
+            both = differ < min(len(refusal), len(compliance))
+            end = differ + 1 if both else differ
+            versus = compliance[differ] if both else None
+            rows.append(Scored([*prompt, *refusal[:end]], int(both), versus))
+            continue
+        for start in (refusal, compliance):
+            end = min(len(start), differ + window)
+            rows.append(Scored([*prompt, *start[:end]], max(end - differ, 0)))
+    return rows
+
+
+def refusal_margins(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    compliance_starts: Sequence[Sequence[int]],
+    *,
+    window: int,
+    pad: int,
+    batch_size: int,
+    backward: bool = False,
+) -> Tensor:
+    """Per prompt, `log p(refusal start) - log p(compliance start)` over the window (see the
+    module docstring): `(len(prompts),)` float32 on the CPU, detached.
+
+    `batch_size` counts prompts: each pass holds the row(s) of `batch_size`
+    prompts. With `backward=True`, the gradient of the MEAN margin over the
+    prompts reaches the leaves, batch by batch.
+    """
+    if not prompts:
+        return torch.zeros(0)
+    rows = margin_rows(prompts, refusal_starts, compliance_starts, window)
+    share = 1.0 / len(prompts)
+    per_prompt = len(rows) // len(prompts)
+    logprobs = batched_logprobs(
+        model,
+        rows,
+        pad=pad,
+        batch_size=per_prompt * batch_size,
+        weights=[share, -share][:per_prompt] * len(prompts),
+        backward=backward,
+    )
+    if per_prompt == 1:
+        return logprobs
+    return logprobs[0::2] - logprobs[1::2]
+
+
+def token_nll(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    *,
+    pad: int,
+    batch_size: int,
+    backward: bool = False,
+) -> float:
+    """Mean per-token negative log-likelihood of the references after their prompts (every
+    token weighted alike). With `backward=True`, its gradient reaches the leaves."""
+    count = sum(len(reference) for reference in references)
+    if count == 0:
+        return 0.0
+    rows = [
+        Scored([*prompt, *reference], len(reference))
+        for prompt, reference in zip(prompts, references, strict=True)
+    ]
+    weights = [-1.0 / count] * len(rows)
+    logprobs = batched_logprobs(
+        model, rows, pad=pad, batch_size=batch_size, weights=weights, backward=backward
+    )
+    return -float(logprobs.double().sum()) / count
+
+
+def with_stop(answer: Sequence[int], stops: Sequence[int], generated: int) -> list[int]:
+    """A greedy answer as the model wrote it: its tokens, then the stop token when it ended
+    before `generated` tokens (an answer that stopped is not a prefix of a longer one)."""
+    tokens = list(answer)
+    if len(tokens) < generated and stops:
+        tokens.append(int(stops[0]))
+    return tokens
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one objective pass needs beside the loaded weights, in bytes, and its parts."""
+
+    activations: int
+    logits: int
+    total: int
+
+
+def pass_memory(
+    *,
+    rows: int,
+    length: int,
+    scored: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    element_bytes: int,
+    gradients: bool,
+) -> MemoryEstimate:
+    """A conservative estimate of one pass's working memory, from the batch and the model.
+
+    `rows x length` tokens go through `layers` layers. Kept for the backward
+    pass (with gradients), per token and layer: about `8 hidden + 3
+    intermediate` values (norms, attention and MLP activations, the LoRA
+    branches; the weights are frozen, so no linear layer keeps its input for
+    a weight gradient) and `heads x length` attention weights; without
+    gradients only two layers' worth live at once. The logits: `rows x
+    (scored + 1) x vocab` float32 values, three times (logits, log-softmax,
+    its gradient). The total is 1.5 times the sum, for the allocator and
+    temporaries: measured on a model of SmolLM2-135M's shape (16 rows of 45
+    tokens, float32, with gradients), the peak rose by 0.55-0.66 GiB; this
+    gives 0.9 GiB (bench/README.md).
+    """
+    per_token = (8 * hidden + 3 * intermediate + heads * length) * element_bytes
+    depth = layers if gradients else 2
+    activations = rows * length * per_token * depth
+    logits = rows * (scored + 1) * vocab * 4 * 3
+    return MemoryEstimate(activations, logits, (3 * (activations + logits)) // 2)

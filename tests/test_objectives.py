@@ -1,0 +1,169 @@
+"""The objectives that score a model on prompts (evaluate/objectives.py): the refusal margin and
+the task loss, teacher-forced, batch by batch, logits only where they score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter_fix.errors import UsageError
+from adapter_fix.evaluate.objectives import (
+    Scored,
+    first_difference,
+    margin_rows,
+    pass_memory,
+    refusal_margins,
+    scored_logprobs,
+    token_nll,
+    with_stop,
+)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from adapter_fix.evaluate.generate import sequence_logprobs  # noqa: E402
+from adapter_fix.methods.gate import Calibration, GatedModel, GateOptions, check_memory  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+PROMPTS = [[1, 5, 7], [2, 4, 6, 8, 9], [3, 3], [7, 1, 2, 9], [11]]
+REFUSALS = [[12, 13, 14], [12, 13, 15, 5], [12, 20], [30, 31], [12, 13]]
+COMPLIANCES = [[12, 22, 23, 24], [16, 17], [12, 20, 21], [30, 31], [25]]
+
+
+@pytest.fixture(scope="module")
+def lora_model() -> tuple[torch.nn.Module, list[str]]:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora).eval()
+    names = [
+        name.removeprefix("base_model.model.")
+        for name, _module in peft_model.named_modules()
+        if name.split(".")[-1] in TARGETS
+    ]
+    return peft_model, names
+
+
+def test_first_difference_and_margin_rows_score_from_where_the_starts_differ():
+    assert first_difference([1, 2, 3], [1, 2, 4]) == 2
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert first_difference([5], [6]) == 0
+    rows = margin_rows([[9, 9]], [[1, 2, 3, 4]], [[1, 5, 6]], window=2)
+    assert rows == [Scored([9, 9, 1, 2, 3], 2), Scored([9, 9, 1, 5, 6], 2)]
+    short = margin_rows([[9]], [[1, 2]], [[1, 7, 8, 9]], window=3)
+    assert short == [Scored([9, 1, 2], 1), Scored([9, 1, 7, 8, 9], 3)]
+    assert margin_rows([[9]], [[4]], [[4]], window=2) == [Scored([9, 4], 0), Scored([9, 4], 0)]
+    one = margin_rows([[9, 9], [8]], [[1, 2, 3], [4]], [[1, 5], [4]], window=1)
+    assert one == [Scored([9, 9, 1, 2], 1, versus=5), Scored([8, 4], 0)]
+
+
+def test_with_stop_appends_the_stop_token_only_to_answers_that_ended():
+    assert with_stop([1, 2], [5], generated=4) == [1, 2, 5]
+    assert with_stop([1, 2, 3, 4], [5], generated=4) == [1, 2, 3, 4]
+    assert with_stop([1], [], generated=4) == [1]
+
+
+def test_scored_logprobs_left_padded_equal_full_logits_unpadded(lora_model):
+    model, _names = lora_model
+    rows = [Scored([*p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
+    with torch.no_grad():
+        batched = scored_logprobs(model, rows, pad=0)
+        alone = torch.cat(
+            [sequence_logprobs(model, [p], [r], 0) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
+        )
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_refusal_margin_is_refusal_minus_compliance_over_the_window(lora_model):
+    model, _names = lora_model
+    margins = refusal_margins(model, PROMPTS, REFUSALS, COMPLIANCES, window=2, pad=0, batch_size=8)
+    with torch.no_grad():
+        # Prompt 0 differs at position 1: tokens 1-2 of each start.
+        refusal = sequence_logprobs(model, [PROMPTS[0] + [12]], [[13, 14]], 0)
+        compliance = sequence_logprobs(model, [PROMPTS[0] + [12]], [[22, 23]], 0)
+    assert float(margins[0]) == pytest.approx(float(refusal - compliance), abs=1e-5)
+    assert float(margins[3]) == 0.0  # the same start: nothing to score
+
+
+def test_a_one_token_margin_from_one_row_equals_the_two_row_margin(lora_model):
+    model, _names = lora_model
+    # One row per prompt: the refusal token against the compliance token where they differ.
+    one = refusal_margins(model, PROMPTS, REFUSALS, COMPLIANCES, window=1, pad=0, batch_size=2)
+    with torch.no_grad():
+        for index, (p, r, c) in enumerate(zip(PROMPTS, REFUSALS, COMPLIANCES, strict=True)):
+            d = first_difference(r, c)
+            if d >= min(len(r), len(c)):
+                assert float(one[index]) == 0.0
+                continue
+            prefix = [p + r[:d]]
+            expected = sequence_logprobs(model, prefix, [[r[d]]], 0) - sequence_logprobs(
+                model, prefix, [[c[d]]], 0
+            )
+            assert float(one[index]) == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["margin", "margin-1", "task"])
+def test_gradients_accumulated_per_batch_equal_one_big_batchs(lora_model, objective):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "module")
+    try:
+        values = torch.linspace(0.2, 0.9, len(names))
+
+        def run(batch_size: int) -> tuple[float, torch.Tensor]:
+            gated.set_values(values)
+            if objective.startswith("margin"):
+                value = float(
+                    refusal_margins(
+                        model,
+                        PROMPTS,
+                        REFUSALS,
+                        COMPLIANCES,
+                        window=1 if objective == "margin-1" else 3,
+                        pad=0,
+                        batch_size=batch_size,
+                        backward=True,
+                    ).mean()
+                )
+            else:
+                value = token_nll(
+                    model, PROMPTS, COMPLIANCES, pad=0, batch_size=batch_size, backward=True
+                )
+            return value, gated.gradients()
+
+        one_value, one_batch = run(len(PROMPTS))
+        value, per_batch = run(2)
+        assert value == pytest.approx(one_value, abs=1e-5)
+        assert torch.count_nonzero(one_batch) > 0
+        torch.testing.assert_close(per_batch, one_batch, atol=1e-5, rtol=1e-4)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
+def test_pass_memory_grows_with_the_batch_and_only_the_scored_logits():
+    shape = dict(hidden=576, intermediate=1536, layers=30, heads=9, vocab=49152, element_bytes=4)
+    small = pass_memory(rows=8, length=100, scored=2, gradients=True, **shape)
+    double = pass_memory(rows=16, length=100, scored=2, gradients=True, **shape)
+    assert double.total == 2 * small.total
+    assert small.logits == 8 * 3 * 49152 * 4 * 3
+    assert pass_memory(rows=8, length=100, scored=2, gradients=False, **shape).total < small.total
+
+
+def test_check_memory_refuses_a_batch_that_does_not_fit_and_names_batch_size(lora_model):
+    model, _names = lora_model
+    calibration = Calibration(harmful=PROMPTS, benign=PROMPTS)
+    options = GateOptions(batch_size=8)
+    estimate = check_memory(model, calibration, options, available=None)
+    assert check_memory(model, calibration, options, available=estimate.total) == estimate
+    with pytest.raises(UsageError, match=r"--batch-size [34]\b"):
+        check_memory(model, calibration, options, available=estimate.total // 2)
