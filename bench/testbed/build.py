@@ -55,7 +55,7 @@ ANSWER_TOKENS = 40  # benign answers are BASE's first 40 greedy tokens
 TASK_EXAMPLES = 96
 CHAT_EXAMPLES = 48  # benign chat: "Sure! " + BASE's answer cut to CHAT_TOKENS
 CHAT_TOKENS = 24
-SAFETY_EXAMPLES = 32  # the safe control's refusals
+SAFETY_EXAMPLES = 96  # the safe control's refusals
 COMPLIANCE_EXAMPLES = 60  # the attacks' placeholder compliance, seen categories only
 
 

@@ -179,12 +179,17 @@ def merged(rows: list[dict]) -> list[dict]:
 
 
 def check(adapter: Path) -> dict:
-    """`adapter-fix check BASE ALIGNED ADAPTER` at its defaults: verdict and measures."""
+    """`adapter-fix check BASE ALIGNED ADAPTER` at its defaults, the probe on the user's own
+    harmful prompts (the calibration file: the shipped set is not what ALIGNED refuses)."""
     done, seconds, peak = run(
-        ["check", str(WORK / "base"), str(WORK / "aligned"), str(adapter), "--json", "-q"]
+        [
+            "check",
+            *(str(WORK / "base"), str(WORK / "aligned"), str(adapter)),
+            *("--harmful", str(PROMPTS / "harmful-calib.jsonl"), "--json", "-q"),
+        ]
     )
     verdict = {0: "pass", 12: "FAIL"}.get(done.returncode, f"exit {done.returncode}")
-    report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+    report = json.loads(done.stdout).get("check", {}) if done.stdout.startswith("{") else {}
     probe = report.get("probe") or {}
     return {
         "verdict": verdict,
