@@ -295,7 +295,7 @@ def behaviour_probe(
     and says why, unless `required` (the user asked for it): then the error stands.
     """
     from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
-    from adapter_fix.evaluate.judges import judge_answers, make_judge
+    from adapter_fix.evaluate.judges import make_judge, refusals_by_prompt_ids
     from adapter_fix.evaluate.model import attach_adapters, load_model
     from adapter_fix.evaluate.probe import refusal_probe, spread
     from adapter_fix.evaluate.prompts import prompt_set
@@ -329,10 +329,7 @@ def behaviour_probe(
     result = refusal_probe(
         loaded.model,
         encoded,
-        judge_refusals=lambda asked, answers: [
-            verdict.refusal
-            for verdict in judge_answers(judge, [encoded_texts[tuple(p)] for p in asked], answers)
-        ],
+        judge_refusals=refusals_by_prompt_ids(judge, encoded_texts),
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
         pad=pad_id(tokenizer),
         stops=stop_ids(loaded.model, tokenizer),

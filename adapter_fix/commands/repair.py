@@ -22,7 +22,7 @@ from adapter_fix import __version__
 from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
-from adapter_fix.evaluate.judges import Judge, judge_answers
+from adapter_fix.evaluate.judges import Judge, refusals_by_prompt_ids
 from adapter_fix.evaluate.model import attach_adapters, available_memory, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
@@ -347,10 +347,7 @@ def repair_gated(
             gated,
             data,
             gate_options,
-            judge_refusals=lambda prompts, answers: [
-                verdict.refusal
-                for verdict in judge_answers(judge, [texts[tuple(p)] for p in prompts], answers)
-            ],
+            judge_refusals=refusals_by_prompt_ids(judge, texts),
             decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)).strip(),
             pad_id=pad_id(tokenizer),
             stop_ids=stops,

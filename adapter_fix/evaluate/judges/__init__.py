@@ -23,6 +23,7 @@ from adapter_fix.evaluate.judges.base import (
     Question,
     Verdict,
     judge_answers,
+    refusals_by_prompt_ids,
     unfinished_thinking,
     visible_answer,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "judge_answers",
     "make_judge",
     "make_judges",
+    "refusals_by_prompt_ids",
     "unfinished_thinking",
     "visible_answer",
 ]

@@ -17,7 +17,7 @@ a refusal (detail `EMPTY`), whatever the judge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -96,3 +96,16 @@ def judge_answers(judge: Judge, prompts: Sequence[str], answers: Sequence[str]) 
         for index, verdict in zip(asked, judged, strict=True):
             verdicts[index] = verdict
     return verdicts
+
+
+def refusals_by_prompt_ids(
+    judge: Judge, texts: Mapping[tuple[int, ...], str]
+) -> Callable[[Sequence[Sequence[int]], list[str]], list[bool]]:
+    """`judge`'s refusal flags for answers to encoded prompts, each prompt's text looked up in
+    `texts` (its token ids -> its text): what the gated repair and `check`'s probe call."""
+
+    def flags(prompts: Sequence[Sequence[int]], answers: list[str]) -> list[bool]:
+        asked = [texts[tuple(prompt)] for prompt in prompts]
+        return [verdict.refusal for verdict in judge_answers(judge, asked, answers)]
+
+    return flags
