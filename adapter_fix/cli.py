@@ -336,11 +336,11 @@ def gate_options(command: F) -> F:
         click.option(
             "--calibration-share",
             type=FiniteFloat(min=0, max=1, min_open=True),
-            default=0.5,
-            show_default=True,
+            default=None,
             help="[gate] Calibrate on this share of each prompt set, picked by hashing each "
             "prompt with --seed; `eval --skip-calibration-share` with the same share and seed "
-            "reports on the rest. 1: every prompt (dedicated calibration files).",
+            "reports on the rest. Default: every prompt of a file you give (your calibration "
+            "set: evaluate on other prompts), half of a shipped set.",
         ),
         click.option(
             "--calibration-harmful",
@@ -369,13 +369,13 @@ def gate_options(command: F) -> F:
             type=FiniteFloat(min=0, max=1),
             default=0.1,
             show_default=True,
-            help="[gate] Share of the adapter's task skill the repair may give up: a round that "
-            "leaves less than 1 - this of the calibration task score is cut back.",
+            help="[gate] Share of the adapter's task skill the repair may give up: no round "
+            "leaves less than 1 - this of the calibration task score (measured).",
         ),
         click.option(
             "--gate-unit",
             type=click.Choice(["module", "component"]),
-            default="module",
+            default="component",
             show_default=True,
             help="[gate] What one gate switches: a module's whole update, or one rank-1 "
             "component of it (finer: keeps more of the task at the same refusal rate).",
@@ -383,14 +383,14 @@ def gate_options(command: F) -> F:
         click.option(
             "--rounds",
             type=click.IntRange(min=1, max=100),
-            default=8,
+            default=3,
             show_default=True,
             help="[gate] Rounds of attribution, selection and measurement.",
         ),
         click.option(
             "--ig-steps",
             type=click.IntRange(min=1, max=64),
-            default=4,
+            default=2,
             show_default=True,
             help="[gate] Integrated-gradient steps per attribution.",
         ),
@@ -405,7 +405,7 @@ def gate_options(command: F) -> F:
         click.option(
             "--min-harm-share",
             type=FiniteFloat(min=0, max=1),
-            default=0.005,
+            default=0.001,
             show_default=True,
             help="[gate] Never switch off a unit whose harm is below this share of the total.",
         ),
@@ -418,7 +418,7 @@ def gate_options(command: F) -> F:
         click.option(
             "--calibration-tokens",
             type=click.IntRange(min=1),
-            default=32,
+            default=24,
             show_default=True,
             help="[gate] Tokens generated per calibration prompt to judge a refusal.",
         ),
