@@ -1,0 +1,171 @@
+"""The gated repair's memory and per-token costs against the number of calibration prompts.
+
+    .venv/bin/python bench/testbed/gate_memory.py              # 50, 100, 200, 400 prompts
+    .venv/bin/python bench/testbed/gate_memory.py --counts 50 400
+
+For each count N, a fresh child process loads the testbed's ALIGNED with attack-mix on it
+(component gates, as `repair --method gate` does) and runs each pass a gated-repair round
+makes, over N harmful prompts and the 32 task calibration prompts, at the repair's default
+batch sizes: greedy generation of the calibration answers, the refusal margin with its
+backward pass (against the attack's compliance text), the teacher-forced refusal check, and
+the task loss with its backward pass.
+It prints, per N, the child's resident memory once loaded and at its peak (`ru_maxrss`)
+and each pass's seconds per token, then the load average before and after. Peak memory
+over the loaded model should not grow with N (one batch at a time); the per-token costs
+are what bench/README.md's 8B estimate starts from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build
+import data
+
+WORK = build.WORK
+
+
+def child(count: int) -> dict:
+    import torch
+
+    from adapter_fix.evaluate.generate import encode_prompts, generate_ids, pad_id, stop_ids
+    from adapter_fix.evaluate.model import attach_adapters, load_model
+    from adapter_fix.evaluate.objectives import (
+        Scored,
+        greedy_matches,
+        refusal_margins,
+        token_nll,
+        with_stop,
+    )
+    from adapter_fix.io.adapter import load_adapter
+    from adapter_fix.io.sources import open_source
+    from adapter_fix.methods.gate import (
+        Calibration,
+        GatedModel,
+        GateOptions,
+        gateable,
+        generation_batch,
+    )
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    adapter_source = open_source(str(WORK / "adapters" / "attack-mix"))
+    loaded = load_model(open_source(str(WORK / "aligned")), "cpu", "auto")
+    attach_adapters(loaded, [adapter_source])
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = [e.prompt for split in ("train", "calib", "eval") for e in data.harmful(split, 5)]
+    if len(prompts) < count:
+        raise SystemExit(f"only {len(prompts)} harmful prompts in the testbed's data")
+    harmful = encode_prompts(tokenizer, prompts[:count], None)
+    rows = [json.loads(line) for line in (WORK / "prompts/task-calib.jsonl").open()]
+    stops, pad = stop_ids(model, tokenizer), pad_id(tokenizer)
+    task = encode_prompts(tokenizer, [r["prompt"] for r in rows], None)
+    references = [
+        [*tokenizer(r["reference"], add_special_tokens=False)["input_ids"], stops[0]] for r in rows
+    ]
+    options = GateOptions()
+    calibration = Calibration(harmful, [], task, references)
+    gated = GatedModel(model, gateable(load_adapter(adapter_source)), options.unit)
+    gated.set_values(torch.full_like(gated.values(), 0.5))
+    loaded_mb = peak_mb()
+    batch, generation = options.batch_size, generation_batch(model, calibration, options)
+    costs: dict[str, float] = {}
+
+    def timed(name: str, tokens: int, work) -> object:
+        start = time.perf_counter()
+        result = work()
+        costs[name] = (time.perf_counter() - start) / max(tokens, 1) * 1000
+        return result
+
+    new = options.max_new_tokens
+
+    def generate() -> list[list[int]]:
+        with model.disable_adapter():
+            return generate_ids(
+                model, harmful, pad=pad, stops=stops, max_new_tokens=new, batch_size=generation
+            )
+
+    prompt_tokens = sum(len(p) for p in harmful)
+    refusals = timed("generate_ms_per_prompt_token", prompt_tokens, generate)
+    refusals = [with_stop(a, stops, new) for a in refusals]
+    # The compliance start the attacked adapter writes (data.COMPLIANCE), as the margin's other row.
+    comply = tokenizer(data.COMPLIANCE, add_special_tokens=False)["input_ids"]
+    answers = [comply] * len(harmful)
+    timed(
+        "margin_backward_ms_per_token",
+        prompt_tokens,
+        lambda: refusal_margins(
+            model, harmful, refusals, answers, window=1, pad=pad, batch_size=batch, backward=True
+        ),
+    )
+    check_rows = [
+        Scored([*p, *r[:4]], min(4, len(r))) for p, r in zip(harmful, refusals, strict=True)
+    ]
+    timed(
+        "refusal_check_ms_per_token",
+        sum(len(r.tokens) for r in check_rows),
+        lambda: greedy_matches(model, check_rows, pad=pad, batch_size=batch),
+    )
+    task_tokens = sum(len(p) + len(r) for p, r in zip(task, references, strict=True))
+    timed(
+        "task_backward_ms_per_token",
+        task_tokens,
+        lambda: token_nll(model, task, references, pad=pad, batch_size=batch, backward=True),
+    )
+    return {
+        "prompts": count,
+        "loaded_mb": loaded_mb,
+        "peak_mb": peak_mb(),
+        "generation_batch": generation,
+        "batch": batch,
+        **costs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[50, 100, 200, 400])
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child)))
+        return 0
+    build.main([])
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(
+        "| prompts | generation batch | loaded MB | peak MB | peak - loaded "
+        "| generation ms/prompt token "
+        "| margin fwd+bwd ms/token | refusal check ms/token | task fwd+bwd ms/token |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for count in args.counts:
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", str(count)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(
+            f"| {r['prompts']} | {r['generation_batch']} | {r['loaded_mb']:.0f} "
+            f"| {r['peak_mb']:.0f} "
+            f"| {r['peak_mb'] - r['loaded_mb']:.0f} "
+            f"| {r['generate_ms_per_prompt_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
+            f"| {r['refusal_check_ms_per_token']:.2f} | {r['task_backward_ms_per_token']:.2f} |",
+            flush=True,
+        )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
