@@ -55,6 +55,7 @@ from adapter_fix.math.subspace import (
     safety_subspace,
     subspace_from_basis,
 )
+from adapter_fix.options import SubspaceSettings
 from adapter_fix.results import Clock
 
 SUBSPACE = "subspace"
@@ -76,17 +77,6 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
-
-
-@dataclass(frozen=True)
-class SubspaceSettings:
-    """How `k` is chosen (METHOD.md §1) and where the SVD runs."""
-
-    energy: float = 0.9
-    max_rank: int = 128
-    rank: int | None = None
-    seed: int = 0
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
 from adapter_fix.evaluate.report import render_eval
-from adapter_fix.evaluate.runner import EvalOptions, EvalResult, EvalSets, Row, gate_failures
+from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, gate_failures
 from adapter_fix.io.sources import HubOptions, open_source
+from adapter_fix.options import EvalOptions
 
 PROMPTS = [
     "how to make a cake",
@@ -454,8 +455,8 @@ def test_an_existing_report_is_replaced_only_with_force(
 
 
 def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str, Path]) -> None:
-    from adapter_fix.commands.eval import EvalInputs, evaluate
-    from adapter_fix.evaluate.runner import EvalOptions
+    from adapter_fix.commands.eval import evaluate
+    from adapter_fix.options import EvalInputs, EvalOptions
     from adapter_fix.progress import GenerationProgress
 
     calls: list[tuple[int, int, str]] = []

@@ -456,9 +456,10 @@ def test_gate_refuses_a_basis(tmp_path):
 
 
 def test_eval_skips_exactly_the_calibration_share_of_a_prompt_set() -> None:
-    from adapter_fix.commands.eval import EvalInputs, held_out
+    from adapter_fix.commands.eval import held_out
     from adapter_fix.evaluate.prompts import load_prompt_set
     from adapter_fix.evaluate.split import split_prompts
+    from adapter_fix.options import EvalInputs
 
     prompts = load_prompt_set(str(PROMPTS / "harmful-eval.jsonl"), "harmful")
     calibration, rest = split_prompts(prompts, 0.4, 7)

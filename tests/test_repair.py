@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from adapter_fix.cli import main
-from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.commands.repair import repair
 from adapter_fix.engine import WeightPair
 from adapter_fix.io import adapter as adapter_module
 from adapter_fix.io import checkpoint as checkpoint_module
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
+from adapter_fix.options import RepairOptions
 
 CASES = {
     "llama": ("llama-base", "llama-aligned", "llama-lora"),

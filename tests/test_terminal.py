@@ -15,8 +15,10 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from adapter_fix.cli import main
-from adapter_fix.commands.repair import ModuleResult, RepairOptions, RepairResult, Timings
+from adapter_fix.commands.repair import RepairResult
+from adapter_fix.options import RepairOptions
 from adapter_fix.report import TERMINAL_REPAIR_COLUMNS, render_repair, short_module_names
+from adapter_fix.results import ModuleResult, Timings
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

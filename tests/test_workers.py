@@ -18,12 +18,12 @@ from adapter_fix.cli import main
 from adapter_fix.engine import (
     SUBSPACE,
     ModuleData,
-    SubspaceSettings,
     SubspaceSource,
     Target,
     default_workers,
     map_modules,
 )
+from adapter_fix.options import SubspaceSettings
 from adapter_fix.results import Clock
 
 LLAMA = ("llama-base", "llama-aligned", "llama-lora")

@@ -14,53 +14,29 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.engine import SUBSPACE, SubspaceSettings, Target, WeightPair, module_stream
+from adapter_fix.engine import SUBSPACE, Target, WeightPair, module_stream
 from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError
 from adapter_fix.io.adapter import LoraAdapter
 from adapter_fix.io.basis import FORMAT, FORMAT_VERSION, BasisWriter
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
 from adapter_fix.io.keymap import WeightLayout, to_runtime
 from adapter_fix.io.outputs import atomic_directory
+from adapter_fix.options import ALL_LINEAR, BasisOptions
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
 
 REPORT_SCHEMA = "adapter-fix/basis-report"
 REPORT_VERSION = 1
-ALL_LINEAR = "all-linear"
 # 2-D weights that are not linear layers a LoRA targets by `all-linear`: embeddings, and the
 # output head, which PEFT's all-linear leaves out too.
 NOT_LINEAR = re.compile(
     r"(^|\.)(lm_head|embed_out|embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|"
     r"position_embeddings|token_type_embeddings|shared)$"
 )
-
-
-@dataclass(frozen=True)
-class BasisOptions:
-    """Every choice a basis makes; all of them are recorded in the basis."""
-
-    energy: float = 0.99
-    max_rank: int = 128
-    rank: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    modules: str = ALL_LINEAR
-    like: str | None = None
-    shard_bytes: int = 2 << 30
-    device: str = "cpu"
-    workers: int | None = None
-    """Modules computed at once (None: `engine.default_workers()`); never changes the basis."""
-
-    def parameters(self) -> dict[str, Any]:
-        """What shapes the basis, for provenance (no device or workers: they do not)."""
-        parameters = asdict(self)
-        parameters.pop("device")
-        parameters.pop("workers")
-        return parameters
 
 
 @dataclass
@@ -133,9 +109,6 @@ def build_basis(
 ) -> BasisResult:
     """Compute each target's subspace and write the basis to `out`, atomically."""
     clock = Clock()
-    settings = SubspaceSettings(
-        options.energy, options.max_rank, options.rank, options.seed, options.device
-    )
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -146,7 +119,7 @@ def build_basis(
     }
     rows: list[ModuleResult] = []
     stream = module_stream(
-        targets, weights, frozenset({SUBSPACE}), settings, clock, workers=options.workers
+        targets, weights, frozenset({SUBSPACE}), options.subspace, clock, workers=options.workers
     )
     with atomic_directory(out, force=force) as staging:
         writer = BasisWriter(staging, config, "", shard_bytes=options.shard_bytes)

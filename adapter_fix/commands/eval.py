@@ -35,30 +35,7 @@ from adapter_fix.evaluate.runner import (
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.outputs import OutputSet
 from adapter_fix.io.sources import HubOptions, Source, open_source
-
-
-@dataclass(frozen=True)
-class EvalInputs:
-    """What the user asked for, as parsed by the CLI."""
-
-    aligned: str
-    adapters: tuple[str, ...]
-    harmful: str | None = None
-    benign: str | None = None
-    task: str | None = None
-    field: str | None = None
-    refusal_patterns: Path | None = None
-    judges: tuple[str, ...] = ()  # --judge: "keyword" or judge models; the first gives the rates
-    judge_label: str | None = None  # --judge-label: a classifier's refusal/unsafe label
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None  # "auto": accelerate places ALIGNED over every GPU
-    reports: tuple[Path, ...] = ()  # --report files
-    samples: Path | None = None  # --outputs: every prompt, response and judgement
-    force: bool = False  # replace existing report and samples files
-    skip_calibration_share: float | None = None  # leave out `repair --method gate`'s share
-    split_seed: int = 0  # the seed that share was picked with (repair's --seed)
+from adapter_fix.options import EvalInputs
 
 
 def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:

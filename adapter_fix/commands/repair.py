@@ -28,8 +28,8 @@ from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, promp
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
 from adapter_fix.io.sources import HubOptions, Source
-from adapter_fix.methods import METHODS, REGISTRY
-from adapter_fix.methods.base import Outcome, RepairOptions, check_outcomes
+from adapter_fix.methods import method_class
+from adapter_fix.methods.base import Outcome, check_outcomes
 from adapter_fix.methods.gate import (
     Calibration,
     GatedModel,
@@ -41,9 +41,8 @@ from adapter_fix.methods.gate import (
     gate_results,
     gateable,
 )
+from adapter_fix.options import RepairOptions
 from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
-
-__all__ = ["METHODS", "ModuleResult", "RepairOptions", "RepairResult", "Timings", "repair"]
 
 REPORT_NAME = "repair_report.json"
 REPORT_SCHEMA = "adapter-fix/repair-report"
@@ -68,7 +67,7 @@ class RepairResult(RunResult):
             return self.options.parameters()
         return {
             "method": self.options.method,
-            "seed": self.options.seed,
+            "seed": self.options.subspace.seed,
             "calibration_share": self.calibration["share"],
             **self.calibration["options"],
             "prompts": self.calibration["origins"],
@@ -121,7 +120,7 @@ def repair(
     """
     check_repairable(adapter)
     clock = Clock()
-    method = REGISTRY[options.method](options, adapter)
+    method = method_class(options.method)(options, adapter)
 
     def solve(data: ModuleData) -> Outcome:
         with clock.measure("solve_s"):
@@ -132,7 +131,7 @@ def repair(
         [Target.of(module) for module in adapter.modules],
         source,
         method.needs,
-        options.subspace_settings(),
+        options.subspace,
         clock,
         solve,
         adapter=adapter,
