@@ -34,10 +34,10 @@ from adapter_fix.evaluate.judges import KeywordJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
-from adapter_fix.evaluate.report import render_eval
 from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, gate_failures
 from adapter_fix.io.sources import HubOptions, open_source
 from adapter_fix.options import EvalOptions
+from adapter_fix.report.eval import render_eval
 
 PROMPTS = [
     "how to make a cake",

@@ -359,7 +359,7 @@ def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated
 
 
 def test_the_time_line_gives_setup_each_round_and_the_rest():
-    from adapter_fix.report import _gate_time_line
+    from adapter_fix.report.repair import _gate_time_line
 
     calibration = {
         "seconds": 100.0,

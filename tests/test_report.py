@@ -6,10 +6,9 @@ import io
 
 from rich.console import Console
 
-from adapter_fix.commands.repair import RepairResult
 from adapter_fix.options import RepairOptions
-from adapter_fix.report import html_report, markdown_report, render_repair
-from adapter_fix.results import ModuleResult, Timings
+from adapter_fix.report.repair import html_report, markdown_report, render_repair
+from adapter_fix.results import ModuleResult, RepairResult, Timings
 
 
 def _result(count: int) -> RepairResult:

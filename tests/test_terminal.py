@@ -15,10 +15,10 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from adapter_fix.cli import main
-from adapter_fix.commands.repair import RepairResult
 from adapter_fix.options import RepairOptions
-from adapter_fix.report import TERMINAL_REPAIR_COLUMNS, render_repair, short_module_names
-from adapter_fix.results import ModuleResult, Timings
+from adapter_fix.report.repair import TERMINAL_REPAIR_COLUMNS, render_repair
+from adapter_fix.report.table import short_module_names
+from adapter_fix.results import ModuleResult, RepairResult, Timings
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -99,15 +99,14 @@ def basis(
           -o llama-3.1-8b-basis --dtype bfloat16
       adapter-fix basis B A -o basis --like ./my-lora          # only the adapter's modules
     """
-    import json
-
     from adapter_fix.commands.basis import basis_targets, build_basis
     from adapter_fix.engine import WeightPair
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.checkpoint import Checkpoint
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import render_basis
+    from adapter_fix.report.basis import render_basis
+    from adapter_fix.report.formats import json_text
 
     check_device(settings["device"])
     if like is None:
@@ -146,7 +145,6 @@ def basis(
             weights, targets, options, out, force=force, on_module=progress.advance
         )
         for path in outputs.reports:
-            text = json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
-            outputs.write_report(path, text)
+            outputs.write_report(path, json_text(result))
     if not quiet:
         render_basis(result, console)

@@ -20,6 +20,7 @@ from adapter_fix.cli.options import (
     FiniteFloat,
     apply,
     basis_option,
+    check_report_formats,
     hub_options,
     hub_settings,
     subspace_options,
@@ -197,12 +198,12 @@ def check(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import CHECK_FORMATS, check_markdown, render_check, render_notes
+    from adapter_fix.report.check import check_markdown, render_check
+    from adapter_fix.report.formats import report_text
+    from adapter_fix.report.table import render_notes
 
     check_device(settings["device"])
-    for path in reports:
-        if path.suffix.lower() not in CHECK_FORMATS:
-            raise click.BadParameter(f"{path}: use .json or .md", param_hint="--report")
+    check_report_formats("check", reports)
     probe = {name: settings.pop(name) for name in PROBE_SETTINGS}
     probe["prompts"] = probe.pop("probe_prompts")
     probe_settings = ProbeOptions(**probe)
@@ -241,7 +242,7 @@ def check(
         result.failures[:0] = failures  # behaviour first: it is what the gate is for
     with outputs:
         for path in outputs.reports:
-            outputs.write_report(path, CHECK_FORMATS[path.suffix.lower()](result))
+            outputs.write_report(path, report_text("check", result, path))
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with Path(summary).open("a") as handle:

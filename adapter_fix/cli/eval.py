@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from adapter_fix.cli.main import EXIT_CODES_HELP, main, reports_errors, stderr_console
-from adapter_fix.cli.options import FiniteFloat, hub_options, hub_settings, prompt_set_options
+from adapter_fix.cli.options import (
+    FiniteFloat,
+    check_report_formats,
+    hub_options,
+    hub_settings,
+    prompt_set_options,
+)
 from adapter_fix.errors import GateFailedError
 from adapter_fix.options import MODEL_DEVICES, MODEL_DTYPES, EvalInputs, EvalOptions
 
@@ -176,11 +182,8 @@ def eval_command(
     from adapter_fix.commands.eval import evaluate, write_outputs
     from adapter_fix.evaluate.runner import gate_failures
     from adapter_fix.progress import GenerationProgress
-    from adapter_fix.report import REPORT_FORMATS
 
-    for path in reports:
-        if path.suffix.lower() not in REPORT_FORMATS:
-            raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
+    check_report_formats("eval", reports)
     if absolute and min_refusal is None:
         raise click.BadParameter("needs --min-refusal", param_hint="--absolute")
     if absolute and min_refusal is not None and min_refusal > 1:
@@ -222,7 +225,7 @@ def eval_command(
         result, files = evaluate(
             inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
         )
-    from adapter_fix.evaluate.report import render_eval
+    from adapter_fix.report.eval import render_eval
 
     write_outputs(result, inputs, files)
     failures = gate_failures(

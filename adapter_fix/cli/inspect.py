@@ -40,7 +40,7 @@ def inspect(
     import json
 
     from adapter_fix.commands.inspect import inspect_spec
-    from adapter_fix.report import render_inspect
+    from adapter_fix.report.inspect import render_inspect
 
     result = inspect_spec(adapter, hub_settings(revision, cache_dir, offline, endpoint))
     if as_json:

@@ -7,7 +7,7 @@ never from literals here: each is defined once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -188,3 +188,12 @@ def prompt_set_options(prefix: str = "") -> Callable[[F], F]:
         return apply(options, command)
 
     return decorate
+
+
+def check_report_formats(command: str, paths: Sequence[Path]) -> None:
+    """Exit 2 on a --report whose extension `command` does not write (before anything runs)."""
+    from adapter_fix.report.formats import FORMATS, format_names
+
+    for path in paths:
+        if path.suffix.lower() not in FORMATS[command]:
+            raise click.BadParameter(f"{path}: use {format_names(command)}", param_hint="--report")

@@ -14,6 +14,7 @@ from adapter_fix.cli.options import (
     FiniteFloat,
     apply,
     basis_option,
+    check_report_formats,
     hub_options,
     hub_settings,
     prompt_set_options,
@@ -282,13 +283,9 @@ def repair(
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.outputs import OutputSet
     from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report import (
-        REPORT_FORMATS,
-        render_notes,
-        render_repair,
-        render_warnings,
-        report_text,
-    )
+    from adapter_fix.report.formats import report_text
+    from adapter_fix.report.repair import render_repair
+    from adapter_fix.report.table import render_notes, render_warnings
 
     gate = {name: settings.pop(name) for name in GATE_SETTINGS}
     options = RepairOptions(subspace=subspace_settings(settings), **settings)
@@ -303,9 +300,7 @@ def repair(
         raise click.UsageError(f"{flag} is a setting of --method gate, not of {options.method}")
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
-    for path in reports:
-        if path.suffix.lower() not in REPORT_FORMATS:
-            raise click.BadParameter(f"{path}: use .json, .md or .html", param_hint="--report")
+    check_report_formats("repair", reports)
     check_device(options.subspace.device)
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     if options.method == "gate":
@@ -344,7 +339,7 @@ def repair(
                     on_module=progress.advance,
                 )
         for path in outputs.reports:
-            outputs.write_report(path, report_text(result, path))
+            outputs.write_report(path, report_text("repair", result, path))
     if not quiet:
         render_repair(result, console, reports=outputs.reports)
     render_warnings(factor_warnings(lora), console)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +26,14 @@ from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
 from adapter_fix.io.keymap import WeightLayout, to_runtime
 from adapter_fix.io.outputs import atomic_directory
 from adapter_fix.options import ALL_LINEAR, BasisOptions
-from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
+from adapter_fix.results import BasisResult, Clock, ModuleResult
 
-REPORT_SCHEMA = "adapter-fix/basis-report"
-REPORT_VERSION = 1
 # 2-D weights that are not linear layers a LoRA targets by `all-linear`: embeddings, and the
 # output head, which PEFT's all-linear leaves out too.
 NOT_LINEAR = re.compile(
     r"(^|\.)(lm_head|embed_out|embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|"
     r"position_embeddings|token_type_embeddings|shared)$"
 )
-
-
-@dataclass
-class BasisResult(RunResult):
-    options: BasisOptions
-    inputs: dict[str, str]
-    modules: list[ModuleResult]
-    timings: Timings
-    output: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
-        return {**document, "output": self.output}
 
 
 def basis_targets(

@@ -47,46 +47,7 @@ from adapter_fix.math.solve import alignment_reversal, basis_reversal
 from adapter_fix.math.subspace import Subspace
 from adapter_fix.methods.base import Outcome, PreparedModule, check_outcomes, prepare
 from adapter_fix.options import CheckOptions, ProbeOptions
-from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
-
-REPORT_SCHEMA = "adapter-fix/check-report"
-REPORT_VERSION = 1
-
-
-@dataclass
-class CheckResult(RunResult):
-    """Rows, totals and the verdict of one check."""
-
-    options: CheckOptions
-    inputs: dict[str, str]
-    modules: list[ModuleResult]
-    timings: Timings
-    reversal_against: str
-    """`"D"` (exact, from BASE + ALIGNED) or `"D_k"` (within a basis)."""
-    total_reversal: float
-    total_off_energy: float
-    total_captured_energy: float
-    """`sum ||D_k||^2 / sum ||D||^2` over the modules (what the basis reversal sees)."""
-    failures: list[str]
-    probe: dict[str, Any] | None = None
-    """The behavioural probe's figures, or why it did not run (`skipped`)."""
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict[str, Any]:
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
-        document["check"] = {
-            "passed": self.passed,
-            "failures": self.failures,
-            "reversal_against": self.reversal_against,
-            "total_reversal": self.total_reversal,
-            "total_off_energy": self.total_off_energy,
-            "total_captured_energy": self.total_captured_energy,
-            "probe": self.probe,
-        }
-        return document
+from adapter_fix.results import CheckResult, Clock, ModuleResult
 
 
 def check(

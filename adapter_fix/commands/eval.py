@@ -24,7 +24,6 @@ from adapter_fix.evaluate.model import (
     require_eval_extra,
 )
 from adapter_fix.evaluate.prompts import PromptSet, load_prompt_set, prompt_set
-from adapter_fix.evaluate.report import eval_report_text, samples_jsonl
 from adapter_fix.evaluate.runner import (
     EvalOptions,
     EvalResult,
@@ -36,6 +35,8 @@ from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.outputs import OutputSet
 from adapter_fix.io.sources import HubOptions, Source, open_source
 from adapter_fix.options import EvalInputs
+from adapter_fix.report.eval import samples_jsonl
+from adapter_fix.report.formats import report_text
 
 
 def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
@@ -147,7 +148,7 @@ def write_outputs(result: EvalResult, inputs: EvalInputs, outputs: OutputSet) ->
     """Reports (format by extension) and the samples file, committed together."""
     with outputs:
         for path in inputs.reports:
-            outputs.write_report(path, eval_report_text(result, path))
+            outputs.write_report(path, report_text("eval", result, path))
         if inputs.samples is not None:
             outputs.write_report(inputs.samples, samples_jsonl(result))
 

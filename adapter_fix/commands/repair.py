@@ -42,43 +42,9 @@ from adapter_fix.methods.gate import (
     gateable,
 )
 from adapter_fix.options import RepairOptions
-from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
+from adapter_fix.results import Clock, ModuleResult, RepairResult
 
 REPORT_NAME = "repair_report.json"
-REPORT_SCHEMA = "adapter-fix/repair-report"
-REPORT_VERSION = 1
-
-
-@dataclass
-class RepairResult(RunResult):
-    """Everything a repair reports: per module, totals, timings, provenance, the output."""
-
-    options: RepairOptions
-    inputs: dict[str, str]
-    modules: list[ModuleResult]
-    timings: Timings
-    output: str | None = None
-    calibration: dict[str, Any] | None = None
-    """The gated repair's calibration: prompt counts, objectives, every round, the stop."""
-
-    def parameters(self) -> dict[str, Any]:
-        """The settings that shaped the result (the gated repair's own, for `gate`)."""
-        if self.calibration is None:
-            return self.options.parameters()
-        return {
-            "method": self.options.method,
-            "seed": self.options.subspace.seed,
-            "calibration_share": self.calibration["share"],
-            **self.calibration["options"],
-            "prompts": self.calibration["origins"],
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """The versioned `repair_report.json` document."""
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.parameters())
-        if self.calibration is not None:
-            document["calibration"] = self.calibration
-        return {**document, "output": self.output}
 
 
 def check_repairable(adapter: LoraAdapter) -> None:
