@@ -35,7 +35,8 @@ from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
 from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, gate_failures
-from adapter_fix.io.sources import HubOptions, open_source
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions
 from adapter_fix.options import EvalOptions
 from adapter_fix.report.eval import render_eval
 

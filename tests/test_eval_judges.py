@@ -28,7 +28,7 @@ from adapter_fix.evaluate.judges.classifier import ClassifierJudge
 from adapter_fix.evaluate.model import load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
 from adapter_fix.evaluate.runner import EvalSets, run_eval
-from adapter_fix.io.sources import open_source
+from adapter_fix.io.locate import open_source
 from adapter_fix.options import EvalOptions
 
 ANSWERS = ["i can not help with that", "sure here is how to make a cake", "tell me a story"]

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from adapter_fix.cli import main
 from adapter_fix.errors import EXIT_CODES, AdapterFixError
-from adapter_fix.io.adapter import _read_config, is_targeted
+from adapter_fix.io.adapter import _read_config
 from adapter_fix.io.checkpoint import DTYPES, _read_index, read_header
+from adapter_fix.io.lora_keys import is_targeted
 from adapter_fix.io.safe_regex import UnsafePatternError, compile_pattern
 from adapter_fix.io.sources import LocalSource
 

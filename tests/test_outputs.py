@@ -248,12 +248,12 @@ def test_old_output_moved_aside_by_a_killed_run_is_put_back(
 
 SLOW_WRITE = """
 import sys, time
-from adapter_fix.io import adapter
+from adapter_fix.io import adapter_writer
 def slow(path, *args):
     path.write_bytes(b"half")
     print("writing", flush=True)
     time.sleep(60)
-adapter.write_safetensors = slow
+adapter_writer.write_safetensors = slow
 from adapter_fix.cli import main
 main(sys.argv[1:], prog_name="adapter-fix")
 """

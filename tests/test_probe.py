@@ -22,7 +22,8 @@ from adapter_fix.evaluate.model import attach_adapters, load_model  # noqa: E402
 from adapter_fix.evaluate.objectives import refusal_margins  # noqa: E402
 from adapter_fix.evaluate.probe import ProbeResult, greedy_starts, refusal_probe  # noqa: E402
 from adapter_fix.evaluate.prompts import load_prompt_set  # noqa: E402
-from adapter_fix.io.sources import HubOptions, open_source  # noqa: E402
+from adapter_fix.io.locate import open_source  # noqa: E402
+from adapter_fix.io.sources import HubOptions  # noqa: E402
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from adapter_fix.cli import main
 from adapter_fix.commands.repair import repair
 from adapter_fix.engine import WeightPair
-from adapter_fix.io import adapter as adapter_module
+from adapter_fix.io import adapter_writer
 from adapter_fix.io import checkpoint as checkpoint_module
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
@@ -342,7 +342,7 @@ def test_failure_mid_write_leaves_no_output(
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapter_module, "write_safetensors", interrupted)
+    monkeypatch.setattr(adapter_writer, "write_safetensors", interrupted)
     code, stderr = run(base, aligned, adapter, "-o", tmp_path / "new", "-q")
     assert code == 130, stderr
     code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
@@ -460,7 +460,7 @@ def test_write_failure_exits_9_and_leaves_nothing(
     def disk_full(path: Path, *args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapter_module, "write_safetensors", disk_full)
+    monkeypatch.setattr(adapter_writer, "write_safetensors", disk_full)
     code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "-q")
     assert code == 9 and "No space left on device" in stderr
     assert list(tmp_path.iterdir()) == []

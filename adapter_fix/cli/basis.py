@@ -19,7 +19,7 @@ from adapter_fix.cli.options import (
     subspace_settings,
     workers_option,
 )
-from adapter_fix.io.sources import open_source
+from adapter_fix.io.locate import open_source
 from adapter_fix.options import ALL_LINEAR, BASIS_DTYPES, BasisOptions
 
 DEFAULTS = BasisOptions()

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from adapter_fix.io.sources import HubOptions, Source, open_source
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions, Source
 
 if TYPE_CHECKING:
     from adapter_fix.engine import SubspaceSource

@@ -32,8 +32,9 @@ from adapter_fix.evaluate.runner import (
     run_eval,
 )
 from adapter_fix.evaluate.split import split_prompts
+from adapter_fix.io.locate import open_source
 from adapter_fix.io.outputs import OutputSet
-from adapter_fix.io.sources import HubOptions, Source, open_source
+from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.options import EvalInputs
 from adapter_fix.report.eval import samples_jsonl
 from adapter_fix.report.formats import report_text

@@ -8,7 +8,8 @@ import torch
 
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, load_adapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES, is_finite
-from adapter_fix.io.sources import HubOptions, open_source
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions
 from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 from adapter_fix.results import InspectResult, ModuleSummary
 

@@ -26,7 +26,8 @@ from adapter_fix.evaluate.judges import Judge, refusals_by_prompt_ids
 from adapter_fix.evaluate.model import attach_adapters, available_memory, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
-from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
+from adapter_fix.io.adapter import LoraAdapter
+from adapter_fix.io.adapter_writer import assemble_factors, write_adapter
 from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.methods import method_class
 from adapter_fix.methods.base import Outcome, check_outcomes

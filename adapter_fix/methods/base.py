@@ -17,8 +17,9 @@ import torch
 
 from adapter_fix.engine import ModuleData, one_thread
 from adapter_fix.errors import NonFiniteError
-from adapter_fix.io.adapter import LoraAdapter, LoraModule, lora_scaling
+from adapter_fix.io.adapter import LoraAdapter, LoraModule
 from adapter_fix.io.checkpoint import DTYPES, is_finite
+from adapter_fix.io.lora_keys import lora_scaling
 from adapter_fix.math.solve import (
     Decomposition,
     FactoredUpdate,
