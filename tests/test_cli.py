@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import run_cli
 
 from adapter_fix.cli import main
 from adapter_fix.errors import EXIT_CODES
@@ -52,7 +52,7 @@ def test_non_finite_float_options_are_usage_errors(
 ) -> None:
     names = ("llama-base", "llama-aligned", "llama-lora")
     args = ["repair", *(str(fixtures_dir / n) for n in names), "-o", str(tmp_path / "out")]
-    result = CliRunner().invoke(main, [*args, *option])
+    result = run_cli(*args, *option)
     assert result.exit_code == 2, result.stderr
     assert "not a finite number" in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -143,7 +143,7 @@ def test_every_option_is_declared_once_with_its_objects_default(command: str) ->
 
 @pytest.mark.parametrize("command", ["inspect", "repair", "basis", "check", "eval"])
 def test_help_lists_every_exit_code(command: str) -> None:
-    result = CliRunner().invoke(main, [command, "--help"])
+    result = run_cli(command, "--help")
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     for code, meaning in EXIT_CODES.items():
