@@ -46,6 +46,7 @@ from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis, BasisEntry
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.io.keymap import StoredWeight, WeightLayout, read_rows
+from adapter_fix.io.sources import Source
 from adapter_fix.math.solve import as_factored, largest_singular_value
 from adapter_fix.math.subspace import (
     Subspace,
@@ -510,6 +511,13 @@ class BasisSource(SubspaceSource):
             rank=settings.rank,
             reference_norm=loaded.aligned_norm,
         )
+
+
+def subspace_source(sources: Sequence[Source]) -> SubspaceSource:
+    """The stream's source: a basis (one source), or BASE and ALIGNED (headers and index only)."""
+    if len(sources) == 1:
+        return BasisSource(Basis.open(sources[0]))
+    return WeightPair(Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED"))
 
 
 @contextmanager

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
-from adapter_fix.cli.inputs import check_device, local_paths
-from adapter_fix.cli.main import EXIT_CODES_HELP, main, reports_errors, stderr_console
+from adapter_fix.cli.inputs import check_device
+from adapter_fix.cli.main import EXIT_CODES_HELP, main, module_bars, reports_errors, stderr_console
 from adapter_fix.cli.options import (
     FiniteFloat,
     hub_options,
@@ -99,14 +98,8 @@ def basis(
           -o llama-3.1-8b-basis --dtype bfloat16
       adapter-fix basis B A -o basis --like ./my-lora          # only the adapter's modules
     """
-    from adapter_fix.commands.basis import basis_targets, build_basis
-    from adapter_fix.engine import WeightPair
-    from adapter_fix.io.adapter import load_adapter
-    from adapter_fix.io.checkpoint import Checkpoint
-    from adapter_fix.io.outputs import OutputSet
-    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.commands.basis import run
     from adapter_fix.report.basis import render_basis
-    from adapter_fix.report.formats import json_text
 
     check_device(settings["device"])
     if like is None:
@@ -122,29 +115,15 @@ def basis(
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = [open_source(spec, hub) for spec in (base, aligned)]
     adapter_source = open_source(like, hub) if like is not None else None
-    everything = sources + ([adapter_source] if adapter_source is not None else [])
-    outputs = OutputSet(
-        folder=out, reports=[report] if report else [], inputs=local_paths(everything), force=force
-    )
-    outputs.check()
-    weights = WeightPair(
-        Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED")
-    )
-    adapter = load_adapter(adapter_source) if adapter_source is not None else None
-    if adapter is not None:
-        options = replace(options, like=adapter.source.identity, modules="like")
-    targets = basis_targets(weights.base, like=adapter, modules=options.modules)
     console = stderr_console()
-    with (
-        ModuleProgress(
-            console, len(targets), enabled=not quiet and console.is_terminal, label="basis"
-        ) as progress,
-        outputs,
-    ):
-        result = build_basis(
-            weights, targets, options, out, force=force, on_module=progress.advance
-        )
-        for path in outputs.reports:
-            outputs.write_report(path, json_text(result))
+    result = run(
+        *sources,
+        adapter_source,
+        options,
+        out,
+        report=report,
+        force=force,
+        progress=module_bars(console, quiet, "basis"),
+    )
     if not quiet:
         render_basis(result, console)

@@ -11,11 +11,16 @@ import click
 
 from adapter_fix.cli.inputs import (
     check_device,
-    local_paths,
     open_inputs,
-    subspace_source,
 )
-from adapter_fix.cli.main import EXIT_CODES_HELP, F, main, reports_errors, stderr_console
+from adapter_fix.cli.main import (
+    EXIT_CODES_HELP,
+    F,
+    main,
+    module_bars,
+    reports_errors,
+    stderr_console,
+)
 from adapter_fix.cli.options import (
     FiniteFloat,
     apply,
@@ -189,17 +194,8 @@ def check(
     """
     import json
 
-    from adapter_fix.commands.check import (
-        behaviour_probe,
-        eval_extra_installed,
-        probe_skipped,
-    )
-    from adapter_fix.commands.check import check as run_check
-    from adapter_fix.io.adapter import load_adapter
-    from adapter_fix.io.outputs import OutputSet
-    from adapter_fix.progress import ModuleProgress
+    from adapter_fix.commands.check import run
     from adapter_fix.report.check import check_markdown, render_check
-    from adapter_fix.report.formats import report_text
     from adapter_fix.report.table import render_notes
 
     check_device(settings["device"])
@@ -212,37 +208,17 @@ def check(
     options = CheckOptions(subspace=subspace_settings(settings), **settings)
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = open_inputs(inputs, basis, hub)
-    outputs = OutputSet(reports=reports, inputs=local_paths(sources), force=force)
-    outputs.check()
-    lora = load_adapter(sources[-1])
-    subspaces = subspace_source(sources[:-1])
     console = stderr_console()
-    with ModuleProgress(
-        console, len(lora.modules), enabled=not quiet and console.is_terminal, label="check"
-    ) as progress:
-        result = run_check(subspaces, lora, options, on_module=progress.advance)
-    if no_probe:
-        result.probe = probe_skipped("--no-probe")
-    elif basis is not None:
-        result.probe = probe_skipped("the probe runs ALIGNED: give BASE ALIGNED ADAPTER")
-    elif not eval_extra_installed():
-        result.probe = probe_skipped("the eval extra is not installed (transformers, peft)")
-    else:
-        from adapter_fix.commands.eval import quiet_transformers
-
-        quiet_transformers()
-        result.probe, failures = behaviour_probe(
-            sources[1],
-            lora,
-            probe_settings,
-            device=options.subspace.device,
-            hub=hub,
-            required=probe["harmful"] is not None,
-        )
-        result.failures[:0] = failures  # behaviour first: it is what the gate is for
-    with outputs:
-        for path in outputs.reports:
-            outputs.write_report(path, report_text("check", result, path))
+    result = run(
+        sources,
+        options,
+        probe_settings,
+        hub,
+        reports=reports,
+        force=force,
+        no_probe=no_probe,
+        progress=module_bars(console, quiet, "check"),
+    )
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         with Path(summary).open("a") as handle:

@@ -1,17 +1,11 @@
-"""The commands' inputs as sources (nothing read yet), and the checks on them click cannot do."""
+"""The positional inputs as sources (nothing read yet), and the checks click cannot do."""
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from adapter_fix.io.locate import open_source
 from adapter_fix.io.sources import HubOptions, Source
-
-if TYPE_CHECKING:
-    from adapter_fix.engine import SubspaceSource
 
 
 def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> list[Source]:
@@ -20,22 +14,6 @@ def open_inputs(inputs: tuple[str, ...], basis: str | None, hub: HubOptions) -> 
     if len(inputs) != (1 if basis else 3):
         raise click.UsageError(f"expected {wanted}, got {len(inputs)} argument(s)")
     return [open_source(spec, hub) for spec in ([basis] if basis else []) + list(inputs)]
-
-
-def subspace_source(sources: list[Source]) -> SubspaceSource:
-    """The stream's source: a basis, or BASE and ALIGNED (headers and index only)."""
-    from adapter_fix.engine import BasisSource, WeightPair
-    from adapter_fix.io.basis import Basis
-    from adapter_fix.io.checkpoint import Checkpoint
-
-    if len(sources) == 1:
-        return BasisSource(Basis.open(sources[0]))
-    return WeightPair(Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED"))
-
-
-def local_paths(sources: list[Source]) -> list[Path]:
-    """The inputs on local disk, which no output may overlap."""
-    return [path for source in sources for path in source.local_paths]
 
 
 def check_device(device: str) -> None:

@@ -26,6 +26,8 @@ from adapter_fix.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from adapter_fix.progress import ModuleProgress
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_CODES_HELP = "\b\n" + textwrap.fill(
@@ -56,6 +58,19 @@ def stderr_console() -> Console:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 200
     return console
+
+
+def module_bars(console: Console, quiet: bool, label: str) -> Callable[[int], ModuleProgress]:
+    """The module progress bar of a run (`commands.ProgressBar`): on stderr, off when quiet
+    or when stderr is not a terminal."""
+    from adapter_fix.progress import ModuleProgress
+
+    def bar(total: int) -> ModuleProgress:
+        return ModuleProgress(
+            console, total, enabled=not quiet and console.is_terminal, label=label
+        )
+
+    return bar
 
 
 def _print_error(title: str, message: str) -> None:

@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from adapter_fix.cli.inputs import check_device, local_paths, open_inputs, subspace_source
-from adapter_fix.cli.main import EXIT_CODES_HELP, F, main, reports_errors, stderr_console
+from adapter_fix.cli.inputs import check_device, open_inputs
+from adapter_fix.cli.main import (
+    EXIT_CODES_HELP,
+    F,
+    main,
+    module_bars,
+    reports_errors,
+    stderr_console,
+)
 from adapter_fix.cli.options import (
     FiniteFloat,
     apply,
@@ -277,13 +284,7 @@ def repair(
       adapter-fix repair B A ./lora --method none --report analysis.json   # analyse only
       adapter-fix repair --basis org/chat-basis ./lora -o ./lora-fixed
     """
-    from adapter_fix.commands.inspect import factor_warnings
-    from adapter_fix.commands.repair import REPORT_NAME
-    from adapter_fix.commands.repair import repair as run_repair
-    from adapter_fix.io.adapter import load_adapter
-    from adapter_fix.io.outputs import OutputSet
-    from adapter_fix.progress import ModuleProgress
-    from adapter_fix.report.formats import report_text
+    from adapter_fix.commands.repair import run
     from adapter_fix.report.repair import render_repair
     from adapter_fix.report.table import render_notes, render_warnings
 
@@ -309,38 +310,19 @@ def repair(
         sources = open_inputs(inputs, None, hub)
     else:
         sources = open_inputs(inputs, basis, hub)
-    outputs = OutputSet(
-        folder=out if options.method != "none" else None,
-        reports=reports,
-        inputs=local_paths(sources),
-        force=force,
-        folder_files=(REPORT_NAME,),
-    )
-    outputs.check()
-    lora = load_adapter(sources[-1])
     console = stderr_console()
-    with outputs:
-        if options.method == "gate":
-            from adapter_fix.commands.gate import repair_with_gates
-
-            result = repair_with_gates(
-                sources, lora, options, gate, hub, outputs.folder, force, None if quiet else console
-            )
-        else:
-            with ModuleProgress(
-                console, len(lora.modules), enabled=not quiet and console.is_terminal
-            ) as progress:
-                result = run_repair(
-                    subspace_source(sources[:-1]),
-                    lora,
-                    options,
-                    out=outputs.folder,
-                    force=force,
-                    on_module=progress.advance,
-                )
-        for path in outputs.reports:
-            outputs.write_report(path, report_text("repair", result, path))
+    done = run(
+        sources,
+        options,
+        gate,
+        hub,
+        out=out,
+        reports=reports,
+        force=force,
+        progress=module_bars(console, quiet, "repair"),
+        console=None if quiet else console,
+    )
     if not quiet:
-        render_repair(result, console, reports=outputs.reports)
-    render_warnings(factor_warnings(lora), console)
-    render_notes(result.modules, console)
+        render_repair(done.result, console, reports=done.reports)
+    render_warnings(done.warnings, console)
+    render_notes(done.result.modules, console)

@@ -14,18 +14,22 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
+from adapter_fix.commands import ProgressBar
 from adapter_fix.engine import SUBSPACE, Target, WeightPair, module_stream
 from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError
-from adapter_fix.io.adapter import LoraAdapter
+from adapter_fix.io.adapter import LoraAdapter, load_adapter
 from adapter_fix.io.basis import FORMAT, FORMAT_VERSION, BasisWriter
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
 from adapter_fix.io.keymap import WeightLayout, to_runtime
-from adapter_fix.io.outputs import atomic_directory
+from adapter_fix.io.outputs import OutputSet, atomic_directory
+from adapter_fix.io.sources import Source, local_paths
 from adapter_fix.options import ALL_LINEAR, BasisOptions
+from adapter_fix.report.formats import json_text
 from adapter_fix.results import BasisResult, Clock, ModuleResult
 
 # 2-D weights that are not linear layers a LoRA targets by `all-linear`: embeddings, and the
@@ -135,6 +139,38 @@ def build_basis(
             writer.card = model_card(config, rows)
             writer.finish()
     result = BasisResult(options, weights.inputs, rows, clock.now(), str(out.resolve()))
+    return result
+
+
+def run(
+    base: Source,
+    aligned: Source,
+    like: Source | None,
+    options: BasisOptions,
+    out: Path,
+    *,
+    report: Path | None = None,
+    force: bool = False,
+    progress: ProgressBar,
+) -> BasisResult:
+    """`adapter-fix basis`: the targets (those of the adapter `like`, or by `options.modules`),
+    their subspaces written to `out`, and the JSON report."""
+    outputs = OutputSet(
+        folder=out,
+        reports=[report] if report else [],
+        inputs=local_paths([base, aligned, *([like] if like is not None else [])]),
+        force=force,
+    )
+    outputs.check()
+    weights = WeightPair(Checkpoint.open(base, "BASE"), Checkpoint.open(aligned, "ALIGNED"))
+    adapter = load_adapter(like) if like is not None else None
+    if adapter is not None:
+        options = replace(options, like=adapter.source.identity, modules="like")
+    targets = basis_targets(weights.base, like=adapter, modules=options.modules)
+    with progress(len(targets)) as bar, outputs:
+        result = build_basis(weights, targets, options, out, force=force, on_module=bar.advance)
+        for path in outputs.reports:
+            outputs.write_report(path, json_text(result))
     return result
 
 

@@ -25,12 +25,14 @@ fine-tuning, or a task mixed with compliance); the probe does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapter_fix.commands import ProgressBar
 from adapter_fix.engine import (
     DISPLACEMENT,
     SUBSPACE,
@@ -39,14 +41,17 @@ from adapter_fix.engine import (
     Target,
     map_modules,
     one_thread,
+    subspace_source,
 )
 from adapter_fix.errors import SourceNotFoundError, UsageError
-from adapter_fix.io.adapter import LoraAdapter
-from adapter_fix.io.sources import HubOptions, Source
+from adapter_fix.io.adapter import LoraAdapter, load_adapter
+from adapter_fix.io.outputs import OutputSet
+from adapter_fix.io.sources import HubOptions, Source, local_paths
 from adapter_fix.math.solve import alignment_reversal, basis_reversal
 from adapter_fix.math.subspace import Subspace
 from adapter_fix.methods.base import Outcome, PreparedModule, check_outcomes, prepare
 from adapter_fix.options import CheckOptions, ProbeOptions
+from adapter_fix.report.formats import report_text
 from adapter_fix.results import CheckResult, Clock, ModuleResult
 
 
@@ -167,6 +172,50 @@ def _module_failures(row: ModuleResult, options: CheckOptions) -> list[str]:
     if reasons:
         row.reason = "; ".join(reasons)
     return [f"{row.name}: {reason}" for reason in reasons]
+
+
+def run(
+    sources: list[Source],
+    options: CheckOptions,
+    probe: ProbeOptions,
+    hub: HubOptions,
+    *,
+    reports: Sequence[Path] = (),
+    force: bool = False,
+    no_probe: bool = False,
+    progress: ProgressBar,
+) -> CheckResult:
+    """`adapter-fix check`: measure the adapter (`sources[-1]`) against a basis or BASE and
+    ALIGNED, run the behavioural probe where it can, and write the reports."""
+    outputs = OutputSet(reports=reports, inputs=local_paths(sources), force=force)
+    outputs.check()
+    lora = load_adapter(sources[-1])
+    subspaces = subspace_source(sources[:-1])
+    with progress(len(lora.modules)) as bar:
+        result = check(subspaces, lora, options, on_module=bar.advance)
+    if no_probe:
+        result.probe = probe_skipped("--no-probe")
+    elif len(sources) == 2:
+        result.probe = probe_skipped("the probe runs ALIGNED: give BASE ALIGNED ADAPTER")
+    elif not eval_extra_installed():
+        result.probe = probe_skipped("the eval extra is not installed (transformers, peft)")
+    else:
+        from adapter_fix.commands.eval import quiet_transformers
+
+        quiet_transformers()
+        result.probe, failures = behaviour_probe(
+            sources[1],
+            lora,
+            probe,
+            device=options.subspace.device,
+            hub=hub,
+            required=probe.harmful is not None,
+        )
+        result.failures[:0] = failures  # behaviour first: it is what the gate is for
+    with outputs:
+        for path in outputs.reports:
+            outputs.write_report(path, report_text("check", result, path))
+    return result
 
 
 def probe_skipped(reason: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ the shards that hold tensors the run actually reads. Which source a spec names
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,3 +106,8 @@ class LocalSource(Source):
         if self.single_file is not None:
             return [self.single_file.name]
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+
+def local_paths(sources: Sequence[Source]) -> list[Path]:
+    """The inputs on local disk, which no output may overlap."""
+    return [path for source in sources for path in source.local_paths]
