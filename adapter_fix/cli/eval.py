@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -176,12 +175,12 @@ def eval_command(
       adapter-fix eval ./chat ./lora-fixed --min-refusal 0.9 --max-over-refusal 0.2 -q
       adapter-fix eval org/chat ./lora --judge keyword --judge org/refusal-classifier
     """
-    import contextlib
     import json
 
-    from adapter_fix.commands.eval import evaluate, write_outputs
+    from adapter_fix.commands.eval import run
     from adapter_fix.evaluate.runner import gate_failures
     from adapter_fix.progress import GenerationProgress
+    from adapter_fix.report.eval import render_eval
 
     check_report_formats("eval", reports)
     if absolute and min_refusal is None:
@@ -216,18 +215,14 @@ def eval_command(
         thinking=thinking,
     )
     console = stderr_console()
-    with contextlib.ExitStack() as stack:
-
-        def progress(total: int) -> Callable[[int, int, str], None]:
-            bar = GenerationProgress(console, total, enabled=not quiet and console.is_terminal)
-            return stack.enter_context(bar).advance
-
-        result, files = evaluate(
-            inputs, options, hub_settings(revision, cache_dir, offline, endpoint), progress=progress
-        )
-    from adapter_fix.report.eval import render_eval
-
-    write_outputs(result, inputs, files)
+    result = run(
+        inputs,
+        options,
+        hub_settings(revision, cache_dir, offline, endpoint),
+        progress=lambda total: GenerationProgress(
+            console, total, enabled=not quiet and console.is_terminal
+        ),
+    )
     failures = gate_failures(
         result, min_refusal=min_refusal, absolute=absolute, max_over_refusal=max_over_refusal
     )

@@ -8,12 +8,13 @@ reports and the samples file are written together at the end through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judges import Judge, make_judges
@@ -36,6 +37,9 @@ from adapter_fix.io.locate import open_source
 from adapter_fix.io.outputs import OutputSet
 from adapter_fix.io.sources import HubOptions, Source
 from adapter_fix.options import EvalInputs
+
+if TYPE_CHECKING:
+    from adapter_fix.progress import GenerationProgress
 from adapter_fix.report.eval import samples_jsonl
 from adapter_fix.report.formats import report_text
 
@@ -143,6 +147,25 @@ def evaluate(
     callback = None if progress is None else progress(per_row * len(variants))
     result = run_eval(loaded, variants, sets, judges, options, on_progress=callback)
     return result, prepared.outputs
+
+
+def run(
+    inputs: EvalInputs,
+    options: EvalOptions,
+    hub: HubOptions,
+    *,
+    progress: Callable[[int], GenerationProgress],
+) -> EvalResult:
+    """`adapter-fix eval`: every row measured (`progress(total prompts)` makes the bar,
+    closed before the reports and samples are written), then the outputs written."""
+    with contextlib.ExitStack() as stack:
+
+        def advance(total: int) -> ProgressCallback:
+            return stack.enter_context(progress(total)).advance
+
+        result, files = evaluate(inputs, options, hub, progress=advance)
+    write_outputs(result, inputs, files)
+    return result
 
 
 def write_outputs(result: EvalResult, inputs: EvalInputs, outputs: OutputSet) -> None:
