@@ -39,10 +39,10 @@ def inspect(
     """
     import json
 
-    from adapter_fix.commands.inspect import inspect_spec
+    from adapter_fix.commands.inspect import run
     from adapter_fix.report.inspect import render_inspect
 
-    result = inspect_spec(adapter, hub_settings(revision, cache_dir, offline, endpoint))
+    result = run(adapter, hub_settings(revision, cache_dir, offline, endpoint))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, allow_nan=False, default=str))
     else:

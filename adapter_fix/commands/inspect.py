@@ -14,7 +14,7 @@ from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
 from adapter_fix.results import InspectResult, ModuleSummary
 
 
-def inspect_spec(spec: str, hub: HubOptions) -> InspectResult:
+def run(spec: str, hub: HubOptions) -> InspectResult:
     """`adapter-fix inspect SPEC`: open the adapter (a path or a Hub id) and summarise it."""
     return inspect_adapter(load_adapter(open_source(spec, hub)))
 
