@@ -165,19 +165,19 @@ class BasisOptions:
 class GateOptions:
     """Every choice the gated repair makes; built once from the CLI."""
 
-    unit: str = "module"
+    unit: str = "component"
     target_refusal: float = 0.95
     task_budget: float = 0.1
-    rounds: int = 8
-    steps: int = 4
+    rounds: int = 3
+    steps: int = 2
     margin_tokens: int = 1
     """Tokens of the refusal margin, from where the refusal and compliance starts differ."""
-    min_harm_share: float = 0.005
+    min_harm_share: float = 0.001
     """Units whose harm is below this share of the total harm are never switched off."""
     refine: bool = False
     """Coarse to fine: once module gates meet the target, give task back inside the modules
     switched off, rank-1 component by component, as far as the refusal target allows."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     batch_size: int = 16
 
 
@@ -185,8 +185,9 @@ class GateOptions:
 class CalibrationOptions:
     """Which calibration prompts the gated repair uses, and the dtype ALIGNED runs in."""
 
-    share: float = 0.5
-    """The share of each prompt set calibrated on (picked by hashing with the seed)."""
+    share: float | None = None
+    """The share of each prompt set calibrated on (picked by hashing with the seed); None:
+    all of a file the user gives, half of a shipped set."""
     harmful: int = 100
     """At most this many harmful prompts of the share."""
     task: int = 32

@@ -14,12 +14,11 @@ from conftest import run_cli
 from adapter_fix.math.gating import (
     Attribution,
     candidates,
-    cut_back,
     integrated_gradient,
     priority_order,
     rank_one_factors,
     restore_order,
-    select_units,
+    search_prefix,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -170,20 +169,17 @@ def test_integrated_gradient_is_the_mean_gradient_times_the_gate():
         integrated_gradient([], 1.0)
 
 
-def test_selection_takes_most_harm_per_floored_task_help_first_within_budget():
+def test_priority_takes_most_harm_per_floored_task_help_first():
     attributions = [
         Attribution(margin=-1.0, task=-1.0),  # harm 1, help 1
         Attribution(margin=-3.0, task=-1.0),  # harm 3, help 1: first
         Attribution(margin=2.0, task=-5.0),  # raises the margin: never a candidate
         None,  # already off
-        Attribution(margin=-0.5, task=0.2),  # hurts the task too: free, but small harm
+        Attribution(margin=-0.5, task=0.2),  # hurts the task too: small harm
     ]
+    assert candidates(attributions) == [0, 1, 4]
     # Task help floored at the candidates' mean help (2/3): 1.8, 0.75, 0.6 for units 1, 4, 0.
-    selection = select_units(attributions, budget=1.0)
-    assert selection.switched_off == (1, 4)
-    assert selection.predicted_task_cost == pytest.approx(1.0)
-    assert selection.predicted_margin_gain == pytest.approx(3.5)
-    assert select_units(attributions, budget=2.0).switched_off == (1, 4, 0)
+    assert priority_order(attributions, candidates(attributions)) == [1, 4, 0]
 
 
 def test_selection_does_not_put_units_of_near_zero_task_help_first_for_that_alone():
@@ -198,32 +194,46 @@ def test_selection_does_not_put_units_of_near_zero_task_help_first_for_that_alon
 def test_selection_ignores_units_whose_harm_is_below_a_share_of_the_total():
     attributions = [Attribution(-0.004, 0.0), Attribution(-1.0, -0.1), Attribution(-0.1, 0.0)]
     assert candidates(attributions, min_harm_share=0.01) == [1, 2]
-    assert select_units(attributions, budget=1.0, min_harm_share=0.05).switched_off == (1, 2)
-    assert select_units(attributions, budget=1.0).switched_off == (1, 2, 0)
+    assert candidates(attributions, min_harm_share=0.05) == [1, 2]
+    assert candidates(attributions) == [0, 1, 2]
 
 
 def test_selection_orders_by_harm_when_no_unit_helps_the_task():
     attributions = [Attribution(-1.0, 0.3), Attribution(-2.0, 0.0), Attribution(-1.5, 0.1)]
-    assert select_units(attributions, budget=0.0).switched_off == (1, 2, 0)
+    assert priority_order(attributions, [0, 1, 2]) == [1, 2, 0]
 
 
-def test_selection_passes_over_a_unit_that_does_not_fit_for_a_cheaper_one():
-    attributions = [Attribution(-10.0, -5.0), Attribution(-1.0, -1.0)]
-    assert select_units(attributions, budget=1.5).switched_off == (1,)
-    assert select_units(attributions, budget=0.0).switched_off == ()
-    assert math.isclose(select_units(attributions, budget=10).predicted_task_cost, 6.0)
+def _counting(values: list[float]):
+    asked: list[int] = []
+
+    def measure(count: int) -> float:
+        asked.append(count)
+        return values[count]
+
+    return measure, asked
 
 
-def test_cut_back_keeps_the_half_of_largest_harm_in_the_chosen_order():
-    attributions = [
-        Attribution(-1.0, -0.1),
-        Attribution(-4.0, -2.0),
-        Attribution(-0.5, 0.0),
-        Attribution(-3.0, -0.1),
-    ]
-    assert cut_back([2, 0, 3, 1], attributions) == [3, 1]
-    assert cut_back([3, 1], attributions) == [1]
-    assert cut_back([1], attributions) == []
+@pytest.mark.parametrize("task_limit", [0, 1, 3, 7, 20])
+@pytest.mark.parametrize("refusal_from", [1, 2, 5, 8, 20, 99])
+def test_search_takes_the_fewest_units_that_reach_the_target_within_the_task_floor(
+    task_limit, refusal_from
+):
+    count = 20
+    # Refusals reach the target from `refusal_from` units on; the task holds up to `task_limit`.
+    refusal, refusals_asked = _counting([float(k >= refusal_from) for k in range(count + 1)])
+    task, tasks_asked = _counting([1.0 if k <= task_limit else 0.5 for k in range(count + 1)])
+    chosen = search_prefix(count, refusal=refusal, task_kept=task, target=1.0, floor=0.9)
+    assert chosen == (refusal_from if refusal_from <= task_limit else task_limit)
+    # Each count measured once; bisection: about log2(count) measurements of each kind.
+    assert len(set(refusals_asked)) == len(refusals_asked) <= 1 + math.ceil(math.log2(count))
+    assert len(set(tasks_asked)) == len(tasks_asked) <= 1 + math.ceil(math.log2(count))
+
+
+def test_search_with_nothing_to_switch_off_measures_nothing():
+    def never(count: int) -> float:
+        raise AssertionError("measured")
+
+    assert search_prefix(0, refusal=never, task_kept=never, target=0.9, floor=0.9) == 0
 
 
 def test_restore_order_gives_back_most_task_help_per_floored_harm_first():

@@ -10,10 +10,12 @@ from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.objectives import (
     Scored,
     first_difference,
+    greedy_matches,
     margin_rows,
     pass_memory,
     refusal_margins,
     scored_logprobs,
+    shared_prefix,
     token_nll,
     with_stop,
 )
@@ -82,6 +84,52 @@ def test_scored_logprobs_left_padded_equal_full_logits_unpadded(lora_model):
             [sequence_logprobs(model, [p], [r], 0) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
         )
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+SYSTEM = [3, 9, 4, 1, 6, 2, 8, 5, 7, 10]  # a chat template's shared system turn
+
+
+def test_shared_prefix_is_the_common_unscored_start_of_two_or_more_rows():
+    rows = [Scored([*SYSTEM, *p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
+    assert shared_prefix(rows) == len(SYSTEM)
+    assert shared_prefix(rows[:1]) == 0
+    assert shared_prefix([Scored(SYSTEM, 3), Scored(SYSTEM, 3)]) == 0  # below the minimum
+    assert shared_prefix([*rows, Scored([*SYSTEM[:9], 0, 1], 1)]) == 9
+    assert shared_prefix([*rows, Scored([*SYSTEM[:7], 0], 1)]) == 0
+
+
+@pytest.mark.model
+def test_a_shared_prefix_computed_once_gives_each_rows_own_values_and_gradients(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    rows = [Scored([*SYSTEM, *p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
+    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+    scored_logprobs(model, rows, pad=0).sum().backward()
+    shared, shared_gradients = scored_logprobs(model, rows, pad=0).detach(), gated.gradients()
+    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+    alone = torch.cat([scored_logprobs(model, [row], pad=0) for row in rows])
+    alone.sum().backward()
+    torch.testing.assert_close(shared, alone.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_gradients, gated.gradients(), rtol=1e-4, atol=1e-6)
+    gated.remove()
+
+
+@pytest.mark.model
+def test_greedy_matches_is_what_greedy_generation_writes(lora_model):
+    model, _names = lora_model
+    prompts = [[*SYSTEM, *p] for p in PROMPTS]
+    with torch.no_grad():
+        written = [
+            model.generate(
+                input_ids=torch.tensor([p]), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
+    rows = [Scored([*p, *w], len(w)) for p, w in zip(prompts, written, strict=True)]
+    assert greedy_matches(model, rows, pad=0, batch_size=2) == [True] * len(rows)
+    # Change the last written token: greedy decoding would not write that.
+    other = [Scored([*r.tokens[:-1], (r.tokens[-1] + 1) % 40], r.scored) for r in rows]
+    assert greedy_matches(model, other, pad=0, batch_size=3) == [False] * len(rows)
 
 
 @pytest.mark.model

@@ -75,10 +75,10 @@ def gate_options(command: F) -> F:
             "--calibration-share",
             type=FiniteFloat(min=0, max=1, min_open=True),
             default=CALIBRATION.share,
-            show_default=True,
             help="[gate] Calibrate on this share of each prompt set, picked by hashing each "
             "prompt with --seed; `eval --skip-calibration-share` with the same share and seed "
-            "reports on the rest. 1: every prompt (dedicated calibration files).",
+            "reports on the rest. Default: every prompt of a file you give (your calibration "
+            "set: evaluate on other prompts), half of a shipped set.",
         ),
         click.option(
             "--calibration-harmful",
@@ -107,8 +107,8 @@ def gate_options(command: F) -> F:
             type=FiniteFloat(min=0, max=1),
             default=GATE.task_budget,
             show_default=True,
-            help="[gate] Share of the adapter's task skill the repair may give up: a round that "
-            "leaves less than 1 - this of the calibration task score is cut back.",
+            help="[gate] Share of the adapter's task skill the repair may give up: no round "
+            "leaves less than 1 - this of the calibration task score (measured).",
         ),
         click.option(
             "--gate-unit",

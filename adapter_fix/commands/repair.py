@@ -253,8 +253,8 @@ class CalibrationSets:
     benign: PromptSet
     task: PromptSet | None = None
     system: str | None = None
-    share: float = 1.0
-    """The share of each prompt set calibrated on (picked by hashing with the seed)."""
+    share: dict[str, float] | None = None
+    """Per role, the share of its prompt set calibrated on (picked by hashing with the seed)."""
     harmful_limit: int | None = None
     """At most this many harmful prompts of the share are used (the first in the split's
     order); the rest are neither calibrated on nor reported by `eval`."""
@@ -269,7 +269,7 @@ def calibration_sets(
     task: str | None,
     field: str | None,
     system: str | None,
-    share: float,
+    share: float | None,
     seed: int,
     hub: HubOptions,
     harmful_limit: int | None = None,
@@ -279,20 +279,24 @@ def calibration_sets(
 
     `split_prompts` picks it by hashing each prompt with `seed`, so `eval`
     with the same share and seed reports on exactly the prompts left out.
+    Without a `share`: all of a file the user gives (a calibration set), half
+    of a shipped set (the other half is `eval --skip-calibration-share 0.5`'s).
     """
+    shares: dict[str, float] = {}
 
-    def part(prompts: PromptSet, role: Role) -> PromptSet:
-        calibration, _held_out = split_prompts(prompts, share, seed)
+    def part(prompts: PromptSet, role: Role, given: bool) -> PromptSet:
+        shares[role] = share if share is not None else (1.0 if given else 0.5)
+        calibration, _held_out = split_prompts(prompts, shares[role], seed)
         if not calibration.prompts:
             raise UsageError(
-                f"no {role} prompt falls in the calibration share {share:g} (of {len(prompts)}): "
-                "raise --calibration-share or give more prompts.",
+                f"no {role} prompt falls in the calibration share {shares[role]:g} (of "
+                f"{len(prompts)}): raise --calibration-share or give more prompts.",
                 path=prompts.origin,
             )
         return calibration
 
     task_set = (
-        part(load_prompt_set(task, "task", field=field, hub=hub), "task")
+        part(load_prompt_set(task, "task", field=field, hub=hub), "task", True)
         if task is not None
         else None
     )
@@ -305,11 +309,13 @@ def calibration_sets(
             path=task_set.origin,
         )
     return CalibrationSets(
-        harmful=part(prompt_set(harmful, "harmful", field=field, hub=hub), "harmful"),
-        benign=part(prompt_set(benign, "benign", field=field, hub=hub), "benign"),
+        harmful=part(
+            prompt_set(harmful, "harmful", field=field, hub=hub), "harmful", bool(harmful)
+        ),
+        benign=part(prompt_set(benign, "benign", field=field, hub=hub), "benign", bool(benign)),
         task=task_set,
         system=system,
-        share=share,
+        share=shares,
         harmful_limit=harmful_limit,
         task_limit=task_limit,
     )

@@ -31,6 +31,7 @@ refusal and compliance rows of a prompt go in the same batch.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,85 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+SHARED_PREFIX_MIN = 8
+"""Rows of a batch that begin with at least this many common tokens (a chat template's system
+turn) compute them once: one row's pass, its key/value cache repeated for every row."""
+
+
+def shared_prefix(rows: Sequence[Scored]) -> int:
+    """How many leading tokens every row shares and none scores (each row keeps the token
+    before its first scored one after the prefix): 0 below `SHARED_PREFIX_MIN` or for one row.
+    """
+    if len(rows) < 2:
+        return 0
+    first = rows[0].tokens
+    common = min(len(row.tokens) - row.scored - 1 for row in rows)
+    for row in rows[1:]:
+        common = min(common, first_difference(first[:common], row.tokens[:common]))
+    return common if common >= SHARED_PREFIX_MIN else 0
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward argument that takes a key/value cache: `cache` in transformers 5, where
+    `past_key_values` is deprecated, `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward pass over left-padded rows, logits formed at the scored columns only.
+
+    Returns `(logits, wanted, weight)`: `logits` is `(rows, keep + 1, vocab)`
+    on the model's device, `keep = max(scored)`, column `t < keep` predicting
+    `wanted[:, t]` where `weight[:, t]` is 1 (0 over a shorter row's unscored
+    columns) and the last column predicting the token after the row.
+
+    The rows' `shared_prefix` runs once, as one row (gradients flow through
+    its repeated key/value cache as through separate rows); the rest of each
+    row follows it, left-padded, with positions counted past the padding.
+    """
+    prefix = shared_prefix(rows)
+    device = _device(model)
+    cache = {}
+    if prefix:
+        output = model(
+            input_ids=torch.tensor([rows[0].tokens[:prefix]], dtype=torch.long, device=device),
+            use_cache=True,
+        )
+        shared = getattr(output, "cache", None) or output.past_key_values
+        shared.batch_repeat_interleave(len(rows))
+        cache = {_cache_keyword(model): shared}
+    width = max(len(row.tokens) for row in rows) - prefix
+    keep = max(row.scored for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    wanted = torch.zeros((len(rows), keep), dtype=torch.long)
+    weight = torch.zeros((len(rows), keep))
+    for index, row in enumerate(rows):
+        if row.scored >= len(row.tokens):
+            raise ValueError(f"row {index}: {row.scored} scored tokens need a prompt before them")
+        rest = row.tokens[prefix:]
+        ids[index, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+        mask[index, width - len(rest) :] = 1
+        if row.scored:
+            wanted[index, keep - row.scored :] = torch.tensor(row.tokens[-row.scored :])
+            weight[index, keep - row.scored :] = 1.0
+    positions = prefix + (mask.cumsum(dim=1) - 1).clamp(min=0)
+    if prefix:
+        mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long), mask], dim=1)
+    # Column t predicts token t + 1: the last `keep` tokens come from the `keep` columns
+    # before the last one; the last column's logits predict past the row.
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=False,
+        **cache,
+        logits_to_keep=keep + 1,
+    ).logits
+    return logits, wanted.to(device), weight.to(device)
+
+
 def scored_logprobs(model: Any, rows: Sequence[Scored], pad: int) -> Tensor:
     """Summed log-probability of each row's last `scored` tokens (less its `versus` token's),
     in ONE forward pass.
@@ -67,42 +147,46 @@ def scored_logprobs(model: Any, rows: Sequence[Scored], pad: int) -> Tensor:
     """
     if not rows:
         return torch.zeros(0)
-    width = max(len(row.tokens) for row in rows)
-    keep = max(row.scored for row in rows)
-    if keep == 0:
+    if max(row.scored for row in rows) == 0:
         return torch.zeros(len(rows), device=_device(model))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    wanted = torch.zeros((len(rows), keep), dtype=torch.long)
-    weight = torch.zeros((len(rows), keep))
     versus = torch.zeros(len(rows), dtype=torch.long)
     against = torch.zeros(len(rows))
     for index, row in enumerate(rows):
-        if row.scored >= len(row.tokens):
-            raise ValueError(f"row {index}: {row.scored} scored tokens need a prompt before them")
         if row.versus is not None:
             if not row.scored:
                 raise ValueError(f"row {index}: a versus token needs a scored token")
             versus[index], against[index] = row.versus, 1.0
-        ids[index, width - len(row.tokens) :] = torch.tensor(row.tokens, dtype=torch.long)
-        mask[index, width - len(row.tokens) :] = 1
-        if row.scored:
-            wanted[index, keep - row.scored :] = torch.tensor(row.tokens[-row.scored :])
-            weight[index, keep - row.scored :] = 1.0
-    device = _device(model)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    # Column t predicts token t + 1: the last `keep` tokens come from the `keep` columns
-    # before the last one (the last column's logits predict past the row and are dropped).
-    logits = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        logits_to_keep=keep + 1,
-    ).logits[:, :-1]
-    logprobs = logits.float().log_softmax(dim=-1)
-    picked = logprobs.gather(2, wanted.to(device)[:, :, None])[:, :, 0]
-    last = logprobs[:, -1].gather(1, versus.to(device)[:, None])[:, 0]
-    return (picked * weight.to(device)).sum(dim=1) - last * against.to(device)
+    logits, wanted, weight = _scored_logits(model, rows, pad)
+    logprobs = logits[:, :-1].float().log_softmax(dim=-1)
+    picked = logprobs.gather(2, wanted[:, :, None])[:, :, 0]
+    last = logprobs[:, -1].gather(1, versus.to(logits.device)[:, None])[:, 0]
+    return (picked * weight).sum(dim=1) - last * against.to(logits.device)
+
+
+def greedy_matches(model: Any, rows: Sequence[Scored], *, pad: int, batch_size: int) -> list[bool]:
+    """Per row, whether greedy decoding after the row's prompt writes its scored tokens.
+
+    Teacher-forced, without gradients, one forward pass per `batch_size`
+    rows: greedy decoding writes `t_1..t_k` after a prompt exactly when each
+    `t_i` is the most likely token after the prompt and `t_<i` (the argmax,
+    first index on ties, as greedy generation takes it), so this is the
+    outcome of generation at the cost of one pass, not an estimate of it
+    (up to rounding between the padded pass and generation's cached one). A
+    reference that ends with the end-of-sequence token is matched exactly
+    when the greedy answer IS the reference. `versus` is ignored; a row with
+    nothing scored matches.
+    """
+    matches: list[bool] = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        if max(row.scored for row in batch) == 0:
+            matches.extend([True] * len(batch))
+            continue
+        with torch.no_grad():
+            logits, wanted, weight = _scored_logits(model, batch, pad)
+            hits = (logits[:, :-1].argmax(dim=-1) == wanted) | (weight == 0)
+        matches.extend(bool(row) for row in hits.all(dim=1).cpu())
+    return matches
 
 
 def batched_logprobs(

@@ -10,7 +10,7 @@ task loss `tau(g) - tau(0)`; negative when the update helps the task).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -66,15 +66,6 @@ def rank_one_factors(lora_b: Tensor, lora_a: Tensor, scaling: float) -> tuple[Te
     return factors.lora_b, factors.lora_a
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The units one round switches off (in the order chosen), and their predicted effect."""
-
-    switched_off: tuple[int, ...]
-    predicted_margin_gain: float
-    predicted_task_cost: float
-
-
 def candidates(
     attributions: Sequence[Attribution | None], *, min_harm_share: float = 0.0
 ) -> list[int]:
@@ -116,49 +107,54 @@ def priority_order(attributions: Sequence[Attribution | None], units: Sequence[i
     return [index for index, _ in sorted(chosen, key=key)]
 
 
-def select_units(
-    attributions: Sequence[Attribution | None],
+def search_prefix(
+    count: int,
     *,
-    budget: float,
-    min_harm_share: float = 0.0,
-) -> Selection:
-    """Greedy choice of units to switch off within a first-order task budget.
+    refusal: Callable[[int], float],
+    task_kept: Callable[[int], float],
+    target: float,
+    floor: float,
+) -> int:
+    """How many units, taken in priority order, one round switches off, by bisection on
+    measurements.
 
-    Candidates (`candidates`) are taken in `priority_order`; each costs
-    `max(task_help, 0)`, and one is taken only while the summed cost stays
-    within `budget` (a candidate that does not fit is passed over, so cheaper
-    ones later in the order still can be). `switched_off` lists the chosen
-    units in that order.
+    `refusal(k)` and `task_kept(k)` measure the model with the first `k`
+    units of the order switched off (refusals grow with `k`, the kept task
+    shrinks: the bisection assumes it). Among the `k` whose kept task stays
+    at or above `floor`, the answer is the smallest whose refusal share
+    reaches `target`, or, when none does, the largest (0 when even the first
+    unit costs too much task). Each `k` is measured at most once; about
+    `log2(count)` measurements of each kind.
     """
-    order = priority_order(attributions, candidates(attributions, min_harm_share=min_harm_share))
-    chosen: list[int] = []
-    gain = cost = 0.0
-    for index in order:
-        attribution = attributions[index]
-        if attribution is None:
-            continue
-        unit_cost = max(attribution.task_help, 0.0)
-        if cost + unit_cost > budget:
-            continue
-        chosen.append(index)
-        gain += attribution.harm
-        cost += unit_cost
-    return Selection(tuple(chosen), gain, cost)
+    seen_task: dict[int, float] = {}
+    seen_refusal: dict[int, float] = {}
 
+    def keeps(k: int) -> bool:
+        if k not in seen_task:
+            seen_task[k] = task_kept(k)
+        return seen_task[k] >= floor
 
-def cut_back(chosen: Sequence[int], attributions: Sequence[Attribution | None]) -> list[int]:
-    """The half of `chosen` (rounded down) with the largest harm, in `chosen`'s order.
+    def refuses(k: int) -> bool:
+        if k not in seen_refusal:
+            seen_refusal[k] = refusal(k)
+        return seen_refusal[k] >= target
 
-    Used when a round's measured task cost is too high: the units that erode
-    refusals most are kept, those of least harm dropped first.
-    """
-
-    def harm(index: int) -> float:
-        attribution = attributions[index]
-        return attribution.harm if attribution is not None else 0.0
-
-    keep = set(sorted(chosen, key=lambda index: (-harm(index), index))[: len(chosen) // 2])
-    return [index for index in chosen if index in keep]
+    if count <= 0:
+        return 0
+    allowed = count
+    if not keeps(count):
+        low, high = 0, count  # keeps(low) is assumed (no change), keeps(high) failed
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if keeps(middle) else (low, middle)
+        allowed = low
+    if allowed == 0 or not refuses(allowed):
+        return allowed
+    low, high = 0, allowed  # refuses(high); refuses(0) is not asked: the round is there for it
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if refuses(middle) else (middle, high)
+    return high
 
 
 def restore_order(attributions: Sequence[Attribution | None]) -> list[int]:

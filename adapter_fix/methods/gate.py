@@ -23,6 +23,7 @@ when the rate reaches the target, when the budget is spent, or after
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
 from adapter_fix.evaluate.generate import generate_ids
-from adapter_fix.evaluate.metrics import exact_match
 from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
+    Scored,
+    greedy_matches,
     pass_memory,
     refusal_margins,
     token_nll,
@@ -45,11 +47,12 @@ from adapter_fix.io.adapter import LoraAdapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
-    cut_back,
+    candidates,
     integrated_gradient,
+    priority_order,
     rank_one_factors,
     restore_order,
-    select_units,
+    search_prefix,
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
@@ -261,6 +264,7 @@ def gate_repair(
     started = time.perf_counter()
     model = gated.model
     batch = options.batch_size
+    generation = generation_batch(model, calibration, options)
 
     def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         answers = generate_ids(
@@ -269,7 +273,7 @@ def gate_repair(
             pad=pad_id,
             stops=stop_ids,
             max_new_tokens=options.max_new_tokens,
-            batch_size=batch,
+            batch_size=generation,
         )
         return [with_stop(answer, stop_ids, options.max_new_tokens) for answer in answers]
 
@@ -301,25 +305,34 @@ def gate_repair(
         )
         return nll - baseline
 
-    # Answers long enough to hold every reference; the adapter's own outputs (no task set)
-    # were generated with max_new_tokens, so they are compared at that length.
-    task_tokens = max(
-        [options.max_new_tokens, *(len(t) + 1 for t in task_targets if calibration.task)]
-    )
-    wanted = [decode(target) for target in task_targets]
+    task_rows = [
+        Scored([*prompt, *target_ids], len(target_ids))
+        for prompt, target_ids in zip(task_prompts, task_targets, strict=True)
+    ]
 
     def task_score() -> float:
-        """Exact match of the task answers with the targets (references, or g = 1 outputs)."""
-        answers = generate_ids(
-            model,
-            task_prompts,
-            pad=pad_id,
-            stops=stop_ids,
-            max_new_tokens=task_tokens,
-            batch_size=batch,
-        )
-        score = exact_match([decode(answer) for answer in answers], wanted)
-        return score.count / max(score.total, 1)
+        """Greedy exact match of the task answers with the targets (references, or the g = 1
+        outputs), teacher-forced (`greedy_matches`: the outcome of greedy generation)."""
+        return _share(greedy_matches(model, task_rows, pad=pad_id, batch_size=batch))
+
+    # What the judge calls a refusal, as early as it does: the shortest start of ALIGNED's
+    # answer judged a refusal. A model whose greedy answer begins with it refuses (a keyword
+    # judge finds the phrase in any answer that begins so), which one teacher-forced pass
+    # tells (`greedy_matches`): the round's search measures that share at each try and
+    # generation measures the rate once per round.
+    def refusal_starts_judged(
+        prompts: Sequence[Sequence[int]], starts: Sequence[list[int]]
+    ) -> list[bool]:
+        """The judge's verdicts on answer starts; an empty start is none (a judge that counts
+        an empty answer as a refusal would otherwise count any first token)."""
+        texts = [decode(tokens) for tokens in starts]
+        verdicts = judge_refusals(prompts, texts)
+        return [bool(text) and verdict for text, verdict in zip(texts, verdicts, strict=True)]
+
+    refusal_rows = _refusal_rows(harmful, refusal_starts, refusal_starts_judged)
+
+    def refusal_share() -> float:
+        return _share(greedy_matches(model, refusal_rows, pad=pad_id, batch_size=batch))
 
     outputs = generate(harmful)
     adapter_outputs = outputs
@@ -332,26 +345,20 @@ def gate_repair(
     gated.set_values(torch.ones_like(gated.values()))
     task_on, score_on = task_loss(), task_score()
     measurable = score_on > score_off
+    task_gap = max(task_off - task_on, 0.0)
 
     def kept_task() -> float | None:
         """METHOD.md §9's kept task on the calibration task set: 1 = the adapter, 0 = ALIGNED;
-        None when the score sees no gain of the adapter over ALIGNED to keep (then only the
-        first-order budget applies, and the report says so)."""
+        None when the score sees no gain of the adapter over ALIGNED to keep (then the
+        first-order estimate stands in, and the report says so)."""
         if not measurable:
             return None
         return (task_score() - score_off) / (score_on - score_off)
 
-    # First order: a round may give up `task_budget * (tau(0) - tau(1))` (what the rounds
-    # spent is subtracted only when no task score measures it). Measured: a round that
-    # leaves less than `1 - task_budget` of the task score is cut back (to its half of
-    # largest harm, until it fits). First-order costs and measured ones can differ 10-100x
-    # on a real model, so the measurement decides.
-    budget = options.task_budget * max(task_off - task_on, 0.0)
-    spent = 0.0
     rate = original_rate
     kept: float | None = 1.0 if measurable else None
+    measured_task = task_on
     stop_reason = f"rounds exhausted ({options.rounds})"
-    unit_attributions: list[Attribution | None] | None = None
     setup_seconds = time.perf_counter() - started
     for index in range(1, options.rounds + 1):
         round_started = time.perf_counter()
@@ -371,63 +378,58 @@ def gate_repair(
             batch_size=batch,
         )
         current = gated.values()
-        if unit_attributions is None:  # the gates changed since the last attribution
-            margin_ig = _integrated_gradients(gated, margin, current, options.steps)
-            task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
-            unit_attributions = [
-                Attribution(m, t) if g > 0 else None
-                for m, t, g in zip(
-                    margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True
-                )
-            ]
-            _record(gated, unit_attributions, attributions)
-        # With a measured task score, each round may spend the whole first-order budget: the
-        # measured guard below decides what is kept. Without one, the budget is all there is.
-        selection = select_units(
+        margin_ig = _integrated_gradients(gated, margin, current, options.steps)
+        task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
+        unit_attributions = [
+            Attribution(m, t) if g > 0 else None
+            for m, t, g in zip(margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True)
+        ]
+        _record(gated, unit_attributions, attributions)
+        order = priority_order(
             unit_attributions,
-            budget=budget if measurable else max(budget - spent, 0.0),
-            min_harm_share=options.min_harm_share,
+            candidates(unit_attributions, min_harm_share=options.min_harm_share),
         )
-        if not selection.switched_off:
-            stop_reason = (
-                "task budget spent"
-                if any(a is not None and a.harm > 0 for a in unit_attributions)
-                else "no unit left that lowers the refusal margin"
-            )
+        if not order:
+            stop_reason = "no unit left that lowers the refusal margin"
             break
-        chosen = list(selection.switched_off)
-        while chosen:
-            values = current.clone()
-            values[chosen] = 0.0
-            gated.set_values(values)
-            kept = kept_task()
-            if kept is None or kept >= 1.0 - options.task_budget:
-                break
-            if len(chosen) == 1:  # alone it costs too much task: never a candidate again
-                unit_attributions[chosen[0]] = None
-            chosen = cut_back(chosen, unit_attributions)
-        if not chosen:
+        # Without a task score, the first-order estimate of the kept task stands in.
+        costs = itertools.accumulate(
+            (max(unit_attributions[u].task_help, 0.0) for u in order), initial=0.0
+        )
+        first_order = [
+            1.0 - (measured_task - task_on + cost) / task_gap if task_gap > 0 else 1.0
+            for cost in costs
+        ]
+        count = search_prefix(
+            len(order),
+            refusal=functools.partial(
+                _measure_at, gated, current, order, lambda _: refusal_share()
+            ),
+            task_kept=functools.partial(
+                _measure_at, gated, current, order, functools.partial(_kept, kept_task, first_order)
+            ),
+            target=target,
+            floor=1.0 - options.task_budget,
+        )
+        _switch_off(gated, current, order, count)
+        if count == 0:
             gated.set_values(current)
-            kept = rounds[-1].task_kept if rounds else (1.0 if measurable else None)
             stop_reason = "task budget spent: each unit tried would cost more task than allowed"
-            continue
+            break
+        chosen = order[:count]
         taken = [unit_attributions[u] for u in chosen]
-        predicted_gain = sum(a.harm for a in taken if a is not None)
-        predicted_cost = sum(max(a.task_help, 0.0) for a in taken if a is not None)
         outputs = generate(harmful)
         refused = refusals(harmful, outputs)
-        measured_margin = margin()
-        measured_task = task_loss()
-        unit_attributions = None
         rate = _share(refused)
-        spent = max(measured_task - task_on, 0.0)
+        measured_task = task_loss()
+        kept = kept_task()
         units = gated.units()
         round_ = Round(
             index=index,
             switched_off=[_unit_name(gated, units[u]) for u in chosen],
-            predicted_margin_gain=predicted_gain,
-            predicted_task_cost=predicted_cost,
-            margin=measured_margin,
+            predicted_margin_gain=sum(a.harm for a in taken if a is not None),
+            predicted_task_cost=sum(max(a.task_help, 0.0) for a in taken if a is not None),
+            margin=margin(),
             task_loss=measured_task,
             task_kept=kept,
             refusal_rate=rate,
@@ -509,7 +511,7 @@ def gate_repair(
         task_objective=task_objective,
         task_loss_adapter=task_on,
         task_loss_without_update=task_off,
-        task_budget=budget,
+        task_budget=options.task_budget * task_gap,
         task_score_adapter=score_on,
         task_score_without_update=score_off,
         task_kept=kept,
@@ -591,6 +593,60 @@ def _mean_margin(
     return float(margins.double().mean()) if len(margins) else 0.0
 
 
+def _switch_off(gated: GatedModel, current: Tensor, order: Sequence[int], count: int) -> None:
+    """Set the gates to `current` with the first `count` units of `order` switched off."""
+    values = current.clone()
+    values[list(order[:count])] = 0.0
+    gated.set_values(values)
+
+
+def _measure_at(
+    gated: GatedModel,
+    current: Tensor,
+    order: Sequence[int],
+    measure: Callable[[int], float],
+    count: int,
+) -> float:
+    """`measure(count)` with the first `count` units of `order` switched off."""
+    _switch_off(gated, current, order, count)
+    return measure(count)
+
+
+def _kept(kept_task: Callable[[], float | None], first_order: Sequence[float], count: int) -> float:
+    """The measured kept task, or its first-order estimate with `count` units off."""
+    measured = kept_task()
+    return measured if measured is not None else first_order[count]
+
+
+def _refusal_rows(
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    refusals: Callable[[Sequence[Sequence[int]], Sequence[list[int]]], list[bool]],
+) -> list[Scored]:
+    """Per prompt, the row `prompt + r[:n]` with `n` the shortest length at which the judge
+    calls the start `r[:n]` of ALIGNED's refusal a refusal (the whole `r` when it needs all).
+
+    Found by bisection on `n`, every prompt at once: about `log2(len(r))` judge calls of
+    one answer per prompt, whatever the judge costs.
+    """
+    low = [0] * len(prompts)  # r[:low] is not judged a refusal (nothing is, at 0)
+    high = [len(start) for start in refusal_starts]  # r[:high] is
+    while True:
+        open_ = [i for i in range(len(prompts)) if high[i] - low[i] > 1]
+        if not open_:
+            break
+        middles = {i: (low[i] + high[i]) // 2 for i in open_}
+        verdicts = refusals(
+            [prompts[i] for i in open_], [list(refusal_starts[i][: middles[i]]) for i in open_]
+        )
+        for i, refused in zip(open_, verdicts, strict=True):
+            low[i], high[i] = (low[i], middles[i]) if refused else (middles[i], high[i])
+    return [
+        Scored([*prompt, *start[:length]], length)
+        for prompt, start, length in zip(prompts, refusal_starts, high, strict=True)
+    ]
+
+
 def _task_data(
     gated: GatedModel,
     calibration: Calibration,
@@ -651,27 +707,32 @@ def _integrated_gradients(
     )
 
 
-def memory_needed(
-    model: nn.Module, calibration: Calibration, options: GateOptions
-) -> MemoryEstimate:
-    """The largest working set of one pass of the gated repair beside the loaded weights
-    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
-    loss (with gradients), and greedy generation (without)."""
+def _shape(model: nn.Module) -> dict[str, int]:
+    """The model's sizes that `pass_memory` takes."""
     config = model.config.get_text_config()
     hidden = int(config.hidden_size)
     intermediate = (
         int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 0)
         or 4 * hidden
     )
-    element = next(model.parameters()).element_size()
-    shape = {
+    return {
         "hidden": hidden,
         "intermediate": intermediate,
         "layers": int(config.num_hidden_layers),
         "heads": int(config.num_attention_heads),
         "vocab": int(config.vocab_size),
-        "element_bytes": element,
+        "element_bytes": next(model.parameters()).element_size(),
     }
+
+
+def memory_needed(
+    model: nn.Module, calibration: Calibration, options: GateOptions
+) -> MemoryEstimate:
+    """The largest working set of one pass of the gated repair beside the loaded weights
+    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients) and
+    task loss (with gradients); greedy generation takes `generation_batch` prompts, sized to
+    fit in the same memory."""
+    shape = _shape(model)
     batch = options.batch_size
     longest = max((len(p) for p in calibration.harmful), default=0)
     generated = options.max_new_tokens + 1
@@ -693,9 +754,25 @@ def memory_needed(
             gradients=True,
             **shape,
         ),
-        pass_memory(rows=batch, length=longest + generated, scored=1, gradients=False, **shape),
     ]
     return max(passes, key=lambda estimate: estimate.total)
+
+
+def generation_batch(model: nn.Module, calibration: Calibration, options: GateOptions) -> int:
+    """Prompts per greedy-generation pass: as many as fit in the memory of one gradient pass
+    (`memory_needed`; generation keeps no activations for a backward pass, only two layers'
+    worth and the key/value cache), at least `options.batch_size`.
+
+    Generation is most of the gated repair's time and, on a CPU, costs less per prompt in
+    larger batches (the adapter's many small layers are paid once per step, not per prompt).
+    """
+    shape = _shape(model)
+    prompts = calibration.harmful + calibration.benign + calibration.task
+    length = max((len(p) for p in prompts), default=0) + options.max_new_tokens + 1
+    one = pass_memory(rows=1, length=length, scored=1, gradients=False, **shape).total
+    cache = 2 * shape["layers"] * shape["hidden"] * length * shape["element_bytes"]
+    rows = memory_needed(model, calibration, options).total // max(one + cache, 1)
+    return max(options.batch_size, int(rows))
 
 
 def check_memory(
