@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import Result
-from conftest import run_cli
+from conftest import CliResult, run_cli
 
 from adapter_fix.math.gating import (
     Attribution,
@@ -318,7 +317,7 @@ CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
 
-def _gate_cli(out: Path, *extra: str) -> Result:
+def _gate_cli(out: Path, *extra: str) -> CliResult:
     return run_cli(
         "repair",
         *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
