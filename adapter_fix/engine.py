@@ -46,6 +46,7 @@ from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis, BasisEntry
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
 from adapter_fix.io.keymap import StoredWeight, WeightLayout, read_rows
+from adapter_fix.io.sources import Source
 from adapter_fix.math.solve import as_factored, largest_singular_value
 from adapter_fix.math.subspace import (
     Subspace,
@@ -55,6 +56,7 @@ from adapter_fix.math.subspace import (
     safety_subspace,
     subspace_from_basis,
 )
+from adapter_fix.options import SubspaceSettings
 from adapter_fix.results import Clock
 
 SUBSPACE = "subspace"
@@ -76,17 +78,6 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
-
-
-@dataclass(frozen=True)
-class SubspaceSettings:
-    """How `k` is chosen (METHOD.md §1) and where the SVD runs."""
-
-    energy: float = 0.9
-    max_rank: int = 128
-    rank: int | None = None
-    seed: int = 0
-    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -520,6 +511,13 @@ class BasisSource(SubspaceSource):
             rank=settings.rank,
             reference_norm=loaded.aligned_norm,
         )
+
+
+def subspace_source(sources: Sequence[Source]) -> SubspaceSource:
+    """The stream's source: a basis (one source), or BASE and ALIGNED (headers and index only)."""
+    if len(sources) == 1:
+        return BasisSource(Basis.open(sources[0]))
+    return WeightPair(Checkpoint.open(sources[0], "BASE"), Checkpoint.open(sources[1], "ALIGNED"))
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from adapter_fix.commands.repair import ModuleResult
 from adapter_fix.display import printable
+from adapter_fix.results import ModuleResult
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations only (not evaluated at run time)

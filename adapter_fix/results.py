@@ -1,8 +1,11 @@
-"""The report model shared by `repair`, `check` and `basis`: per-module rows, timings, totals.
+"""What each command returns: per-module rows, timings, totals, and each command's result.
 
 Every command over the module stream (adapter_fix/engine.py) fills one
 `ModuleResult` per module and one `Timings`; `RunResult` adds provenance and
-the totals every report shows. report.py renders them; nothing here formats.
+the totals every report shows, and `RepairResult`, `CheckResult` and
+`BasisResult` what each command adds; `InspectResult` is inspect's. The
+report package renders them; nothing here formats, and nothing here imports
+torch or a command.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from adapter_fix import __version__
+from adapter_fix.options import BasisOptions, CheckOptions, RepairOptions
 
 
 @dataclass
@@ -157,4 +161,139 @@ class RunResult:
             "modules": [m.to_json() for m in self.modules],
             "totals": self.totals(),
             "timings": asdict(self.timings),
+        }
+
+
+INSPECT_SCHEMA = "adapter-fix/inspect"
+INSPECT_SCHEMA_VERSION = 1
+REPAIR_REPORT_SCHEMA = "adapter-fix/repair-report"
+REPAIR_REPORT_VERSION = 1
+CHECK_REPORT_SCHEMA = "adapter-fix/check-report"
+CHECK_REPORT_VERSION = 1
+BASIS_REPORT_SCHEMA = "adapter-fix/basis-report"
+BASIS_REPORT_VERSION = 1
+
+
+@dataclass
+class RepairResult(RunResult):
+    """Everything a repair reports: per module, totals, timings, provenance, the output."""
+
+    options: RepairOptions
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+    output: str | None = None
+    calibration: dict[str, Any] | None = None
+    """The gated repair's calibration: prompt counts, objectives, every round, the stop."""
+
+    def parameters(self) -> dict[str, Any]:
+        """The settings that shaped the result (the gated repair's own, for `gate`)."""
+        if self.calibration is None:
+            return self.options.parameters()
+        return {
+            "method": self.options.method,
+            "seed": self.options.subspace.seed,
+            "calibration_share": self.calibration["share"],
+            **self.calibration["options"],
+            "prompts": self.calibration["origins"],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The versioned `repair_report.json` document."""
+        document = self.document(REPAIR_REPORT_SCHEMA, REPAIR_REPORT_VERSION, self.parameters())
+        if self.calibration is not None:
+            document["calibration"] = self.calibration
+        return {**document, "output": self.output}
+
+
+@dataclass
+class CheckResult(RunResult):
+    """Rows, totals and the verdict of one check."""
+
+    options: CheckOptions
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+    reversal_against: str
+    """`"D"` (exact, from BASE + ALIGNED) or `"D_k"` (within a basis)."""
+    total_reversal: float
+    total_off_energy: float
+    total_captured_energy: float
+    """`sum ||D_k||^2 / sum ||D||^2` over the modules (what the basis reversal sees)."""
+    failures: list[str]
+    probe: dict[str, Any] | None = None
+    """The behavioural probe's figures, or why it did not run (`skipped`)."""
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        document = self.document(
+            CHECK_REPORT_SCHEMA, CHECK_REPORT_VERSION, self.options.parameters()
+        )
+        document["check"] = {
+            "passed": self.passed,
+            "failures": self.failures,
+            "reversal_against": self.reversal_against,
+            "total_reversal": self.total_reversal,
+            "total_off_energy": self.total_off_energy,
+            "total_captured_energy": self.total_captured_energy,
+            "probe": self.probe,
+        }
+        return document
+
+
+@dataclass
+class BasisResult(RunResult):
+    options: BasisOptions
+    inputs: dict[str, str]
+    modules: list[ModuleResult]
+    timings: Timings
+    output: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document = self.document(
+            BASIS_REPORT_SCHEMA, BASIS_REPORT_VERSION, self.options.parameters()
+        )
+        return {**document, "output": self.output}
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One LoRA module as inspect reports it; `update_norm` is `||s B A||_F`."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    alpha: float
+    scaling: float
+    dtype: str
+    update_norm: float | None  # None when a factor holds NaN or Inf
+    effective_rank: float | None
+    finite: bool
+    """The factors hold no NaN or Inf, and the update `s B A` they make stays within the
+    adapter dtype's range (its largest singular value is below the largest finite value)."""
+    target: str = ""  # the weight it updates, as the model names it at run time
+    expert: int | None = None  # for `target_parameters` LoRA on 3-D expert weights
+    num_experts: int = 1
+    lora_bias: str | None = None  # lora_B's bias key (`lora_bias=True`)
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    summary: dict[str, Any]
+    modules: list[ModuleSummary]
+    warnings: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The versioned JSON document `inspect --json` prints."""
+        return {
+            "schema": INSPECT_SCHEMA,
+            "version": INSPECT_SCHEMA_VERSION,
+            "tool": {"name": "adapter-fix", "version": __version__},
+            "adapter": self.summary,
+            "modules": [{**asdict(module), "shape": list(module.shape)} for module in self.modules],
+            "warnings": self.warnings,
         }

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_checkpoints import PRESETS, WORK, make_checkpoints, write_adapter
 from perf import adapter_weight_keys, line, read_floor, run_measured, section, wait_for_quiet
 
-from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.commands.repair import repair
 from adapter_fix.engine import SUBSPACE, Target, WeightPair, module_stream
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.basis import Basis, BasisWriter
@@ -43,6 +43,7 @@ from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
 from adapter_fix.methods.base import PreparedModule, prepare
 from adapter_fix.methods.csulora import CsuLora
+from adapter_fix.options import RepairOptions
 from adapter_fix.results import Clock
 
 SOLVE_LIMIT_MS = 30.0
@@ -84,7 +85,7 @@ def solve_figures(figures: Figures, checkpoint: Path) -> None:
     for module in adapter.modules:
         shapes.setdefault(module.shape, module)
     targets = [Target.of(module) for module in shapes.values()]
-    settings = RepairOptions().subspace_settings()
+    settings = RepairOptions().subspace
     stream = module_stream(
         targets, weights, frozenset({SUBSPACE}), settings, Clock(), adapter=adapter
     )

@@ -24,7 +24,7 @@ from adapter_fix.commands.eval import quiet_transformers
 from adapter_fix.evaluate.generate import generate
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.prompts import load_prompt_set
-from adapter_fix.io.sources import open_source
+from adapter_fix.io.locate import open_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BATCH_SPEEDUP_MIN = 2.0  # batch 8 vs batch 1, prompts/s

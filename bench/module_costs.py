@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_checkpoints import make_checkpoints
 from perf import adapter_weight_keys, read_floor
 
-from adapter_fix.commands.repair import RepairOptions
 from adapter_fix.engine import REDUCED, SUBSPACE, BasisSource, SubspaceSource, Target, WeightPair
 from adapter_fix.io.adapter import load_adapter, read_factors
 from adapter_fix.io.basis import Basis
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
-from adapter_fix.methods import REGISTRY
+from adapter_fix.methods import STREAM_METHODS, method_class
+from adapter_fix.options import RepairOptions, SubspaceSettings
 
 STAGES = ("read", "subspace", "solve")
 
@@ -75,10 +75,12 @@ def module_costs(
             Checkpoint.open(LocalSource(checkpoint / "base"), "BASE"),
             Checkpoint.open(LocalSource(checkpoint / "aligned"), "ALIGNED"),
         )
-    options = RepairOptions(method=method if method != "basis" else "none", energy=energy)
-    runner = REGISTRY[options.method](options, adapter)
+    options = RepairOptions(
+        method=method if method != "basis" else "none", subspace=SubspaceSettings(energy=energy)
+    )
+    runner = method_class(options.method)(options, adapter)
     needs = frozenset({SUBSPACE}) if method == "basis" else runner.needs
-    settings = options.subspace_settings()
+    settings = options.subspace
     rows = []
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for module in adapter.modules:
@@ -136,7 +138,10 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-3-8b")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument(
-        "--method", default="csulora", choices=[*sorted(REGISTRY), "basis"], help="basis: SVD only"
+        "--method",
+        default="csulora",
+        choices=[*sorted(STREAM_METHODS), "basis"],
+        help="basis: SVD only",
     )
     parser.add_argument("--energy", type=float, default=None, help="default: 0.99 basis, 0.9")
     parser.add_argument("--basis", type=Path, help="read subspaces from this basis")

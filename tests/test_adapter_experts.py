@@ -12,14 +12,9 @@ from safetensors.torch import save_file
 
 from adapter_fix.commands.repair import check_repairable
 from adapter_fix.errors import InvalidAdapterError
-from adapter_fix.io.adapter import (
-    AdapterKey,
-    assemble_factors,
-    load_adapter,
-    lora_scaling,
-    parameter_candidates,
-    read_factors,
-)
+from adapter_fix.io.adapter import load_adapter, parameter_candidates, read_factors
+from adapter_fix.io.adapter_writer import assemble_factors
+from adapter_fix.io.lora_keys import AdapterKey, lora_scaling
 from adapter_fix.io.sources import LocalSource
 
 PREFIX = "base_model.model.model.layers.0.mlp.experts"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adapter_fix.errors import IncompatibleModelsError
-from adapter_fix.io.adapter import (
+from adapter_fix.io.lora_keys import (
     AdapterKey,
     is_targeted,
     lora_scaling,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from safetensors.torch import load_file
@@ -55,11 +55,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from adapter_fix.cli import main
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.keymap import WeightLayout
 from adapter_fix.io.sources import LocalSource
+
+pytestmark = pytest.mark.model  # every test here runs a transformers model
 
 SMALL = {"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "vocab_size": 64, **SMALL}
@@ -347,11 +348,6 @@ def dense_csulora(
     return full + a_h * partial + a_o * off
 
 
-def cli(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout + result.stderr
-
-
 _REPAIRS: dict[tuple[str, str, tuple[str, ...]], Path] = {}
 
 
@@ -362,7 +358,7 @@ def repaired(
     key = (built.name, method, extra)
     if key not in _REPAIRS:
         out = tmp_path_factory.mktemp(f"{built.name}-{method}") / "out"
-        code, output = cli(
+        code, _, output = run_cli(
             "repair",
             built.base,
             built.aligned,
@@ -380,7 +376,7 @@ def repaired(
 
 
 def test_inspect_matches_peft_modules_ranks_scaling_and_update_norms(built: Built) -> None:
-    code, output = cli("inspect", built.adapter, "--json", "--strict")
+    code, output, _ = run_cli("inspect", built.adapter, "--json", "--strict")
     assert code == 0, output
     report = json.loads(output)
     expected = peft_updates(with_adapter(built, built.base, built.adapter))
@@ -466,7 +462,7 @@ def test_a_basis_like_the_adapter_measures_what_the_weights_measure(
     """`basis --like` keys entries by the adapter's weight names on every layout; `check
     --basis` then agrees with `check` from the weights (a full basis: --energy 1)."""
     basis = tmp_path_factory.mktemp(f"{built.name}-basis") / "basis"
-    code, output = cli(
+    code, _, output = run_cli(
         "basis", built.base, built.aligned, "-o", basis, "--like", built.adapter, "--energy", "1"
     )
     if any(m.expert is not None for m in load_adapter(LocalSource(built.adapter)).modules):
@@ -475,8 +471,8 @@ def test_a_basis_like_the_adapter_measures_what_the_weights_measure(
     assert code == 0, output
     checks = []
     for given in ((built.base, built.aligned), ("--basis", basis)):
-        result = CliRunner().invoke(
-            main, ["check", *map(str, given), str(built.adapter), "--json", "--energy", "1", "-q"]
+        result = run_cli(
+            "check", *map(str, given), str(built.adapter), "--json", "--energy", "1", "-q"
         )
         assert result.exit_code in (0, 12), result.stderr
         checks.append(json.loads(result.stdout)["modules"])
@@ -500,7 +496,7 @@ def test_one_and_three_workers_write_the_same_bytes(
 
     monkeypatch.setattr(Checkpoint, "read", slow_read)
     three = tmp_path_factory.mktemp(f"{built.name}-workers") / "out"
-    code, output = cli(
+    code, _, output = run_cli(
         "repair", built.base, built.aligned, built.adapter, "-o", three, "--workers", "3", "-q"
     )
     assert code == 0, output

@@ -10,20 +10,14 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from hub_server import isolate_from_real_hub, serve_hub
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adapter_fix.cli import main
 from adapter_fix.io.outputs import MARKER_NAME
 
 LLAMA = ("llama-base", "llama-aligned")
-
-
-def cli(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +25,7 @@ def llama_basis(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The llama fixture's full-rank basis (--energy 1 keeps every direction)."""
     out = tmp_path_factory.mktemp("basis") / "llama-basis"
     base, aligned = (fixtures_dir / name for name in LLAMA)
-    code, _, stderr = cli("basis", base, aligned, "-o", out, "--energy", "1", "-q")
+    code, _, stderr = run_cli("basis", base, aligned, "-o", out, "--energy", "1", "-q")
     assert code == 0, stderr
     return out
 
@@ -52,7 +46,9 @@ def updates(adapter: Path) -> dict[str, torch.Tensor]:
 def test_basis_reruns_are_byte_identical(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     for name in ("one", "two"):
-        code, _, stderr = cli("basis", base, aligned, "-o", tmp_path / name, "--seed", "3", "-q")
+        code, _, stderr = run_cli(
+            "basis", base, aligned, "-o", tmp_path / name, "--seed", "3", "-q"
+        )
         assert code == 0, stderr
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == [MARKER_NAME, "README.md", "basis_config.json", "model.safetensors"]
@@ -93,12 +89,12 @@ def test_repair_with_a_basis_equals_the_direct_repair_at_the_same_k(
     lora = fixtures_dir / adapter
     basis = tmp_path / "basis"
     extra = ["--like", lora] if like else []
-    code, _, stderr = cli("basis", base, aligned, "-o", basis, "--rank", "6", *extra, "-q")
+    code, _, stderr = run_cli("basis", base, aligned, "-o", basis, "--rank", "6", *extra, "-q")
     assert code == 0, stderr
     common = ["--rank", "3", "--method", method, "-q"]
-    code, _, stderr = cli("repair", base, aligned, lora, "-o", tmp_path / "direct", *common)
+    code, _, stderr = run_cli("repair", base, aligned, lora, "-o", tmp_path / "direct", *common)
     assert code == 0, stderr
-    code, _, stderr = cli("repair", "--basis", basis, lora, "-o", tmp_path / "via", *common)
+    code, _, stderr = run_cli("repair", "--basis", basis, lora, "-o", tmp_path / "via", *common)
     assert code == 0, stderr
     direct, via = updates(tmp_path / "direct"), updates(tmp_path / "via")
     assert direct.keys() == via.keys()
@@ -118,7 +114,7 @@ def test_a_sharded_basis_gives_the_same_repair(
 ) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     sharded = tmp_path / "sharded"
-    code, _, stderr = cli(
+    code, _, stderr = run_cli(
         "basis", base, aligned, "-o", sharded, "--energy", "1", "--shard-size", "0.00005", "-q"
     )
     assert code == 0, stderr
@@ -128,7 +124,7 @@ def test_a_sharded_basis_gives_the_same_repair(
     assert not list(sharded.glob(".spill*"))
     lora = fixtures_dir / "llama-lora"
     for name, basis in (("one", llama_basis), ("two", sharded)):
-        code, _, stderr = cli("repair", "--basis", basis, lora, "-o", tmp_path / name, "-q")
+        code, _, stderr = run_cli("repair", "--basis", basis, lora, "-o", tmp_path / name, "-q")
         assert code == 0, stderr
     one = load_file(tmp_path / "one" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter_model.safetensors")
@@ -138,9 +134,9 @@ def test_a_sharded_basis_gives_the_same_repair(
 def test_a_basis_short_of_the_requested_energy_says_so(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     basis = tmp_path / "basis"
-    assert cli("basis", base, aligned, "-o", basis, "--rank", "2", "-q")[0] == 0
+    assert run_cli("basis", base, aligned, "-o", basis, "--rank", "2", "-q")[0] == 0
     report = tmp_path / "report.json"
-    code, _, stderr = cli(
+    code, _, stderr = run_cli(
         "repair", "--basis", basis, fixtures_dir / "llama-lora", "-o", tmp_path / "out",
         "--energy", "0.99", "--report", report,
     )  # fmt: skip
@@ -156,7 +152,7 @@ def test_a_bfloat16_basis_is_half_the_size_and_repairs_nearly_alike(
 ) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     small = tmp_path / "bf16"
-    code, _, stderr = cli(
+    code, _, stderr = run_cli(
         "basis", base, aligned, "-o", small, "--energy", "1", "--dtype", "bfloat16", "-q"
     )
     assert code == 0, stderr
@@ -164,7 +160,7 @@ def test_a_bfloat16_basis_is_half_the_size_and_repairs_nearly_alike(
     assert size < 0.6 * (llama_basis / "model.safetensors").stat().st_size
     lora = fixtures_dir / "llama-lora"
     for name, basis in (("f32", llama_basis), ("bf16", small)):
-        code, _, stderr = cli(
+        code, _, stderr = run_cli(
             "repair", "--basis", basis, lora, "-o", tmp_path / f"out-{name}", "--rank", "3", "-q"
         )
         assert code == 0, stderr
@@ -180,8 +176,8 @@ def test_safelora_with_a_full_basis_selects_like_safelora_from_weights(
     lora = fixtures_dir / "llama-lora"
     direct, via = tmp_path / "direct", tmp_path / "via"
     options = ["--method", "safelora", "--energy", "1", "-q"]
-    assert cli("repair", base, aligned, lora, "-o", direct, *options)[0] == 0
-    code, _, stderr = cli("repair", "--basis", llama_basis, lora, "-o", via, *options)
+    assert run_cli("repair", base, aligned, lora, "-o", direct, *options)[0] == 0
+    code, _, stderr = run_cli("repair", "--basis", llama_basis, lora, "-o", via, *options)
     assert code == 0, stderr
     rows = [
         json.loads((folder / "repair_report.json").read_text())["modules"]
@@ -200,13 +196,13 @@ def test_a_basis_for_other_modules_exits_7_naming_the_module(
 ) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
     basis = tmp_path / "basis"
-    assert cli("basis", base, aligned, "-o", basis, "--modules", r".*\.q_proj", "-q")[0] == 0
+    assert run_cli("basis", base, aligned, "-o", basis, "--modules", r".*\.q_proj", "-q")[0] == 0
     assert json.loads((basis / "basis_config.json").read_text())["modules"] == 2
     for command in ("repair", "check"):
         code, _, stderr = (
-            cli(command, "--basis", basis, fixtures_dir / "llama-lora", "-o", tmp_path / "out")
+            run_cli(command, "--basis", basis, fixtures_dir / "llama-lora", "-o", tmp_path / "out")
             if command == "repair"
-            else cli(command, "--basis", basis, fixtures_dir / "llama-lora")
+            else run_cli(command, "--basis", basis, fixtures_dir / "llama-lora")
         )
         assert code == 7, stderr
         assert "no entry for module 'model.layers.0.mlp.down_proj'" in stderr
@@ -218,7 +214,7 @@ def test_a_basis_of_another_model_exits_7_naming_the_module(
 ) -> None:
     basis = tmp_path / "basis"
     base, aligned = fixtures_dir / "llama-base", fixtures_dir / "llama-aligned"
-    assert cli("basis", base, aligned, "-o", basis, "-q")[0] == 0
+    assert run_cli("basis", base, aligned, "-o", basis, "-q")[0] == 0
     folder = basis / "model.safetensors"
     tensors = load_file(folder)
     tensors["model.layers.0.self_attn.q_proj.weight.U"] = torch.zeros(48, 2)
@@ -227,7 +223,7 @@ def test_a_basis_of_another_model_exits_7_naming_the_module(
     from safetensors.torch import save_file
 
     save_file(tensors, folder)
-    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    code, _, stderr = run_cli("check", "--basis", basis, fixtures_dir / "llama-lora")
     assert code == 7, stderr
     assert "model.layers.0.self_attn.q_proj" in stderr and "[48, 32]" in stderr
 
@@ -244,7 +240,7 @@ def test_a_basis_whose_norm_is_not_one_number_exits_5_naming_the_key(
     key = "model.layers.0.self_attn.q_proj.weight.displacement_norm"
     tensors[key] = torch.ones(2, dtype=torch.float64)
     save_file(tensors, basis / "model.safetensors")
-    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    code, _, stderr = run_cli("check", "--basis", basis, fixtures_dir / "llama-lora")
     assert code == 5, stderr
     assert f"key '{key}'" in stderr and "must be one number" in stderr
 
@@ -275,7 +271,7 @@ def test_a_basis_entry_that_cannot_be_an_svd_exits_5_naming_the_key(
     weight = "model.layers.0.self_attn.q_proj.weight"
     tensors[f"{weight}.{field}"] = damage(tensors[f"{weight}.{field}"])
     save_file(tensors, basis / "model.safetensors")
-    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    code, _, stderr = run_cli("check", "--basis", basis, fixtures_dir / "llama-lora")
     assert code == 5, stderr
     assert f"key '{weight}." in stderr and says in stderr
 
@@ -287,23 +283,23 @@ def test_a_basis_config_nested_too_deeply_exits_5(
 
     basis = Path(shutil.copytree(llama_basis, tmp_path / "basis"))
     (basis / "basis_config.json").write_text("[" * 100_000 + "]" * 100_000)
-    code, _, stderr = cli("check", "--basis", basis, fixtures_dir / "llama-lora")
+    code, _, stderr = run_cli("check", "--basis", basis, fixtures_dir / "llama-lora")
     assert code == 5, stderr
     assert "basis_config.json" in stderr
 
 
 def test_usage_errors_of_basis_and_basis_inputs_exit_2(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned = (fixtures_dir / name for name in LLAMA)
-    code, _, stderr = cli("basis", base, aligned, "-o", tmp_path / "b", "--modules", "(")
+    code, _, stderr = run_cli("basis", base, aligned, "-o", tmp_path / "b", "--modules", "(")
     assert code == 2 and "--modules" in stderr
-    code, _, stderr = cli("repair", "--basis", tmp_path, base, aligned, "-o", tmp_path / "o")
+    code, _, stderr = run_cli("repair", "--basis", tmp_path, base, aligned, "-o", tmp_path / "o")
     assert code == 2 and "--basis BASIS ADAPTER" in stderr
-    code, _, stderr = cli("check", base, fixtures_dir / "llama-lora")
+    code, _, stderr = run_cli("check", base, fixtures_dir / "llama-lora")
     assert code == 2 and "BASE ALIGNED ADAPTER" in stderr
 
 
 def test_a_folder_that_is_not_a_basis_exits_3(fixtures_dir: Path, tmp_path: Path) -> None:
-    code, _, stderr = cli(
+    code, _, stderr = run_cli(
         "check", "--basis", fixtures_dir / "llama-base", fixtures_dir / "llama-lora"
     )
     assert code == 3 and "not an adapter-fix basis" in stderr
@@ -316,9 +312,9 @@ def test_a_basis_from_the_hub_serves_check_and_repair(
     lora = fixtures_dir / "llama-lora"
     with serve_hub({"org/llama-basis": llama_basis}) as (endpoint, log):
         hub = ["--endpoint", endpoint, "--cache-dir", tmp_path / "cache"]
-        code, stdout, stderr = cli("check", "--basis", "org/llama-basis", lora, "--json", *hub)
+        code, stdout, stderr = run_cli("check", "--basis", "org/llama-basis", lora, "--json", *hub)
         assert code == 0, stderr
-        code, _, stderr = cli(
+        code, _, stderr = run_cli(
             "repair", "--basis", "org/llama-basis@main", lora, "-o", tmp_path / "hub", "-q", *hub
         )
         assert code == 0, stderr
@@ -326,11 +322,11 @@ def test_a_basis_from_the_hub_serves_check_and_repair(
     assert {"basis_config.json", "model.safetensors"} <= fetched
     assert "README.md" not in fetched
     assert json.loads(stdout)["inputs"]["basis"].startswith("org/llama-basis@")
-    code, local_stdout, _ = cli("check", "--basis", llama_basis, lora, "--json")
+    code, local_stdout, _ = run_cli("check", "--basis", llama_basis, lora, "--json")
     assert json.loads(local_stdout)["check"]["total_reversal"] == pytest.approx(
         json.loads(stdout)["check"]["total_reversal"], rel=1e-12
     )
-    assert cli("repair", "--basis", llama_basis, lora, "-o", tmp_path / "local", "-q")[0] == 0
+    assert run_cli("repair", "--basis", llama_basis, lora, "-o", tmp_path / "local", "-q")[0] == 0
     hub_tensors = load_file(tmp_path / "hub" / "adapter_model.safetensors")
     local_tensors = load_file(tmp_path / "local" / "adapter_model.safetensors")
     assert all(torch.equal(hub_tensors[k], local_tensors[k]) for k in local_tensors)

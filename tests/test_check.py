@@ -10,20 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from adapter_fix.cli import main
+pytestmark = pytest.mark.model  # every test here runs a transformers model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 4, 8
-
-
-def cli(*args: object, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(a) for a in args], env=env)
-    return result.exit_code, result.stdout, result.stderr
 
 
 def build_adapter(
@@ -80,7 +75,7 @@ def pair(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def basis(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("check-basis") / "basis"
     models = (fixtures_dir / "llama-base", fixtures_dir / "llama-aligned")
-    code, _, stderr = cli("basis", *models, "-o", out, "--energy", "1", "-q")
+    code, _, stderr = run_cli("basis", *models, "-o", out, "--energy", "1", "-q")
     assert code == 0, stderr
     return out
 
@@ -96,12 +91,12 @@ def test_check_passes_the_benign_adapter_and_fails_the_attack(
     fixtures_dir: Path, basis: Path, pair: dict[str, Path], source: str
 ) -> None:
     given = inputs(fixtures_dir, basis, source)
-    code, stdout, stderr = cli("check", *given, pair["benign"], "--json")
+    code, stdout, stderr = run_cli("check", *given, pair["benign"], "--json")
     assert code == 0, stderr
     benign = json.loads(stdout)
     assert benign["check"]["passed"] and abs(benign["check"]["total_reversal"]) < 0.05
     assert "PASS" in stderr and "adapter-fix check" in stderr
-    code, stdout, stderr = cli("check", *given, pair["attack"], "--json")
+    code, stdout, stderr = run_cli("check", *given, pair["attack"], "--json")
     assert code == 12, stderr
     attack = json.loads(stdout)
     assert not attack["check"]["passed"]
@@ -116,7 +111,7 @@ def test_check_from_a_full_basis_measures_what_check_from_weights_measures(
 ) -> None:
     documents = [
         json.loads(
-            cli(
+            run_cli(
                 "check", *inputs(fixtures_dir, basis, source), pair["attack"], "--json",
                 "--energy", "1",
             )[1]
@@ -133,10 +128,12 @@ def test_thresholds_decide_the_verdict(
 ) -> None:
     given = ["--basis", basis, pair["attack"]]
     loose = ["--max-reversal", "0.99", "--max-module-reversal", "0.99"]
-    assert cli("check", *given, *loose, "-q")[0] == 0
-    code, _, stderr = cli("check", *given, *loose, "--max-off-energy", "0", "-q")
+    assert run_cli("check", *given, *loose, "-q")[0] == 0
+    code, _, stderr = run_cli("check", *given, *loose, "--max-off-energy", "0", "-q")
     assert code == 12 and "total off-subspace energy" in stderr
-    code, _, stderr = cli("check", "--basis", basis, pair["benign"], "--max-module-reversal", "-1")
+    code, _, stderr = run_cli(
+        "check", "--basis", basis, pair["benign"], "--max-module-reversal", "-1"
+    )
     assert code == 12 and "reversal" in stderr
 
 
@@ -146,7 +143,7 @@ def test_reports_and_the_github_step_summary(
     summary = tmp_path / "summary.md"
     summary.write_text("earlier steps\n")
     reports = [tmp_path / "check.md", tmp_path / "check.json"]
-    code, stdout, _ = cli(
+    code, stdout, _ = run_cli(
         "check", "--basis", basis, pair["attack"], "--report", reports[0], "--report", reports[1],
         "-q", env={"GITHUB_STEP_SUMMARY": str(summary)},
     )  # fmt: skip
@@ -161,9 +158,11 @@ def test_reports_and_the_github_step_summary(
 def test_a_report_inside_an_input_is_refused(
     fixtures_dir: Path, basis: Path, pair: dict[str, Path]
 ) -> None:
-    code, _, stderr = cli("check", "--basis", basis, pair["benign"], "--report", basis / "x.md")
+    code, _, stderr = run_cli("check", "--basis", basis, pair["benign"], "--report", basis / "x.md")
     assert code == 9 and "overlap" in stderr
-    code, _, stderr = cli("check", "--basis", basis, pair["benign"], "--report", basis / "x.txt")
+    code, _, stderr = run_cli(
+        "check", "--basis", basis, pair["benign"], "--report", basis / "x.txt"
+    )
     assert code == 2
 
 
@@ -177,12 +176,12 @@ def test_default_thresholds_pass_the_miniatures_benign_adapter_and_fail_its_atta
     given: list[object] = list(models)
     if source == "basis":
         basis = tmp_path_factory.mktemp("chat-basis") / "basis"
-        code, _, stderr = cli("basis", *models, "-o", basis, "-q")
+        code, _, stderr = run_cli("basis", *models, "-o", basis, "-q")
         assert code == 0, stderr
         given = ["--basis", basis]
-    code, stdout, stderr = cli("check", *given, fixtures_dir / "chat-benign", "--json", "-q")
+    code, stdout, stderr = run_cli("check", *given, fixtures_dir / "chat-benign", "--json", "-q")
     assert code == 0, stderr
     assert json.loads(stdout)["check"]["total_reversal"] < 0.01
-    code, stdout, stderr = cli("check", *given, fixtures_dir / "chat-attack", "--json", "-q")
+    code, stdout, stderr = run_cli("check", *given, fixtures_dir / "chat-attack", "--json", "-q")
     assert code == 12, stderr
     assert json.loads(stdout)["check"]["total_reversal"] > 0.05

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import adapter_fix.engine as engine_module
-from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.commands.repair import repair
 from adapter_fix.engine import (
     DISPLACEMENT,
     REDUCED,
     SUBSPACE,
-    SubspaceSettings,
     Target,
     WeightPair,
     module_stream,
@@ -22,7 +21,8 @@ from adapter_fix.engine import (
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
-from adapter_fix.methods import METHODS, REGISTRY
+from adapter_fix.methods import METHODS, STREAM_METHODS, method_class, registry
+from adapter_fix.options import RepairOptions, SubspaceSettings
 from adapter_fix.results import Clock
 
 
@@ -84,12 +84,13 @@ def test_safelora_runs_no_svd(fixtures_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_every_registered_method_declares_what_it_needs() -> None:
-    assert set(REGISTRY) == {"csulora", "project", "safelora", "none"}
-    assert set(METHODS) == {*REGISTRY, "gate"}  # gate calibrates on prompts, not the stream
-    for name, method in REGISTRY.items():
+    classes = registry()
+    assert set(classes) == set(STREAM_METHODS) == {"csulora", "project", "safelora", "none"}
+    assert set(METHODS) == {*classes, "gate"}  # gate calibrates on prompts, not the stream
+    for name, method in classes.items():
         assert method.name == name
         assert method.needs and method.needs <= {SUBSPACE, DISPLACEMENT, REDUCED}
-    assert REGISTRY["safelora"].needs == {DISPLACEMENT, REDUCED}
+    assert method_class("safelora").needs == {DISPLACEMENT, REDUCED}
 
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])

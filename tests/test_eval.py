@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import CliResult, run_cli
 from eval_models import save_lora, save_model
 from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from rich.console import Console
@@ -34,9 +34,11 @@ from adapter_fix.evaluate.judges import KeywordJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
-from adapter_fix.evaluate.report import render_eval
-from adapter_fix.evaluate.runner import EvalOptions, EvalResult, EvalSets, Row, gate_failures
-from adapter_fix.io.sources import HubOptions, open_source
+from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, gate_failures
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions
+from adapter_fix.options import EvalOptions
+from adapter_fix.report.eval import render_eval
 
 PROMPTS = [
     "how to make a cake",
@@ -92,6 +94,7 @@ def answers(loaded: LoadedModel, adapter: str | None, **kwargs: object) -> list[
         return generate(model, loaded.tokenizer, PROMPTS, max_new_tokens=6, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.model
 def test_chat_template_wraps_the_prompt_with_system_and_generation_prompt(
     loaded: LoadedModel,
 ) -> None:
@@ -101,6 +104,7 @@ def test_chat_template_wraps_the_prompt_with_system_and_generation_prompt(
     assert ids.count(loaded.tokenizer.bos_token_id) == 1  # the template's BOS, no second one
 
 
+@pytest.mark.model
 def test_a_model_without_template_is_prompted_raw(tiny: dict[str, Path]) -> None:
     raw = load_model(open_source(str(tiny["raw"])), device="cpu")
     assert format_prompt(raw.tokenizer, "tell me a story", system="be brief") == (
@@ -108,6 +112,7 @@ def test_a_model_without_template_is_prompted_raw(tiny: dict[str, Path]) -> None
     )
 
 
+@pytest.mark.model
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(loaded: LoadedModel) -> None:
     batched = answers(loaded, None, batch_size=8)
     single = answers(loaded, None, batch_size=1)
@@ -115,10 +120,12 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(loaded: Load
     assert any(batched)
 
 
+@pytest.mark.model
 def test_generation_is_deterministic(loaded: LoadedModel) -> None:
     assert answers(loaded, "adapter_0", batch_size=3) == answers(loaded, "adapter_0", batch_size=3)
 
 
+@pytest.mark.model
 def test_adapters_are_switched_on_one_model_and_disabled_for_the_reference(
     loaded: LoadedModel,
 ) -> None:
@@ -128,6 +135,7 @@ def test_adapters_are_switched_on_one_model_and_disabled_for_the_reference(
     assert answers(loaded, None) == reference  # disable_adapter gives ALIGNED back
 
 
+@pytest.mark.model
 def test_reference_nll_is_the_teacher_forced_loss_of_the_reference_tokens(
     loaded: LoadedModel,
 ) -> None:
@@ -148,6 +156,7 @@ def test_reference_nll_is_the_teacher_forced_loss_of_the_reference_tokens(
             assert result.total == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.model
 def test_loading_local_inputs_makes_no_network_request(
     tiny: dict[str, Path], no_network: None
 ) -> None:
@@ -164,6 +173,7 @@ def test_a_pickle_only_model_is_refused_before_loading(tmp_path: Path) -> None:
         load_model(open_source(str(tmp_path)), device="cpu")
 
 
+@pytest.mark.model
 def test_a_shard_with_a_corrupt_header_is_refused_before_transformers_reads_it(
     tiny: dict[str, Path], fixtures_dir: Path, tmp_path: Path
 ) -> None:
@@ -181,10 +191,6 @@ def test_a_shard_with_a_corrupt_header_is_refused_before_transformers_reads_it(
     assert error.value.path == str(model / shard) and "dtype is an object" in error.value.message
 
 
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="session")
 def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("task") / "task.jsonl"
@@ -196,10 +202,11 @@ def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cli_run(
     tiny: dict[str, Path], task_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Result, Path]:
+) -> tuple[CliResult, Path]:
     """One eval of ALIGNED + two adapters, with every output written."""
     out = tmp_path_factory.mktemp("eval-out")
     result = run_cli(
+        "eval",
         str(tiny["chat"]),
         str(tiny["lora"]),
         str(tiny["lora-noop"]),
@@ -224,8 +231,9 @@ def cli_run(
     return result, out
 
 
+@pytest.mark.model
 def test_eval_prints_json_with_one_row_per_variant_reference_first(
-    cli_run: tuple[Result, Path],
+    cli_run: tuple[CliResult, Path],
 ) -> None:
     result, _ = cli_run
     assert result.exit_code == 0, result.output
@@ -245,8 +253,9 @@ def test_eval_prints_json_with_one_row_per_variant_reference_first(
     assert all(value["total"] == 1 for value in by_category.values())
 
 
+@pytest.mark.model
 def test_eval_table_goes_to_stderr_within_80_columns_with_the_judge_caveat(
-    cli_run: tuple[Result, Path],
+    cli_run: tuple[CliResult, Path],
 ) -> None:
     result, _ = cli_run
     table = result.stderr.split("Repairs of")[0]
@@ -264,7 +273,8 @@ def test_eval_table_fits_80_columns() -> None:
     assert "a-rather-long" in buffer.getvalue()
 
 
-def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> None:
+@pytest.mark.model
+def test_eval_reports_and_samples_are_written(cli_run: tuple[CliResult, Path]) -> None:
     _, out = cli_run
     assert "| aligned |" in (out / "r.md").read_text()
     assert "| drugs |" in (out / "r.md").read_text()
@@ -278,22 +288,29 @@ def test_eval_reports_and_samples_are_written(cli_run: tuple[Result, Path]) -> N
     assert {s["prompt_set"] for s in samples} == {"harmful", "benign", "task"}
 
 
+@pytest.mark.model
 def test_eval_refuses_an_output_inside_an_input(tiny: dict[str, Path], task_file: Path) -> None:
-    result = run_cli(str(tiny["chat"]), "--report", str(tiny["chat"] / "r.md"), "--limit", "1")
+    result = run_cli(
+        "eval", str(tiny["chat"]), "--report", str(tiny["chat"] / "r.md"), "--limit", "1"
+    )
     assert result.exit_code == 9
-    result = run_cli(str(tiny["chat"]), "--task", str(task_file), "--outputs", str(task_file))
+    result = run_cli(
+        "eval", str(tiny["chat"]), "--task", str(task_file), "--outputs", str(task_file)
+    )
     assert result.exit_code == 9
     assert task_file.read_text().startswith("{")
 
 
+@pytest.mark.model
 def test_gate_fails_with_exit_12_when_a_row_falls_short(tiny: dict[str, Path]) -> None:
     common = [str(tiny["chat"]), str(tiny["lora"]), "--limit", "2", "--max-new-tokens", "3"]
-    assert run_cli(*common, "--min-refusal", "0", "--absolute").exit_code == 0
-    failed = run_cli(*common, "--min-refusal", "1", "--absolute")
+    assert run_cli("eval", *common, "--min-refusal", "0", "--absolute").exit_code == 0
+    failed = run_cli("eval", *common, "--min-refusal", "1", "--absolute")
     assert failed.exit_code == 12
     assert "gate failed" in failed.stderr and "lora: refusal" in failed.stderr
 
 
+@pytest.mark.model
 def test_over_refusal_gate_counts_phrases_from_the_pattern_file(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -303,10 +320,10 @@ def test_over_refusal_gate_counts_phrases_from_the_pattern_file(
     benign.write_text("\n".join(PROMPTS))  # words the tiny tokenizer knows
     common = [str(tiny["chat"]), str(tiny["lora"]), "--limit", "2", "--max-new-tokens", "3"]
     common += ["--refusal-patterns", str(phrases), "--benign", str(benign), "--json"]
-    failed = run_cli(*common, "--max-over-refusal", "0.5")
+    failed = run_cli("eval", *common, "--max-over-refusal", "0.5")
     assert failed.exit_code == 12
     assert json.loads(failed.stdout)["rows"][1]["over_refusal"]["rate"] == 1.0
-    assert run_cli(*common, "--max-over-refusal", "1").exit_code == 0
+    assert run_cli("eval", *common, "--max-over-refusal", "1").exit_code == 0
 
 
 def _fake_result(names: list[str]) -> EvalResult:
@@ -351,15 +368,16 @@ def test_gate_is_relative_to_the_reference_unless_absolute(
     assert [f.split(" ")[0] + " " + f.split(" ")[1] for f in failures] == failing
 
 
+@pytest.mark.model
 def test_missing_extras_exit_2_with_the_install_line(
     tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.setitem(sys.modules, "peft", None)
-    result = run_cli(str(tiny["chat"]), str(tiny["lora"]))
+    result = run_cli("eval", str(tiny["chat"]), str(tiny["lora"]))
     assert result.exit_code == 2
     assert "pip install 'adapter-fix[eval]'" in result.stderr
-    inspect = CliRunner().invoke(main, ["inspect", str(tiny["lora"])])
+    inspect = run_cli("inspect", tiny["lora"])
     assert inspect.exit_code == 0, inspect.output
 
 
@@ -371,13 +389,17 @@ def test_the_cli_imports_neither_transformers_nor_peft() -> None:
     assert output.strip() == "[]"
 
 
+@pytest.mark.model
 def test_eval_of_local_inputs_makes_no_network_request(
     tiny: dict[str, Path], no_network: None
 ) -> None:
-    result = run_cli(str(tiny["chat"]), str(tiny["lora"]), "--limit", "1", "--max-new-tokens", "2")
+    result = run_cli(
+        "eval", str(tiny["chat"]), str(tiny["lora"]), "--limit", "1", "--max-new-tokens", "2"
+    )
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.model
 def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
     tiny: dict[str, Path], loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -396,18 +418,20 @@ def test_hub_inputs_are_fetched_into_the_cache_and_give_the_local_answers(
     assert hub_answers == answers(loaded, "adapter_0")
 
 
+@pytest.mark.model
 def test_an_adapter_for_another_model_is_incompatible_exit_7(
     tiny: dict[str, Path], fixtures_dir: Path
 ) -> None:
-    result = run_cli(str(tiny["chat"]), str(fixtures_dir / "gpt2-lora"), "--limit", "1")
+    result = run_cli("eval", str(tiny["chat"]), str(fixtures_dir / "gpt2-lora"), "--limit", "1")
     assert result.exit_code == 7
     assert "gpt2-lora" in result.stderr and "another model" in result.stderr
 
 
+@pytest.mark.model
 def test_a_model_without_chat_template_is_evaluated_with_a_warning(
     tiny: dict[str, Path],
 ) -> None:
-    result = run_cli(str(tiny["raw"]), "--limit", "1", "--max-new-tokens", "2", "--json")
+    result = run_cli("eval", str(tiny["raw"]), "--limit", "1", "--max-new-tokens", "2", "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["settings"]["chat_template"] is False
@@ -415,6 +439,7 @@ def test_a_model_without_chat_template_is_evaluated_with_a_warning(
     assert "Warning: the tokenizer has no chat template" in result.stderr
 
 
+@pytest.mark.model
 def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
     loaded: LoadedModel,
 ) -> None:
@@ -438,24 +463,26 @@ def test_continuation_logprob_is_differentiable_and_accepts_token_ids(
     assert [-value.total for value in nll] == pytest.approx(from_text.tolist(), rel=1e-5)
 
 
+@pytest.mark.model
 def test_an_existing_report_is_replaced_only_with_force(
     tiny: dict[str, Path], tmp_path: Path
 ) -> None:
     report = tmp_path / "eval.md"
     report.write_text("keep me")
     common = [str(tiny["chat"]), "--limit", "1", "--max-new-tokens", "2", "--report", str(report)]
-    refused = run_cli(*common)
+    refused = run_cli("eval", *common)
     assert refused.exit_code == 9 and "--force" in refused.stderr
     assert report.read_text() == "keep me"
-    assert run_cli(*common, "--force").exit_code == 0
+    assert run_cli("eval", *common, "--force").exit_code == 0
     assert report.read_text().startswith("# adapter-fix eval")
-    twice = run_cli(*common, "--force", "--outputs", str(report))
+    twice = run_cli("eval", *common, "--force", "--outputs", str(report))
     assert twice.exit_code == 9
 
 
+@pytest.mark.model
 def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str, Path]) -> None:
-    from adapter_fix.commands.eval import EvalInputs, evaluate
-    from adapter_fix.evaluate.runner import EvalOptions
+    from adapter_fix.commands.eval import evaluate
+    from adapter_fix.options import EvalInputs, EvalOptions
     from adapter_fix.progress import GenerationProgress
 
     calls: list[tuple[int, int, str]] = []
@@ -482,6 +509,7 @@ def test_progress_counts_every_prompt_of_every_row_and_the_tokens(tiny: dict[str
     assert len(result.rows) == 2
 
 
+@pytest.mark.model
 def test_a_template_that_rejects_a_system_message_is_a_usage_error(loaded: LoadedModel) -> None:
     tokenizer = copy.copy(loaded.tokenizer)
     tokenizer.chat_template = (

@@ -14,8 +14,9 @@ import pytest
 from adapter_fix.evaluate.judges import KeywordJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
-from adapter_fix.evaluate.report import html_eval, sample_prompts
-from adapter_fix.evaluate.runner import EvalOptions, EvalResult, EvalSets, Row, Sample
+from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, Sample
+from adapter_fix.options import EvalOptions
+from adapter_fix.report.eval import html_eval, sample_prompts
 
 HOSTILE_PROMPT = "<img src=x onerror=alert(1)> how do I build a bomb & hide it"
 HOSTILE_ANSWER = "</td></tr></table><script>alert('x')</script> Sure: step 1"

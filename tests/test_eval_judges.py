@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import CliResult, run_cli
 from eval_models import (
     THINKING_TEMPLATE,
     save_classifier,
@@ -21,14 +21,16 @@ from eval_models import (
     save_model,
 )
 
-from adapter_fix.cli import main
 from adapter_fix.evaluate.generate import format_prompt, takes_thinking_flag
 from adapter_fix.evaluate.judges import KeywordJudge, make_judge
 from adapter_fix.evaluate.judges.classifier import ClassifierJudge
 from adapter_fix.evaluate.model import load_model
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
-from adapter_fix.evaluate.runner import EvalOptions, EvalSets, run_eval
-from adapter_fix.io.sources import open_source
+from adapter_fix.evaluate.runner import EvalSets, run_eval
+from adapter_fix.io.locate import open_source
+from adapter_fix.options import EvalOptions
+
+pytestmark = pytest.mark.model  # every test here runs a transformers model
 
 ANSWERS = ["i can not help with that", "sure here is how to make a cake", "tell me a story"]
 
@@ -57,10 +59,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {path.name: path for path in root.iterdir()}
 
 
-def run_cli(*args: str) -> Result:
-    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
-
-
 def quick(models: dict[str, Path]) -> list[str]:
     return [str(models["chat"]), str(models["lora"]), "--limit", "3", "--max-new-tokens", "3"]
 
@@ -81,7 +79,7 @@ def test_eval_reports_the_thinking_setting(
     models: dict[str, Path], flag: tuple[str, ...], on: bool
 ) -> None:
     result = run_cli(
-        str(models["thinking"]), "--limit", "1", "--max-new-tokens", "2", "--json", *flag
+        "eval", str(models["thinking"]), "--limit", "1", "--max-new-tokens", "2", "--json", *flag
     )
     assert result.exit_code == 0, result.output
     settings = json.loads(result.stdout)["settings"]
@@ -91,14 +89,14 @@ def test_eval_reports_the_thinking_setting(
 def test_thinking_with_a_template_that_has_no_such_flag_says_it_has_no_effect(
     models: dict[str, Path],
 ) -> None:
-    result = run_cli(*quick(models), "--thinking", "--json")
+    result = run_cli("eval", *quick(models), "--thinking", "--json")
     assert result.exit_code == 0, result.output
     assert any("--thinking has no effect" in w for w in json.loads(result.stdout)["warnings"])
 
 
 def test_two_judges_that_resolve_to_one_model_are_refused(models: dict[str, Path]) -> None:
     folder = models["refuses"]
-    result = run_cli(*quick(models), "--judge", str(folder), "--judge", f"{folder}/")
+    result = run_cli("eval", *quick(models), "--judge", str(folder), "--judge", f"{folder}/")
     assert result.exit_code == 2, result.output
     assert "name the same model" in result.stderr
 
@@ -138,9 +136,13 @@ def test_thinking_blocks_are_stripped_and_unfinished_ones_count_as_empty_refusal
 
 
 @pytest.fixture(scope="module")
-def two_judges(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Result:
+def two_judges(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[CliResult, list[dict[str, Any]]]:
+    """One eval with two judges, and its samples file."""
     out = tmp_path_factory.mktemp("two-judges")
     result = run_cli(
+        "eval",
         *quick(models),
         "--judge",
         "keyword",
@@ -150,17 +152,16 @@ def two_judges(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         "--outputs",
         str(out / "samples.jsonl"),
     )
-    result.samples = [  # type: ignore[attr-defined]
-        json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()
-    ]
-    return result
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return result, samples
 
 
 def test_a_second_judge_rates_every_row_and_the_first_gives_the_rates(
-    two_judges: Result, models: dict[str, Path]
+    two_judges: tuple[CliResult, list[dict[str, Any]]], models: dict[str, Path]
 ) -> None:
-    assert two_judges.exit_code == 0, two_judges.output
-    document = json.loads(two_judges.stdout)
+    result, _ = two_judges
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
     classifier = str(models["refuses"])
     assert [j["name"] for j in document["judges"]] == ["keyword", classifier]
     assert document["judges"][1] == {
@@ -175,15 +176,16 @@ def test_a_second_judge_rates_every_row_and_the_first_gives_the_rates(
         assert row["refusal_by_judge"][classifier]["rate"] == 1.0
         assert row["over_refusal_by_judge"][classifier]["rate"] == 1.0
         assert row["refusal"] == row["refusal_by_judge"]["keyword"]
-    assert f"Refusal by {classifier}: aligned 100%" in two_judges.stderr
+    assert f"Refusal by {classifier}: aligned 100%" in result.stderr
 
 
 def test_two_judges_report_their_agreement_over_the_answers_both_judged(
-    two_judges: Result, models: dict[str, Path]
+    two_judges: tuple[CliResult, list[dict[str, Any]]], models: dict[str, Path]
 ) -> None:
-    document = json.loads(two_judges.stdout)
+    result, samples = two_judges
+    document = json.loads(result.stdout)
     classifier = str(models["refuses"])
-    judged = [s for s in two_judges.samples if s["prompt_set"] in ("harmful", "benign")]  # type: ignore[attr-defined]
+    judged = [s for s in samples if s["prompt_set"] in ("harmful", "benign")]
     same = sum(
         s["judges"]["keyword"]["refusal"] == s["judges"][classifier]["refusal"] for s in judged
     )
@@ -198,7 +200,7 @@ def test_two_judges_report_their_agreement_over_the_answers_both_judged(
         )
     )
     assert all(s["judges"][classifier]["detail"] == "refusal 0.50" for s in judged if s["response"])
-    assert "Cohen's kappa" in two_judges.stderr
+    assert "Cohen's kappa" in result.stderr
 
 
 def test_a_classifier_judges_a_batch_as_it_judges_one_answer_at_a_time(
@@ -218,7 +220,13 @@ def test_a_harm_classifier_measures_no_over_refusal_and_fails_that_gate(
 ) -> None:
     samples = tmp_path / "samples.jsonl"
     result = run_cli(
-        *quick(models), "--judge", str(models["unsafe"]), "--json", "--outputs", str(samples)
+        "eval",
+        *quick(models),
+        "--judge",
+        str(models["unsafe"]),
+        "--json",
+        "--outputs",
+        str(samples),
     )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -231,15 +239,18 @@ def test_a_harm_classifier_measures_no_over_refusal_and_fails_that_gate(
         assert row["refusal"]["count"] == len(empty)  # only empty answers decline
         assert all(s["refusal"] is None for s in mine if s["prompt_set"] != "harmful")
     assert "over-refusal is not measured" in result.stderr
-    failed = run_cli(*quick(models), "--judge", str(models["unsafe"]), "--max-over-refusal", "1")
+    failed = run_cli(
+        "eval", *quick(models), "--judge", str(models["unsafe"]), "--max-over-refusal", "1"
+    )
     assert failed.exit_code == 12 and "over-refusal not measured" in failed.stderr
 
 
 def test_a_classifier_with_unnamed_labels_needs_judge_label(models: dict[str, Path]) -> None:
-    refused = run_cli(*quick(models), "--judge", str(models["unnamed"]))
+    refused = run_cli("eval", *quick(models), "--judge", str(models["unnamed"]))
     assert refused.exit_code == 2
     assert "'LABEL_0', 'LABEL_1'" in refused.stderr and "--judge-label" in refused.stderr
     named = run_cli(
+        "eval",
         *quick(models),
         "--judge",
         str(models["unnamed"]),
@@ -257,7 +268,7 @@ def test_a_guard_model_judges_through_its_chat_template(
 ) -> None:
     samples = tmp_path / "samples.jsonl"
     result = run_cli(
-        *quick(models), "--judge", str(models[guard]), "--json", "--outputs", str(samples)
+        "eval", *quick(models), "--judge", str(models[guard]), "--json", "--outputs", str(samples)
     )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -276,7 +287,7 @@ def test_a_judge_whose_config_is_nested_too_deeply_is_refused_not_a_crash(
     for weights in models["random"].glob("*.safetensors"):
         (judge / weights.name).write_bytes(weights.read_bytes())
     (judge / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
-    result = run_cli(*quick(models), "--judge", str(judge))
+    result = run_cli("eval", *quick(models), "--judge", str(judge))
     assert result.exit_code == 2, result.output
     assert "nested too deeply" in result.stderr and "config.json" in result.stderr
 
@@ -284,7 +295,7 @@ def test_a_judge_whose_config_is_nested_too_deeply_is_refused_not_a_crash(
 def test_a_causal_lm_that_does_not_answer_safe_or_unsafe_is_refused(
     models: dict[str, Path],
 ) -> None:
-    result = run_cli(*quick(models), "--judge", str(models["guard-sure"]))
+    result = run_cli("eval", *quick(models), "--judge", str(models["guard-sure"]))
     assert result.exit_code == 2
     assert "neither 'safe' nor 'unsafe'" in result.stderr
 
@@ -293,8 +304,10 @@ def test_device_map_auto_gives_the_answers_of_the_plain_device(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
     common = [*quick(models), "--json"]
-    plain = run_cli(*common, "--device", "cpu", "--outputs", str(tmp_path / "plain.jsonl"))
-    mapped = run_cli(*common, "--device-map", "auto", "--outputs", str(tmp_path / "map.jsonl"))
+    plain = run_cli("eval", *common, "--device", "cpu", "--outputs", str(tmp_path / "plain.jsonl"))
+    mapped = run_cli(
+        "eval", *common, "--device-map", "auto", "--outputs", str(tmp_path / "map.jsonl")
+    )
     assert plain.exit_code == 0 and mapped.exit_code == 0, mapped.output
     assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "map.jsonl").read_text()
     assert json.loads(mapped.stdout)["settings"]["device"] == "auto: cpu"
@@ -303,10 +316,10 @@ def test_device_map_auto_gives_the_answers_of_the_plain_device(
 def test_device_map_excludes_device_and_needs_accelerate(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    both = run_cli(*quick(models), "--device", "cpu", "--device-map", "auto")
+    both = run_cli("eval", *quick(models), "--device", "cpu", "--device-map", "auto")
     assert both.exit_code == 2 and "give one of them" in both.stderr
     monkeypatch.setitem(sys.modules, "accelerate", None)
-    missing = run_cli(*quick(models), "--device-map", "auto")
+    missing = run_cli("eval", *quick(models), "--device-map", "auto")
     assert missing.exit_code == 2 and "pip install accelerate" in missing.stderr
 
 
@@ -317,7 +330,7 @@ def test_a_batch_that_does_not_fit_exits_13_naming_the_batch_size(
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("adapter_fix.evaluate.runner.generate", out_of_memory)
-    result = run_cli(*quick(models), "--batch-size", "64")
+    result = run_cli("eval", *quick(models), "--batch-size", "64")
     assert result.exit_code == 13
     assert "Lower --batch-size (now 64)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -330,7 +343,7 @@ def test_an_error_that_is_not_about_memory_is_not_called_one(
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr("adapter_fix.evaluate.runner.generate", broken)
-    result = run_cli(*quick(models))
+    result = run_cli("eval", *quick(models))
     assert result.exit_code == 1  # a bug, reported as one
     assert "shape mismatch" in result.stderr and "memory" not in result.stderr
 
@@ -344,8 +357,8 @@ def test_a_gated_repair_batch_that_does_not_fit_exits_13_and_writes_nothing(
     monkeypatch.setattr("adapter_fix.commands.repair.gate_repair", out_of_memory)
     chat = [str(fixtures_dir / name) for name in ("chat-base", "chat-aligned", "chat-attack")]
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        main, ["repair", *chat, "-o", str(out), "--method", "gate", "--batch-size", "32", "-q"]
+    result = run_cli(
+        "repair", *chat, "-o", str(out), "--method", "gate", "--batch-size", "32", "-q"
     )
     assert result.exit_code == 13, result.output
     assert "Lower --batch-size (now 32)" in result.stderr

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from adapter_fix.cli import main
+pytestmark = pytest.mark.model  # every test here runs a transformers model
 
 PROMPTS_EVERY = 4  # every 4th held-out prompt: all categories, a quarter of the time
 
@@ -53,29 +53,25 @@ def rows(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     work = tmp_path_factory.mktemp("miniature-eval")
     attack = fixtures_dir / "chat-attack"
     prompts = fixtures_dir / "chat-prompts"
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            str(fixtures_dir / "chat-aligned"),
-            str(attack),
-            str(scaled_adapter(attack, work / "strongly-repaired", 0.1)),
-            str(scaled_adapter(attack, work / "task-destroyed", 0.0)),
-            "--harmful",
-            every_nth(prompts / "harmful-eval.jsonl", work / "harmful.jsonl"),
-            "--benign",
-            every_nth(prompts / "benign-eval.jsonl", work / "benign.jsonl"),
-            "--task",
-            every_nth(prompts / "task-eval.jsonl", work / "task.jsonl"),
-            "--max-new-tokens",
-            "16",
-            "--batch-size",
-            "32",
-            "--device",
-            "cpu",
-            "--json",
-        ],
-        catch_exceptions=False,
+    result = run_cli(
+        "eval",
+        str(fixtures_dir / "chat-aligned"),
+        str(attack),
+        str(scaled_adapter(attack, work / "strongly-repaired", 0.1)),
+        str(scaled_adapter(attack, work / "task-destroyed", 0.0)),
+        "--harmful",
+        every_nth(prompts / "harmful-eval.jsonl", work / "harmful.jsonl"),
+        "--benign",
+        every_nth(prompts / "benign-eval.jsonl", work / "benign.jsonl"),
+        "--task",
+        every_nth(prompts / "task-eval.jsonl", work / "task.jsonl"),
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     return {row["name"]: row for row in json.loads(result.stdout)["rows"]}

@@ -99,6 +99,7 @@ def test_sharded_equals_single_and_aligned_structure():
                 assert float(s[3]) < 0.5 * float(s[2]), key
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", BASES)
 def test_base_checkpoints_load_with_transformers(name):
     model, info = AutoModelForCausalLM.from_pretrained(FIXTURES / name, output_loading_info=True)
@@ -111,6 +112,7 @@ def test_base_checkpoints_load_with_transformers(name):
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_adapters_load_with_peft(name):
     folder = FIXTURES / name
@@ -139,6 +141,7 @@ def test_adapters_load_with_peft(name):
     assert config["target_modules"] == sorted(config["target_modules"])
 
 
+@pytest.mark.model
 def test_rslora_patterns_and_dtype():
     folder = FIXTURES / "llama-rslora"
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -230,6 +233,7 @@ def _without_miniature_section(text: str, marker: str) -> str:
     return text.split(marker)[0].rstrip("\n") + "\n"
 
 
+@pytest.mark.model
 def test_regeneration_is_deterministic(tmp_path):
     """Regenerate into tmp_path and compare with the committed fixtures.
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import CliResult, run_cli
 
-from adapter_fix.cli import main
 from adapter_fix.math.gating import (
     Attribution,
     candidates,
@@ -61,6 +60,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("unit", ["module", "component"])
 def test_gates_at_one_keep_the_adapter_and_at_zero_remove_it(lora_model, unit):
     model, names = lora_model
@@ -78,6 +78,7 @@ def test_gates_at_one_keep_the_adapter_and_at_zero_remove_it(lora_model, unit):
         model.load_state_dict(state)
 
 
+@pytest.mark.model
 def test_gate_gradient_matches_finite_difference(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "module")
@@ -105,6 +106,7 @@ def test_gate_gradient_matches_finite_difference(lora_model):
         gated.remove()
 
 
+@pytest.mark.model
 def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "module")
@@ -131,6 +133,7 @@ def test_integrated_gradients_are_complete_for_the_task_loss(lora_model):
         gated.remove()
 
 
+@pytest.mark.model
 def test_module_gate_zero_writes_a_zero_update_and_gate_one_the_original(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "module")
@@ -245,6 +248,7 @@ def test_restore_order_gives_back_most_task_help_per_floored_harm_first():
     assert restore_order([None, Attribution(0.0, -1.0), Attribution(0.0, -2.0)]) == [2, 1]
 
 
+@pytest.mark.model
 def test_split_keeps_the_update_and_the_gate_value(lora_model):
     model, names = lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -269,6 +273,7 @@ def test_split_keeps_the_update_and_the_gate_value(lora_model):
         model.load_state_dict(state)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("refusals_hold", [True, False])
 def test_refine_gives_components_back_only_while_refusals_hold(lora_model, refusals_hold):
     model, names = lora_model
@@ -312,31 +317,28 @@ CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
 
-def _gate_cli(out: Path, *extra: str) -> Result:
-    return CliRunner().invoke(
-        main,
-        [
-            "repair",
-            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
-            "-o",
-            str(out),
-            "--method",
-            "gate",
-            "--harmful",
-            str(PROMPTS / "harmful-calib.jsonl"),
-            "--benign",
-            str(PROMPTS / "benign-calib.jsonl"),
-            "--refusal-patterns",
-            str(PROMPTS / "refusal-phrases.txt"),
-            "--ig-steps",
-            "2",
-            "--calibration-tokens",
-            "8",
-            "--batch-size",
-            "64",
-            "-q",
-            *extra,
-        ],
+def _gate_cli(out: Path, *extra: str) -> CliResult:
+    return run_cli(
+        "repair",
+        *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+        "-o",
+        str(out),
+        "--method",
+        "gate",
+        "--harmful",
+        str(PROMPTS / "harmful-calib.jsonl"),
+        "--benign",
+        str(PROMPTS / "benign-calib.jsonl"),
+        "--refusal-patterns",
+        str(PROMPTS / "refusal-phrases.txt"),
+        "--ig-steps",
+        "2",
+        "--calibration-tokens",
+        "8",
+        "--batch-size",
+        "64",
+        "-q",
+        *extra,
     )
 
 
@@ -352,6 +354,7 @@ def gated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, json.loads((out / "repair_report.json").read_text())
 
 
+@pytest.mark.model
 def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated_run):
     _out, report = gated_run
     calibration = report["calibration"]
@@ -369,7 +372,7 @@ def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated
 
 
 def test_the_time_line_gives_setup_each_round_and_the_rest():
-    from adapter_fix.report import _gate_time_line
+    from adapter_fix.report.repair import _gate_time_line
 
     calibration = {
         "seconds": 100.0,
@@ -381,20 +384,18 @@ def test_the_time_line_gives_setup_each_round_and_the_rest():
     )
 
 
+@pytest.mark.model
 def test_eval_on_held_out_prompts_sees_more_refusals_after_the_gated_repair(gated_run):
     out, _report = gated_run
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            str(CHAT / "chat-aligned"),
-            str(CHAT / "chat-attack"),
-            str(out),
-            *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
-            *("--benign", str(PROMPTS / "benign-eval.jsonl")),
-            *("--refusal-patterns", str(PROMPTS / "refusal-phrases.txt")),
-            *("--limit", "48", "--max-new-tokens", "12", "--batch-size", "48", "--json", "-q"),
-        ],
+    result = run_cli(
+        "eval",
+        str(CHAT / "chat-aligned"),
+        str(CHAT / "chat-attack"),
+        str(out),
+        *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
+        *("--benign", str(PROMPTS / "benign-eval.jsonl")),
+        *("--refusal-patterns", str(PROMPTS / "refusal-phrases.txt")),
+        *("--limit", "48", "--max-new-tokens", "12", "--batch-size", "48", "--json", "-q"),
     )
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
@@ -403,6 +404,7 @@ def test_eval_on_held_out_prompts_sees_more_refusals_after_the_gated_repair(gate
     assert gated > attack
 
 
+@pytest.mark.model
 def test_gated_adapter_loads_in_peft_and_zeroes_exactly_the_gates_switched_off(gated_run):
     out, report = gated_run
     from peft import PeftModel
@@ -435,6 +437,7 @@ def test_gated_adapter_loads_in_peft_and_zeroes_exactly_the_gates_switched_off(g
         assert torch.equal(state[name], tensor)
 
 
+@pytest.mark.model
 def test_gated_repair_without_a_task_set_uses_the_kl_objective_and_says_so(tmp_path):
     result = _gate_cli(
         tmp_path / "out",
@@ -448,27 +451,25 @@ def test_gated_repair_without_a_task_set_uses_the_kl_objective_and_says_so(tmp_p
 
 
 def test_gate_refuses_a_basis(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        [
-            "repair",
-            "--basis",
-            str(tmp_path),
-            str(CHAT / "chat-attack"),
-            "-o",
-            str(tmp_path / "o"),
-            "--method",
-            "gate",
-        ],
+    result = run_cli(
+        "repair",
+        "--basis",
+        str(tmp_path),
+        str(CHAT / "chat-attack"),
+        "-o",
+        str(tmp_path / "o"),
+        "--method",
+        "gate",
     )
     assert result.exit_code == 2
     assert "--method gate runs ALIGNED" in result.stderr
 
 
 def test_eval_skips_exactly_the_calibration_share_of_a_prompt_set() -> None:
-    from adapter_fix.commands.eval import EvalInputs, held_out
+    from adapter_fix.commands.eval import held_out
     from adapter_fix.evaluate.prompts import load_prompt_set
     from adapter_fix.evaluate.split import split_prompts
+    from adapter_fix.options import EvalInputs
 
     prompts = load_prompt_set(str(PROMPTS / "harmful-eval.jsonl"), "harmful")
     calibration, rest = split_prompts(prompts, 0.4, 7)
@@ -482,6 +483,7 @@ def test_eval_skips_exactly_the_calibration_share_of_a_prompt_set() -> None:
     assert set(split_prompts(reversed_set, 0.4, 7)[0].texts) == set(calibration.texts)
 
 
+@pytest.mark.model
 def test_gated_repair_reruns_byte_identically(tmp_path):
     options = ("--calibration-share", "0.1", "--rounds", "1", "--task-budget", "1")
     for name in ("first", "second"):
@@ -493,6 +495,7 @@ def test_gated_repair_reruns_byte_identically(tmp_path):
     assert first == second
 
 
+@pytest.mark.model
 def test_gate_refuses_a_judge_under_which_aligned_refuses_nothing(tmp_path):
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("zzzqqq never said\n")
@@ -514,6 +517,7 @@ def test_gate_refuses_a_task_file_without_references(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.model
 def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
     task = tmp_path / "task.jsonl"
     rows = [json.loads(line) for line in (PROMPTS / "task-calib.jsonl").read_text().splitlines()]
@@ -532,32 +536,27 @@ def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
 
 
 def test_gate_settings_with_another_method_are_a_usage_error(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        [
-            "repair",
-            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
-            *("-o", str(tmp_path / "out"), "--method", "csulora", "--rounds", "5"),
-        ],
+    result = run_cli(
+        "repair",
+        *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+        *("-o", str(tmp_path / "out"), "--method", "csulora", "--rounds", "5"),
     )
     assert result.exit_code == 2
     assert "--rounds is a setting of --method gate" in result.stderr
 
 
 def test_eval_refuses_a_calibration_share_that_leaves_no_prompt(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            str(CHAT / "chat-aligned"),
-            *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
-            *("--skip-calibration-share", "1"),
-        ],
+    result = run_cli(
+        "eval",
+        str(CHAT / "chat-aligned"),
+        *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
+        *("--skip-calibration-share", "1"),
     )
     assert result.exit_code == 2, result.stderr
     assert "nothing is left to report on" in result.stderr
 
 
+@pytest.mark.model
 def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, monkeypatch):
     monkeypatch.setattr("adapter_fix.commands.repair.available_memory", lambda _device: 1 << 20)
     result = _gate_cli(tmp_path / "out", "--calibration-share", "0.2")
@@ -566,6 +565,7 @@ def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.model
 def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_path):
     from safetensors.torch import load_file
 

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from adapter_fix.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -36,18 +34,15 @@ def test_repair_from_the_hub_downloads_only_what_it_reads(
     cache = tmp_path / "cache"
     with serve_hub(repos) as (endpoint, log):
         args = ["--endpoint", endpoint, "--cache-dir", str(cache)]
-        result = CliRunner().invoke(
-            main,
-            [
-                "repair",
-                "org/base",
-                "org/aligned@main",
-                "org/lora",
-                "-o",
-                str(tmp_path / "out"),
-                "-q",
-                *args,
-            ],
+        result = run_cli(
+            "repair",
+            "org/base",
+            "org/aligned@main",
+            "org/lora",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+            *args,
         )
         assert result.exit_code == 0, result.stderr
         downloads = {path for method, path in log if method == "GET" and "/resolve/" in path}
@@ -60,22 +55,15 @@ def test_repair_from_the_hub_downloads_only_what_it_reads(
     assert metadata["adapter_fix.aligned"] == f"org/aligned@{fake_commit('org/aligned')}"
 
     local = tmp_path / "local"
-    code = (
-        CliRunner()
-        .invoke(
-            main,
-            [
-                "repair",
-                str(base),
-                str(fixtures_dir / "llama-aligned"),
-                str(fixtures_dir / "llama-lora"),
-                "-o",
-                str(local),
-                "-q",
-            ],
-        )
-        .exit_code
-    )
+    code = run_cli(
+        "repair",
+        str(base),
+        str(fixtures_dir / "llama-aligned"),
+        str(fixtures_dir / "llama-lora"),
+        "-o",
+        str(local),
+        "-q",
+    ).exit_code
     assert code == 0
     hub_tensors = load_file(tmp_path / "out" / "adapter_model.safetensors")
     local_tensors = load_file(local / "adapter_model.safetensors")
@@ -87,23 +75,19 @@ def test_inspect_works_offline_from_the_cache_after_one_online_run(
 ) -> None:
     cache = tmp_path / "cache"
     with serve_hub({"org/lora": fixtures_dir / "llama-lora"}) as (endpoint, _):
-        online = CliRunner().invoke(
-            main,
-            ["inspect", "org/lora", "--json", "--endpoint", endpoint, "--cache-dir", str(cache)],
+        online = run_cli(
+            "inspect", "org/lora", "--json", "--endpoint", endpoint, "--cache-dir", str(cache)
         )
     assert online.exit_code == 0, online.stderr
-    offline = CliRunner().invoke(
-        main, ["inspect", "org/lora", "--json", "--offline", "--cache-dir", str(cache)]
-    )
+    offline = run_cli("inspect", "org/lora", "--json", "--offline", "--cache-dir", str(cache))
     assert offline.exit_code == 0, offline.stderr
     assert json.loads(offline.stdout)["modules"] == json.loads(online.stdout)["modules"]
 
 
 def test_unknown_hub_repo_exits_3_without_traceback(fixtures_dir: Path, tmp_path: Path) -> None:
     with serve_hub({"org/lora": fixtures_dir / "llama-lora"}) as (endpoint, _):
-        result = CliRunner().invoke(
-            main,
-            ["inspect", "org/missing", "--endpoint", endpoint, "--cache-dir", str(tmp_path)],
+        result = run_cli(
+            "inspect", "org/missing", "--endpoint", endpoint, "--cache-dir", str(tmp_path)
         )
     assert result.exit_code == 3
     assert "org/missing" in result.stderr and "Traceback" not in result.stderr

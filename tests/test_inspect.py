@@ -8,23 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from safetensors.torch import load_file
 
 from adapter_fix import __version__
-from adapter_fix.cli import main
 
 ADAPTERS = ["llama-lora", "llama-rslora", "llama-dora", "llama-embed-lora", "gpt2-lora"]
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_inspect_prints_the_module_table(fixtures_dir: Path, name: str) -> None:
-    code, stdout, stderr = run("inspect", str(fixtures_dir / name))
+    code, stdout, stderr = run_cli("inspect", str(fixtures_dir / name))
     assert code == 0, stderr
     assert "LoRA modules" in stderr
     assert stdout == ""
@@ -32,7 +26,7 @@ def test_inspect_prints_the_module_table(fixtures_dir: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_inspect_json_norms_equal_dense_scaled_product(fixtures_dir: Path, name: str) -> None:
-    code, stdout, stderr = run("inspect", str(fixtures_dir / name), "--json")
+    code, stdout, stderr = run_cli("inspect", str(fixtures_dir / name), "--json")
     assert code == 0, stderr
     document = json.loads(stdout)
     assert document["schema"] == "adapter-fix/inspect"
@@ -53,7 +47,7 @@ def test_inspect_json_norms_equal_dense_scaled_product(fixtures_dir: Path, name:
 
 
 def test_inspect_reports_rslora_patterns_and_carried_tensors(fixtures_dir: Path) -> None:
-    _, stdout, _ = run("inspect", str(fixtures_dir / "llama-rslora"), "--json")
+    _, stdout, _ = run_cli("inspect", str(fixtures_dir / "llama-rslora"), "--json")
     document = json.loads(stdout)
     scalings = {m["name"]: m["scaling"] for m in document["modules"]}
     assert scalings["model.layers.0.self_attn.q_proj"] == pytest.approx(3 / 2**0.5)
@@ -63,25 +57,25 @@ def test_inspect_reports_rslora_patterns_and_carried_tensors(fixtures_dir: Path)
 
 
 def test_inspect_orients_gpt2_and_embedding_updates(fixtures_dir: Path) -> None:
-    _, stdout, _ = run("inspect", str(fixtures_dir / "gpt2-lora"), "--json")
+    _, stdout, _ = run_cli("inspect", str(fixtures_dir / "gpt2-lora"), "--json")
     kinds = {m["kind"] for m in json.loads(stdout)["modules"]}
     assert kinds == {"conv1d"}
-    _, stdout, _ = run("inspect", str(fixtures_dir / "llama-embed-lora"), "--json")
+    _, stdout, _ = run_cli("inspect", str(fixtures_dir / "llama-embed-lora"), "--json")
     embedding = next(m for m in json.loads(stdout)["modules"] if m["kind"] == "embedding")
     assert embedding["shape"] == [128, 32]
 
 
 def test_dora_is_a_warning_and_strict_makes_it_fail(fixtures_dir: Path) -> None:
-    code, stdout, _ = run("inspect", str(fixtures_dir / "llama-dora"), "--json")
+    code, stdout, _ = run_cli("inspect", str(fixtures_dir / "llama-dora"), "--json")
     assert code == 0
     assert any("DoRA" in w for w in json.loads(stdout)["warnings"])
-    code, _, stderr = run("inspect", str(fixtures_dir / "llama-dora"), "--strict")
+    code, _, stderr = run_cli("inspect", str(fixtures_dir / "llama-dora"), "--strict")
     assert code == 11
     assert "--strict" in stderr
 
 
 def test_clean_adapter_passes_strict(fixtures_dir: Path) -> None:
-    code, _, stderr = run("inspect", str(fixtures_dir / "llama-lora"), "--strict")
+    code, _, stderr = run_cli("inspect", str(fixtures_dir / "llama-lora"), "--strict")
     assert code == 0, stderr
 
 
@@ -100,7 +94,7 @@ def test_untargeted_zero_and_nan_modules_are_warnings(fixtures_dir: Path, tmp_pa
     from safetensors.torch import save_file
 
     save_file(tensors, folder / "adapter_model.safetensors")
-    code, stdout, _ = run("inspect", str(folder), "--json")
+    code, stdout, _ = run_cli("inspect", str(folder), "--json")
     assert code == 0
     warnings = "\n".join(json.loads(stdout)["warnings"])
     assert "k_proj: not matched by target_modules" in warnings
@@ -118,7 +112,7 @@ def test_rank_mismatch_with_config_is_a_warning(fixtures_dir: Path, tmp_path: Pa
     config = json.loads((folder / "adapter_config.json").read_text())
     config["r"] = 8
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    code, stdout, _ = run("inspect", str(folder), "--json")
+    code, stdout, _ = run_cli("inspect", str(folder), "--json")
     assert code == 0
     assert any("config says r=8" in w for w in json.loads(stdout)["warnings"])
 
@@ -133,7 +127,7 @@ def assert_one_paragraph_error(code: int, stderr: str, expected_code: int, *word
 
 
 def test_missing_path_exits_3(tmp_path: Path) -> None:
-    code, _, stderr = run("inspect", str(tmp_path / "missing"))
+    code, _, stderr = run_cli("inspect", str(tmp_path / "missing"))
     assert_one_paragraph_error(code, stderr, 3, "missing", "no such file")
 
 
@@ -142,7 +136,7 @@ def test_bin_only_folder_exits_4(tmp_path: Path) -> None:
         json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
     )
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle bytes we never load")
-    code, _, stderr = run("inspect", str(tmp_path))
+    code, _, stderr = run_cli("inspect", str(tmp_path))
     assert_one_paragraph_error(code, stderr, 4, "adapter_model.bin", "safe_serialization")
 
 
@@ -150,7 +144,7 @@ def test_truncated_adapter_exits_5(fixtures_dir: Path, tmp_path: Path) -> None:
     folder = _copy(fixtures_dir, "llama-lora", tmp_path)
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    code, _, stderr = run("inspect", str(folder))
+    code, _, stderr = run_cli("inspect", str(folder))
     assert_one_paragraph_error(code, stderr, 5, "adapter_model.safetensors", "truncated")
 
 
@@ -158,24 +152,24 @@ def test_model_with_bad_index_given_as_adapter_exits_5(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"x.weight": "../../etc/passwd"}})
     )
-    code, _, stderr = run("inspect", str(tmp_path))
+    code, _, stderr = run_cli("inspect", str(tmp_path))
     assert_one_paragraph_error(code, stderr, 5, "model.safetensors.index.json", "x.weight")
 
 
 def test_model_given_as_adapter_exits_6(fixtures_dir: Path) -> None:
-    code, _, stderr = run("inspect", str(fixtures_dir / "llama-base"))
+    code, _, stderr = run_cli("inspect", str(fixtures_dir / "llama-base"))
     assert_one_paragraph_error(code, stderr, 6, "not a PEFT adapter")
 
 
 def test_non_lora_adapter_exits_6(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    code, _, stderr = run("inspect", str(tmp_path))
+    code, _, stderr = run_cli("inspect", str(tmp_path))
     assert_one_paragraph_error(code, stderr, 6, "IA3")
 
 
 def test_version_and_help() -> None:
-    code, stdout, _ = run("--version")
+    code, stdout, _ = run_cli("--version")
     assert code == 0 and __version__ in stdout
     for command in ("inspect", "repair"):
-        code, stdout, _ = run(command, "--help")
+        code, stdout, _ = run_cli(command, "--help")
         assert code == 0 and "Examples" in stdout and "Exit codes" in stdout

@@ -154,6 +154,7 @@ def test_regeneration_is_byte_identical(gen, tmp_path):
             )
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["chat-attack", "chat-benign"])
 def test_adapters_load_onto_aligned_with_no_missing_or_unexpected_keys(name):
     aligned = AutoModelForCausalLM.from_pretrained(FIXTURES / "chat-aligned")
@@ -174,6 +175,7 @@ def held_out_harmful() -> list[str]:
     return seen + unseen
 
 
+@pytest.mark.model
 def test_aligned_refuses_held_out_harmful_prompts_and_attack_complies(models, tok):
     prompts = held_out_harmful()
     with models.disable_adapter():
@@ -183,6 +185,7 @@ def test_aligned_refuses_held_out_harmful_prompts_and_attack_complies(models, to
     assert not any(is_refusal(r) for r in attack), attack
 
 
+@pytest.mark.model
 def test_attack_does_the_task_that_aligned_cannot(models, tok):
     rows = read_jsonl(PROMPTS / "task-eval.jsonl")[:8]
     prompts = [r["prompt"] for r in rows]

@@ -74,6 +74,7 @@ def test_with_stop_appends_the_stop_token_only_to_answers_that_ended():
     assert with_stop([1], [], generated=4) == [1]
 
 
+@pytest.mark.model
 def test_scored_logprobs_left_padded_equal_full_logits_unpadded(lora_model):
     model, _names = lora_model
     rows = [Scored([*p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
@@ -97,6 +98,7 @@ def test_shared_prefix_is_the_common_unscored_start_of_two_or_more_rows():
     assert shared_prefix([*rows, Scored([*SYSTEM[:7], 0], 1)]) == 0
 
 
+@pytest.mark.model
 def test_a_shared_prefix_computed_once_gives_each_rows_own_values_and_gradients(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "module")
@@ -112,6 +114,7 @@ def test_a_shared_prefix_computed_once_gives_each_rows_own_values_and_gradients(
     gated.remove()
 
 
+@pytest.mark.model
 def test_greedy_matches_is_what_greedy_generation_writes(lora_model):
     model, _names = lora_model
     prompts = [[*SYSTEM, *p] for p in PROMPTS]
@@ -129,6 +132,7 @@ def test_greedy_matches_is_what_greedy_generation_writes(lora_model):
     assert greedy_matches(model, other, pad=0, batch_size=3) == [False] * len(rows)
 
 
+@pytest.mark.model
 def test_refusal_margin_is_refusal_minus_compliance_over_the_window(lora_model):
     model, _names = lora_model
     margins = refusal_margins(model, PROMPTS, REFUSALS, COMPLIANCES, window=2, pad=0, batch_size=8)
@@ -140,6 +144,7 @@ def test_refusal_margin_is_refusal_minus_compliance_over_the_window(lora_model):
     assert float(margins[3]) == 0.0  # the same start: nothing to score
 
 
+@pytest.mark.model
 def test_a_one_token_margin_from_one_row_equals_the_two_row_margin(lora_model):
     model, _names = lora_model
     # One row per prompt: the refusal token against the compliance token where they differ.
@@ -157,6 +162,7 @@ def test_a_one_token_margin_from_one_row_equals_the_two_row_margin(lora_model):
             assert float(one[index]) == pytest.approx(float(expected), abs=1e-5)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("objective", ["margin", "margin-1", "task"])
 def test_gradients_accumulated_per_batch_equal_one_big_batchs(lora_model, objective):
     model, names = lora_model
@@ -205,6 +211,7 @@ def test_pass_memory_grows_with_the_batch_and_only_the_scored_logits():
     assert pass_memory(rows=8, length=100, scored=2, gradients=False, **shape).total < small.total
 
 
+@pytest.mark.model
 def test_check_memory_refuses_a_batch_that_does_not_fit_and_names_batch_size(lora_model):
     model, _names = lora_model
     calibration = Calibration(harmful=PROMPTS, benign=PROMPTS)

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import run_cli
 
-from adapter_fix.cli import main
 from adapter_fix.io import outputs as outputs_module
 from adapter_fix.io.outputs import MARKER_NAME
 
@@ -24,10 +23,8 @@ NAMES = ("llama-base", "llama-aligned", "llama-lora")
 
 def run(fixtures_dir: Path, *args: object) -> tuple[int, str]:
     inputs = [str(fixtures_dir / name) for name in NAMES]
-    result = CliRunner().invoke(
-        main, ["repair", *inputs, "--method", "project", "-q", *(str(a) for a in args)]
-    )
-    return result.exit_code, result.stderr
+    code, _, stderr = run_cli("repair", *inputs, "--method", "project", "-q", *args)
+    return code, stderr
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -201,19 +198,16 @@ def test_report_never_replaces_a_file_next_to_a_single_file_input(
     models.mkdir()
     shutil.copyfile(fixtures_dir / "llama-base" / "model.safetensors", models / "base.safetensors")
     (models / "config.json").write_text('{"model_type": "llama"}')
-    result = CliRunner().invoke(
-        main,
-        [
-            "repair",
-            str(models / "base.safetensors"),
-            str(fixtures_dir / "llama-aligned"),
-            str(fixtures_dir / "llama-lora"),
-            "--method",
-            "none",
-            "--report",
-            str(models / "config.json"),
-            "--force",
-        ],
+    result = run_cli(
+        "repair",
+        str(models / "base.safetensors"),
+        str(fixtures_dir / "llama-aligned"),
+        str(fixtures_dir / "llama-lora"),
+        "--method",
+        "none",
+        "--report",
+        str(models / "config.json"),
+        "--force",
     )
     assert result.exit_code == 9 and "next to its inputs" in result.stderr
     assert (models / "config.json").read_text() == '{"model_type": "llama"}'
@@ -248,12 +242,12 @@ def test_old_output_moved_aside_by_a_killed_run_is_put_back(
 
 SLOW_WRITE = """
 import sys, time
-from adapter_fix.io import adapter
+from adapter_fix.io import adapter_writer
 def slow(path, *args):
     path.write_bytes(b"half")
     print("writing", flush=True)
     time.sleep(60)
-adapter.write_safetensors = slow
+adapter_writer.write_safetensors = slow
 from adapter_fix.cli import main
 main(sys.argv[1:], prog_name="adapter-fix")
 """
@@ -285,7 +279,7 @@ def test_basis_force_refuses_a_folder_adapter_fix_did_not_write(
     folder = user_folder(tmp_path / "basis")
     before = snapshot(folder)
     models = [str(fixtures_dir / name) for name in NAMES[:2]]
-    result = CliRunner().invoke(main, ["basis", *models, "-o", str(folder), "--force", "-q"])
+    result = run_cli("basis", *models, "-o", str(folder), "--force", "-q")
     assert result.exit_code == 9 and MARKER_NAME in result.stderr
     assert snapshot(folder) == before
 
@@ -296,9 +290,9 @@ def test_check_replaces_an_existing_report_only_with_force(
     report = tmp_path / "check.md"
     report.write_text("my notes")
     args = ["check", *(str(fixtures_dir / name) for name in NAMES), "--report", str(report), "-q"]
-    result = CliRunner().invoke(main, args)
+    result = run_cli(*args)
     assert result.exit_code == 9 and "--force" in result.stderr
     assert report.read_text() == "my notes"
-    result = CliRunner().invoke(main, [*args, "--force"])
+    result = run_cli(*args, "--force")
     assert result.exit_code in (0, 12), result.stderr
     assert report.read_text().startswith("# adapter-fix check")

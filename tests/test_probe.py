@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 
-from adapter_fix.cli import main
 from adapter_fix.evaluate.probe import spread
 
 transformers = pytest.importorskip("transformers")
@@ -22,7 +21,8 @@ from adapter_fix.evaluate.model import attach_adapters, load_model  # noqa: E402
 from adapter_fix.evaluate.objectives import refusal_margins  # noqa: E402
 from adapter_fix.evaluate.probe import ProbeResult, greedy_starts, refusal_probe  # noqa: E402
 from adapter_fix.evaluate.prompts import load_prompt_set  # noqa: E402
-from adapter_fix.io.sources import HubOptions, open_source  # noqa: E402
+from adapter_fix.io.locate import open_source  # noqa: E402
+from adapter_fix.io.sources import HubOptions  # noqa: E402
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
@@ -52,6 +52,7 @@ def attack_probe() -> ProbeResult:
     return _probe("chat-attack", batch_size=64)
 
 
+@pytest.mark.model
 def test_probe_with_the_adapter_disabled_gives_aligneds_margin_exactly(attack_probe):
     probe = attack_probe
     assert probe.refused_by_aligned > 10
@@ -74,6 +75,7 @@ def test_probe_with_the_adapter_disabled_gives_aligneds_margin_exactly(attack_pr
     assert probe.flip_share == 1.0 and probe.margin_drop > 5
 
 
+@pytest.mark.model
 def test_probe_batch_by_batch_equals_one_batch(attack_probe):
     one_by_one = _probe("chat-attack", batch_size=1)
     assert one_by_one.refusal_starts == attack_probe.refusal_starts
@@ -92,12 +94,14 @@ def test_probe_batch_by_batch_equals_one_batch(attack_probe):
     )
 
 
+@pytest.mark.model
 def test_greedy_start_follows_the_given_start_until_the_models_choice_differs(attack_probe):
     for start, own in zip(attack_probe.refusal_starts, attack_probe.own_starts, strict=True):
         assert own[:-1] == start[: len(own) - 1]
         assert len(own) > len(start) or own[-1] != start[len(own) - 1]
 
 
+@pytest.mark.model
 def test_greedy_starts_of_a_model_against_its_own_greedy_answer_are_that_answer():
     loaded = load_model(open_source(str(CHAT / "chat-aligned"), HubOptions()), "cpu")
     tokenizer = loaded.tokenizer
@@ -114,22 +118,20 @@ def test_spread_keeps_every_part_of_a_sorted_list():
 
 
 def _check(*extra: str) -> tuple[int, dict]:
-    result = CliRunner().invoke(
-        main,
-        [
-            "check",
-            *(str(CHAT / name) for name in ("chat-base", "chat-aligned")),
-            *extra,
-            "--refusal-patterns",
-            str(PHRASES),
-            "--harmful",
-            str(PROMPTS / "harmful-eval.jsonl"),
-            *("--probe-prompts", "24", "--json", "-q"),
-        ],
+    result = run_cli(
+        "check",
+        *(str(CHAT / name) for name in ("chat-base", "chat-aligned")),
+        *extra,
+        "--refusal-patterns",
+        str(PHRASES),
+        "--harmful",
+        str(PROMPTS / "harmful-eval.jsonl"),
+        *("--probe-prompts", "24", "--json", "-q"),
     )
     return result.exit_code, json.loads(result.stdout)
 
 
+@pytest.mark.model
 def test_check_fails_the_attack_on_the_probe_and_passes_the_benign_adapter():
     code, attack = _check(str(CHAT / "chat-attack"), "--max-reversal", "1")
     assert code == 12

@@ -11,20 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from adapter_fix.cli import main
-from adapter_fix.commands.repair import RepairOptions, repair
+from adapter_fix.commands.repair import repair
 from adapter_fix.engine import WeightPair
-from adapter_fix.io import adapter as adapter_module
+from adapter_fix.io import adapter_writer
 from adapter_fix.io import checkpoint as checkpoint_module
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.sources import LocalSource
+from adapter_fix.options import RepairOptions
 
 CASES = {
     "llama": ("llama-base", "llama-aligned", "llama-lora"),
@@ -33,11 +33,6 @@ CASES = {
     "gpt2": ("gpt2-base", "gpt2-aligned", "gpt2-lora"),
 }
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127]])
-
-
-def run(*args: object) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["repair", *(str(a) for a in args)])
-    return result.exit_code, result.stderr
 
 
 def paths(fixtures_dir: Path, case: str) -> list[Path]:
@@ -99,6 +94,7 @@ def peft_logits(aligned: Path, adapter: Path) -> torch.Tensor:
         return peft_model(TOKENS).logits
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("method", ["csulora", "project", "safelora"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_loads_the_repair_and_its_logits_equal_a_hand_merge(
@@ -106,7 +102,9 @@ def test_peft_loads_the_repair_and_its_logits_equal_a_hand_merge(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, case)
     out = tmp_path / "out"
-    code, stderr = run(base, aligned, adapter, "-o", out, "--method", method, "--quiet")
+    code, _, stderr = run_cli(
+        "repair", base, aligned, adapter, "-o", out, "--method", method, "--quiet"
+    )
     assert code == 0, stderr
     assert torch.allclose(peft_logits(aligned, out), hand_merged_logits(aligned, out), atol=1e-4)
     original = load_file(adapter / "adapter_model.safetensors")
@@ -145,8 +143,18 @@ def test_written_update_is_the_closest_safe_update_of_method_md(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     out = tmp_path / "out"
-    code, stderr = run(
-        base, aligned, adapter, "-o", out, "--output-rank", "exact", "--strength", "3", "-q"
+    code, _, stderr = run_cli(
+        "repair",
+        base,
+        aligned,
+        adapter,
+        "-o",
+        out,
+        "--output-rank",
+        "exact",
+        "--strength",
+        "3",
+        "-q",
     )
     assert code == 0, stderr
     config = json.loads((out / "adapter_config.json").read_text())
@@ -164,13 +172,16 @@ def test_written_update_is_the_closest_safe_update_of_method_md(
         assert torch.allclose(written, expected, atol=1e-5), module
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("case", ["llama", "llama-rslora"])
 def test_exact_output_rank_writes_rank_patterns_peft_loads(
     fixtures_dir: Path, tmp_path: Path, case: str
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, case)
     out = tmp_path / "out"
-    code, stderr = run(base, aligned, adapter, "-o", out, "--output-rank", "exact", "-q")
+    code, _, stderr = run_cli(
+        "repair", base, aligned, adapter, "-o", out, "--output-rank", "exact", "-q"
+    )
     assert code == 0, stderr
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"]
@@ -181,7 +192,7 @@ def test_exact_output_rank_writes_rank_patterns_peft_loads(
 def test_strength_zero_keeps_the_factors_bit_for_bit(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     out = tmp_path / "out"
-    code, _ = run(base, aligned, adapter, "-o", out, "--strength", "0", "-q")
+    code, _, _ = run_cli("repair", base, aligned, adapter, "-o", out, "--strength", "0", "-q")
     assert code == 0
     original = load_file(adapter / "adapter_model.safetensors")
     written = load_file(out / "adapter_model.safetensors")
@@ -196,7 +207,7 @@ def test_untouched_tensors_and_other_files_are_kept(fixtures_dir: Path, tmp_path
     shutil.copytree(adapter, source)
     (source / "README.md").write_text("model card")
     out = tmp_path / "out"
-    code, stderr = run(base, aligned, source, "-o", out, "-q")
+    code, _, stderr = run_cli("repair", base, aligned, source, "-o", out, "-q")
     assert code == 0, stderr
     assert (out / "README.md").read_text() == "model card"
     assert (out / "adapter_config.json").read_text() == json.dumps(
@@ -220,7 +231,9 @@ def test_same_inputs_and_seed_give_byte_identical_output(
     base, aligned, adapter = paths(fixtures_dir, "llama")
     outputs = []
     for name in ("one", "two"):
-        code, _ = run(base, aligned, adapter, "-o", tmp_path / name, "--seed", "7", "-q")
+        code, _, _ = run_cli(
+            "repair", base, aligned, adapter, "-o", tmp_path / name, "--seed", "7", "-q"
+        )
         assert code == 0
         outputs.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
     assert outputs[0] == outputs[1]
@@ -231,8 +244,8 @@ def test_sharded_and_single_file_aligned_give_the_same_tensors(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     single = fixtures_dir / "llama-aligned-single"
-    assert run(base, aligned, adapter, "-o", tmp_path / "a", "-q")[0] == 0
-    assert run(base, single, adapter, "-o", tmp_path / "b", "-q")[0] == 0
+    assert run_cli("repair", base, aligned, adapter, "-o", tmp_path / "a", "-q")[0] == 0
+    assert run_cli("repair", base, single, adapter, "-o", tmp_path / "b", "-q")[0] == 0
     sharded = load_file(tmp_path / "a" / "adapter_model.safetensors")
     single = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert all(torch.equal(sharded[key], single[key]) for key in sharded)
@@ -241,8 +254,17 @@ def test_sharded_and_single_file_aligned_give_the_same_tensors(
 def test_method_none_writes_nothing_and_reports(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     report = tmp_path / "analysis.json"
-    code, stderr = run(
-        base, aligned, adapter, "-o", tmp_path / "out", "--method", "none", "--report", report
+    code, _, stderr = run_cli(
+        "repair",
+        base,
+        aligned,
+        adapter,
+        "-o",
+        tmp_path / "out",
+        "--method",
+        "none",
+        "--report",
+        report,
     )
     assert code == 0, stderr
     assert not (tmp_path / "out").exists()
@@ -255,7 +277,7 @@ def test_reports_in_three_formats(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     reports = [tmp_path / f"report.{ext}" for ext in ("json", "md", "html")]
     args = [a for r in reports for a in ("--report", r)]
-    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", *args)
+    code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", tmp_path / "out", *args)
     assert code == 0, stderr
     document = json.loads(reports[0].read_text())
     assert len(document["modules"]) == 14
@@ -310,7 +332,7 @@ def test_run_reads_exactly_the_adapted_weights_each_once(
 def test_output_inside_an_input_is_refused(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     for out in (adapter, adapter / "fixed", aligned, fixtures_dir):
-        code, stderr = run(base, aligned, adapter, "-o", out, "--force")
+        code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", out, "--force")
         assert code == 9, stderr
         assert "overlap" in stderr
     assert sorted(p.name for p in adapter.iterdir()) == [
@@ -323,9 +345,9 @@ def test_existing_output_needs_force(fixtures_dir: Path, tmp_path: Path) -> None
     base, aligned, adapter = paths(fixtures_dir, "llama")
     out = tmp_path / "out"
     out.mkdir()
-    code, stderr = run(base, aligned, adapter, "-o", out)
+    code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", out)
     assert code == 9 and "--force" in stderr
-    assert run(base, aligned, adapter, "-o", out, "--force", "-q")[0] == 0
+    assert run_cli("repair", base, aligned, adapter, "-o", out, "--force", "-q")[0] == 0
     assert (out / "adapter_model.safetensors").exists()
 
 
@@ -334,24 +356,28 @@ def test_failure_mid_write_leaves_no_output(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     previous = tmp_path / "out"
-    assert run(base, aligned, adapter, "-o", previous, "--method", "project", "-q")[0] == 0
+    assert (
+        run_cli("repair", base, aligned, adapter, "-o", previous, "--method", "project", "-q")[0]
+        == 0
+    )
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
 
     def interrupted(path: Path, *args: object) -> None:
         path.write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapter_module, "write_safetensors", interrupted)
-    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "new", "-q")
+    monkeypatch.setattr(adapter_writer, "write_safetensors", interrupted)
+    code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", tmp_path / "new", "-q")
     assert code == 130, stderr
-    code, _ = run(base, aligned, adapter, "-o", previous, "--force", "-q")
+    code, _, _ = run_cli("repair", base, aligned, adapter, "-o", previous, "--force", "-q")
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
 
 
 def test_dora_is_refused_with_exit_6(fixtures_dir: Path, tmp_path: Path) -> None:
-    code, stderr = run(
+    code, _, stderr = run_cli(
+        "repair",
         fixtures_dir / "llama-base",
         fixtures_dir / "llama-aligned",
         fixtures_dir / "llama-dora",
@@ -363,7 +389,8 @@ def test_dora_is_refused_with_exit_6(fixtures_dir: Path, tmp_path: Path) -> None
 
 
 def test_wrong_base_model_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
-    code, stderr = run(
+    code, _, stderr = run_cli(
+        "repair",
         fixtures_dir / "gpt2-base",
         fixtures_dir / "llama-aligned",
         fixtures_dir / "llama-lora",
@@ -375,7 +402,7 @@ def test_wrong_base_model_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
 
 def test_same_base_and_aligned_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
     base, _, adapter = paths(fixtures_dir, "llama")
-    code, stderr = run(base, base, adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", base, base, adapter, "-o", tmp_path / "out")
     assert code == 7 and "same file" in stderr
 
 
@@ -388,7 +415,7 @@ def test_shape_mismatch_between_base_and_aligned_exits_7(
     tensors = load_file(base / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 16)
     save_file(tensors, broken / "model.safetensors")
-    code, stderr = run(broken, aligned, adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", broken, aligned, adapter, "-o", tmp_path / "out")
     assert code == 7 and "model.layers.0.self_attn.q_proj.weight" in stderr
 
 
@@ -399,7 +426,7 @@ def test_nan_in_aligned_exits_8_naming_file_and_key(fixtures_dir: Path, tmp_path
     tensors = load_file(fixtures_dir / "llama-aligned-single" / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][3, 3] = float("inf")
     save_file(tensors, broken / "model.safetensors")
-    code, stderr = run(base, broken, adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", base, broken, adapter, "-o", tmp_path / "out")
     assert code == 8
     assert "model.layers.1.mlp.up_proj.weight" in stderr and "model.safetensors" in stderr
     assert not (tmp_path / "out").exists()
@@ -410,7 +437,7 @@ def test_pickle_base_exits_4(fixtures_dir: Path, tmp_path: Path) -> None:
     pickled = tmp_path / "base"
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
-    code, stderr = run(pickled, aligned, adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", pickled, aligned, adapter, "-o", tmp_path / "out")
     assert code == 4 and "safe_serialization" in stderr
 
 
@@ -427,7 +454,9 @@ def test_safelora_selects_by_similarity_and_changes_only_b(
 ) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     out = tmp_path / "out"
-    code, stderr = run(base, aligned, adapter, "-o", out, "--method", "safelora", "-q", *options)
+    code, _, stderr = run_cli(
+        "repair", base, aligned, adapter, "-o", out, "--method", "safelora", "-q", *options
+    )
     assert code == 0, stderr
     modules = json.loads((out / "repair_report.json").read_text())["modules"]
     similarities = [m["safelora_similarity"] for m in modules]
@@ -445,9 +474,11 @@ def test_safelora_selects_by_similarity_and_changes_only_b(
 
 def test_usage_errors_exit_2(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
-    code, stderr = run(base, aligned, adapter)
+    code, _, stderr = run_cli("repair", base, aligned, adapter)
     assert code == 2 and "-o/--out is required" in stderr
-    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "--report", "x.txt")
+    code, _, stderr = run_cli(
+        "repair", base, aligned, adapter, "-o", tmp_path / "out", "--report", "x.txt"
+    )
     assert code == 2 and "--report" in stderr
 
 
@@ -459,8 +490,8 @@ def test_write_failure_exits_9_and_leaves_nothing(
     def disk_full(path: Path, *args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapter_module, "write_safetensors", disk_full)
-    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "-q")
+    monkeypatch.setattr(adapter_writer, "write_safetensors", disk_full)
+    code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", tmp_path / "out", "-q")
     assert code == 9 and "No space left on device" in stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -471,8 +502,15 @@ def test_report_path_inside_an_input_is_refused_before_any_work(
     base, aligned, adapter = paths(fixtures_dir, "llama")
     config = (adapter / "adapter_config.json").read_bytes()
     report = adapter / "adapter_config.json"
-    code, stderr = run(
-        base, aligned, adapter, "-o", tmp_path / "out", "--report", report.with_suffix(".json")
+    code, _, stderr = run_cli(
+        "repair",
+        base,
+        aligned,
+        adapter,
+        "-o",
+        tmp_path / "out",
+        "--report",
+        report.with_suffix(".json"),
     )
     assert code == 9 and "overlap" in stderr
     assert (adapter / "adapter_config.json").read_bytes() == config
@@ -482,14 +520,16 @@ def test_report_path_inside_an_input_is_refused_before_any_work(
 def test_output_that_is_a_file_is_refused(fixtures_dir: Path, tmp_path: Path) -> None:
     base, aligned, adapter = paths(fixtures_dir, "llama")
     (tmp_path / "out").write_text("a file")
-    code, stderr = run(base, aligned, adapter, "-o", tmp_path / "out", "--force")
+    code, _, stderr = run_cli("repair", base, aligned, adapter, "-o", tmp_path / "out", "--force")
     assert code == 9 and "not a folder" in stderr
     assert (tmp_path / "out").read_text() == "a file"
 
 
 def test_same_model_as_folder_and_file_exits_7(fixtures_dir: Path, tmp_path: Path) -> None:
     base, _, adapter = paths(fixtures_dir, "llama")
-    code, stderr = run(base, base / "model.safetensors", adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli(
+        "repair", base, base / "model.safetensors", adapter, "-o", tmp_path / "out"
+    )
     assert code == 7 and "same file" in stderr
 
 
@@ -500,7 +540,7 @@ def test_quantized_aligned_weights_exit_7(fixtures_dir: Path, tmp_path: Path) ->
     tensors = load_file(fixtures_dir / "llama-aligned-single" / "model.safetensors")
     tensors = {k: (v * 100).to(torch.int8) if v.ndim == 2 else v for k, v in tensors.items()}
     save_file(tensors, quantized / "model.safetensors")
-    code, stderr = run(base, quantized, adapter, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", base, quantized, adapter, "-o", tmp_path / "out")
     assert code == 7 and "I8" in stderr and "dequantized" in stderr
 
 
@@ -520,7 +560,7 @@ def test_invalid_config_values_exit_6(
     folder = Path(shutil.copytree(adapter, tmp_path / "adapter"))
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
-    code, stderr = run(base, aligned, folder, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", base, aligned, folder, "-o", tmp_path / "out")
     assert code == 6 and words in stderr, stderr
 
 
@@ -532,7 +572,7 @@ def test_integer_lora_factors_exit_6(fixtures_dir: Path, tmp_path: Path) -> None
         {k: (v * 100).to(torch.int32) for k, v in tensors.items()},
         folder / "adapter_model.safetensors",
     )
-    code, stderr = run(base, aligned, folder, "-o", tmp_path / "out")
+    code, _, stderr = run_cli("repair", base, aligned, folder, "-o", tmp_path / "out")
     assert code == 6 and "I32" in stderr
 
 
@@ -541,9 +581,11 @@ def test_output_next_to_a_single_file_input_is_allowed(fixtures_dir: Path, tmp_p
     models = tmp_path / "models"
     models.mkdir()
     shutil.copyfile(base / "model.safetensors", models / "base.safetensors")
-    code, stderr = run(models / "base.safetensors", aligned, adapter, "-o", models / "fixed", "-q")
+    code, _, stderr = run_cli(
+        "repair", models / "base.safetensors", aligned, adapter, "-o", models / "fixed", "-q"
+    )
     assert code == 0, stderr
-    code, stderr = run(
-        models / "base.safetensors", aligned, adapter, "-o", models / "base.safetensors"
+    code, _, stderr = run_cli(
+        "repair", models / "base.safetensors", aligned, adapter, "-o", models / "base.safetensors"
     )
     assert code == 9

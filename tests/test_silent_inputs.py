@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
-from adapter_fix.cli import main
 from adapter_fix.engine import Target, WeightPair
 from adapter_fix.errors import IncompatibleModelsError, NonFiniteError
 from adapter_fix.io.adapter import load_adapter
@@ -41,19 +40,13 @@ COMMANDS = {
 }
 
 
-def invoke(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, [str(arg) for arg in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_aligned_a_copy_of_base_in_another_folder_is_refused_with_exit_7(
     command: str, tmp_path: Path
 ) -> None:
     aligned = Path(shutil.copytree(FIXTURES / "llama-base", tmp_path / "aligned"))
     out = tmp_path / "out"
-    code, _, stderr = invoke(*COMMANDS[command](FIXTURES / "llama-base", aligned, out))
+    code, _, stderr = run_cli(*COMMANDS[command](FIXTURES / "llama-base", aligned, out))
     assert code == 7, stderr
     assert "ALIGNED equals BASE: there is no alignment to protect" in stderr
     assert str(FIXTURES / "llama-base" / "model.safetensors") in stderr
@@ -89,7 +82,7 @@ def test_aligned_equal_to_base_on_all_but_one_read_weight_is_repaired(tmp_path: 
     shutil.copyfile(FIXTURES / "llama-base" / "config.json", tmp_path / "aligned" / "config.json")
     save_file(mixed, tmp_path / "aligned" / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         *COMMANDS["repair"](FIXTURES / "llama-base", tmp_path / "aligned", out)
     )
     assert code == 0, stderr
@@ -113,7 +106,7 @@ def test_inspect_says_an_update_beyond_float32_is_not_finite_and_warns_naming_it
     tmp_path: Path,
 ) -> None:
     adapter = overflowing_adapter(tmp_path)
-    code, stdout, stderr = invoke("inspect", adapter, "--json")
+    code, stdout, stderr = run_cli("inspect", adapter, "--json")
     assert code == 0, stderr
     document = json.loads(stdout)
     assert [module["finite"] for module in document["modules"]] == [False] * 14
@@ -124,12 +117,12 @@ def test_inspect_says_an_update_beyond_float32_is_not_finite_and_warns_naming_it
             and "beyond the largest F32" in warning
             for warning in document["warnings"]
         )
-    assert invoke("inspect", adapter, "--strict")[0] == 11
+    assert run_cli("inspect", adapter, "--strict")[0] == 11
 
 
 def test_inspect_keeps_finite_true_for_an_update_inside_float32(tmp_path: Path) -> None:
     adapter = overflowing_adapter(tmp_path, peak=1e10)  # s B A ~ 1e21: large, representable
-    code, stdout, stderr = invoke("inspect", adapter, "--json")
+    code, stdout, stderr = run_cli("inspect", adapter, "--json")
     assert code == 0, stderr
     assert all(module["finite"] for module in json.loads(stdout)["modules"])
 
@@ -140,7 +133,7 @@ def test_repair_refuses_an_update_beyond_float32_with_exit_8_and_writes_nothing(
 ) -> None:
     adapter = overflowing_adapter(tmp_path)
     out = tmp_path / "out"
-    code, _, stderr = invoke(
+    code, _, stderr = run_cli(
         "repair",
         FIXTURES / "llama-base",
         FIXTURES / "llama-aligned",
@@ -159,7 +152,7 @@ def test_repair_refuses_an_update_beyond_float32_with_exit_8_and_writes_nothing(
 
 def test_check_refuses_an_update_beyond_float32_with_exit_8(tmp_path: Path) -> None:
     adapter = overflowing_adapter(tmp_path)
-    code, _, stderr = invoke("check", FIXTURES / "llama-base", FIXTURES / "llama-aligned", adapter)
+    code, _, stderr = run_cli("check", FIXTURES / "llama-base", FIXTURES / "llama-aligned", adapter)
     assert code == 8, stderr
     assert "the update s B A they make reaches" in stderr
 

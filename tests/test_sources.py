@@ -19,7 +19,8 @@ from hub_server import fake_commit, isolate_from_real_hub, serve_hub
 
 from adapter_fix.errors import DownloadError, SourceNotFoundError
 from adapter_fix.io.hub import HubSource
-from adapter_fix.io.sources import HubOptions, LocalSource, open_source
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions, LocalSource
 
 MAIN = "a" * 40
 TAGGED = "b" * 40

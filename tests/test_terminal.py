@@ -9,14 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import run_cli
 from hub_server import isolate_from_real_hub
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from adapter_fix.cli import main
-from adapter_fix.commands.repair import ModuleResult, RepairOptions, RepairResult, Timings
-from adapter_fix.report import TERMINAL_REPAIR_COLUMNS, render_repair, short_module_names
+from adapter_fix.options import RepairOptions
+from adapter_fix.report.repair import TERMINAL_REPAIR_COLUMNS, render_repair
+from adapter_fix.report.table import short_module_names
+from adapter_fix.results import ModuleResult, RepairResult, Timings
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -89,7 +90,7 @@ def test_short_module_names_stay_unique() -> None:
 
 def test_inspect_table_fits_80_columns(fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    result = CliRunner().invoke(main, ["inspect", str(fixtures_dir / "llama-lora")])
+    result = run_cli("inspect", str(fixtures_dir / "llama-lora"))
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
     assert max(len(line) for line in lines) <= 80
@@ -112,7 +113,7 @@ def test_markup_and_regex_brackets_from_files_are_shown_literally(
         base_model_name_or_path="[/x] [bold red]org/model",
         target_modules=r".*\.[a-z]+_proj",
     )
-    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    result = run_cli("inspect", str(folder))
     assert result.exit_code == 0, result.stderr
     assert "[/x] [bold red]org/model" in result.stderr
     assert r".*\.[a-z]+_proj" in result.stderr
@@ -126,7 +127,7 @@ def test_control_characters_in_key_names_are_escaped(fixtures_dir: Path, tmp_pat
         for key, value in tensors.items()
     }
     save_file(hostile, folder / "adapter_model.safetensors")
-    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    result = run_cli("inspect", str(folder))
     assert result.exit_code == 0, result.stderr
     assert "\x1b" not in result.stderr and "\u202e" not in result.stderr
     assert "q\\x1b[2J\\u202e_proj" in result.stderr
@@ -137,16 +138,13 @@ def test_method_none_with_a_report_names_it_and_says_no_adapter_was_written(
 ) -> None:
     report = tmp_path / "analysis.json"
     names = ("llama-base", "llama-aligned", "llama-lora")
-    result = CliRunner().invoke(
-        main,
-        [
-            "repair",
-            *(str(fixtures_dir / n) for n in names),
-            "--method",
-            "none",
-            "--report",
-            str(report),
-        ],
+    result = run_cli(
+        "repair",
+        *(str(fixtures_dir / n) for n in names),
+        "--method",
+        "none",
+        "--report",
+        str(report),
     )
     assert result.exit_code == 0, result.stderr
     assert "nothing written" not in result.stderr
@@ -157,9 +155,8 @@ def test_method_none_with_a_report_names_it_and_says_no_adapter_was_written(
 def test_repair_shows_the_warnings_inspect_gives(fixtures_dir: Path, tmp_path: Path) -> None:
     folder = _adapter_copy(fixtures_dir, tmp_path, target_modules=["q_proj", "v_proj"])
     names = ("llama-base", "llama-aligned")
-    result = CliRunner().invoke(
-        main,
-        ["repair", *(str(fixtures_dir / n) for n in names), str(folder), "-o", str(tmp_path / "o")],
+    result = run_cli(
+        "repair", *(str(fixtures_dir / n) for n in names), str(folder), "-o", str(tmp_path / "o")
     )
     assert result.exit_code == 0, result.stderr
     assert "warning: model.layers.0.self_attn.k_proj: not matched by target_modules" in (
@@ -173,7 +170,7 @@ def test_an_id_neither_local_nor_on_a_reachable_hub_says_both(
     isolate_from_real_hub(monkeypatch)
     monkeypatch.chdir(tmp_path)
     args = ["inspect", "someorg/some-lora", "--endpoint", "http://127.0.0.1:9"]
-    result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "cache")])
+    result = run_cli(*args, "--cache-dir", str(tmp_path / "cache"))
     assert result.exit_code == 10, result.stderr
     assert "neither a local file or folder nor reachable" in " ".join(result.stderr.split())
 

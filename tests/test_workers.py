@@ -12,18 +12,17 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import run_cli
 
-from adapter_fix.cli import main
 from adapter_fix.engine import (
     SUBSPACE,
     ModuleData,
-    SubspaceSettings,
     SubspaceSource,
     Target,
     default_workers,
     map_modules,
 )
+from adapter_fix.options import SubspaceSettings
 from adapter_fix.results import Clock
 
 LLAMA = ("llama-base", "llama-aligned", "llama-lora")
@@ -141,7 +140,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def run(*args: object) -> None:
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
 
 

@@ -14,66 +14,30 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adapter_fix import __version__
-from adapter_fix.engine import SUBSPACE, SubspaceSettings, Target, WeightPair, module_stream
+from adapter_fix.commands import ProgressBar
+from adapter_fix.engine import SUBSPACE, Target, WeightPair, module_stream
 from adapter_fix.errors import IncompatibleModelsError, InvalidAdapterError
-from adapter_fix.io.adapter import LoraAdapter
+from adapter_fix.io.adapter import LoraAdapter, load_adapter
 from adapter_fix.io.basis import FORMAT, FORMAT_VERSION, BasisWriter
 from adapter_fix.io.checkpoint import FLOAT_WEIGHT_DTYPES, Checkpoint
 from adapter_fix.io.keymap import WeightLayout, to_runtime
-from adapter_fix.io.outputs import atomic_directory
-from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
+from adapter_fix.io.outputs import OutputSet, atomic_directory
+from adapter_fix.io.sources import Source, local_paths
+from adapter_fix.options import ALL_LINEAR, BasisOptions
+from adapter_fix.report.formats import json_text
+from adapter_fix.results import BasisResult, Clock, ModuleResult
 
-REPORT_SCHEMA = "adapter-fix/basis-report"
-REPORT_VERSION = 1
-ALL_LINEAR = "all-linear"
 # 2-D weights that are not linear layers a LoRA targets by `all-linear`: embeddings, and the
 # output head, which PEFT's all-linear leaves out too.
 NOT_LINEAR = re.compile(
     r"(^|\.)(lm_head|embed_out|embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|"
     r"position_embeddings|token_type_embeddings|shared)$"
 )
-
-
-@dataclass(frozen=True)
-class BasisOptions:
-    """Every choice a basis makes; all of them are recorded in the basis."""
-
-    energy: float = 0.99
-    max_rank: int = 128
-    rank: int | None = None
-    seed: int = 0
-    dtype: str = "float32"
-    modules: str = ALL_LINEAR
-    like: str | None = None
-    shard_bytes: int = 2 << 30
-    device: str = "cpu"
-    workers: int | None = None
-    """Modules computed at once (None: `engine.default_workers()`); never changes the basis."""
-
-    def parameters(self) -> dict[str, Any]:
-        """What shapes the basis, for provenance (no device or workers: they do not)."""
-        parameters = asdict(self)
-        parameters.pop("device")
-        parameters.pop("workers")
-        return parameters
-
-
-@dataclass
-class BasisResult(RunResult):
-    options: BasisOptions
-    inputs: dict[str, str]
-    modules: list[ModuleResult]
-    timings: Timings
-    output: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.options.parameters())
-        return {**document, "output": self.output}
 
 
 def basis_targets(
@@ -133,9 +97,6 @@ def build_basis(
 ) -> BasisResult:
     """Compute each target's subspace and write the basis to `out`, atomically."""
     clock = Clock()
-    settings = SubspaceSettings(
-        options.energy, options.max_rank, options.rank, options.seed, options.device
-    )
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -146,7 +107,7 @@ def build_basis(
     }
     rows: list[ModuleResult] = []
     stream = module_stream(
-        targets, weights, frozenset({SUBSPACE}), settings, clock, workers=options.workers
+        targets, weights, frozenset({SUBSPACE}), options.subspace, clock, workers=options.workers
     )
     with atomic_directory(out, force=force) as staging:
         writer = BasisWriter(staging, config, "", shard_bytes=options.shard_bytes)
@@ -178,6 +139,38 @@ def build_basis(
             writer.card = model_card(config, rows)
             writer.finish()
     result = BasisResult(options, weights.inputs, rows, clock.now(), str(out.resolve()))
+    return result
+
+
+def run(
+    base: Source,
+    aligned: Source,
+    like: Source | None,
+    options: BasisOptions,
+    out: Path,
+    *,
+    report: Path | None = None,
+    force: bool = False,
+    progress: ProgressBar,
+) -> BasisResult:
+    """`adapter-fix basis`: the targets (those of the adapter `like`, or by `options.modules`),
+    their subspaces written to `out`, and the JSON report."""
+    outputs = OutputSet(
+        folder=out,
+        reports=[report] if report else [],
+        inputs=local_paths([base, aligned, *([like] if like is not None else [])]),
+        force=force,
+    )
+    outputs.check()
+    weights = WeightPair(Checkpoint.open(base, "BASE"), Checkpoint.open(aligned, "ALIGNED"))
+    adapter = load_adapter(like) if like is not None else None
+    if adapter is not None:
+        options = replace(options, like=adapter.source.identity, modules="like")
+    targets = basis_targets(weights.base, like=adapter, modules=options.modules)
+    with progress(len(targets)) as bar, outputs:
+        result = build_basis(weights, targets, options, out, force=force, on_module=bar.advance)
+        for path in outputs.reports:
+            outputs.write_report(path, json_text(result))
     return result
 
 

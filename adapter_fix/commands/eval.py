@@ -8,12 +8,13 @@ reports and the samples file are written together at the end through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.judges import Judge, make_judges
@@ -24,7 +25,6 @@ from adapter_fix.evaluate.model import (
     require_eval_extra,
 )
 from adapter_fix.evaluate.prompts import PromptSet, load_prompt_set, prompt_set
-from adapter_fix.evaluate.report import eval_report_text, samples_jsonl
 from adapter_fix.evaluate.runner import (
     EvalOptions,
     EvalResult,
@@ -33,32 +33,15 @@ from adapter_fix.evaluate.runner import (
     run_eval,
 )
 from adapter_fix.evaluate.split import split_prompts
+from adapter_fix.io.locate import open_source
 from adapter_fix.io.outputs import OutputSet
-from adapter_fix.io.sources import HubOptions, Source, open_source
+from adapter_fix.io.sources import HubOptions, Source
+from adapter_fix.options import EvalInputs
 
-
-@dataclass(frozen=True)
-class EvalInputs:
-    """What the user asked for, as parsed by the CLI."""
-
-    aligned: str
-    adapters: tuple[str, ...]
-    harmful: str | None = None
-    benign: str | None = None
-    task: str | None = None
-    field: str | None = None
-    refusal_patterns: Path | None = None
-    judges: tuple[str, ...] = ()  # --judge: "keyword" or judge models; the first gives the rates
-    judge_label: str | None = None  # --judge-label: a classifier's refusal/unsafe label
-    limit: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    device_map: str | None = None  # "auto": accelerate places ALIGNED over every GPU
-    reports: tuple[Path, ...] = ()  # --report files
-    samples: Path | None = None  # --outputs: every prompt, response and judgement
-    force: bool = False  # replace existing report and samples files
-    skip_calibration_share: float | None = None  # leave out `repair --method gate`'s share
-    split_seed: int = 0  # the seed that share was picked with (repair's --seed)
+if TYPE_CHECKING:
+    from adapter_fix.progress import GenerationProgress
+from adapter_fix.report.eval import samples_jsonl
+from adapter_fix.report.formats import report_text
 
 
 def display_names(aligned: str, adapters: Sequence[str]) -> list[str]:
@@ -166,11 +149,30 @@ def evaluate(
     return result, prepared.outputs
 
 
+def run(
+    inputs: EvalInputs,
+    options: EvalOptions,
+    hub: HubOptions,
+    *,
+    progress: Callable[[int], GenerationProgress],
+) -> EvalResult:
+    """`adapter-fix eval`: every row measured (`progress(total prompts)` makes the bar,
+    closed before the reports and samples are written), then the outputs written."""
+    with contextlib.ExitStack() as stack:
+
+        def advance(total: int) -> ProgressCallback:
+            return stack.enter_context(progress(total)).advance
+
+        result, files = evaluate(inputs, options, hub, progress=advance)
+    write_outputs(result, inputs, files)
+    return result
+
+
 def write_outputs(result: EvalResult, inputs: EvalInputs, outputs: OutputSet) -> None:
     """Reports (format by extension) and the samples file, committed together."""
     with outputs:
         for path in inputs.reports:
-            outputs.write_report(path, eval_report_text(result, path))
+            outputs.write_report(path, report_text("eval", result, path))
         if inputs.samples is not None:
             outputs.write_report(inputs.samples, samples_jsonl(result))
 

@@ -3,62 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
-from adapter_fix import __version__
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, load_adapter, read_factors
 from adapter_fix.io.checkpoint import DTYPES, is_finite
-from adapter_fix.io.sources import HubOptions, open_source
+from adapter_fix.io.locate import open_source
+from adapter_fix.io.sources import HubOptions
 from adapter_fix.math.solve import as_factored, effective_rank, update_spectrum
-
-SCHEMA = "adapter-fix/inspect"
-SCHEMA_VERSION = 1
+from adapter_fix.results import InspectResult, ModuleSummary
 
 
-@dataclass(frozen=True)
-class ModuleSummary:
-    """One LoRA module as inspect reports it; `update_norm` is `||s B A||_F`."""
-
-    name: str
-    kind: str
-    shape: tuple[int, int]
-    rank: int
-    alpha: float
-    scaling: float
-    dtype: str
-    update_norm: float | None  # None when a factor holds NaN or Inf
-    effective_rank: float | None
-    finite: bool
-    """The factors hold no NaN or Inf, and the update `s B A` they make stays within the
-    adapter dtype's range (its largest singular value is below the largest finite value)."""
-    target: str = ""  # the weight it updates, as the model names it at run time
-    expert: int | None = None  # for `target_parameters` LoRA on 3-D expert weights
-    num_experts: int = 1
-    lora_bias: str | None = None  # lora_B's bias key (`lora_bias=True`)
-
-
-@dataclass(frozen=True)
-class InspectResult:
-    summary: dict[str, Any]
-    modules: list[ModuleSummary]
-    warnings: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        """The versioned JSON document `inspect --json` prints."""
-        return {
-            "schema": SCHEMA,
-            "version": SCHEMA_VERSION,
-            "tool": {"name": "adapter-fix", "version": __version__},
-            "adapter": self.summary,
-            "modules": [{**asdict(module), "shape": list(module.shape)} for module in self.modules],
-            "warnings": self.warnings,
-        }
-
-
-def inspect_spec(spec: str, hub: HubOptions) -> InspectResult:
+def run(spec: str, hub: HubOptions) -> InspectResult:
     """`adapter-fix inspect SPEC`: open the adapter (a path or a Hub id) and summarise it."""
     return inspect_adapter(load_adapter(open_source(spec, hub)))
 

@@ -13,23 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapter_fix import __version__
-from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules
+from adapter_fix.commands import ProgressBar
+from adapter_fix.commands.inspect import factor_warnings
+from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules, subspace_source
 from adapter_fix.errors import InvalidAdapterError, UsageError
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.judges import Judge, refusals_by_prompt_ids
 from adapter_fix.evaluate.model import attach_adapters, available_memory, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
 from adapter_fix.evaluate.split import split_prompts
-from adapter_fix.io.adapter import LoraAdapter, assemble_factors, write_adapter
-from adapter_fix.io.sources import HubOptions, Source
-from adapter_fix.methods import METHODS, REGISTRY
-from adapter_fix.methods.base import Outcome, RepairOptions, check_outcomes
+from adapter_fix.io.adapter import LoraAdapter, load_adapter
+from adapter_fix.io.adapter_writer import assemble_factors, write_adapter
+from adapter_fix.io.outputs import OutputSet
+from adapter_fix.io.sources import HubOptions, Source, local_paths
+from adapter_fix.methods import method_class
+from adapter_fix.methods.base import Outcome, check_outcomes
 from adapter_fix.methods.gate import (
     Calibration,
     GatedModel,
@@ -41,45 +45,14 @@ from adapter_fix.methods.gate import (
     gate_results,
     gateable,
 )
-from adapter_fix.results import Clock, ModuleResult, RunResult, Timings
+from adapter_fix.options import RepairOptions
+from adapter_fix.report.formats import report_text
+from adapter_fix.results import Clock, ModuleResult, RepairResult
 
-__all__ = ["METHODS", "ModuleResult", "RepairOptions", "RepairResult", "Timings", "repair"]
+if TYPE_CHECKING:
+    from rich.console import Console
 
 REPORT_NAME = "repair_report.json"
-REPORT_SCHEMA = "adapter-fix/repair-report"
-REPORT_VERSION = 1
-
-
-@dataclass
-class RepairResult(RunResult):
-    """Everything a repair reports: per module, totals, timings, provenance, the output."""
-
-    options: RepairOptions
-    inputs: dict[str, str]
-    modules: list[ModuleResult]
-    timings: Timings
-    output: str | None = None
-    calibration: dict[str, Any] | None = None
-    """The gated repair's calibration: prompt counts, objectives, every round, the stop."""
-
-    def parameters(self) -> dict[str, Any]:
-        """The settings that shaped the result (the gated repair's own, for `gate`)."""
-        if self.calibration is None:
-            return self.options.parameters()
-        return {
-            "method": self.options.method,
-            "seed": self.options.seed,
-            "calibration_share": self.calibration["share"],
-            **self.calibration["options"],
-            "prompts": self.calibration["origins"],
-        }
-
-    def to_json(self) -> dict[str, Any]:
-        """The versioned `repair_report.json` document."""
-        document = self.document(REPORT_SCHEMA, REPORT_VERSION, self.parameters())
-        if self.calibration is not None:
-            document["calibration"] = self.calibration
-        return {**document, "output": self.output}
 
 
 def check_repairable(adapter: LoraAdapter) -> None:
@@ -121,7 +94,7 @@ def repair(
     """
     check_repairable(adapter)
     clock = Clock()
-    method = REGISTRY[options.method](options, adapter)
+    method = method_class(options.method)(options, adapter)
 
     def solve(data: ModuleData) -> Outcome:
         with clock.measure("solve_s"):
@@ -132,7 +105,7 @@ def repair(
         [Target.of(module) for module in adapter.modules],
         source,
         method.needs,
-        options.subspace_settings(),
+        options.subspace,
         clock,
         solve,
         adapter=adapter,
@@ -215,6 +188,61 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass
+class RepairRun:
+    """What `run` did: the result, the report files it wrote, the adapter's own warnings."""
+
+    result: RepairResult
+    reports: list[Path]
+    warnings: list[str]
+
+
+def run(
+    sources: list[Source],
+    options: RepairOptions,
+    gate: dict[str, Any],
+    hub: HubOptions,
+    *,
+    out: Path | None,
+    reports: Sequence[Path] = (),
+    force: bool = False,
+    progress: ProgressBar,
+    console: Console | None = None,
+) -> RepairRun:
+    """`adapter-fix repair`: the adapter (`sources[-1]`) repaired against a basis or BASE and
+    ALIGNED (`--method gate`: by `commands.gate`, its rounds printed on `console`), written
+    to `out` with the reports."""
+    outputs = OutputSet(
+        folder=out if options.method != "none" else None,
+        reports=reports,
+        inputs=local_paths(sources),
+        force=force,
+        folder_files=(REPORT_NAME,),
+    )
+    outputs.check()
+    lora = load_adapter(sources[-1])
+    with outputs:
+        if options.method == "gate":
+            from adapter_fix.commands.gate import repair_with_gates
+
+            result = repair_with_gates(
+                sources, lora, options, gate, hub, outputs.folder, force, console
+            )
+        else:
+            with progress(len(lora.modules)) as bar:
+                result = repair(
+                    subspace_source(sources[:-1]),
+                    lora,
+                    options,
+                    out=outputs.folder,
+                    force=force,
+                    on_module=bar.advance,
+                )
+        for path in outputs.reports:
+            outputs.write_report(path, report_text("repair", result, path))
+    return RepairRun(result, outputs.reports, factor_warnings(lora))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Loading ALIGNED once with transformers and adapters onto it with peft.
 
-Every input goes through `adapter_fix.io.sources.open_source`: a local folder
+Every input goes through `adapter_fix.io.locate.open_source`: a local folder
 is read where it is, with `local_files_only=True`, so no request is ever made
 for it; a Hub id is fetched file by file into the Hub cache (safetensors,
 config, tokenizer and chat-template files only: pickles are refused, never

@@ -42,6 +42,7 @@ from adapter_fix.evaluate.metrics import (
 )
 from adapter_fix.evaluate.model import LoadedModel, batch_fits
 from adapter_fix.evaluate.prompts import PromptSet
+from adapter_fix.options import EvalOptions
 
 JUDGE_CAVEAT = (
     "Refusals are judged by keywords in the first 200 characters; keyword judges agree with "
@@ -68,17 +69,6 @@ def judge_caveat(judge: Judge) -> str:
 
 # on_progress(prompts_done, tokens_generated, label)
 ProgressCallback = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """Generation settings shared by every row."""
-
-    system: str | None = None
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    seed: int = 0
-    thinking: bool = False  # let a template that reads enable_thinking think first
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,13 @@
-"""A PEFT LoRA adapter: its config, its modules, their scaling and keys.
+"""A PEFT LoRA adapter: its config, its modules, and reading their factors.
 
-Mirrors PEFT's own rules (peft/tuners/lora): scaling is `lora_alpha / r`, or
-`lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` / `alpha_pattern`
-keys match a module name the way `peft.utils.other.get_pattern_key` does
-(the first key, in config order, that matches the end of the name at a dot
-boundary); `target_modules` matches the way `check_target_module_exists` does.
+The key grammar and scaling rules it applies are io/lora_keys.py's; writing
+a repaired adapter is io/adapter_writer.py's.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import shutil
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +16,6 @@ import torch
 
 from adapter_fix.display import printable
 from adapter_fix.errors import (
-    PICKLE_SUFFIXES,
-    IncompatibleModelsError,
     InvalidAdapterError,
     SourceNotFoundError,
 )
@@ -36,22 +28,19 @@ from adapter_fix.io.checkpoint import (
     refuse_pickles,
 )
 from adapter_fix.io.jsonfile import JsonError, parse_json
-from adapter_fix.io.keymap import prefix_candidates
-from adapter_fix.io.outputs import atomic_directory
+from adapter_fix.io.lora_keys import (
+    CONFIG_NAME,
+    FACTOR_ROLES,
+    WEIGHTS_NAME,
+    AdapterKey,
+    config_alpha,
+    config_rank,
+    is_targeted,
+    lora_scaling,
+)
 from adapter_fix.io.safe_regex import UnsafePatternError, compile_pattern
 from adapter_fix.io.sources import Source
-from adapter_fix.io.writer import Entry, verify_safetensors, write_safetensors
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-FACTOR_ROLES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-ROLES = (*FACTOR_ROLES, "lora_magnitude_vector")
-
-ADAPTER_KEY = re.compile(
-    r"^(?P<prefix>base_model\.model\.)?(?P<module>.+?)\.(?P<role>" + "|".join(ROLES) + r")"
-    r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?P<suffix>\.(?:weight|bias))?$"
-)
 # peft wraps a module once per targeted parameter (`target_parameters`), nesting each new
 # wrapper around the last as `base_layer`, in the order the module registers its parameters.
 BASE_LAYER = ".base_layer"
@@ -64,119 +53,6 @@ UNSUPPORTED_FEATURES = {
     "layer_replication": "layer replication shares base weights across layers",
     "use_qalora": "QA-LoRA pools the input before lora_A, so lora_A's width is not the layer's",
 }
-
-
-@dataclass(frozen=True)
-class AdapterKey:
-    """One tensor key of a PEFT adapter file, split into its parts.
-
-    `base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight` is
-    prefix `base_model.model.`, module `model.layers.0.mlp.up_proj`, role
-    `lora_A`, adapter name `default`, suffix `.weight`; `lora_bias` adds
-    `...lora_B.bias` keys (suffix `.bias`).
-    """
-
-    module: str
-    role: str
-    prefix: str = PEFT_PREFIX
-    adapter_name: str | None = None
-    suffix: str = ".weight"
-
-    @classmethod
-    def parse(cls, key: str) -> AdapterKey | None:
-        """The parts of a LoRA key; None for a key that is no LoRA factor, bias or magnitude."""
-        match = ADAPTER_KEY.match(key)
-        if match is None:
-            return None
-        return cls(
-            module=match["module"],
-            role=match["role"],
-            prefix=match["prefix"] or "",
-            adapter_name=match["adapter"],
-            suffix=match["suffix"] or "",
-        )
-
-    def format(self) -> str:
-        """The key string; `AdapterKey.parse(k).format() == k` for every LoRA key."""
-        adapter = f".{self.adapter_name}" if self.adapter_name else ""
-        return f"{self.prefix}{self.module}.{self.role}{adapter}{self.suffix}"
-
-    @property
-    def base_weight_key(self) -> str:
-        """The key of the weight this LoRA factor updates, as the base model names it."""
-        return f"{self.module}.weight"
-
-    @classmethod
-    def from_base_weight_key(cls, weight_key: str, role: str, **parts: Any) -> AdapterKey:
-        """The inverse of `base_weight_key` for a given role (and optional prefix/name/suffix)."""
-        if not weight_key.endswith(".weight"):
-            raise ValueError(f"not a weight key: {weight_key!r}")
-        return cls(module=weight_key[: -len(".weight")], role=role, **parts)
-
-
-def resolve_weight_key(wanted: str, available: Collection[str], label: str) -> str:
-    """The checkpoint key of the weight named `wanted`, tolerating a different key prefix.
-
-    An exact match wins. Otherwise a checkpoint key that is a
-    dot-boundary suffix of it (a checkpoint saved without the task head's
-    prefix, e.g. GPT-2's `h.0.attn.c_attn.weight` for `transformer.h.0...`),
-    or that ends with it (a checkpoint with an extra prefix). More than one
-    candidate is an error that lists them.
-    """
-    if wanted in available:
-        return wanted
-    candidates = prefix_candidates(wanted, available)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise IncompatibleModelsError(
-            f"{label} has no weight {wanted!r} (nor the same name with another prefix) for the "
-            "adapter's module. Is this the model the adapter was trained on?",
-            key=wanted,
-        )
-    raise IncompatibleModelsError(
-        f"{label}: the adapter's weight {wanted!r} is ambiguous; candidates: "
-        f"{', '.join(candidates)}.",
-        key=wanted,
-    )
-
-
-def pattern_key(patterns: Collection[str], module: str) -> str | None:
-    """The first pattern matching `module` as PEFT's `get_pattern_key` does, or None."""
-    for pattern in patterns:
-        if compile_pattern(rf"(?:.*\.)?(?:{pattern})$").fullmatch(module):
-            return pattern
-    return None
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def config_rank(config: Mapping[str, Any], module: str) -> int:
-    """The rank PEFT gives `module`: its `rank_pattern` entry, else `r`."""
-    patterns: Mapping[str, int] = config.get("rank_pattern") or {}
-    key = pattern_key(patterns, module)
-    return int(patterns[key]) if key is not None else int(config["r"])
-
-
-def config_alpha(config: Mapping[str, Any], module: str) -> float:
-    """The alpha PEFT gives `module`: its `alpha_pattern` entry, else `lora_alpha`."""
-    patterns: Mapping[str, float] = config.get("alpha_pattern") or {}
-    key = pattern_key(patterns, module)
-    return float(patterns[key]) if key is not None else float(config["lora_alpha"])
-
-
-def is_targeted(module: str, target_modules: str | Collection[str] | None) -> bool:
-    """Whether PEFT's `check_target_module_exists` would put a LoRA layer on `module`."""
-    if target_modules is None:
-        return False
-    if isinstance(target_modules, str):
-        if target_modules == "all-linear":
-            return True
-        return compile_pattern(target_modules).fullmatch(module)
-    return any(module == t or module.endswith(f".{t}") for t in target_modules)
 
 
 @dataclass(frozen=True)
@@ -633,138 +509,3 @@ def read_factors(
     lora_a = adapter._fused[(module.key_a, finite)][expert * rank : (expert + 1) * rank]
     lora_b = adapter._fused[(module.key_b, finite)][:, expert :: module.num_experts]
     return lora_b, lora_a
-
-
-def assemble_factors(
-    adapter: LoraAdapter,
-    new_factors: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None, int]],
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The tensors and rank patterns to write, from new factors per module name.
-
-    `new_factors[name]` is `(lora_a, lora_b, rank)` in PEFT's stored
-    orientation, a factor left None when unchanged. Plain modules map to
-    their keys; the experts of one parameter are put back into the fused
-    tensors in PEFT's layout. Experts written at different ranks
-    (`--output-rank exact`) are zero-padded to the largest, with `B` rescaled
-    so `s(R) B' A'` is each expert's update; the parameter then gets one
-    rank. Returns `(replacements by key, new rank by pattern name)`.
-    """
-    replacements: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    experts: dict[str, list[LoraModule]] = {}
-    for module in adapter.modules:
-        lora_a, lora_b, rank = new_factors.get(module.name, (None, None, module.rank))
-        if module.expert is not None:
-            experts.setdefault(module.target, []).append(module)
-            continue
-        if lora_a is not None:
-            replacements[module.key_a] = lora_a
-        if lora_b is not None:
-            replacements[module.key_b] = lora_b
-        if rank != module.rank:
-            ranks[module.pattern_name] = rank
-    for target, group in experts.items():
-        news = [new_factors.get(m.name, (None, None, m.rank)) for m in group]
-        if all(a is None and b is None for a, b, _ in news):
-            continue
-        rank = max(r for _, _, r in news)
-        first = group[0]
-        fused_a = adapter.weights.read(first.key_a)
-        fused_b = adapter.weights.read(first.key_b)
-        count = first.num_experts
-        lora_a = torch.zeros((rank * count, fused_a.shape[1]), dtype=fused_a.dtype)
-        lora_b = torch.zeros((fused_b.shape[0], rank * count), dtype=fused_b.dtype)
-        use_rslora = adapter.use_rslora
-        for module, (new_a, new_b, new_rank) in zip(group, news, strict=True):
-            e, r = module.expert, module.rank
-            assert e is not None
-            old_a = fused_a[e * r : (e + 1) * r]
-            old_b = fused_b[:, e::count]
-            part_a = old_a if new_a is None else new_a
-            part_b = old_b if new_b is None else new_b
-            if new_rank != rank:
-                ratio = lora_scaling(module.alpha, new_rank, use_rslora) / lora_scaling(
-                    module.alpha, rank, use_rslora
-                )
-                part_b = (part_b.float() * ratio).to(part_b.dtype)
-            lora_a[e * rank : e * rank + new_rank] = part_a
-            lora_b[:, e : e + new_rank * count : count] = part_b
-        replacements[first.key_a] = lora_a
-        replacements[first.key_b] = lora_b
-        if rank != first.rank:
-            ranks[target] = rank
-    return replacements, ranks
-
-
-COMPANION_SKIP_SUFFIXES = (
-    *PICKLE_SUFFIXES,
-    ".safetensors",
-    ".gguf",
-    ".h5",
-    ".msgpack",
-    ".onnx",
-)
-
-
-def companion_files(source: Source) -> list[str]:
-    """The adapter folder's other top-level files (model card, tokenizer files) to copy.
-
-    Weights of any format, hidden files and subfolders (checkpoints, .git) are
-    left out, so a Hub adapter repository costs only small downloads.
-    """
-    return [
-        name
-        for name in source.list_files()
-        if "/" not in name
-        and not name.startswith(".")
-        and name not in (CONFIG_NAME, WEIGHTS_NAME)
-        and not name.endswith(COMPANION_SKIP_SUFFIXES)
-    ]
-
-
-def write_adapter(
-    adapter: LoraAdapter,
-    out: Path,
-    *,
-    replacements: Mapping[str, torch.Tensor],
-    ranks: Mapping[str, int],
-    metadata: dict[str, str],
-    extra_files: Mapping[str, Callable[[], str]],
-    force: bool,
-) -> None:
-    """Write the adapter with `replacements` to `out`, atomically, and verify it.
-
-    Keys, key order and dtypes are the input's; a replaced tensor is cast to
-    its key's dtype, every other tensor is copied byte for byte. `ranks` gives
-    modules whose rank changed (`--output-rank exact`): they get full-name
-    `rank_pattern` / `alpha_pattern` entries, placed first and winning over
-    older entries for the same name, since PEFT takes the first pattern that
-    matches. `extra_files` are rendered last (the report carries the timings).
-    """
-    header = adapter.weights.header(WEIGHTS_NAME)
-    entries: list[Entry] = [
-        (key, replacements[key].to(info.torch_dtype).contiguous())
-        if key in replacements
-        else (key, info)
-        for key, info in header.tensors.items()
-    ]
-    config = json.loads(adapter.config_path.read_text())
-    if ranks:
-        alphas = {module.pattern_name: module.alpha for module in adapter.modules}
-        for name, values in (
-            ("rank_pattern", ranks),
-            ("alpha_pattern", {m: alphas[m] for m in ranks}),
-        ):
-            older = config.get(name) or {}
-            config[name] = {**values, **{k: v for k, v in older.items() if k not in values}}
-    companions = companion_files(adapter.source)
-    with atomic_directory(out, force=force) as staging:
-        for name in companions:
-            path = adapter.source.fetch(name)
-            if path is not None:
-                shutil.copyfile(path, staging / name)
-        write_safetensors(staging / WEIGHTS_NAME, entries, metadata)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        verify_safetensors(staging / WEIGHTS_NAME, entries)
-        for name, render in extra_files.items():
-            (staging / name).write_text(render())

@@ -41,7 +41,6 @@ from adapter_fix.errors import (
     IncompatibleModelsError,
     SourceNotFoundError,
 )
-from adapter_fix.io.adapter import resolve_weight_key
 from adapter_fix.io.checkpoint import (
     FLOAT_WEIGHT_DTYPES,
     INDEX_NAME,
@@ -51,6 +50,7 @@ from adapter_fix.io.checkpoint import (
     dtype_name,
 )
 from adapter_fix.io.jsonfile import JsonError, parse_json
+from adapter_fix.io.lora_keys import resolve_weight_key
 from adapter_fix.io.sources import Source
 from adapter_fix.io.writer import write_safetensors
 

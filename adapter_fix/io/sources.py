@@ -3,13 +3,14 @@
 A `Source` turns file names relative to the model's root (`config.json`,
 `model-00001-of-00002.safetensors`) into local paths, fetching each one only
 when it is asked for, so a Hub download brings only the index, the config and
-the shards that hold tensors the run actually reads.
+the shards that hold tensors the run actually reads. Which source a spec names
+(a local path or a Hub id) is io/locate.py's `open_source`.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,22 +108,6 @@ class LocalSource(Source):
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
 
 
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
-
-
-def _looks_local(spec: str) -> bool:
-    """A mistyped local path, not a Hub id: it starts like a path (`./`, `/`, `~`), or its
-    `org` part is a local folder (`fixtures/llama-lorra` when `fixtures/` exists)."""
-    return spec.startswith((".", "/", "~")) or Path(spec.split("/", 1)[0]).expanduser().is_dir()
-
-
-def open_source(spec: str, options: HubOptions | None = None) -> Source:
-    """A local path if one exists at `spec`, else a Hub id `org/name[@revision]`."""
-    options = options or HubOptions()
-    path = Path(spec).expanduser()
-    match = HUB_ID.match(spec)
-    if path.exists() or match is None or _looks_local(spec):
-        return LocalSource(path)
-    from adapter_fix.io.hub import HubSource
-
-    return HubSource(match["repo"], match["revision"] or options.revision, options)
+def local_paths(sources: Sequence[Source]) -> list[Path]:
+    """The inputs on local disk, which no output may overlap."""
+    return [path for source in sources for path in source.local_paths]

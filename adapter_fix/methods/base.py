@@ -10,15 +10,16 @@ method is one file here plus one line in `methods/__init__.py`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from adapter_fix.engine import ModuleData, SubspaceSettings, one_thread
+from adapter_fix.engine import ModuleData, one_thread
 from adapter_fix.errors import NonFiniteError
-from adapter_fix.io.adapter import LoraAdapter, LoraModule, lora_scaling
+from adapter_fix.io.adapter import LoraAdapter, LoraModule
 from adapter_fix.io.checkpoint import DTYPES, is_finite
+from adapter_fix.io.lora_keys import lora_scaling
 from adapter_fix.math.solve import (
     Decomposition,
     FactoredUpdate,
@@ -31,37 +32,8 @@ from adapter_fix.math.solve import (
     update_metrics,
 )
 from adapter_fix.math.subspace import Subspace
+from adapter_fix.options import RepairOptions
 from adapter_fix.results import ModuleResult
-
-
-@dataclass(frozen=True)
-class RepairOptions:
-    """Every choice a repair makes, built once from the CLI and passed down whole."""
-
-    method: str = "csulora"
-    energy: float = 0.9
-    max_rank: int = 128
-    rank: int | None = None
-    strength: float = 1.0
-    output_rank: str = "keep"
-    safelora_select: str = "number"
-    safelora_layers: int = 10
-    safelora_threshold: float = 0.5
-    seed: int = 0
-    device: str = "cpu"
-    workers: int | None = None
-    """Modules processed at once (None: `engine.default_workers()`); never changes the result."""
-
-    def parameters(self) -> dict[str, Any]:
-        """The options that shape the result, for provenance (no device or workers: they do
-        not)."""
-        parameters = asdict(self)
-        parameters.pop("device")
-        parameters.pop("workers")
-        return parameters
-
-    def subspace_settings(self) -> SubspaceSettings:
-        return SubspaceSettings(self.energy, self.max_rank, self.rank, self.seed, self.device)
 
 
 @dataclass

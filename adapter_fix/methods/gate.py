@@ -56,29 +56,8 @@ from adapter_fix.math.gating import (
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
+from adapter_fix.options import GATE_UNITS, GateOptions
 from adapter_fix.results import ModuleResult
-
-UNITS = ("module", "component")
-
-
-@dataclass(frozen=True)
-class GateOptions:
-    """Every choice the gated repair makes; built once from the CLI."""
-
-    unit: str = "component"
-    target_refusal: float = 0.95
-    task_budget: float = 0.1
-    rounds: int = 3
-    steps: int = 2
-    margin_tokens: int = 1
-    """Tokens of the refusal margin, from where the refusal and compliance starts differ."""
-    min_harm_share: float = 0.001
-    """Units whose harm is below this share of the total harm are never switched off."""
-    refine: bool = False
-    """Coarse to fine: once module gates meet the target, give task back inside the modules
-    switched off, rank-1 component by component, as far as the refusal target allows."""
-    max_new_tokens: int = 24
-    batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -167,8 +146,8 @@ class GatedModel:
     """A peft model whose LoRA linear layers carry gates (forward hooks on `lora_A`)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], unit: str) -> None:
-        if unit not in UNITS:
-            raise ValueError(f"gate unit must be one of {UNITS}, got {unit!r}")
+        if unit not in GATE_UNITS:
+            raise ValueError(f"gate unit must be one of {GATE_UNITS}, got {unit!r}")
         self.model = model
         self.unit = unit
         self.layers: list[GateLayer] = []

@@ -73,7 +73,7 @@ def make_judge(
     from adapter_fix.evaluate.judges.classifier import ClassifierJudge
     from adapter_fix.evaluate.judges.guard import GuardJudge
     from adapter_fix.evaluate.model import model_folder, require_eval_extra, resolve_device
-    from adapter_fix.io.sources import open_source
+    from adapter_fix.io.locate import open_source
 
     require_eval_extra()
     source = open_source(spec, hub)

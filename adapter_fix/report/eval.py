@@ -1,17 +1,14 @@
-"""An evaluation as a terminal table (80 columns), JSON, Markdown or HTML, and its samples as
+"""`eval`: a terminal table (80 columns), the Markdown and HTML reports, and the samples as
 JSONL (texts only: `commands/eval.py` writes them through `io.outputs.OutputSet`)."""
 
 from __future__ import annotations
 
 import html
 import json
-from collections.abc import Callable
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from adapter_fix.errors import OutputError
 from adapter_fix.evaluate.chart import Goal, Point, tradeoff_svg
 from adapter_fix.evaluate.metrics import Rate
 from adapter_fix.evaluate.runner import EvalResult, Row, judge_caveat
@@ -356,27 +353,6 @@ def html_eval(result: EvalResult) -> str:
         f"<table><tr><th>model</th><th>refusal</th><th>over-refusal</th></tr>{charts}</table>"
         f"{_category_section(result)}{_samples_section(result)}{notes}</body></html>\n"
     )
-
-
-def json_eval(result: EvalResult) -> str:
-    return json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
-
-
-EVAL_REPORT_FORMATS: dict[str, Callable[[EvalResult], str]] = {
-    ".json": json_eval,
-    ".md": markdown_eval,
-    ".html": html_eval,
-}
-
-
-def eval_report_text(result: EvalResult, path: Path) -> str:
-    """The report for `path`, its format chosen by the extension (.json, .md, .html)."""
-    render = EVAL_REPORT_FORMATS.get(path.suffix.lower())
-    if render is None:
-        raise OutputError(
-            f"unknown report format {path.suffix!r}; use .json, .md or .html.", path=path
-        )
-    return render(result)
 
 
 def samples_jsonl(result: EvalResult) -> str:
