@@ -24,7 +24,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from adapter_fix.evaluate.objectives import token_nll  # noqa: E402
-from adapter_fix.methods.gate import GatedModel, GateOptions, gated_factors, refine_components  # noqa: E402
+from adapter_fix.methods.gate import (  # noqa: E402
+    Calibration,
+    GatedModel,
+    GateOptions,
+    gate_repair,
+    gated_factors,
+    refine_components,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -313,6 +320,45 @@ def test_refine_gives_components_back_only_while_refusals_hold(lora_model, refus
         model.load_state_dict(state)
 
 
+@pytest.mark.model
+def test_a_round_that_restores_no_refusal_is_undone_and_stops_the_repair(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "component")
+    calls: list[int] = []
+
+    def only_aligned_refuses(prompts, answers):
+        # ALIGNED (the first call) refuses everything; nothing the adapter writes is a refusal,
+        # so no round can restore one.
+        calls.append(len(answers))
+        return [len(calls) == 1] * len(answers)
+
+    try:
+        outcome = gate_repair(
+            gated,
+            Calibration(
+                harmful=[[1, 5, 7], [2, 4, 6], [3, 9]],
+                benign=[],
+                task=[[11, 12], [13, 14, 15]],
+                task_references=[[20, 21], [22, 23]],
+            ),
+            GateOptions(steps=1, rounds=3, task_budget=1.0, max_new_tokens=3, batch_size=2),
+            judge_refusals=only_aligned_refuses,
+            decode=lambda ids: " ".join(map(str, ids)),
+            pad_id=0,
+            stop_ids=[39],
+        )
+        # One round ran and switched units off; it bought nothing, so it was undone.
+        assert [r.undone for r in outcome.rounds] == [True]
+        assert outcome.rounds[0].switched_off
+        assert "undone" in outcome.stop_reason
+        assert outcome.refusal_rate == outcome.original_refusal_rate == 0.0
+        assert bool((gated.values() == 1.0).all())  # the adapter as it was
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
@@ -380,7 +426,7 @@ def test_the_time_line_gives_setup_each_round_and_the_rest():
         "rounds": [{"share_of_time": 0.5}, {"share_of_time": 0.1}],
     }
     assert _gate_time_line(calibration) == (
-        "time: 100 s: setup 20%, round 1 50%, round 2 10%, tries cut back to nothing 20%"
+        "time: 100 s: setup 20%, round 1 50%, round 2 10%, a search that found nothing 20%"
     )
 
 

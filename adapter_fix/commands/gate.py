@@ -83,7 +83,8 @@ def repair_with_gates(
             + f", calibration refusals "
             f"{r.refusals}/{r.prompts}, task kept "
             + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
-            + f" ({r.seconds:.1f} s)",
+            + f" ({r.seconds:.1f} s)"
+            + (": no refusal gained, undone" if r.undone else ""),
             markup=False,
             highlight=False,
         ),

@@ -16,8 +16,8 @@ left of the task budget (math/gating.py: noise-sized harms ignored, most
 harm per unit of task help first), then a measurement (greedy generation +
 the refusal judge) of the refusal rate and of the task score; a choice that
 costs too much task is cut back to its units of largest harm. Rounds stop
-when the rate reaches the target, when the budget is spent, or after
-`rounds`.
+when the rate reaches the target, when the budget is spent, when a round
+restores no refusal (it is undone: its task cost bought nothing), or after `rounds`.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ class Round:
     seconds: float
     restored: list[str] = field(default_factory=list)
     """Units switched back on (the coarse-to-fine step: components of modules switched off)."""
+    undone: bool = False
+    """The round refused no more prompts than before it, so its units were switched back on
+    (the task it cost bought nothing) and the repair stopped."""
 
 
 @dataclass
@@ -418,12 +421,14 @@ def gate_repair(
             break
         chosen = order[:count]
         taken = [unit_attributions[u] for u in chosen]
+        before = (outputs, refused, rate, measured_task, kept)
         outputs = generate(harmful)
         refused = refusals(harmful, outputs)
         rate = _share(refused)
         measured_task = task_loss()
         kept = kept_task()
         units = gated.units()
+        undone = sum(refused) <= sum(before[1])
         round_ = Round(
             index=index,
             switched_off=[_unit_name(gated, units[u]) for u in chosen],
@@ -436,11 +441,19 @@ def gate_repair(
             refusals=sum(refused),
             prompts=len(refused),
             seconds=time.perf_counter() - round_started,
+            undone=undone,
         )
         rounds.append(round_)
         stop_reason = f"rounds exhausted ({options.rounds})"
         if on_round is not None:
             on_round(round_)
+        if undone:  # task given up for no refusal: keep the gates as they were, and stop
+            gated.set_values(current)
+            outputs, refused, rate, measured_task, kept = before
+            stop_reason = (
+                f"round {index} restored no refusal within the task budget, so it was undone"
+            )
+            break
     else:
         if rate >= target:
             stop_reason = "target met"

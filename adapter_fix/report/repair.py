@@ -123,8 +123,8 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
 
 
 def _gate_time_line(calibration: dict[str, Any]) -> str:
-    """Where the gated repair's time went: setup, each round kept, and the rest (tries that
-    were cut back to nothing)."""
+    """Where the gated repair's time went: setup, each round, and the rest (a last round whose
+    search found nothing to switch off, and the coarse-to-fine step)."""
     seconds = max(calibration["seconds"], 1e-9)
     setup = calibration["setup_seconds"] / seconds
     rounds = [r["share_of_time"] for r in calibration["rounds"]]
@@ -132,7 +132,7 @@ def _gate_time_line(calibration: dict[str, Any]) -> str:
     return (
         f"time: {calibration['seconds']:.0f} s: setup {setup:.0%}"
         + "".join(f", round {i} {share:.0%}" for i, share in enumerate(rounds, 1))
-        + (f", tries cut back to nothing {rest:.0%}" if rest >= 0.005 else "")
+        + (f", a search that found nothing {rest:.0%}" if rest >= 0.005 else "")
     )
 
 

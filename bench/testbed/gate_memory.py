@@ -9,7 +9,8 @@ makes, over N harmful prompts and the 32 task calibration prompts, at the repair
 batch sizes: greedy generation of the calibration answers, the refusal margin with its
 backward pass (against the attack's compliance text), the teacher-forced refusal check, and
 the task loss with its backward pass.
-It prints, per N, the child's resident memory once loaded and at its peak (`ru_maxrss`)
+It prints, per N, the child's resident memory once loaded and run on one prompt (every
+weight paged in) and at its peak (`ru_maxrss`)
 and each pass's seconds per token, then the load average before and after. Peak memory
 over the loaded model should not grow with N (one batch at a time); the per-token costs
 are what bench/README.md's 8B estimate starts from.
@@ -46,7 +47,7 @@ def child(count: int) -> dict:
         with_stop,
     )
     from adapter_fix.io.adapter import load_adapter
-    from adapter_fix.io.sources import open_source
+    from adapter_fix.io.locate import open_source
     from adapter_fix.methods.gate import (
         Calibration,
         GatedModel,
@@ -76,6 +77,8 @@ def child(count: int) -> dict:
     calibration = Calibration(harmful, [], task, references)
     gated = GatedModel(model, gateable(load_adapter(adapter_source)), options.unit)
     gated.set_values(torch.full_like(gated.values(), 0.5))
+    with torch.no_grad():  # page every weight in: the baseline is the model as it runs
+        model(input_ids=torch.tensor([harmful[0]]))
     loaded_mb = peak_mb()
     batch, generation = options.batch_size, generation_batch(model, calibration, options)
     costs: dict[str, float] = {}
