@@ -55,4 +55,8 @@ def score() -> None:
 
 
 if __name__ == "__main__":
-    {"draw": draw, "score": score}[sys.argv[1] if len(sys.argv) > 1 else "score"]()
+    commands = {"draw": draw, "score": score}
+    wanted = sys.argv[1] if len(sys.argv) > 1 else "score"
+    if wanted not in commands:
+        raise SystemExit(__doc__)
+    commands[wanted]()
