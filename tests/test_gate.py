@@ -23,11 +23,12 @@ from adapter_fix.math.gating import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_fix.evaluate.objectives import token_nll  # noqa: E402
+from adapter_fix.evaluate.objectives import Scored, greedy_matches, token_nll  # noqa: E402
 from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
     GatedModel,
     GateOptions,
+    _refusal_rows,
     gate_repair,
     gated_factors,
     refine_components,
@@ -230,9 +231,18 @@ def test_search_takes_the_fewest_units_that_reach_the_target_within_the_task_flo
     task, tasks_asked = _counting([1.0 if k <= task_limit else 0.5 for k in range(count + 1)])
     chosen = search_prefix(count, refusal=refusal, task_kept=task, target=1.0, floor=0.9)
     assert chosen == (refusal_from if refusal_from <= task_limit else task_limit)
-    # Each count measured once; bisection: about log2(count) measurements of each kind.
+    # Each count measured once; bisection: about log2(count) measurements of each kind (the
+    # task once more: the count returned is always measured).
     assert len(set(refusals_asked)) == len(refusals_asked) <= 1 + math.ceil(math.log2(count))
-    assert len(set(tasks_asked)) == len(tasks_asked) <= 1 + math.ceil(math.log2(count))
+    assert len(set(tasks_asked)) == len(tasks_asked) <= 2 + math.ceil(math.log2(count))
+
+
+def test_search_never_returns_a_count_whose_task_was_not_measured_at_the_floor():
+    # Exact match on a few prompts need not fall with every unit: here it dips at 3 units.
+    task, tasks_asked = _counting([1.0, 1.0, 1.0, 0.85, 0.95, 0.95, 0.95, 0.95, 0.95])
+    refusal, _ = _counting([float(k >= 3) for k in range(9)])
+    chosen = search_prefix(8, refusal=refusal, task_kept=task, target=1.0, floor=0.9)
+    assert chosen == 8 and 3 in tasks_asked  # 3 reaches the target but loses the task
 
 
 def test_search_with_nothing_to_switch_off_measures_nothing():
@@ -357,6 +367,39 @@ def test_a_round_that_restores_no_refusal_is_undone_and_stops_the_repair(lora_mo
     finally:
         gated.remove()
         model.load_state_dict(state)
+
+
+def test_refusal_rows_end_at_the_shortest_start_the_judge_calls_a_refusal():
+    starts = [[5, 6, 7, 8, 9], [5, 9], [1, 2, 3]]
+    asked: list[int] = []
+
+    def judged(prompts, answers):  # a refusal once the answer holds token 6, or 3 in full
+        asked.append(len(answers))
+        return [6 in answer or answer == [1, 2, 3] for answer in answers]
+
+    rows = _refusal_rows([[40], [41], [42]], starts, judged)
+    assert [r.tokens for r in rows] == [[40, 5, 6], [41, 5, 9], [42, 1, 2, 3]]
+    assert [r.scored for r in rows] == [2, 2, 3]
+    assert len(asked) <= 3  # bisection: about log2(len(start)) calls, every prompt at once
+
+
+@pytest.mark.model
+def test_greedy_matches_takes_any_stop_token_for_any_other(lora_model):
+    model, _names = lora_model
+    prompt = [1, 5, 7, 9]
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+    other = (first + 1) % 40
+    row = [Scored([*prompt, other], 1)]  # a stop token greedy decoding would not write...
+    assert greedy_matches(model, row, pad=0, batch_size=1) == [False]
+    # ...stands for the one it writes when both are stop tokens (Llama 3's eot / end of text)
+    assert greedy_matches(model, row, pad=0, batch_size=1, stops=[other, first]) == [True]
+    assert greedy_matches(model, row, pad=0, batch_size=1, stops=[other]) == [False]
+
+
+def test_refine_needs_module_gates(tmp_path):
+    result = _gate_cli(tmp_path / "out", "--refine", "--gate-unit", "component")
+    assert result.exit_code == 2 and "--gate-unit module" in result.stderr
 
 
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"

@@ -299,6 +299,11 @@ def repair(
     if given and options.method != "gate":
         flag = "--" + given[0].replace("_", "-")
         raise click.UsageError(f"{flag} is a setting of --method gate, not of {options.method}")
+    if gate["refine"] and gate["gate_unit"] != "module":
+        raise click.UsageError(
+            "--refine splits the modules switched off into their rank-1 components: it needs "
+            "--gate-unit module (component gates are already that fine)"
+        )
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     check_report_formats("repair", reports)

@@ -96,15 +96,18 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
     """
     prefix = shared_prefix(rows)
     device = _device(model)
-    cache = {}
+    cache: dict[str, Any] = {"use_cache": False}
     if prefix:
         output = model(
             input_ids=torch.tensor([rows[0].tokens[:prefix]], dtype=torch.long, device=device),
             use_cache=True,
         )
-        shared = getattr(output, "cache", None) or output.past_key_values
-        shared.batch_repeat_interleave(len(rows))
-        cache = {_cache_keyword(model): shared}
+        shared = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if hasattr(shared, "batch_repeat_interleave"):
+            shared.batch_repeat_interleave(len(rows))
+            cache = {_cache_keyword(model): shared, "use_cache": True}
+        else:  # no cache object to repeat (a legacy or remote-code model): every row whole
+            prefix = 0
     width = max(len(row.tokens) for row in rows) - prefix
     keep = max(row.scored for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -129,7 +132,6 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        use_cache=False,
         **cache,
         logits_to_keep=keep + 1,
     ).logits
@@ -163,7 +165,9 @@ def scored_logprobs(model: Any, rows: Sequence[Scored], pad: int) -> Tensor:
     return (picked * weight).sum(dim=1) - last * against.to(logits.device)
 
 
-def greedy_matches(model: Any, rows: Sequence[Scored], *, pad: int, batch_size: int) -> list[bool]:
+def greedy_matches(
+    model: Any, rows: Sequence[Scored], *, pad: int, batch_size: int, stops: Sequence[int] = ()
+) -> list[bool]:
     """Per row, whether greedy decoding after the row's prompt writes its scored tokens.
 
     Teacher-forced, without gradients, one forward pass per `batch_size`
@@ -173,9 +177,12 @@ def greedy_matches(model: Any, rows: Sequence[Scored], *, pad: int, batch_size: 
     outcome of generation at the cost of one pass, not an estimate of it
     (up to rounding between the padded pass and generation's cached one). A
     reference that ends with the end-of-sequence token is matched exactly
-    when the greedy answer IS the reference. `versus` is ignored; a row with
-    nothing scored matches.
+    when the greedy answer IS the reference; any of `stops` stands for any
+    other (an answer ends at whichever stop token greedy decoding writes,
+    e.g. Llama 3's `<|eot_id|>` or `<|end_of_text|>`). `versus` is ignored; a
+    row with nothing scored matches.
     """
+    stop_ids = torch.tensor(list(stops), dtype=torch.long)
     matches: list[bool] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -184,7 +191,10 @@ def greedy_matches(model: Any, rows: Sequence[Scored], *, pad: int, batch_size: 
             continue
         with torch.no_grad():
             logits, wanted, weight = _scored_logits(model, batch, pad)
-            hits = (logits[:, :-1].argmax(dim=-1) == wanted) | (weight == 0)
+            written = logits[:, :-1].argmax(dim=-1)
+            ends = stop_ids.to(written.device)
+            both_stop = torch.isin(written, ends) & torch.isin(wanted, ends)
+            hits = (written == wanted) | both_stop | (weight == 0)
         matches.extend(bool(row) for row in hits.all(dim=1).cpu())
     return matches
 

@@ -123,8 +123,10 @@ def search_prefix(
     shrinks: the bisection assumes it). Among the `k` whose kept task stays
     at or above `floor`, the answer is the smallest whose refusal share
     reaches `target`, or, when none does, the largest (0 when even the first
-    unit costs too much task). Each `k` is measured at most once; about
-    `log2(count)` measurements of each kind.
+    unit costs too much task). The kept task of the count returned is always
+    measured (when it is below `floor` after all, the largest is returned).
+    Each `k` is measured at most once; about `log2(count)` measurements of
+    each kind.
     """
     seen_task: dict[int, float] = {}
     seen_refusal: dict[int, float] = {}
@@ -154,7 +156,9 @@ def search_prefix(
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if refuses(middle) else (middle, high)
-    return high
+    # The kept task need not fall with every unit (an exact match on a few prompts): the
+    # count returned is one whose kept task was measured at or above the floor.
+    return high if keeps(high) else allowed
 
 
 def restore_order(attributions: Sequence[Attribution | None]) -> list[int]:

@@ -11,13 +11,14 @@ by batch and form logits only where they score).
 
 Calibration uses only the harmful prompts ALIGNED itself refuses. Each
 round: integrated gradients of the refusal margin `mu` and of the task loss
-`tau` along `s * g`, a greedy choice of units to switch off within what is
-left of the task budget (math/gating.py: noise-sized harms ignored, most
-harm per unit of task help first), then a measurement (greedy generation +
-the refusal judge) of the refusal rate and of the task score; a choice that
-costs too much task is cut back to its units of largest harm. Rounds stop
-when the rate reaches the target, when the budget is spent, when a round
-restores no refusal (it is undone: its task cost bought nothing), or after `rounds`.
+`tau` along `s * g`, the candidates ordered by harm per unit of task help
+(math/gating.py: noise-sized harms ignored), then a bisection over how many
+of that order to switch off, measured by teacher-forced greedy checks (the
+task's exact match, ALIGNED's refusal start), and one generation with the
+refusal judge for the round's refusal rate. A round that refuses no more
+prompts than before is undone (its task cost bought nothing). Rounds stop
+when the rate reaches the target, when even the first unit costs too much
+task, when a round is undone, or after `rounds`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
 from adapter_fix.evaluate.generate import generate_ids
+from adapter_fix.evaluate.judges.base import visible_answer
 from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
     Scored,
@@ -131,8 +133,9 @@ class GateOutcome:
     """`tau(1)`: the task loss with the whole update."""
     task_loss_without_update: float
     """`tau(0)`: with every gate off (ALIGNED)."""
-    task_budget: float
-    """How far `tau` may rise above `tau(1)` (first order): `task_budget * (tau(0) - tau(1))`."""
+    task_budget: float | None
+    """How far `tau` may rise above `tau(1)` when no task score measures the kept task (first
+    order): `task_budget * (tau(0) - tau(1))`; None when the measured score is the guard."""
     task_score_adapter: float
     """Exact match on the calibration task prompts with the whole update (with references;
     without: agreement with the adapter's own outputs, 1 by construction)."""
@@ -316,7 +319,9 @@ def gate_repair(
     def task_score() -> float:
         """Greedy exact match of the task answers with the targets (references, or the g = 1
         outputs), teacher-forced (`greedy_matches`: the outcome of greedy generation)."""
-        return _share(greedy_matches(model, task_rows, pad=pad_id, batch_size=batch))
+        return _share(
+            greedy_matches(model, task_rows, pad=pad_id, batch_size=batch, stops=stop_ids)
+        )
 
     # What the judge calls a refusal, as early as it does: the shortest start of ALIGNED's
     # answer judged a refusal. A model whose greedy answer begins with it refuses (a keyword
@@ -330,12 +335,17 @@ def gate_repair(
         an empty answer as a refusal would otherwise count any first token)."""
         texts = [decode(tokens) for tokens in starts]
         verdicts = judge_refusals(prompts, texts)
-        return [bool(text) and verdict for text, verdict in zip(texts, verdicts, strict=True)]
+        return [
+            bool(visible_answer(text)) and verdict
+            for text, verdict in zip(texts, verdicts, strict=True)
+        ]
 
     refusal_rows = _refusal_rows(harmful, refusal_starts, refusal_starts_judged)
 
     def refusal_share() -> float:
-        return _share(greedy_matches(model, refusal_rows, pad=pad_id, batch_size=batch))
+        matches = greedy_matches(model, refusal_rows, pad=pad_id, batch_size=batch, stops=stop_ids)
+        # A start with nothing to write (an empty refusal) tells nothing: not a refusal here.
+        return _share([m and r.scored > 0 for m, r in zip(matches, refusal_rows, strict=True)])
 
     outputs = generate(harmful)
     adapter_outputs = outputs
@@ -524,7 +534,7 @@ def gate_repair(
         task_objective=task_objective,
         task_loss_adapter=task_on,
         task_loss_without_update=task_off,
-        task_budget=options.task_budget * task_gap,
+        task_budget=None if measurable else options.task_budget * task_gap,
         task_score_adapter=score_on,
         task_score_without_update=score_off,
         task_kept=kept,

@@ -100,10 +100,12 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
         return []
     prompts = calibration["prompts"]
     kept = calibration["task_score"]["kept"]
+    undone = sum(bool(r.get("undone")) for r in calibration["rounds"])
     lines = [
         f"calibration: {prompts['harmful']} harmful, {prompts['benign']} benign, "
-        f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s), "
-        f"stopped: {calibration['stop_reason']}",
+        f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s)"
+        + (f" ({undone} undone)" if undone else "")
+        + f", stopped: {calibration['stop_reason']}",
         f"calibration refusals: ALIGNED {percent(calibration['aligned_refusal_rate'])} "
         f"(only its {calibration['refused_by_aligned']} refused prompts are used); on those, "
         f"the adapter {percent(calibration['original_refusal_rate'])}, gated "
