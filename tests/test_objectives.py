@@ -24,7 +24,14 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from adapter_fix.evaluate.generate import sequence_logprobs  # noqa: E402
-from adapter_fix.methods.gate import Calibration, GatedModel, GateOptions, check_memory  # noqa: E402
+from adapter_fix.methods.gate import (  # noqa: E402
+    Calibration,
+    GatedModel,
+    GateOptions,
+    check_memory,
+    generation_batch,
+    memory_needed,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROMPTS = [[1, 5, 7], [2, 4, 6, 8, 9], [3, 3], [7, 1, 2, 9], [11]]
@@ -220,3 +227,26 @@ def test_check_memory_refuses_a_batch_that_does_not_fit_and_names_batch_size(lor
     assert check_memory(model, calibration, options, available=estimate.total) == estimate
     with pytest.raises(UsageError, match=r"--batch-size [34]\b"):
         check_memory(model, calibration, options, available=estimate.total // 2)
+
+
+@pytest.mark.model
+def test_generation_batch_fills_the_memory_of_one_gradient_pass():
+    # Deep enough that a gradient pass (every layer's activations kept) outweighs generation
+    # (two layers' worth and the key/value cache), as in any real chat model.
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=16,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    calibration = Calibration(harmful=[[1, 2, 3, 4]] * 50, benign=[[5, 6]] * 3)
+    options = GateOptions(batch_size=2, max_new_tokens=4)
+    rows = generation_batch(model, calibration, options)
+    # Generation keeps no activations for backward: many more rows fit than with gradients...
+    assert rows > options.batch_size
+    # ...and the bigger the gradient pass allowed, the bigger the generation batch.
+    assert generation_batch(model, calibration, GateOptions(batch_size=8, max_new_tokens=4)) > rows
+    assert memory_needed(model, calibration, options).total > 0
