@@ -46,3 +46,33 @@ def run_cli(*args: object, env: dict[str, str] | None = None) -> CliResult:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def lora_model() -> tuple[torch.nn.Module, list[str]]:
+    """A tiny random Llama with a peft LoRA on `LORA_TARGETS` (non-zero B), and the adapter's
+    module names; one per test module (tests that change it put it back)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = peft.get_peft_model(model, lora).eval()
+    names = [
+        name.removeprefix("base_model.model.")
+        for name, _module in peft_model.named_modules()
+        if name.split(".")[-1] in LORA_TARGETS
+    ]
+    return peft_model, names

@@ -34,31 +34,6 @@ from adapter_fix.methods.gate import (  # noqa: E402
     refine_components,
 )
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def lora_model() -> tuple[torch.nn.Module, list[str]]:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    peft_model = peft.get_peft_model(model, lora).eval()
-    names = [
-        name.removeprefix("base_model.model.")
-        for name, module in peft_model.named_modules()
-        if name.split(".")[-1] in TARGETS
-    ]
-    return peft_model, names
-
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():

@@ -33,33 +33,9 @@ from adapter_fix.methods.gate import (  # noqa: E402
     memory_needed,
 )
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROMPTS = [[1, 5, 7], [2, 4, 6, 8, 9], [3, 3], [7, 1, 2, 9], [11]]
 REFUSALS = [[12, 13, 14], [12, 13, 15, 5], [12, 20], [30, 31], [12, 13]]
 COMPLIANCES = [[12, 22, 23, 24], [16, 17], [12, 20, 21], [30, 31], [25]]
-
-
-@pytest.fixture(scope="module")
-def lora_model() -> tuple[torch.nn.Module, list[str]]:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    peft_model = peft.get_peft_model(model, lora).eval()
-    names = [
-        name.removeprefix("base_model.model.")
-        for name, _module in peft_model.named_modules()
-        if name.split(".")[-1] in TARGETS
-    ]
-    return peft_model, names
 
 
 def test_first_difference_and_margin_rows_score_from_where_the_starts_differ():
