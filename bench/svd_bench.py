@@ -9,7 +9,10 @@ norm), then:
 - computes the exact spectrum as the eigenvalues of the float64 Gram matrix
   `D D^T` (exact to ~1e-16 relative in the energies, and the cheapest exact
   route: a lower bound on any exact SVD's cost, so the speed-up is understated);
-- prints the captured energy of both at the same `k`, and the time ratio.
+- prints the captured energy of both at the same `k`, and the time ratio;
+- times the bfloat16 sketch (`sketch_dtype`, what a CPU with native bfloat16 runs) and
+  prints how far its subspace is from the float32 one at the same seed, beside how far
+  two float32 seeds' are from each other (the method's own spread).
 
 `--full-svd` also times the exact path of `safety_subspace` itself (LAPACK
 `torch.linalg.svd`), about two minutes on 2 cores.
@@ -64,6 +67,12 @@ def exact_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(wide @ wide.T).flip(0).clamp_min(0)
 
 
+def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The sine of the largest principal angle between two orthonormal bases' spans."""
+    cosines = torch.linalg.svdvals(first.T @ second).clamp(max=1.0)
+    return float((1.0 - cosines.min() ** 2).clamp(min=0.0).sqrt())
+
+
 def seconds_text(seconds: list[float]) -> str:
     return f"{min(seconds):6.2f} s (best of {len(seconds)}, worst {max(seconds):.2f} s)"
 
@@ -108,6 +117,26 @@ def main() -> None:
     print(
         f"time ratio randomized / exact spectrum = {min(randomized_s) / min(exact_s):.3f} "
         f"({min(exact_s) / min(randomized_s):.1f}x faster)"
+    )
+    fast_runs, fast_s = best_of(
+        args.repeats,
+        safety_subspace,
+        matrix,
+        seed=args.seed,
+        exact_below=0,
+        sketch_dtype=torch.bfloat16,
+    )
+    fast = fast_runs[0]
+    other_seed = safety_subspace(matrix, seed=args.seed + 1, exact_below=0)
+    both = min(fast.rank, randomized.rank, other_seed.rank)
+    print(
+        f"bfloat16 sketch k={fast.rank}  captured={fast.captured_energy:.6f}  "
+        f"{seconds_text(fast_s)}: {min(randomized_s) / min(fast_s):.2f}x the float32 "
+        f"sketch's speed; largest principal-angle sine to the float32 subspace "
+        f"{largest_angle_sine(fast.left[:, :both], randomized.left[:, :both]):.1e} (left) "
+        f"{largest_angle_sine(fast.right[:, :both], randomized.right[:, :both]):.1e} (right); "
+        f"float32 seed {args.seed} vs {args.seed + 1}: "
+        f"{largest_angle_sine(other_seed.left[:, :both], randomized.left[:, :both]):.1e}"
     )
     if args.full_svd:
         full, full_s = best_of(1, safety_subspace, matrix, rank=k, exact_below=ROWS + 1)

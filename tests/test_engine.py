@@ -110,3 +110,37 @@ def test_safelora_gets_d_transpose_b_taken_while_d_is_read(fixtures_dir: Path, m
         assert item.lora_b is not None
         expected = item.displacement.T @ item.lora_b.float()
         assert torch.allclose(item.reduced, expected, rtol=1e-5, atol=1e-7), item.target.name
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        ("cpu", "fpu sse2 avx512f avx512_bf16 avx512_vnni", torch.bfloat16),
+        ("cpu", "fpu sse2 amx_bf16 amx_tile", torch.bfloat16),
+        ("cpu", "fpu sse2 avx2 avx512f", None),
+        ("cuda", "fpu avx512_bf16", None),
+    ],
+)
+def test_sketch_dtype_is_bfloat16_only_on_a_cpu_with_native_bfloat16(
+    device: str, flags: str, expected: torch.dtype | None
+) -> None:
+    cpuinfo = f"processor\t: 0\nflags\t\t: {flags}\nbugs\t\t: avx512_bf16_fake\n"
+    assert engine_module.sketch_dtype(device, cpuinfo) is expected
+    assert engine_module.sketch_dtype("cpu", "") is None  # no /proc/cpuinfo (not Linux)
+
+
+def test_the_svd_takes_the_machine_s_sketch_dtype(
+    fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dtypes = []
+    real = engine_module.safety_subspace
+
+    def recording(*args: object, **kwargs: object) -> object:
+        dtypes.append(kwargs["sketch_dtype"])
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "safety_subspace", recording)
+    monkeypatch.setattr(engine_module, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
+    source, adapter = open_llama(fixtures_dir)
+    repair(source, adapter, RepairOptions())
+    assert dtypes and set(dtypes) == {torch.bfloat16}

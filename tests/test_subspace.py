@@ -160,6 +160,39 @@ def test_same_seed_gives_bit_identical_bases() -> None:
     assert not torch.equal(first.left, other.left)
 
 
+def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The sine of the largest principal angle between two orthonormal bases' spans."""
+    cosines = torch.linalg.svdvals(first.T @ second).clamp(max=1.0)
+    return float((1.0 - cosines.min() ** 2).clamp(min=0.0).sqrt())
+
+
+def test_bfloat16_sketch_finds_the_float32_subspace() -> None:
+    displacement = low_rank_plus_noise(600, 900)
+    full = safety_subspace(displacement, exact_below=0, seed=4)
+    fast = safety_subspace(displacement, exact_below=0, seed=4, sketch_dtype=torch.bfloat16)
+    assert fast.method == full.method == "randomized"
+    assert fast.rank == full.rank
+    # The last product and Q^T D are float32: the energy is exact for the Q found.
+    assert abs(fast.captured_energy - full.captured_energy) < 1e-6
+    torch.testing.assert_close(fast.singular_values, full.singular_values, rtol=1e-5, atol=0)
+    assert largest_angle_sine(fast.left, full.left) < 1e-3
+    assert largest_angle_sine(fast.right, full.right) < 1e-3
+    again = safety_subspace(displacement, exact_below=0, seed=4, sketch_dtype=torch.bfloat16)
+    assert torch.equal(again.left, fast.left)
+    assert not torch.equal(fast.left, full.left)  # the bfloat16 products were taken
+
+
+def test_bfloat16_sketch_without_power_iterations_is_all_float32() -> None:
+    """With `q = 0` the one product forms `Q`, so it is taken in `D`'s precision."""
+    displacement = low_rank_plus_noise(520, 700)
+    full = safety_subspace(displacement, exact_below=0, power_iterations=0)
+    fast = safety_subspace(
+        displacement, exact_below=0, power_iterations=0, sketch_dtype=torch.bfloat16
+    )
+    assert torch.equal(fast.left, full.left)
+    assert torch.equal(fast.singular_values, full.singular_values)
+
+
 def test_float64_displacement_is_decomposed_in_float64() -> None:
     displacement = with_spectrum(30, 40, [3.0, 2.0, 1.0, 1e-3], seed=5)
     subspace = safety_subspace(displacement, rank=4)
