@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter_fix.math.subspace import frobenius_norm, module_seed, safety_subspace
+import adapter_fix.math.subspace as subspace_module
+from adapter_fix.math.subspace import (
+    frobenius_norm,
+    low_precision_product,
+    module_seed,
+    safety_subspace,
+)
 
 
 def with_spectrum(rows: int, cols: int, values: list[float], seed: int = 0) -> torch.Tensor:
@@ -233,3 +239,29 @@ def test_invalid_displacement_or_arguments_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         safety_subspace(displacement, **arguments)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("stored_transposed", [False, True])
+def test_low_precision_product_is_the_product_of_the_rounded_factors(
+    transposed: bool, stored_transposed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(subspace_module, "LOW_BLOCK_ENTRIES", 64)  # several blocks, one short
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(37, 20, generator=generator)
+    if stored_transposed:
+        matrix = torch.randn(20, 37, generator=generator).T
+    other = torch.randn(20 if not transposed else 37, 3, generator=generator)
+    product = low_precision_product(matrix, other, torch.bfloat16, transposed=transposed)
+    rounded = (matrix.T if transposed else matrix).bfloat16().double()
+    expected = rounded @ other.bfloat16().double()
+    assert product.dtype == torch.float32
+    assert product.shape == expected.shape
+    # Each block's product is rounded to bfloat16 once, then summed in float32.
+    torch.testing.assert_close(product.double(), expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(
+        product.double(),
+        (matrix.T if transposed else matrix).double() @ other.double(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

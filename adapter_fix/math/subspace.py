@@ -168,7 +168,7 @@ def safety_subspace(
             fast-decaying spectrum, noise-heavy spectra need 1 or 2.
         sketch_dtype: a lower precision (bfloat16) for the products that only find `D`'s
             range: the first sketch and every power iteration's but the last product
-            `D @ X`, from a copy of `D` in that dtype (half `D`'s memory more). The
+            `D @ X`, converted a block at a time (`low_precision_product`). The
             last product forming `Q` and `Q^T D` stay in `D`'s precision, so the
             singular values and captured energy are exact for the `Q` found, and the
             next product damps the rounding of the earlier ones as the iteration
@@ -279,6 +279,43 @@ def frobenius_norm(matrix: torch.Tensor) -> float:
     return math.sqrt(float(squares))
 
 
+LOW_BLOCK_ENTRIES = 2**20
+"""Entries of `D` converted at a time by `low_precision_product`: 2 MiB of bfloat16 (256
+rows of a 4096-wide weight), which stays in cache between the conversion and the product."""
+
+
+def low_precision_product(
+    matrix: torch.Tensor, other: torch.Tensor, dtype: torch.dtype, *, transposed: bool = False
+) -> torch.Tensor:
+    """`matrix @ other` (`matrix^T @ other` when `transposed`) with both factors rounded to
+    `dtype`, returned in `matrix`'s dtype.
+
+    `matrix` (`m x n`) is converted `LOW_BLOCK_ENTRIES` at a time, in its storage order,
+    into one reused buffer, and each block's product is taken at once: no copy of the
+    whole matrix is made (half its memory, and a conversion that cost more than the
+    blocks'), and each block's product is summed in `matrix`'s dtype.
+    """
+    if not matrix.is_contiguous() and matrix.T.is_contiguous():
+        matrix, transposed = matrix.T, not transposed  # walk the rows as they are stored
+    rows, cols = matrix.shape
+    step = max(1, LOW_BLOCK_ENTRIES // max(cols, 1))
+    buffer = torch.empty(min(step, rows), cols, dtype=dtype, device=matrix.device)
+    narrow = other.to(dtype)
+    if transposed:
+        result = torch.zeros(cols, other.shape[1], dtype=matrix.dtype, device=matrix.device)
+    else:
+        result = torch.empty(rows, other.shape[1], dtype=matrix.dtype, device=matrix.device)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = buffer[: stop - start]
+        block.copy_(matrix[start:stop])
+        if transposed:
+            result += block.T @ narrow[start:stop]
+        else:
+            result[start:stop] = block @ narrow
+    return result
+
+
 def _check_arguments(
     displacement: torch.Tensor,
     energy: float,
@@ -356,7 +393,7 @@ class _RangeSketch:
         sketch_dtype: torch.dtype | None = None,
     ) -> None:
         self.matrix = matrix
-        self.low = None if sketch_dtype in (None, matrix.dtype) else matrix.to(sketch_dtype)
+        self.sketch_dtype = None if sketch_dtype == matrix.dtype else sketch_dtype
         self.power_iterations = power_iterations
         self.basis = matrix.new_zeros(matrix.shape[0], 0)
         self.projected = matrix.new_zeros(0, matrix.shape[1])
@@ -389,12 +426,11 @@ class _RangeSketch:
     def _times(
         self, other: torch.Tensor, *, transposed: bool = False, low: bool = True
     ) -> torch.Tensor:
-        """`D @ other` (`D^T @ other` when `transposed`), from the low-precision copy when
-        there is one and `low`, returned in `D`'s dtype."""
-        if self.low is None or not low:
+        """`D @ other` (`D^T @ other` when `transposed`), in `D`'s dtype; with `low` and a
+        `sketch_dtype`, taken in that dtype (`low_precision_product`)."""
+        if self.sketch_dtype is None or not low:
             return (self.matrix.T if transposed else self.matrix) @ other
-        low = self.low.T if transposed else self.low
-        return (low @ other.to(low.dtype)).to(self.matrix.dtype)
+        return low_precision_product(self.matrix, other, self.sketch_dtype, transposed=transposed)
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Halko et al. Algorithm 5.1: `U` (`m x l`), `S` (`l`), `V` (`n x l`) of `Q Q^T D`.
