@@ -10,10 +10,11 @@ bench/_work/), each figure measured in this run on this machine:
 - Safe LoRA repair against the I/O floor (it needs no SVD);
 - `check --basis` and `repair --basis` on a 32-layer llama-3-8b-shaped adapter;
 - Safe LoRA's whole job, ours against the reference code's dense formulation,
-  on a llama-3.2-1b-shaped 4-layer input: time and peak RSS.
+  on a llama-3.2-1b-shaped 4-layer input (`--reference-layers N`): time and peak RSS.
 
     python bench/engine_bench.py              # llama-3-8b at 2 layers, llama-3.2-1b at 4
     python bench/engine_bench.py --quick      # the tiny preset, seconds
+    python bench/engine_bench.py --only-reference --reference-layers 16
 
 bench/README.md, "Engine figures", says how each is measured.
 """
@@ -286,6 +287,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny presets, no waiting")
     parser.add_argument("--layers", type=int, default=2, help="llama-3-8b layers to measure")
     parser.add_argument("--quiet-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--reference-layers",
+        type=int,
+        default=4,
+        help="llama-3.2-1b layers of the Safe LoRA whole-job comparison (at most 16)",
+    )
+    parser.add_argument(
+        "--only-reference",
+        action="store_true",
+        help="only the Safe LoRA whole-job comparison against the reference",
+    )
     args = parser.parse_args()
     preset, small, layers = "llama-3-8b", "llama-3.2-1b", args.layers
     quiet = 0.0 if args.quick else args.quiet_timeout
@@ -293,18 +305,20 @@ def main() -> None:
         preset, small, layers = "tiny", "tiny", 2
     started = time.perf_counter()
     print(
-        f"adapter-fix engine benchmark: {preset} at {layers} layers, {small} at 4; torch "
+        f"adapter-fix engine benchmark: {preset} at {layers} layers, {small} at "
+        f"{args.reference_layers}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load "
         f"average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     figures = Figures()
-    checkpoint = make_checkpoints(preset, layers)
-    solve_figures(figures, checkpoint)
-    overlap_figures(figures, checkpoint, quiet)
-    safelora_floor_figures(figures, checkpoint, quiet)
-    basis_figures(figures, checkpoint, preset, layers, quiet)
-    reference_figures(figures, make_checkpoints(small, 4), quiet)
+    if not args.only_reference:
+        checkpoint = make_checkpoints(preset, layers)
+        solve_figures(figures, checkpoint)
+        overlap_figures(figures, checkpoint, quiet)
+        safelora_floor_figures(figures, checkpoint, quiet)
+        basis_figures(figures, checkpoint, preset, layers, quiet)
+    reference_figures(figures, make_checkpoints(small, args.reference_layers), quiet)
     figures.summary()
     print(
         f"\nfinished in {time.perf_counter() - started:.0f} s; load average "
