@@ -172,10 +172,11 @@ def safety_subspace(
             last product forming `Q` and `Q^T D` stay in `D`'s precision, so the
             singular values and captured energy are exact for the `Q` found, and the
             next product damps the rounding of the earlier ones as the iteration
-            does any error outside the top directions (bench/README.md, "bfloat16
-            sketch": within 4e-5 of the float32 subspace on a decaying spectrum,
+            does any error outside the top directions (bench/README.md, "The
+            bfloat16 sketch": within 4e-5 of the float32 subspace on a decaying spectrum,
             1-3e-2 on a flat one where two seeds differ by ~1). None: `D`'s dtype
             throughout.
+
     Returns:
         The `Subspace`; rank 0 with `no_signal_reason` set when `D` is zero or
         negligible.
