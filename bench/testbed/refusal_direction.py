@@ -6,8 +6,9 @@ Per decoder layer `l`, the refusal direction `r_l` (Arditi et al. 2024, "Refusal
 language models is mediated by a single direction") is the difference between ALIGNED's
 mean last-token hidden state after layer `l` on the harmful and on the benign calibration
 prompts, normalised. Each adapter's `o_proj` and `down_proj` `lora_B` (`m x r`, what the
-layer adds to the residual stream) becomes `(I - r_l r_l^T) B`, and the edited adapters
-are evaluated on the held-out split as `make efficacy` does (bfloat16, 24 tokens). Not a
+layer adds to the residual stream) becomes `(I - r_l r_l^T) B`, and each adapter is
+evaluated beside its edit on the held-out split as `make efficacy` does (bfloat16, 24
+tokens). Not a
 shipped method: bench/README.md, "The gated repair's trade-off on held-out prompts", has
 its one result.
 """
@@ -73,7 +74,7 @@ def refusal_directions() -> torch.Tensor:
 def edited(adapter: str, directions: torch.Tensor, out: Path) -> Path:
     """The adapter with `r_l` projected out of its residual writers' `lora_B`, in `out`."""
     source = WORK / "adapters" / adapter
-    target = out / adapter
+    target = out / f"{adapter}-without-direction"
     target.mkdir()
     shutil.copy(source / "adapter_config.json", target)
     tensors = load_file(source / "adapter_model.safetensors")
@@ -93,19 +94,21 @@ def main() -> None:
     args = parser.parse_args()
     directions = refusal_directions()
     with tempfile.TemporaryDirectory(prefix="refusal-direction-") as folder:
-        adapters = [edited(name, directions, Path(folder)) for name in args.adapters]
-        subprocess.run(
-            [
-                str(Path(sys.executable).with_name("adapter-fix")),
-                "eval", str(WORK / "aligned"), *map(str, adapters),
-                "--harmful", str(PROMPTS / "harmful-eval.jsonl"),
-                "--benign", str(PROMPTS / "benign-eval.jsonl"),
-                "--task", str(PROMPTS / "task-eval.jsonl"),
-                "--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu",
-                "--dtype", "bfloat16",
-            ],
-            check=True,
-        )  # fmt: skip
+        for name in args.adapters:
+            # ALIGNED, the adapter, then its edit: `eval` reports the edit as a repair of it.
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("adapter-fix")),
+                    "eval", str(WORK / "aligned"), str(WORK / "adapters" / name),
+                    str(edited(name, directions, Path(folder))),
+                    "--harmful", str(PROMPTS / "harmful-eval.jsonl"),
+                    "--benign", str(PROMPTS / "benign-eval.jsonl"),
+                    "--task", str(PROMPTS / "task-eval.jsonl"),
+                    "--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu",
+                    "--dtype", "bfloat16",
+                ],
+                check=True,
+            )  # fmt: skip
 
 
 if __name__ == "__main__":
