@@ -3,6 +3,7 @@
     .venv/bin/python bench/testbed/frontier.py                       # attack-mix, SVD units
     .venv/bin/python bench/testbed/frontier.py --units activation    # role-separated units
     .venv/bin/python bench/testbed/frontier.py --adapter attack-benign --shares 0 0.5 1
+    .venv/bin/python bench/testbed/frontier.py --uniform 1 0.8 0.6 0.4 0.2   # the baseline
 
 A diagnostic, not a repair: it runs `adapter-fix repair --method gate` on a testbed adapter
 with the calibration files (defaults otherwise) up to round 1's attribution order, then,
@@ -140,6 +141,13 @@ def main() -> None:
     parser.add_argument("--adapter", default="attack-mix", choices=build.ADAPTERS)
     parser.add_argument("--units", choices=("svd", "activation"), default="svd")
     parser.add_argument("--shares", type=float, nargs="+", default=list(SHARES))
+    parser.add_argument(
+        "--uniform",
+        type=float,
+        nargs="+",
+        help="instead of the order: every gate at each of these values (the whole update "
+        "scaled), the baseline the order should beat",
+    )
     args = parser.parse_args()
     if not (WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
@@ -169,7 +177,7 @@ def main() -> None:
     ) -> int:
         tokenizer, model = captured["tokenizer"], captured["gated"].model
         pad, stops = captured["pad"], captured["stops"]
-        held_out = encode_prompts(tokenizer, [row["prompt"] for row in harmful_rows])
+        held_out_prompts = encode_prompts(tokenizer, [row["prompt"] for row in harmful_rows])
         task_prompts = encode_prompts(tokenizer, [row["prompt"] for row in task_rows_json])
         task_rows = [
             Scored([*prompt, *reference], len(reference))
@@ -182,15 +190,11 @@ def main() -> None:
                 strict=True,
             )
         ]
-        print(f"round 1 orders {count} candidate units")
-        print("| units off | calibration refusal | calibration kept task | held-out refusal seen "
-              "| unseen | held-out task EM |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- | --- |")
-        for off in sorted({round(count * share) for share in args.shares}):
-            started = time.perf_counter()
-            calibration_refusal, kept = refusal(off), task_kept(off)
+
+        def held_out() -> str:
+            """Held-out refusal (seen, unseen) and task exact match at the current gates."""
             answers = generate_ids(
-                model, held_out, pad=pad, stops=stops, max_new_tokens=24, batch_size=48
+                model, held_out_prompts, pad=pad, stops=stops, max_new_tokens=24, batch_size=48
             )
             texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
             verdicts = judge_answers(judge, [row["prompt"] for row in harmful_rows], texts)
@@ -199,16 +203,36 @@ def main() -> None:
                 v.refusal for v, row in zip(verdicts, harmful_rows, strict=True) if not row["seen"]
             ]
             matches = greedy_matches(model, task_rows, pad=pad, batch_size=16, stops=stops)
-            print(
-                f"| {off} | {calibration_refusal:.2f} | {kept:.2f} | "
+            return (
                 f"{sum(seen) / len(seen):.2f} | {sum(unseen) / len(unseen):.2f} | "
-                f"{sum(matches) / len(matches):.3f} |  ({time.perf_counter() - started:.0f} s)",
+                f"{sum(matches) / len(matches):.3f}"
+            )
+
+        if args.uniform:
+            print("| every gate at | held-out refusal seen | unseen | held-out task EM |")
+            print("| --- | --- | --- | --- |")
+            gated = captured["gated"]
+            for scale in args.uniform:
+                gated.set_values(torch.full_like(gated.values(), scale))
+                print(f"| {scale:g} | {held_out()} |", flush=True)
+            raise Frontier
+        print(f"round 1 orders {count} candidate units")
+        print("| units off | calibration refusal | calibration kept task | held-out refusal seen "
+              "| unseen | held-out task EM |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- |")
+        for off in sorted({round(count * share) for share in args.shares}):
+            started = time.perf_counter()
+            calibration_refusal, kept = refusal(off), task_kept(off)
+            print(
+                f"| {off} | {calibration_refusal:.2f} | {kept:.2f} | {held_out()} |  "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
         raise Frontier
 
     adapter = WORK / "adapters" / args.adapter
-    out = Path(tempfile.mkdtemp(prefix="frontier-")) / "never-written"
+    scratch = tempfile.TemporaryDirectory(prefix="frontier-")
+    out = Path(scratch.name) / "never-written"
     command = [
         "repair", str(WORK / "base"), str(WORK / "aligned"), str(adapter), "-o", str(out),
         "--method", "gate",
@@ -224,6 +248,7 @@ def main() -> None:
         contextlib.suppress(Frontier),
     ):
         cli(command, standalone_mode=False)
+    scratch.cleanup()
     print(f"load {os.getloadavg()[0]:.2f}")
 
 
