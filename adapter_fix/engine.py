@@ -73,17 +73,22 @@ Result = TypeVar("Result")
 
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """x86 CPU flags (Linux `/proc/cpuinfo`) of native bfloat16 dot products: with one, a
-bfloat16 product runs 2.3-2.8x faster than float32 (one thread, 14336 x 4096 by 52
-columns: 45 ms against 127 ms), so the randomized SVD takes its range-finding products in
-bfloat16 (`math/subspace.py`, `safety_subspace`'s `sketch_dtype`)."""
+bfloat16 product runs 1.9-2.6x faster than float32 (one thread, 14336 x 4096 by 52
+columns: 46 / 58 ms for `D X` / `D^T Y` against 119 / 112 ms), so the randomized SVD takes
+its range-finding products in bfloat16 (`math/subspace.py`, `safety_subspace`'s
+`sketch_dtype`)."""
+SKETCH_DTYPE_VARIABLE = "ADAPTER_FIX_SKETCH_DTYPE"
+"""Environment variable: `float32` keeps the sketch in float32 on any machine (to reproduce
+the bytes of a machine without native bfloat16); unset or `auto`: the machine decides."""
 
 
 def sketch_dtype(device: str, cpuinfo: str | None = None) -> torch.dtype | None:
     """The randomized SVD's sketch dtype on `device`: bfloat16 on a CPU with native bfloat16
     arithmetic (`BFLOAT16_CPU_FLAGS` among `cpuinfo`'s flags, read from `/proc/cpuinfo` when
     None), else None (float32 throughout: elsewhere bfloat16 products are emulated and
-    slower). Fixed by the machine, so a machine's output stays the same bytes run to run."""
-    if device != "cpu":
+    slower); None whenever `SKETCH_DTYPE_VARIABLE` is `float32`. Fixed by the machine, so a
+    machine's output stays the same bytes run to run."""
+    if device != "cpu" or os.environ.get(SKETCH_DTYPE_VARIABLE, "auto") == "float32":
         return None
     if cpuinfo is None:
         cpuinfo = _cpuinfo()

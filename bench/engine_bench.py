@@ -291,7 +291,7 @@ def main() -> None:
         "--reference-layers",
         type=int,
         default=4,
-        help="llama-3.2-1b layers of the Safe LoRA whole-job comparison (at most 16)",
+        help="llama-3.2-1b layers of the Safe LoRA whole-job comparison (1 to 16)",
     )
     parser.add_argument(
         "--only-reference",
@@ -300,6 +300,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     preset, small, layers = "llama-3-8b", "llama-3.2-1b", args.layers
+    if not 1 <= args.reference_layers <= PRESETS[small].layers:
+        parser.error(f"--reference-layers must be 1 to {PRESETS[small].layers}")
     quiet = 0.0 if args.quick else args.quiet_timeout
     if args.quick:
         preset, small, layers = "tiny", "tiny", 2

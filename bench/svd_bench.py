@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from adapter_fix.math.subspace import frobenius_norm, safety_subspace
+from adapter_fix.math.subspace import frobenius_norm, largest_angle_sine, safety_subspace
 
 ROWS, COLS = 4096, 14336
 SIGNAL_RANK = 512
@@ -65,12 +65,6 @@ def exact_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     """Every `sigma_i^2` of `matrix`, descending: eigenvalues of its float64 Gram matrix."""
     wide = matrix.double()
     return torch.linalg.eigvalsh(wide @ wide.T).flip(0).clamp_min(0)
-
-
-def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
-    """The sine of the largest principal angle between two orthonormal bases' spans."""
-    cosines = torch.linalg.svdvals(first.T @ second).clamp(max=1.0)
-    return float((1.0 - cosines.min() ** 2).clamp(min=0.0).sqrt())
 
 
 def seconds_text(seconds: list[float]) -> str:

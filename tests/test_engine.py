@@ -144,3 +144,13 @@ def test_the_svd_takes_the_machine_s_sketch_dtype(
     source, adapter = open_llama(fixtures_dir)
     repair(source, adapter, RepairOptions())
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_sketch_dtype_float32_in_the_environment_turns_bfloat16_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    flags = "flags\t: avx512_bf16\n"
+    monkeypatch.setenv("ADAPTER_FIX_SKETCH_DTYPE", "float32")
+    assert engine_module.sketch_dtype("cpu", flags) is None
+    monkeypatch.setenv("ADAPTER_FIX_SKETCH_DTYPE", "auto")
+    assert engine_module.sketch_dtype("cpu", flags) is torch.bfloat16

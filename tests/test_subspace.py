@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import adapter_fix.math.subspace as subspace_module
 from adapter_fix.math.subspace import (
     frobenius_norm,
+    largest_angle_sine,
     low_precision_product,
     module_seed,
     safety_subspace,
@@ -166,12 +167,6 @@ def test_same_seed_gives_bit_identical_bases() -> None:
     assert not torch.equal(first.left, other.left)
 
 
-def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
-    """The sine of the largest principal angle between two orthonormal bases' spans."""
-    cosines = torch.linalg.svdvals(first.T @ second).clamp(max=1.0)
-    return float((1.0 - cosines.min() ** 2).clamp(min=0.0).sqrt())
-
-
 def test_bfloat16_sketch_finds_the_float32_subspace() -> None:
     displacement = low_rank_plus_noise(600, 900)
     full = safety_subspace(displacement, exact_below=0, seed=4)
@@ -186,6 +181,38 @@ def test_bfloat16_sketch_finds_the_float32_subspace() -> None:
     again = safety_subspace(displacement, exact_below=0, seed=4, sketch_dtype=torch.bfloat16)
     assert torch.equal(again.left, fast.left)
     assert not torch.equal(fast.left, full.left)  # the bfloat16 products were taken
+
+
+def test_bfloat16_sketch_grows_like_the_float32_one() -> None:
+    """A sketch grown in several steps (each new block's products against the residual
+    `(I - Q Q^T) D`), with one or two power iterations."""
+    displacement = low_rank_plus_noise(600, 800, seed=2)
+    for iterations in (1, 2):
+        full = safety_subspace(
+            displacement, exact_below=0, energy=0.99, power_iterations=iterations
+        )
+        fast = safety_subspace(
+            displacement,
+            exact_below=0,
+            energy=0.99,
+            power_iterations=iterations,
+            sketch_dtype=torch.bfloat16,
+        )
+        assert full.rank > 32  # past INITIAL_RANK: the sketch was extended
+        assert fast.rank == full.rank
+        assert abs(fast.captured_energy - full.captured_energy) < 1e-6
+        # The noise floor's last directions are loosely determined: compare the top half.
+        top = full.rank // 2
+        assert largest_angle_sine(fast.left[:, :top], full.left[:, :top]) < 1e-3
+
+
+def test_largest_angle_sine_of_spans() -> None:
+    basis = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64)).Q
+    rotated = basis @ torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    assert largest_angle_sine(basis, rotated) < 1e-7
+    other = torch.eye(6, dtype=torch.float64)[:, :2]
+    orthogonal = torch.eye(6, dtype=torch.float64)[:, 2:4]
+    assert largest_angle_sine(other, orthogonal) == pytest.approx(1.0)
 
 
 def test_bfloat16_sketch_without_power_iterations_is_all_float32() -> None:

@@ -3,6 +3,7 @@ each worker on one torch thread, and the same bytes for any number of workers.""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+import adapter_fix.engine as engine_module
 from adapter_fix.engine import (
     SUBSPACE,
     ModuleData,
@@ -214,3 +216,31 @@ def test_basis_and_check_are_the_same_bytes_for_any_workers(
     for document in basis_checks:
         document["inputs"].pop("basis")
     assert basis_checks[0] == basis_checks[1] == basis_checks[2]
+
+
+def test_the_bfloat16_sketch_is_the_same_bytes_for_any_workers(
+    fixtures_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The randomized SVD with its bfloat16 products (forced on the tiny fixtures, which
+    would take the exact SVD: a 4 + 4 column sketch) gives the same output at 1 and 2
+    workers, and differs from the float32 sketch's: the bfloat16 path ran."""
+    real = engine_module.safety_subspace
+    monkeypatch.setattr(
+        engine_module, "safety_subspace", functools.partial(real, exact_below=0, oversampling=4)
+    )
+    monkeypatch.setattr(engine_module, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
+    base, aligned, adapter = (fixtures_dir / name for name in LLAMA)
+    outputs = {}
+    for label, workers, environment in (
+        ("1", 1, "auto"),
+        ("2", 2, "auto"),
+        ("float32", 1, "float32"),
+    ):
+        monkeypatch.setenv("ADAPTER_FIX_SKETCH_DTYPE", environment)
+        out = tmp_path / f"out-{label}"
+        run(
+            "repair", base, aligned, adapter, "-o", out, "--workers", workers, "--max-rank", 4, "-q"
+        )
+        outputs[label] = folder_bytes(out)
+    assert outputs["1"] == outputs["2"]
+    assert outputs["1"] != outputs["float32"]

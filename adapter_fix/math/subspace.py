@@ -173,8 +173,8 @@ def safety_subspace(
             singular values and captured energy are exact for the `Q` found, and the
             next product damps the rounding of the earlier ones as the iteration
             does any error outside the top directions (bench/README.md, "The
-            bfloat16 sketch": within 4e-5 of the float32 subspace on a decaying spectrum,
-            1-3e-2 on a flat one where two seeds differ by ~1). None: `D`'s dtype
+            bfloat16 sketch": within 8e-5 of the float32 subspace on decaying spectra,
+            1-3e-2 on flat ones where two seeds differ by ~1). None: `D`'s dtype
             throughout.
 
     Returns:
@@ -257,6 +257,22 @@ def _next_attempt(
 NORM_BLOCK = 2**14
 
 
+def storage_order(matrix: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`(matrix^T, True)` when `matrix` is a transposed view of contiguous storage (its rows
+    are then read as stored), else `(matrix, False)`."""
+    if not matrix.is_contiguous() and matrix.T.is_contiguous():
+        return matrix.T, True
+    return matrix, False
+
+
+def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
+    """The sine of the largest principal angle between the spans of two bases with
+    orthonormal columns (`d x k` each): 0 for the same span, 1 when a direction of one is
+    orthogonal to the other."""
+    cosines = torch.linalg.svdvals(first.T @ second).clamp(max=1.0)
+    return float((1.0 - cosines.min() ** 2).clamp(min=0.0).sqrt())
+
+
 def frobenius_norm(matrix: torch.Tensor) -> float:
     """`||matrix||_F`, as float32 norms of `NORM_BLOCK`-entry blocks summed in float64.
 
@@ -265,8 +281,7 @@ def frobenius_norm(matrix: torch.Tensor) -> float:
     All blocks are one batched call over a view, so the cost is one pass. A
     transposed view is read in its storage order (the norm does not change).
     """
-    if not matrix.is_contiguous() and matrix.T.is_contiguous():
-        matrix = matrix.T
+    matrix = storage_order(matrix)[0]
     flat = matrix.contiguous().reshape(-1)
     whole = flat.numel() - flat.numel() % NORM_BLOCK
     norms = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_BLOCK), dim=1)
@@ -288,16 +303,18 @@ rows of a 4096-wide weight), which stays in cache between the conversion and the
 def low_precision_product(
     matrix: torch.Tensor, other: torch.Tensor, dtype: torch.dtype, *, transposed: bool = False
 ) -> torch.Tensor:
-    """`matrix @ other` (`matrix^T @ other` when `transposed`) with both factors rounded to
-    `dtype`, returned in `matrix`'s dtype.
+    """`matrix @ other` (`m x l`; `other` is `n x l`), or `matrix^T @ other` (`n x l`;
+    `other` is `m x l`) when `transposed`, with both factors rounded to `dtype` and each
+    block's product rounded to `dtype` too (what a `dtype` product returns on the CPU),
+    returned in `matrix`'s dtype. `matrix` is `m x n`.
 
-    `matrix` (`m x n`) is converted `LOW_BLOCK_ENTRIES` at a time, in its storage order,
-    into one reused buffer, and each block's product is taken at once: no copy of the
-    whole matrix is made (half its memory, and a conversion that cost more than the
-    blocks'), and each block's product is summed in `matrix`'s dtype.
+    `matrix` is converted `LOW_BLOCK_ENTRIES` at a time, in its storage order, into one
+    reused buffer, and each block's product is taken at once: no copy of the whole
+    matrix is made (half its memory, and a conversion that cost more than the blocks'),
+    and the blocks' products are summed in `matrix`'s dtype, in a fixed order.
     """
-    if not matrix.is_contiguous() and matrix.T.is_contiguous():
-        matrix, transposed = matrix.T, not transposed  # walk the rows as they are stored
+    stored, flipped = storage_order(matrix)
+    matrix, transposed = stored, transposed != flipped  # walk the rows as they are stored
     rows, cols = matrix.shape
     step = max(1, LOW_BLOCK_ENTRIES // max(cols, 1))
     buffer = torch.empty(min(step, rows), cols, dtype=dtype, device=matrix.device)
@@ -427,8 +444,9 @@ class _RangeSketch:
     def _times(
         self, other: torch.Tensor, *, transposed: bool = False, low: bool = True
     ) -> torch.Tensor:
-        """`D @ other` (`D^T @ other` when `transposed`), in `D`'s dtype; with `low` and a
-        `sketch_dtype`, taken in that dtype (`low_precision_product`)."""
+        """`D @ other` (`m x l`, `other` `n x l`), or `D^T @ other` (`n x l`, `other`
+        `m x l`) when `transposed`, in `D`'s dtype; with `low` and a `sketch_dtype`, taken
+        in that dtype (`low_precision_product`)."""
         if self.sketch_dtype is None or not low:
             return (self.matrix.T if transposed else self.matrix) @ other
         return low_precision_product(self.matrix, other, self.sketch_dtype, transposed=transposed)

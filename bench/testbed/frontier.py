@@ -232,7 +232,7 @@ def main() -> None:
 
     adapter = WORK / "adapters" / args.adapter
     scratch = tempfile.TemporaryDirectory(prefix="frontier-")
-    out = Path(scratch.name) / "never-written"
+    out = Path(scratch.name) / "never-written"  # the run stops before writing
     command = [
         "repair", str(WORK / "base"), str(WORK / "aligned"), str(adapter), "-o", str(out),
         "--method", "gate",
@@ -242,13 +242,13 @@ def main() -> None:
     ]  # fmt: skip
     os.environ["ADAPTER_FIX_DEBUG"] = "1"  # let `Frontier` through the CLI's error wrapper
     with (
+        scratch,
         mock.patch.object(repair_command, "encode_prompts", encode),
         mock.patch.object(repair_command, "gate_repair", gate),
         mock.patch.object(gate_method, "search_prefix", frontier),
         contextlib.suppress(Frontier),
     ):
         cli(command, standalone_mode=False)
-    scratch.cleanup()
     print(f"load {os.getloadavg()[0]:.2f}")
 
 
