@@ -642,3 +642,14 @@ def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_pat
     original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
     written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
+
+
+@pytest.mark.model
+def test_calibration_lines_say_they_are_fitted_and_point_to_eval(gated_run):
+    from adapter_fix.report.repair import _calibration_lines
+
+    _out, report = gated_run
+    lines = _calibration_lines(report["calibration"])
+    assert any(
+        "the prompts the search fitted" in line and "adapter-fix eval" in line for line in lines
+    )
