@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from adapter_fix.errors import IncompatibleModelsError, NonFiniteError
+from adapter_fix.errors import IncompatibleModelsError, NonFiniteError, UsageError
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis, BasisEntry
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
@@ -87,8 +87,21 @@ def sketch_dtype(device: str, cpuinfo: str | None = None) -> torch.dtype | None:
     arithmetic (`BFLOAT16_CPU_FLAGS` among `cpuinfo`'s flags, read from `/proc/cpuinfo` when
     None), else None (float32 throughout: elsewhere bfloat16 products are emulated and
     slower); None whenever `SKETCH_DTYPE_VARIABLE` is `float32`. Fixed by the machine, so a
-    machine's output stays the same bytes run to run."""
-    if device != "cpu" or os.environ.get(SKETCH_DTYPE_VARIABLE, "auto") == "float32":
+    machine's output stays the same bytes run to run.
+
+    Raises:
+        UsageError: `SKETCH_DTYPE_VARIABLE` is set to something else than `auto` or
+            `float32` (exit 2, before any output is written: outputs are renamed into
+            place at the end).
+    """
+    setting = os.environ.get(SKETCH_DTYPE_VARIABLE, "auto")
+    if setting not in ("auto", "float32"):
+        raise UsageError(
+            f"{SKETCH_DTYPE_VARIABLE} is {setting!r}: it must be `auto` (bfloat16 on a CPU "
+            "with native bfloat16 arithmetic, float32 elsewhere) or `float32` (float32 "
+            "everywhere)."
+        )
+    if device != "cpu" or setting == "float32":
         return None
     if cpuinfo is None:
         cpuinfo = _cpuinfo()

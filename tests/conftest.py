@@ -4,7 +4,7 @@ fixtures/make_fixtures.py and committed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -51,6 +51,21 @@ def run_cli(*args: object, env: dict[str, str] | None = None) -> CliResult:
 LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
+def tiny_llama_config(layers: int = 2) -> Any:
+    """A `transformers.LlamaConfig` of `layers` 16-wide layers over a 40-token vocabulary."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
 @pytest.fixture(scope="module")
 def lora_model() -> tuple[torch.nn.Module, list[str]]:
     """A tiny random Llama with a peft LoRA on `LORA_TARGETS` (non-zero B), and the adapter's
@@ -58,16 +73,7 @@ def lora_model() -> tuple[torch.nn.Module, list[str]]:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
     peft_model = peft.get_peft_model(model, lora).eval()
     names = [

@@ -154,3 +154,22 @@ def test_sketch_dtype_float32_in_the_environment_turns_bfloat16_off(
     assert engine_module.sketch_dtype("cpu", flags) is None
     monkeypatch.setenv("ADAPTER_FIX_SKETCH_DTYPE", "auto")
     assert engine_module.sketch_dtype("cpu", flags) is torch.bfloat16
+
+
+def test_an_unknown_sketch_dtype_setting_is_a_usage_error_before_any_output(
+    fixtures_dir: Path, tmp_path: Path
+) -> None:
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    result = run_cli(
+        "repair",
+        *(fixtures_dir / name for name in ("llama-base", "llama-aligned", "llama-lora")),
+        "-o",
+        out,
+        env={"ADAPTER_FIX_SKETCH_DTYPE": "fp32"},
+    )
+    assert result.exit_code == 2
+    assert "ADAPTER_FIX_SKETCH_DTYPE is 'fp32'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []

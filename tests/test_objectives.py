@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.objectives import (
@@ -209,15 +210,7 @@ def test_check_memory_refuses_a_batch_that_does_not_fit_and_names_batch_size(lor
 def test_generation_batch_fills_the_memory_of_one_gradient_pass():
     # Deep enough that a gradient pass (every layer's activations kept) outweighs generation
     # (two layers' worth and the key/value cache), as in any real chat model.
-    config = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=16,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(layers=16))
     calibration = Calibration(harmful=[[1, 2, 3, 4]] * 50, benign=[[5, 6]] * 3)
     options = GateOptions(batch_size=2, max_new_tokens=4)
     rows = generation_batch(model, calibration, options)
