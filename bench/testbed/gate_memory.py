@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
@@ -37,24 +38,11 @@ WORK = build.WORK
 def child(count: int) -> dict:
     import torch
 
-    from adapter_fix.evaluate.generate import encode_prompts, generate_ids, pad_id, stop_ids
+    from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
     from adapter_fix.evaluate.model import attach_adapters, load_model
-    from adapter_fix.evaluate.objectives import (
-        Scored,
-        greedy_matches,
-        refusal_margins,
-        token_nll,
-        with_stop,
-    )
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.locate import open_source
-    from adapter_fix.methods.gate import (
-        Calibration,
-        GatedModel,
-        GateOptions,
-        gateable,
-        generation_batch,
-    )
+    from adapter_fix.methods.gate import Calibration, GatedModel, GateOptions, gateable
 
     def peak_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -80,13 +68,57 @@ def child(count: int) -> dict:
     with torch.no_grad():  # page every weight in: the baseline is the model as it runs
         model(input_ids=torch.tensor([harmful[0]]))
     loaded_mb = peak_mb()
-    batch, generation = options.batch_size, generation_batch(model, calibration, options)
-    costs: dict[str, float] = {}
+    comply = tokenizer(data.COMPLIANCE, add_special_tokens=False)["input_ids"]
+    costs = measure_passes(model, calibration, comply, pad=pad, stops=stops, options=options)
+    return {"prompts": count, "loaded_mb": loaded_mb, "peak_mb": peak_mb(), **costs}
 
-    def timed(name: str, tokens: int, work) -> object:
+
+def measure_passes(
+    model: Any,
+    calibration: Any,
+    comply: list[int],
+    *,
+    pad: int,
+    stops: list[int],
+    options: Any,
+) -> dict[str, float]:
+    """Run each pass a gated-repair round makes, once, over `calibration`'s harmful and task
+    prompts on `model` (a peft model with gates), at `options`' batch sizes.
+
+    `comply`: the token ids of the compliance start, the margin's other row. Returns each
+    pass's milliseconds per token (`*_ms_per_token`), the generation and gradient batch
+    sizes, and on CUDA each pass's peak allocated memory above what was allocated before it
+    (`*_peak_mib`) beside the repair's own estimate of the largest pass (`estimate_mib`).
+    """
+    import torch
+
+    from adapter_fix.evaluate.generate import generate_ids
+    from adapter_fix.evaluate.objectives import (
+        Scored,
+        greedy_matches,
+        refusal_margins,
+        token_nll,
+        with_stop,
+    )
+    from adapter_fix.methods.gate import generation_batch, memory_needed
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    harmful, task, references = calibration.harmful, calibration.task, calibration.task_references
+    batch, generation = options.batch_size, generation_batch(model, calibration, options)
+    results: dict[str, float] = {"generation_batch": generation, "batch": batch}
+
+    def timed(name: str, tokens: int, work: Any) -> Any:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
         result = work()
-        costs[name] = (time.perf_counter() - start) / max(tokens, 1) * 1000
+        if cuda:
+            torch.cuda.synchronize(device)
+            results[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        results[f"{name}_ms_per_token"] = (time.perf_counter() - start) / max(tokens, 1) * 1000
         return result
 
     new = options.max_new_tokens
@@ -98,13 +130,10 @@ def child(count: int) -> dict:
             )
 
     prompt_tokens = sum(len(p) for p in harmful)
-    refusals = timed("generate_ms_per_prompt_token", prompt_tokens, generate)
-    refusals = [with_stop(a, stops, new) for a in refusals]
-    # The compliance start the attacked adapter writes (data.COMPLIANCE), as the margin's other row.
-    comply = tokenizer(data.COMPLIANCE, add_special_tokens=False)["input_ids"]
+    refusals = [with_stop(a, stops, new) for a in timed("generate", prompt_tokens, generate)]
     answers = [comply] * len(harmful)
     timed(
-        "margin_backward_ms_per_token",
+        "margin_backward",
         prompt_tokens,
         lambda: refusal_margins(
             model, harmful, refusals, answers, window=1, pad=pad, batch_size=batch, backward=True
@@ -114,24 +143,19 @@ def child(count: int) -> dict:
         Scored([*p, *r[:4]], min(4, len(r))) for p, r in zip(harmful, refusals, strict=True)
     ]
     timed(
-        "refusal_check_ms_per_token",
+        "refusal_check",
         sum(len(r.tokens) for r in check_rows),
         lambda: greedy_matches(model, check_rows, pad=pad, batch_size=batch),
     )
     task_tokens = sum(len(p) + len(r) for p, r in zip(task, references, strict=True))
     timed(
-        "task_backward_ms_per_token",
+        "task_backward",
         task_tokens,
         lambda: token_nll(model, task, references, pad=pad, batch_size=batch, backward=True),
     )
-    return {
-        "prompts": count,
-        "loaded_mb": loaded_mb,
-        "peak_mb": peak_mb(),
-        "generation_batch": generation,
-        "batch": batch,
-        **costs,
-    }
+    if cuda:
+        results["estimate_mib"] = memory_needed(model, calibration, options).total / 2**20
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['prompts']} | {r['generation_batch']} | {r['loaded_mb']:.0f} "
             f"| {r['peak_mb']:.0f} "
             f"| {r['peak_mb'] - r['loaded_mb']:.0f} "
-            f"| {r['generate_ms_per_prompt_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
+            f"| {r['generate_ms_per_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
             f"| {r['refusal_check_ms_per_token']:.2f} | {r['task_backward_ms_per_token']:.2f} |",
             flush=True,
         )
