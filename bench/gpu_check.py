@@ -98,7 +98,11 @@ class Report:
 def cli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "adapter_fix", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "adapter_fix", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "ADAPTER_FIX_DEBUG": "1"},  # a traceback, should one come
     )
     return done, time.perf_counter() - start
 

@@ -162,9 +162,9 @@ class GatedModel:
         for name in names:
             layer = _lora_layer(model, name)
             lora_a = layer.lora_A[layer.active_adapters[0]]
-            gated = GateLayer(
-                name, lora_a.weight.shape[0], torch.ones(1, dtype=lora_a.weight.dtype)
-            )
+            # On the layer's device: a gate elsewhere would copy (and synchronize) per forward.
+            gate = torch.ones(1, dtype=lora_a.weight.dtype, device=lora_a.weight.device)
+            gated = GateLayer(name, lora_a.weight.shape[0], gate)
             gated.handle = lora_a.register_forward_hook(_gate_hook(gated))
             self.layers.append(gated)
             if unit == "component":
@@ -219,10 +219,18 @@ class GatedModel:
                 layer.handle = None
 
     def factors(self, layer: GateLayer) -> tuple[Tensor, Tensor]:
-        """`(B, A)` of a layer as it runs (after the component rewrite), gates not applied."""
+        """`(B, A)` of a layer as it runs (after the component rewrite), gates not applied,
+        on the CPU (where adapters are written) whatever device the model runs on."""
         module = _lora_layer(self.model, layer.name)
         adapter = module.active_adapters[0]
-        return module.lora_B[adapter].weight.detach(), module.lora_A[adapter].weight.detach()
+        return (
+            module.lora_B[adapter].weight.detach().cpu(),
+            module.lora_A[adapter].weight.detach().cpu(),
+        )
+
+    def gate_values(self, layer: GateLayer) -> Tensor:
+        """A layer's gate values, detached, on the CPU."""
+        return layer.gates.detach().cpu()
 
 
 def _gate_hook(layer: GateLayer) -> Callable[[nn.Module, Any, Tensor], Tensor]:
@@ -858,7 +866,7 @@ def gated_factors(gated: GatedModel) -> dict[str, tuple[Tensor, Tensor]]:
     written = {}
     for layer in gated.layers:
         lora_b, lora_a = gated.factors(layer)
-        written[layer.name] = (lora_b * layer.gates.to(lora_b.dtype), lora_a)
+        written[layer.name] = (lora_b * gated.gate_values(layer).to(lora_b.dtype), lora_a)
     return written
 
 
@@ -884,7 +892,7 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
             report.reason = f"not gated: {module.kind} LoRA has no lora_A layer to gate"
             results.append(Outcome(report))
             continue
-        gates = layer.gates.detach()
+        gates = gated.gate_values(layer)
         attributions = outcome.attributions.get(module.name, [])
         report.gate = [float(g) for g in gates]
         report.attribution = {

@@ -1,0 +1,97 @@
+"""`--device cuda`: the gated repair, eval and the subspace repair on a GPU.
+
+Skipped where CUDA is not available (CI); run on a GPU machine with
+`python -m pytest tests/test_cuda.py` (bench/gpu_check.py runs it there too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+PROMPTS = FIXTURES / "chat-prompts"
+
+
+def test_gates_live_on_the_models_device_and_factors_come_back_on_the_cpu(lora_model):
+    from adapter_fix.methods.gate import GatedModel, gated_factors
+
+    model, names = lora_model
+    model.to("cuda")
+    try:
+        gated = GatedModel(model, names, "component")
+        assert {layer.gates.device.type for layer in gated.layers} == {"cuda"}
+        gated.set_values(torch.zeros_like(gated.values()))
+        for lora_b, lora_a in gated_factors(gated).values():
+            assert lora_b.device.type == lora_a.device.type == "cpu"
+            assert not lora_b.any()
+        gated.remove()
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    result = run_cli(
+        "repair",
+        *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
+        *("-o", out, "--method", "gate"),
+        *("--harmful", PROMPTS / "harmful-calib.jsonl"),
+        *("--task", PROMPTS / "task-calib.jsonl"),
+        *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
+        *("--calibration-share", "0.3", "--rounds", "1", "--task-budget", "1"),
+        *("--device", "cuda", "--dtype", dtype, "-q"),
+    )
+    assert result.exit_code == 0, result.stderr
+    original = load_file(str(FIXTURES / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
+    report = json.loads((out / "repair_report.json").read_text())
+    assert any(m["action"] == "gated" for m in report["modules"])
+
+
+def test_eval_on_cuda_agrees_with_the_cpu():
+    def rates(device: str) -> list[float]:
+        result = run_cli(
+            "eval",
+            FIXTURES / "chat-aligned",
+            FIXTURES / "chat-attack",
+            *("--harmful", PROMPTS / "harmful-eval.jsonl"),
+            *("--task", PROMPTS / "task-eval.jsonl"),
+            *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
+            *("--max-new-tokens", "24", "--device", device, "--dtype", "float32"),
+            *("--json", "-q"),
+        )
+        assert result.exit_code == 0, result.stderr
+        rows = json.loads(result.stdout)["rows"]
+        return [row[key]["rate"] for row in rows for key in ("refusal", "exact_match")]
+
+    assert rates("cuda") == pytest.approx(rates("cpu"), abs=0.05)
+
+
+def test_subspace_repair_on_cuda_matches_the_cpu(tmp_path):
+    from safetensors.torch import load_file
+
+    inputs = [FIXTURES / name for name in ("llama-base", "llama-aligned", "llama-lora")]
+    written = {}
+    for device in ("cuda", "cpu"):
+        result = run_cli("repair", *inputs, "-o", tmp_path / device, "--device", device, "-q")
+        assert result.exit_code == 0, result.stderr
+        written[device] = load_file(str(tmp_path / device / "adapter_model.safetensors"))
+    assert written["cuda"].keys() == written["cpu"].keys()
+    for key, expected in written["cpu"].items():
+        difference = (written["cuda"][key].float() - expected.float()).abs().max()
+        assert difference <= 1e-3 * expected.float().abs().max(), key
