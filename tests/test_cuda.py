@@ -94,3 +94,39 @@ def test_subspace_repair_on_cuda_matches_the_cpu(tmp_path):
     for key, expected in written["cpu"].items():
         difference = (written["cuda"][key].float() - expected.float()).abs().max()
         assert difference <= 1e-3 * expected.float().abs().max(), key
+
+
+def test_check_probe_on_cuda_agrees_with_the_cpu():
+    def probe(device: str) -> dict:
+        result = run_cli(
+            "check",
+            *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
+            *("--harmful", PROMPTS / "harmful-calib.jsonl"),
+            *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
+            *("--device", device, "--dtype", "float32", "--json"),
+        )
+        assert result.exit_code in (0, 12), result.stderr
+        return json.loads(result.stdout)["check"]["probe"]
+
+    on_gpu, on_cpu = probe("cuda"), probe("cpu")
+    assert on_gpu["refused_by_aligned"] == on_cpu["refused_by_aligned"]
+    assert on_gpu["flips"] == on_cpu["flips"]
+    assert on_gpu["margin_drop"] == pytest.approx(on_cpu["margin_drop"], rel=1e-3)
+
+
+def test_eval_with_a_device_map_agrees_with_one_device():
+    pytest.importorskip("accelerate")
+
+    def rates(*placement: str) -> list[float]:
+        result = run_cli(
+            "eval",
+            FIXTURES / "chat-aligned",
+            FIXTURES / "chat-attack",
+            *("--harmful", PROMPTS / "harmful-eval.jsonl"),
+            *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
+            *("--max-new-tokens", "24", *placement, "--dtype", "float32", "--json", "-q"),
+        )
+        assert result.exit_code == 0, result.stderr
+        return [row["refusal"]["rate"] for row in json.loads(result.stdout)["rows"]]
+
+    assert rates("--device-map", "auto") == pytest.approx(rates("--device", "cuda"), abs=0.02)
