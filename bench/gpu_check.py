@@ -356,7 +356,6 @@ def gate_part(state: dict, device: str) -> tuple[dict, list[str]]:
 
 
 def subspace_part(device: str, scratch: Path) -> tuple[dict, list[str]]:
-    import torch
     from safetensors.torch import load_file
 
     inputs = [str(FIXTURES / name) for name in ("llama-base", "llama-aligned", "llama-lora")]
@@ -372,7 +371,6 @@ def subspace_part(device: str, scratch: Path) -> tuple[dict, list[str]]:
         for k in second
     )
     figures = {"seconds": seconds, "largest_relative_difference": largest}
-    torch.set_printoptions(precision=3)
     return figures, [
         f"`repair` (csulora) of fixtures/llama-*: {device} {seconds[device]:.1f} s, cpu "
         f"{seconds['cpu']:.1f} s; largest difference of a written factor against the CPU's, "
@@ -390,7 +388,7 @@ def environment(device: str) -> tuple[dict, list[str]]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
         "cpus": os.cpu_count(),
     }
     return figures, [", ".join(f"{k} {v}" for k, v in figures.items())]
