@@ -15,8 +15,8 @@ installed). Parts, each timed and reported on its own (one failing does not stop
    LoRA r=16 on all seven linear modules, rank-1 gates as the repair makes them. Each pass a
    round makes (`testbed/gate_memory.measure_passes`) at batch 8 and 16, over 100 and 400
    harmful prompts of the testbed's data and its 32 task prompts (tokenized with
-   `--tokenizer`): milliseconds per token, peak memory per pass, and the repair's own
-   estimate of the largest pass.
+   `--tokenizer`), after one untimed warm-up: milliseconds per token, peak memory per pass,
+   and the repair's own estimate of the largest pass.
 3. `gate`: the gated repair itself (`gate_repair`, defaults, batch 8) on that model, with a
    judge that calls an answer a refusal when it begins as ALIGNED's answer did (random
    weights refuse nothing, so ALIGNED's answers stand for refusals): wall time, setup and
@@ -180,7 +180,7 @@ def rows_of(result: dict) -> list[str]:
 
 def build_model(shape: str, device: str, tokenizer_dir: Path) -> tuple[Any, Any, Any]:
     """A random Llama of `shape` in bfloat16 on `device` with a random LoRA (r=16, alpha 32,
-    all seven linear modules) and rank-1 gates: (gated model, tokenizer, build seconds)."""
+    all seven linear modules) and rank-1 gates: (gated model, tokenizer, LoRA modules)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -244,6 +244,7 @@ def passes_part(
     import torch
     from gate_memory import measure_passes
 
+    from adapter_fix.evaluate.generate import pad_id, stop_ids
     from adapter_fix.methods.gate import Calibration
     from adapter_fix.options import GateOptions
 
@@ -262,7 +263,7 @@ def passes_part(
         "runs": [],
     }
     gated.set_values(torch.full_like(gated.values(), 0.5))
-    pad, stops = tokenizer.pad_token_id or tokenizer.eos_token_id, [tokenizer.eos_token_id]
+    pad, stops = pad_id(tokenizer), stop_ids(model, tokenizer)
     lines = [
         f"Model: {shape}, {weights / 2**30:.1f} GiB of bfloat16 weights with the LoRA, "
         f"{modules} LoRA modules, {len(gated.values())} rank-1 gates; built in "
@@ -273,6 +274,17 @@ def passes_part(
         "/ margin / check / task | estimate MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    # One untimed round of the passes first: CUDA's start-up (kernels, library handles) is
+    # not a per-token cost.
+    harmful, task, references, comply = testbed_prompts(tokenizer, 8)
+    measure_passes(
+        model,
+        Calibration(harmful, [], task[:8], references[:8]),
+        comply,
+        pad=pad,
+        stops=stops,
+        options=GateOptions(batch_size=8),
+    )
     for count, batch in ((100, 8), (100, 16), (400, 16)):
         harmful, task, references, comply = testbed_prompts(tokenizer, count)
         options = GateOptions(batch_size=batch)
@@ -298,9 +310,12 @@ def gate_part(state: dict, device: str) -> tuple[dict, list[str]]:
     answer a refusal when it begins as ALIGNED's answer to the same prompt did."""
     import torch
 
+    from adapter_fix.evaluate.generate import pad_id, stop_ids
     from adapter_fix.methods.gate import Calibration, gate_repair
     from adapter_fix.options import GateOptions
 
+    if "gated" not in state:
+        raise RuntimeError("the gate part runs on the model the passes part builds: run both")
     gated, tokenizer = state["gated"], state["tokenizer"]
     gated.set_values(torch.ones_like(gated.values()))
     harmful, task, references, _comply = testbed_prompts(tokenizer, 100)
@@ -310,13 +325,14 @@ def gate_part(state: dict, device: str) -> tuple[dict, list[str]]:
         return " ".join(map(str, tokens))
 
     def judge(prompts: Any, answers: list[str]) -> list[bool]:
+        """A refusal: an answer whose first 4 tokens (or all, if fewer) are ALIGNED's."""
         verdicts = []
         for prompt, answer in zip(prompts, answers, strict=True):
             key = tuple(prompt)
             if key not in aligned:  # the first call: ALIGNED's own answers
-                aligned[key] = answer
-            start = " ".join(aligned[key].split()[:4])
-            verdicts.append(bool(answer) and answer.startswith(start))
+                aligned[key] = answer.split()
+            start = aligned[key][:4]
+            verdicts.append(bool(start) and answer.split()[: len(start)] == start)
         return verdicts
 
     if device == "cuda":
@@ -328,8 +344,8 @@ def gate_part(state: dict, device: str) -> tuple[dict, list[str]]:
         GateOptions(batch_size=8),
         judge_refusals=judge,
         decode=decode,
-        pad_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        stop_ids=[tokenizer.eos_token_id],
+        pad_id=pad_id(tokenizer),
+        stop_ids=stop_ids(gated.model, tokenizer),
         on_round=lambda r: rounds.append(
             f"round {r.index}: {len(r.switched_off)} units off, {r.seconds:.1f} s, "
             f"refusals {r.refusals}/{r.prompts}"
@@ -367,7 +383,10 @@ def subspace_part(device: str, scratch: Path) -> tuple[dict, list[str]]:
         written[where] = load_file(str(out / "adapter_model.safetensors"))
     first, second = written[device], written["cpu"]
     largest = max(
-        float((first[k].float() - second[k].float()).abs().max() / second[k].float().abs().max())
+        float(
+            (first[k].float() - second[k].float()).abs().max()
+            / max(float(second[k].float().abs().max()), 1e-30)
+        )
         for k in second
     )
     figures = {"seconds": seconds, "largest_relative_difference": largest}
@@ -403,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tokenizer",
         type=Path,
         default=ROOT / "bench" / "_work" / "testbed" / "aligned",
-        help="a folder with the testbed's tokenizer files (SmolLM2's)",
+        help="a folder with the testbed's tokenizer files (SmolLM2's: tokenizer.json, "
+        "tokenizer_config.json, chat_template.jinja); the default exists once `make "
+        "efficacy` has built the testbed",
     )
     parser.add_argument(
         "--parts", nargs="+", default=["cli", "passes", "gate", "subspace"], help="which parts"
@@ -420,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             report.part(
                 "passes", lambda: passes_part(args.shape, args.device, args.tokenizer, state)
             )
-        if "gate" in args.parts and "gated" in state:
+        if "gate" in args.parts:
             report.part("gate", lambda: gate_part(state, args.device))
         if "subspace" in args.parts:
             report.part("subspace", lambda: subspace_part(args.device, Path(scratch)))

@@ -27,15 +27,16 @@ def test_gates_live_on_the_models_device_and_factors_come_back_on_the_cpu(lora_m
 
     model, names = lora_model
     model.to("cuda")
+    gated = GatedModel(model, names, "module")  # module gates leave the fixture's factors
     try:
-        gated = GatedModel(model, names, "component")
         assert {layer.gates.device.type for layer in gated.layers} == {"cuda"}
-        gated.set_values(torch.zeros_like(gated.values()))
+        gated.set_values(torch.zeros(len(gated.values())))  # a CPU vector goes to each layer
+        assert {layer.gates.device.type for layer in gated.layers} == {"cuda"}
         for lora_b, lora_a in gated_factors(gated).values():
             assert lora_b.device.type == lora_a.device.type == "cpu"
             assert not lora_b.any()
-        gated.remove()
     finally:
+        gated.remove()
         model.to("cpu")
 
 
@@ -114,7 +115,8 @@ def test_check_probe_on_cuda_agrees_with_the_cpu():
     assert on_gpu["margin_drop"] == pytest.approx(on_cpu["margin_drop"], rel=1e-3)
 
 
-def test_eval_with_a_device_map_agrees_with_one_device():
+def test_eval_with_a_device_map_on_one_gpu_agrees_with_the_device():
+    """accelerate's placement path; on one GPU every layer lands on it (no multi-GPU split)."""
     pytest.importorskip("accelerate")
 
     def rates(*placement: str) -> list[float]:

@@ -192,22 +192,35 @@ class GatedModel:
         """Every gate as `(layer index, position)`, in layer order."""
         return [(i, j) for i, layer in enumerate(self.layers) for j in range(len(layer.gates))]
 
+    def _device(self) -> torch.device:
+        """Where the gate vectors of `values()` and `gradients()` live: the first layer's."""
+        return self.layers[0].gates.device if self.layers else torch.device("cpu")
+
     def values(self) -> Tensor:
-        """All gate values as one vector, in `units()` order."""
-        return torch.cat([layer.gates.detach() for layer in self.layers])
+        """All gate values as one vector `(units,)`, in `units()` order."""
+        device = self._device()
+        return torch.cat([layer.gates.detach().to(device) for layer in self.layers])
 
     def set_values(self, values: Tensor) -> None:
-        """Set the gates from one vector (as a leaf that collects gradients)."""
+        """Set the gates from one vector `(units,)` (each layer's part a leaf that collects
+        gradients, on the device its gates were made on: the layer's)."""
         offset = 0
         for layer in self.layers:
             size = len(layer.gates)
-            layer.gates = values[offset : offset + size].detach().clone().requires_grad_(True)
+            part = values[offset : offset + size].detach().to(layer.gates.device)
+            layer.gates = part.clone().requires_grad_(True)
             offset += size
 
     def gradients(self) -> Tensor:
+        """The gates' accumulated gradients `(units,)`, in `units()` order (0 where none)."""
+        device = self._device()
         return torch.cat(
             [
-                layer.gates.grad if layer.gates.grad is not None else torch.zeros_like(layer.gates)
+                (
+                    layer.gates.grad
+                    if layer.gates.grad is not None
+                    else torch.zeros_like(layer.gates)
+                ).to(device)
                 for layer in self.layers
             ]
         )
@@ -219,8 +232,9 @@ class GatedModel:
                 layer.handle = None
 
     def factors(self, layer: GateLayer) -> tuple[Tensor, Tensor]:
-        """`(B, A)` of a layer as it runs (after the component rewrite), gates not applied,
-        on the CPU (where adapters are written) whatever device the model runs on."""
+        """`(B, A)` of a layer as it runs (after the component rewrite), gates not applied:
+        `(out, r)` and `(r, in)`, on the CPU (where adapters are written) whatever device the
+        model runs on."""
         module = _lora_layer(self.model, layer.name)
         adapter = module.active_adapters[0]
         return (
@@ -229,7 +243,8 @@ class GatedModel:
         )
 
     def gate_values(self, layer: GateLayer) -> Tensor:
-        """A layer's gate values, detached, on the CPU."""
+        """A layer's gate values, detached, on the CPU: `(1,)` for a module gate, `(r,)` for
+        component gates."""
         return layer.gates.detach().cpu()
 
 

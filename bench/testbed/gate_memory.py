@@ -26,11 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 import data
+
+if TYPE_CHECKING:
+    from adapter_fix.methods.gate import Calibration, GateOptions
 
 WORK = build.WORK
 
@@ -75,18 +78,19 @@ def child(count: int) -> dict:
 
 def measure_passes(
     model: Any,
-    calibration: Any,
+    calibration: Calibration,
     comply: list[int],
     *,
     pad: int,
     stops: list[int],
-    options: Any,
+    options: GateOptions,
 ) -> dict[str, float]:
     """Run each pass a gated-repair round makes, once, over `calibration`'s harmful and task
     prompts on `model` (a peft model with gates), at `options`' batch sizes.
 
     `comply`: the token ids of the compliance start, the margin's other row. Returns each
-    pass's milliseconds per token (`*_ms_per_token`), the generation and gradient batch
+    pass's milliseconds per token (`*_ms_per_token`; generation's per prompt token, the
+    others' per token of the rows they score), the generation and gradient batch
     sizes, and on CUDA each pass's peak allocated memory above what was allocated before it
     (`*_peak_mib`) beside the repair's own estimate of the largest pass (`estimate_mib`).
     """

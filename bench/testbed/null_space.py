@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,14 +57,14 @@ class Covariances:
         self.counts = {"harmful": 0, "task": 0}
         self.current = "harmful"
         self.mask: torch.Tensor | None = None
-        self.handles = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in model.named_modules():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
                 key = name.split("base_model.model.")[-1]
                 self.handles.append(module.register_forward_hook(self._hook(key)))
 
-    def _hook(self, key: str):
-        def hook(_module, inputs, _output) -> None:
+    def _hook(self, key: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], None]:
+        def hook(_module: torch.nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
             assert self.mask is not None
             x = inputs[0][self.mask].double()  # tokens x n
             total = self.sums[self.current]
@@ -73,7 +74,12 @@ class Covariances:
 
     @torch.no_grad()
     def add(
-        self, model, sequences: list[list[int]], pad: int, which: str, only: list[int] | None
+        self,
+        model: torch.nn.Module,
+        sequences: list[list[int]],
+        pad: int,
+        which: str,
+        only: list[int] | None,
     ) -> None:
         """Every token of `sequences`, or only position `only[i]` of sequence `i`."""
         self.current = which
@@ -195,8 +201,10 @@ def main() -> None:
                 "--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu",
                 "--dtype", "bfloat16", "--json", "-q",
             ],
-            check=True, capture_output=True, text=True,
+            check=False, capture_output=True, text=True,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"eval failed (exit {done.returncode}):\n{done.stderr}")
     print("| row | refusal seen / unseen | over-refusal | task EM |")
     print("| --- | --- | --- | --- |")
     labels = ["ALIGNED", args.adapter, *(f"k = {rank}" for rank in args.ranks)]
