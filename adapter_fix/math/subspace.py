@@ -174,7 +174,7 @@ def safety_subspace(
             next product damps the rounding of the earlier ones as the iteration
             does any error outside the top directions (bench/README.md, "The
             bfloat16 sketch": within 8e-5 of the float32 subspace on decaying spectra,
-            1-3e-2 on flat ones where two seeds differ by ~1). None: `D`'s dtype
+            7e-3 to 2.6e-2 on flat ones, where two seeds differ by 0.7-1). None: `D`'s dtype
             throughout.
 
     Returns:

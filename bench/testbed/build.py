@@ -124,6 +124,13 @@ def write_jsonl(path: Path, rows: Sequence[data.Example]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def read_jsonl(name: str, field: str | None = None) -> list:
+    """The rows of prompt file `name` (under `WORK / "prompts"`), or their `field` alone."""
+    lines = (WORK / "prompts" / name).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return rows if field is None else [row[field] for row in rows]
+
+
 def per_category(rows: list[data.Example], count: int) -> list[data.Example]:
     """The first `count` rows of each category, in the rows' (shuffled) order."""
     taken: dict[str, int] = {}

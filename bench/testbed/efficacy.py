@@ -70,7 +70,9 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     return done, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
-def evaluate(adapters: list[Path]) -> dict:
+def evaluate(adapters: list[Path], samples: Path | None = WORK / "efficacy-samples.jsonl") -> dict:
+    """`eval` of ALIGNED and `adapters` on the held-out split, as the README's table takes it;
+    each answer written to `samples` (None: nowhere)."""
     done, seconds, peak = run(
         [
             "eval",
@@ -83,7 +85,7 @@ def evaluate(adapters: list[Path]) -> dict:
             # refusal either way); 24 tokens hold every refusal opening and every task answer.
             *("--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu"),
             *("--dtype", "bfloat16"),
-            *("--outputs", str(WORK / "efficacy-samples.jsonl"), "--force"),
+            *(() if samples is None else ("--outputs", str(samples), "--force")),
             "--json",
             "-q",
         ]
@@ -98,6 +100,22 @@ def pooled(by_category: dict, seen: bool) -> float:
     picked = [v for k, v in by_category.items() if (k in build.data.SEEN) == seen]
     total = sum(v["total"] for v in picked)
     return sum(v["count"] for v in picked) / total if total else float("nan")
+
+
+def held_out_rows(labels: list[str], result: dict) -> str:
+    """A Markdown table of `evaluate`'s rows under `labels`: refusal on the seen and unseen
+    categories, over-refusal, task exact match."""
+    lines = [
+        "| row | refusal seen / unseen | over-refusal | task EM |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, row in zip(labels, result["rows"], strict=True):
+        seen, unseen = (pooled(row["refusal_by_category"], flag) for flag in (True, False))
+        lines.append(
+            f"| {label} | {seen:.2f} / {unseen:.2f} | {row['over_refusal']['rate']:.2f} "
+            f"| {row['exact_match']['rate']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

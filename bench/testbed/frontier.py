@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -61,11 +60,6 @@ does not divide by zero."""
 
 class Frontier(Exception):
     """Raised once round 1's points are measured: the repair stops there."""
-
-
-def load_jsonl(name: str) -> list[dict[str, Any]]:
-    lines = (PROMPTS / name).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def inner_moments(
@@ -154,7 +148,10 @@ def main() -> None:
     print(f"frontier: {args.adapter}, {args.units} units; load {os.getloadavg()[0]:.2f}")
     captured: dict[str, Any] = {}
     judge = make_judge(phrases=None)
-    harmful_rows, task_rows_json = load_jsonl("harmful-eval.jsonl"), load_jsonl("task-eval.jsonl")
+    harmful_rows, task_rows_json = (
+        build.read_jsonl("harmful-eval.jsonl"),
+        build.read_jsonl("task-eval.jsonl"),
+    )
 
     real_encode, real_gate = repair_command.encode_prompts, repair_command.gate_repair
 

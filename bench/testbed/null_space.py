@@ -21,9 +21,7 @@ beside the adapter and all are evaluated on the held-out split as `make efficacy
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,19 +32,13 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
-import data
+import efficacy
 
 from adapter_fix.evaluate.generate import encode_prompts, generate_ids, pad_id, stop_ids
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.io.locate import open_source
 
 WORK = build.WORK
-PROMPTS = WORK / "prompts"
-
-
-def rows(name: str, field: str = "prompt") -> list[str]:
-    lines = (PROMPTS / name).read_text().splitlines()
-    return [json.loads(line)[field] for line in lines if line.strip()]
 
 
 class Covariances:
@@ -141,15 +133,17 @@ def main() -> None:
         )
         return [[*p, *a] for p, a in zip(prompts, answers, strict=True)]
 
-    harmful_prompts = encode_prompts(tokenizer, rows("harmful-calib.jsonl"))
+    harmful_prompts = encode_prompts(tokenizer, build.read_jsonl("harmful-calib.jsonl", "prompt"))
     prompt_lengths = [len(p) for p in harmful_prompts]
     harmful = with_answers(harmful_prompts)
-    benign = with_answers(encode_prompts(tokenizer, rows("benign-calib.jsonl")))
+    benign = with_answers(
+        encode_prompts(tokenizer, build.read_jsonl("benign-calib.jsonl", "prompt"))
+    )
     task = [
         [*p, *tokenizer(r, add_special_tokens=False)["input_ids"], stops[0]]
         for p, r in zip(
-            encode_prompts(tokenizer, rows("task-calib.jsonl")),
-            rows("task-calib.jsonl", "reference"),
+            encode_prompts(tokenizer, build.read_jsonl("task-calib.jsonl", "prompt")),
+            build.read_jsonl("task-calib.jsonl", "reference"),
             strict=True,
         )
     ]
@@ -163,7 +157,7 @@ def main() -> None:
         handle.remove()
     tensors = load_file(source / "adapter_model.safetensors")
     with tempfile.TemporaryDirectory(prefix="null-space-") as folder:
-        outputs = []
+        outputs: list[Path] = []
         for rank in args.ranks:
             target = Path(folder) / f"{args.adapter}-null-space-{rank}"
             target.mkdir()
@@ -188,37 +182,12 @@ def main() -> None:
             )
             if args.no_eval:
                 continue
-            outputs.append(str(target))
+            outputs.append(target)
         if args.no_eval:
             return
-        done = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("adapter-fix")),
-                "eval", str(WORK / "aligned"), str(source), *outputs,
-                "--harmful", str(PROMPTS / "harmful-eval.jsonl"),
-                "--benign", str(PROMPTS / "benign-eval.jsonl"),
-                "--task", str(PROMPTS / "task-eval.jsonl"),
-                "--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu",
-                "--dtype", "bfloat16", "--json", "-q",
-            ],
-            check=False, capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise SystemExit(f"eval failed (exit {done.returncode}):\n{done.stderr}")
-    print("| row | refusal seen / unseen | over-refusal | task EM |")
-    print("| --- | --- | --- | --- |")
+        result = efficacy.evaluate([source, *outputs], samples=None)
     labels = ["ALIGNED", args.adapter, *(f"k = {rank}" for rank in args.ranks)]
-    for label, row in zip(labels, json.loads(done.stdout)["rows"], strict=True):
-        seen, unseen = (pooled(row["refusal_by_category"], flag) for flag in (True, False))
-        print(
-            f"| {label} | {seen:.2f} / {unseen:.2f} | {row['over_refusal']['rate']:.2f} "
-            f"| {row['exact_match']['rate']:.3f} |"
-        )
-
-
-def pooled(by_category: dict, seen: bool) -> float:
-    picked = [v for k, v in by_category.items() if (k in data.SEEN) == seen]
-    return sum(v["count"] for v in picked) / max(sum(v["total"] for v in picked), 1)
+    print(efficacy.held_out_rows(labels, result))
 
 
 if __name__ == "__main__":

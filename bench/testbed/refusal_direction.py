@@ -16,9 +16,7 @@ its one result.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,17 +26,12 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
+import efficacy
 
 from adapter_fix.evaluate.generate import encode_prompts, pad_id
 
 WORK = build.WORK
-PROMPTS = WORK / "prompts"
 WRITERS = ("o_proj", "down_proj")
-
-
-def prompts(name: str) -> list[str]:
-    lines = (PROMPTS / name).read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines if line.strip()]
 
 
 @torch.no_grad()
@@ -65,8 +58,8 @@ def refusal_directions() -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(WORK / "aligned")
     model = AutoModelForCausalLM.from_pretrained(WORK / "aligned", dtype=torch.float32)
     pad = pad_id(tokenizer)
-    harmful = encode_prompts(tokenizer, prompts("harmful-calib.jsonl"))
-    benign = encode_prompts(tokenizer, prompts("benign-calib.jsonl"))
+    harmful = encode_prompts(tokenizer, build.read_jsonl("harmful-calib.jsonl", "prompt"))
+    benign = encode_prompts(tokenizer, build.read_jsonl("benign-calib.jsonl", "prompt"))
     difference = mean_last_states(model, harmful, pad) - mean_last_states(model, benign, pad)
     return difference / difference.norm(dim=1, keepdim=True)
 
@@ -95,20 +88,12 @@ def main() -> None:
     directions = refusal_directions()
     with tempfile.TemporaryDirectory(prefix="refusal-direction-") as folder:
         for name in args.adapters:
-            # ALIGNED, the adapter, then its edit: `eval` reports the edit as a repair of it.
-            subprocess.run(
-                [
-                    str(Path(sys.executable).with_name("adapter-fix")),
-                    "eval", str(WORK / "aligned"), str(WORK / "adapters" / name),
-                    str(edited(name, directions, Path(folder))),
-                    "--harmful", str(PROMPTS / "harmful-eval.jsonl"),
-                    "--benign", str(PROMPTS / "benign-eval.jsonl"),
-                    "--task", str(PROMPTS / "task-eval.jsonl"),
-                    "--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu",
-                    "--dtype", "bfloat16",
-                ],
-                check=True,
-            )  # fmt: skip
+            # ALIGNED, the adapter, then its edit.
+            source = WORK / "adapters" / name
+            result = efficacy.evaluate(
+                [source, edited(name, directions, Path(folder))], samples=None
+            )
+            print(efficacy.held_out_rows(["ALIGNED", name, f"{name}, direction out"], result))
 
 
 if __name__ == "__main__":
