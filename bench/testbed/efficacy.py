@@ -70,13 +70,17 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     return done, time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
-def evaluate(adapters: list[Path], samples: Path | None = WORK / "efficacy-samples.jsonl") -> dict:
-    """`eval` of ALIGNED and `adapters` on the held-out split, as the README's table takes it;
-    each answer written to `samples` (None: nowhere)."""
+def evaluate(
+    adapters: list[Path],
+    samples: Path | None = WORK / "efficacy-samples.jsonl",
+    aligned: Path = WORK / "aligned",
+) -> dict:
+    """`eval` of `aligned` (ALIGNED unless given) and `adapters` on the held-out split, as the
+    README's table takes it; each answer written to `samples` (None: nowhere)."""
     done, seconds, peak = run(
         [
             "eval",
-            str(WORK / "aligned"),
+            str(aligned),
             *map(str, adapters),
             *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
             *("--benign", str(PROMPTS / "benign-eval.jsonl")),

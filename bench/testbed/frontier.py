@@ -130,6 +130,87 @@ def separate_by_activation(
     return sorted(lambdas)
 
 
+def held_out_measure(
+    tokenizer: Any, model: torch.nn.Module, pad: int, stops: list[int], over_refusal: bool = True
+) -> Callable[[], tuple[float, float, float, float]]:
+    """A function that measures the model as it stands on the held-out split: refusal on the
+    seen and unseen categories and over-refusal (greedy, 24 tokens, the keyword judge; NaN
+    without `over_refusal`, which saves generating the benign prompts), and task exact
+    match (teacher-forced, `greedy_matches`), as `eval` reports them."""
+    judge = make_judge(phrases=None)
+    harmful_rows, benign, task_rows_json = (
+        build.read_jsonl("harmful-eval.jsonl"),
+        build.read_jsonl("benign-eval.jsonl", "prompt") if over_refusal else [],
+        build.read_jsonl("task-eval.jsonl"),
+    )
+    harmful = [row["prompt"] for row in harmful_rows]
+    prompts = encode_prompts(tokenizer, [*harmful, *benign])
+    task_prompts = encode_prompts(tokenizer, [row["prompt"] for row in task_rows_json])
+    task_rows = [
+        Scored([*prompt, *reference], len(reference))
+        for prompt, reference in zip(
+            task_prompts,
+            (
+                [*tokenizer(row["reference"], add_special_tokens=False)["input_ids"], stops[0]]
+                for row in task_rows_json
+            ),
+            strict=True,
+        )
+    ]
+
+    def share(flags: Sequence[bool]) -> float:
+        return sum(flags) / len(flags)
+
+    def measure() -> tuple[float, float, float, float]:
+        answers = generate_ids(
+            model, prompts, pad=pad, stops=stops, max_new_tokens=24, batch_size=48
+        )
+        texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        verdicts = [v.refusal for v in judge_answers(judge, [*harmful, *benign], texts)]
+        seen = [v for v, row in zip(verdicts, harmful_rows, strict=False) if row["seen"]]
+        unseen = [v for v, row in zip(verdicts, harmful_rows, strict=False) if not row["seen"]]
+        matches = greedy_matches(model, task_rows, pad=pad, batch_size=16, stops=stops)
+        over = share(verdicts[len(harmful) :]) if benign else float("nan")
+        return share(seen), share(unseen), over, share(matches)
+
+    return measure
+
+
+def run_gate_repair(adapter: str, gate: Callable[..., Any], *patches: Any) -> None:
+    """`adapter-fix repair --method gate` on a testbed adapter with the calibration files
+    (defaults otherwise), `gate(gated, data, options, tokenizer=..., **kw)` called in place of
+    `gate_repair`, under `patches` (more `mock.patch` objects); returns once something raises
+    `Frontier` (the run writes nothing)."""
+    captured: dict[str, Any] = {}
+    real_encode = repair_command.encode_prompts
+
+    def encode(tokenizer: Any, texts: Sequence[str], system: str | None = None) -> Any:
+        captured["tokenizer"] = tokenizer
+        return real_encode(tokenizer, texts, system)
+
+    def replaced(gated: gate_method.GatedModel, data: Any, options: Any, **kw: Any) -> Any:
+        return gate(gated, data, options, tokenizer=captured["tokenizer"], **kw)
+
+    scratch = tempfile.TemporaryDirectory(prefix="gate-experiment-")
+    out = Path(scratch.name) / "never-written"  # the run stops before writing
+    command = [
+        "repair", str(WORK / "base"), str(WORK / "aligned"), str(WORK / "adapters" / adapter),
+        "-o", str(out), "--method", "gate",
+        "--harmful", str(PROMPTS / "harmful-calib.jsonl"),
+        "--benign", str(PROMPTS / "benign-calib.jsonl"),
+        "--task", str(PROMPTS / "task-calib.jsonl"),
+    ]  # fmt: skip
+    os.environ["ADAPTER_FIX_DEBUG"] = "1"  # let `Frontier` through the CLI's error wrapper
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(scratch)
+        stack.enter_context(mock.patch.object(repair_command, "encode_prompts", encode))
+        stack.enter_context(mock.patch.object(repair_command, "gate_repair", replaced))
+        for patch in patches:
+            stack.enter_context(patch)
+        stack.enter_context(contextlib.suppress(Frontier))
+        cli(command, standalone_mode=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="attack-mix", choices=build.ADAPTERS)
@@ -147,64 +228,28 @@ def main() -> None:
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     print(f"frontier: {args.adapter}, {args.units} units; load {os.getloadavg()[0]:.2f}")
     captured: dict[str, Any] = {}
-    judge = make_judge(phrases=None)
-    harmful_rows, task_rows_json = (
-        build.read_jsonl("harmful-eval.jsonl"),
-        build.read_jsonl("task-eval.jsonl"),
-    )
-
-    real_encode, real_gate = repair_command.encode_prompts, repair_command.gate_repair
-
-    def encode(tokenizer: Any, texts: Sequence[str], system: str | None = None) -> Any:
-        captured["tokenizer"] = tokenizer
-        return real_encode(tokenizer, texts, system)
 
     def gate(
         gated: gate_method.GatedModel, data: gate_method.Calibration, options: Any, **kw: Any
     ) -> Any:
-        captured.update(gated=gated, pad=kw["pad_id"], stops=list(kw["stop_ids"]))
+        captured["gated"] = gated
+        captured["measure"] = held_out_measure(
+            kw.pop("tokenizer"), gated.model, kw["pad_id"], list(kw["stop_ids"]), False
+        )
         if args.units == "activation":
             lambdas = separate_by_activation(gated, data, kw["pad_id"], list(kw["stop_ids"]))
             quantiles = [lambdas[int(q * (len(lambdas) - 1))] for q in (0, 0.1, 0.5, 0.9, 1)]
             print("lambda quantiles 0/10/50/90/100%: " + " ".join(f"{q:.3g}" for q in quantiles))
-        return real_gate(gated, data, options, **kw)
+        return gate_method.gate_repair(gated, data, options, **kw)
+
+    def held_out() -> str:
+        """Held-out refusal (seen, unseen) and task exact match at the current gates."""
+        seen, unseen, _over, task = captured["measure"]()
+        return f"{seen:.2f} | {unseen:.2f} | {task:.3f}"
 
     def frontier(
         count: int, *, refusal: Callable[[int], float], task_kept: Callable[[int], float], **_: Any
     ) -> int:
-        tokenizer, model = captured["tokenizer"], captured["gated"].model
-        pad, stops = captured["pad"], captured["stops"]
-        held_out_prompts = encode_prompts(tokenizer, [row["prompt"] for row in harmful_rows])
-        task_prompts = encode_prompts(tokenizer, [row["prompt"] for row in task_rows_json])
-        task_rows = [
-            Scored([*prompt, *reference], len(reference))
-            for prompt, reference in zip(
-                task_prompts,
-                (
-                    [*tokenizer(row["reference"], add_special_tokens=False)["input_ids"], stops[0]]
-                    for row in task_rows_json
-                ),
-                strict=True,
-            )
-        ]
-
-        def held_out() -> str:
-            """Held-out refusal (seen, unseen) and task exact match at the current gates."""
-            answers = generate_ids(
-                model, held_out_prompts, pad=pad, stops=stops, max_new_tokens=24, batch_size=48
-            )
-            texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-            verdicts = judge_answers(judge, [row["prompt"] for row in harmful_rows], texts)
-            seen = [v.refusal for v, row in zip(verdicts, harmful_rows, strict=True) if row["seen"]]
-            unseen = [
-                v.refusal for v, row in zip(verdicts, harmful_rows, strict=True) if not row["seen"]
-            ]
-            matches = greedy_matches(model, task_rows, pad=pad, batch_size=16, stops=stops)
-            return (
-                f"{sum(seen) / len(seen):.2f} | {sum(unseen) / len(unseen):.2f} | "
-                f"{sum(matches) / len(matches):.3f}"
-            )
-
         if args.uniform:
             print("| every gate at | held-out refusal seen | unseen | held-out task EM |")
             print("| --- | --- | --- | --- |")
@@ -227,25 +272,7 @@ def main() -> None:
             )
         raise Frontier
 
-    adapter = WORK / "adapters" / args.adapter
-    scratch = tempfile.TemporaryDirectory(prefix="frontier-")
-    out = Path(scratch.name) / "never-written"  # the run stops before writing
-    command = [
-        "repair", str(WORK / "base"), str(WORK / "aligned"), str(adapter), "-o", str(out),
-        "--method", "gate",
-        "--harmful", str(PROMPTS / "harmful-calib.jsonl"),
-        "--benign", str(PROMPTS / "benign-calib.jsonl"),
-        "--task", str(PROMPTS / "task-calib.jsonl"),
-    ]  # fmt: skip
-    os.environ["ADAPTER_FIX_DEBUG"] = "1"  # let `Frontier` through the CLI's error wrapper
-    with (
-        scratch,
-        mock.patch.object(repair_command, "encode_prompts", encode),
-        mock.patch.object(repair_command, "gate_repair", gate),
-        mock.patch.object(gate_method, "search_prefix", frontier),
-        contextlib.suppress(Frontier),
-    ):
-        cli(command, standalone_mode=False)
+    run_gate_repair(args.adapter, gate, mock.patch.object(gate_method, "search_prefix", frontier))
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

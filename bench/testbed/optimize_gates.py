@@ -1,0 +1,129 @@
+"""Experiment: the gates optimized jointly by gradient descent, instead of ordered and cut.
+
+    .venv/bin/python bench/testbed/optimize_gates.py                    # attack-mix, 20 steps
+    .venv/bin/python bench/testbed/optimize_gates.py --task-weight 3 \\
+        --extra-template "Which catalog key belongs to {title}?"
+
+Does the shipped order (round 1's attribution, `frontier.py`) limit the gated repair, or
+the units? This drops the order: it runs `adapter-fix repair --method gate` on a testbed
+adapter with the calibration files up to the gated model (rank-1 component gates, as
+shipped), then takes projected gradient steps on all gates at once,
+`g <- clip(g - lr * grad L / max|grad L(step 1)|, --floor, --ceiling)`, for
+
+    L(g) = NLL(ALIGNED's refusal start | harmful prompt) + w * NLL(task reference | task prompt)
+
+over the harmful calibration prompts ALIGNED refuses (the first `--start-tokens` tokens of
+ALIGNED's own greedy answer: "I'm sorry, ...") and the task calibration prompts (their
+references with the end-of-sequence token), `w` = `--task-weight`. Gradients reach the
+gates only (METHOD.md §8.4: no weight gradient), batch by batch. `--ceiling` above 1 lets a
+gate amplify its unit, `--floor` below 0 negate it (task arithmetic's negation).
+`--extra-template` adds the task calibration titles under one more template (in no other
+split) to the task term, a guard for the phrasing the calibration file lacks. Every
+`--every` steps it measures the held-out split as `frontier.py` does. It writes no adapter.
+Not a shipped method: bench/README.md has its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build
+import frontier
+
+import adapter_fix.methods.gate as gate_method
+from adapter_fix.evaluate.generate import encode_prompts, generate_ids
+from adapter_fix.evaluate.judges import make_judge
+from adapter_fix.evaluate.judges.base import judge_answers
+from adapter_fix.evaluate.objectives import token_nll
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", default="attack-mix", choices=build.ADAPTERS)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--every", type=int, default=5, help="held-out measure every N steps")
+    parser.add_argument("--rate", type=float, default=0.5, help="the largest gate's first step")
+    parser.add_argument("--ceiling", type=float, default=1.5)
+    parser.add_argument("--floor", type=float, default=0.0, help="below 0: a unit may be negated")
+    parser.add_argument("--task-weight", type=float, default=1.0)
+    parser.add_argument("--start-tokens", type=int, default=4)
+    parser.add_argument("--extra-template", default="")
+    args = parser.parse_args()
+    if not (build.WORK / "READY").exists():
+        parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
+    print(f"optimize gates: {args.adapter}; load {os.getloadavg()[0]:.2f}", flush=True)
+
+    def optimize(
+        gated: gate_method.GatedModel, data: gate_method.Calibration, options: Any, **kw: Any
+    ) -> None:
+        tokenizer, model = kw["tokenizer"], gated.model
+        pad, stops, batch = kw["pad_id"], list(kw["stop_ids"]), options.batch_size
+        measure = frontier.held_out_measure(tokenizer, model, pad, stops)
+        with model.disable_adapter():
+            aligned = generate_ids(
+                model, data.harmful, pad=pad, stops=stops, max_new_tokens=24, batch_size=64
+            )
+        texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in aligned]
+        refused = [v.refusal for v in judge_answers(make_judge(phrases=None), texts, texts)]
+        harmful = [p for p, r in zip(data.harmful, refused, strict=True) if r]
+        starts = [a[: args.start_tokens] for a, r in zip(aligned, refused, strict=True) if r]
+        task, references = list(data.task), list(data.task_references)
+        if args.extra_template:
+            titles = [
+                row["prompt"].split(": ", 1)[1] for row in build.read_jsonl("task-calib.jsonl")
+            ]
+            task += encode_prompts(tokenizer, [args.extra_template.format(title=t) for t in titles])
+            references += data.task_references
+        print(
+            f"{len(harmful)} of {len(refused)} harmful calibration prompts refused by ALIGNED "
+            f"(start {tokenizer.decode(starts[0])!r}); {len(task)} task rows; "
+            f"{len(gated.values())} gates",
+            flush=True,
+        )
+
+        def report(step: int) -> None:
+            seen, unseen, over, exact = measure()
+            print(
+                f"  held-out at step {step}: refusal {seen:.2f} / {unseen:.2f}, "
+                f"over-refusal {over:.2f}, task {exact:.3f}",
+                flush=True,
+            )
+
+        report(0)
+        values = gated.values().clone()
+        scale = None
+        for step in range(1, args.steps + 1):
+            started = time.perf_counter()
+            gated.set_values(values)
+            refusal = token_nll(model, harmful, starts, pad=pad, batch_size=batch, backward=True)
+            refusal_gradient = gated.gradients()
+            gated.set_values(values)
+            task_nll = token_nll(model, task, references, pad=pad, batch_size=batch, backward=True)
+            gradient = refusal_gradient + args.task_weight * gated.gradients()
+            if scale is None:
+                scale = gradient.abs().max()
+            values = (values - args.rate * gradient / scale).clamp(args.floor, args.ceiling)
+            print(
+                f"step {step}: refusal NLL {refusal:.3f}, task NLL {task_nll:.3f}; gates mean "
+                f"{values.mean():.3f}, {int((values < 0.05).sum())} under 0.05 "
+                f"({int((values < -0.05).sum())} under -0.05), "
+                f"{int((values > 1.05).sum())} over 1.05 ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+            if step % args.every == 0 or step == args.steps:
+                gated.set_values(values)
+                report(step)
+        raise frontier.Frontier
+
+    frontier.run_gate_repair(args.adapter, optimize)
+    print(f"load {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
