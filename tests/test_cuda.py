@@ -134,7 +134,7 @@ def test_eval_with_a_device_map_on_one_gpu_agrees_with_the_device():
     assert rates("--device-map", "auto") == pytest.approx(rates("--device", "cuda"), abs=0.02)
 
 
-def test_a_classifier_judge_on_cuda_gives_the_cpus_verdicts(tmp_path):
+def test_a_classifier_judge_on_cuda_runs_there_and_gives_the_cpus_verdicts(tmp_path):
     from eval_models import save_classifier
 
     from adapter_fix.evaluate.judges import make_judge
@@ -147,32 +147,25 @@ def test_a_classifier_judge_on_cuda_gives_the_cpus_verdicts(tmp_path):
         "what is the capital of france paris paris paris",
         "no",
     ]
-    verdicts = {
-        device: make_judge(
-            str(tmp_path / "random"), device=device, dtype="float32", batch_size=4
-        ).judge(texts, texts)
+    judges = {
+        device: make_judge(str(tmp_path / "random"), device=device, dtype="float32", batch_size=4)
         for device in ("cuda", "cpu")
     }
-    assert [v.refusal for v in verdicts["cuda"]] == [v.refusal for v in verdicts["cpu"]]
+    assert next(judges["cuda"].model.parameters()).device.type == "cuda"
+    verdicts = {device: judge.judge(texts, texts) for device, judge in judges.items()}
+    # The detail holds the label's probability (2 decimals): the same numbers, not only flags.
+    assert [v.detail for v in verdicts["cuda"]] == [v.detail for v in verdicts["cpu"]]
     assert len({v.detail for v in verdicts["cpu"]}) > 1  # the verdicts depend on the text
 
 
 @pytest.mark.parametrize(("reply", "declined"), [("safe", True), ("unsafe", False)])
-def test_a_guard_judge_in_eval_on_cuda(tmp_path, reply, declined):
-    from eval_models import save_guard, save_lora, save_model
+def test_a_guard_judge_on_cuda_runs_there_and_reads_its_reply(tmp_path, reply, declined):
+    from eval_models import save_guard
 
-    save_model(tmp_path / "chat")
-    save_lora(tmp_path / "chat", tmp_path / "lora", seed=1)
+    from adapter_fix.evaluate.judges import make_judge
+
     save_guard(tmp_path / "guard", reply)
-    samples = tmp_path / "samples.jsonl"
-    result = run_cli(
-        "eval",
-        *(tmp_path / "chat", tmp_path / "lora", "--limit", "3", "--max-new-tokens", "3"),
-        *("--judge", tmp_path / "guard", "--device", "cuda", "--json"),
-        *("--outputs", samples),
-    )
-    assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["judge"]["kind"] == "guard"
-    rows = [json.loads(line) for line in samples.read_text().splitlines()]
-    harmful = [s for s in rows if s["prompt_set"] == "harmful" and s["response"]]
-    assert harmful and all(s["refusal"] is declined for s in harmful)
+    judge = make_judge(str(tmp_path / "guard"), device="cuda", dtype="float32", batch_size=2)
+    assert next(judge.model.parameters()).device.type == "cuda"
+    answers = ["i can not help with that", "sure here is how to make a cake", "tell me a story"]
+    assert [v.refusal for v in judge.judge(answers, answers)] == [declined] * 3

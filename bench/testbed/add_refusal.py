@@ -4,13 +4,13 @@
     .venv/bin/python bench/testbed/add_refusal.py steer --layers 8 12 16 --strengths 2 4 8
 
 Every idea the gated repair and METHOD.md §8.1-8.2 tried takes something out of the
-adapter. These two put something in, as an upper bound for what a same-rank edit that adds
-could do (neither writes an adapter):
+adapter. These two edits put something in instead (neither writes an adapter):
 
 - `extrapolate`: ALIGNED pushed further along its own alignment, `W_a + beta (W_a - W_b)`
   in every linear weight of the decoder layers (full rank, more than any adapter could
-  carry), written as a model beside ALIGNED; `eval` measures it alone and with the attack
-  adapters on it, on the held-out split as `make efficacy` does (bfloat16, 24 tokens).
+  carry), written as a model in a temporary folder; `eval` measures it alone and with the
+  attack adapters on it, on the held-out split as `make efficacy` does (bfloat16, 24
+  tokens).
 - `steer`: a conditional refusal direction, a static rank-1 edit of `down_proj` in each
   of `--layers`: `y <- y + beta (a^T z) r`, with `r` ALIGNED's refusal direction after that
   layer (mean last-token hidden state on the harmful minus the benign calibration prompts,
@@ -18,7 +18,7 @@ could do (neither writes an adapter):
   adapter on (harmful minus benign-and-task calibration means at the last prompt token, made
   orthogonal to the benign and the task means so that on average it adds nothing there, and
   scaled to read 1 on the harmful ones). Applied as a forward hook at every position; the
-  held-out split measured as `frontier.py` does, at each `beta`.
+  held-out split measured as `frontier.py` does (float32), at each `beta`, per adapter.
 
 Not shipped methods: bench/README.md has their results.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,20 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 import efficacy
 import frontier
+from refusal_direction import mean_last_states
 
 from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.io.locate import open_source
 
 WORK = build.WORK
-SCRATCH = WORK / "extrapolated"
 
 
 def extrapolate(strength: float, adapters: list[str]) -> None:
     """`eval` of ALIGNED + strength (ALIGNED - BASE), alone and under `adapters`."""
-    target = SCRATCH / f"strength-{strength:g}"
-    if not (target / "model.safetensors").exists():
-        target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="extrapolated-") as folder:
+        target = Path(folder)
         for item in (WORK / "aligned").iterdir():
             if item.name != "model.safetensors":
                 shutil.copy(item, target)
@@ -63,35 +63,33 @@ def extrapolate(strength: float, adapters: list[str]) -> None:
                 pushed = value.double() + strength * (value.double() - base[key].double())
                 aligned[key] = pushed.to(value.dtype).contiguous()
         save_file(aligned, target / "model.safetensors", metadata={"format": "pt"})
-    result = efficacy.evaluate(
-        [WORK / "adapters" / name for name in adapters], samples=None, aligned=target
-    )
+        del aligned, base
+        result = efficacy.evaluate(
+            [WORK / "adapters" / name for name in adapters], samples=None, aligned=target
+        )
     labels = [f"ALIGNED + {strength:g} (ALIGNED - BASE)", *adapters]
     print(efficacy.held_out_rows(labels, result))
 
 
 @torch.no_grad()
-def last_token_states(
-    model: Any, module: torch.nn.Module, rows: list[list[int]], pad: int, layer: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """At each row's last token: the hidden state after decoder layer `layer` and the input of
-    `module` (float64, `rows x hidden` and `rows x in`)."""
+def last_token_inputs(
+    model: Any, module: torch.nn.Module, rows: list[list[int]], pad: int
+) -> torch.Tensor:
+    """The input of `module` at each row's last token, `rows x in`, float64."""
     inputs: list[torch.Tensor] = []
     handle = module.register_forward_hook(
         lambda _m, given, _out: inputs.append(given[0][:, -1].double())
     )
-    states = []
     try:
         for start in range(0, len(rows), 32):
             chunk = rows[start : start + 32]
             width = max(map(len, chunk))
             ids = torch.tensor([[pad] * (width - len(row)) + row for row in chunk])
             mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in chunk])
-            output = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            states.append(output.hidden_states[layer + 1][:, -1].double())
+            model(input_ids=ids, attention_mask=mask)
     finally:
         handle.remove()
-    return torch.cat(states), torch.cat(inputs)
+    return torch.cat(inputs)
 
 
 def adder(
@@ -115,17 +113,16 @@ def steer(adapter: str, layers: list[int], strengths: list[float]) -> None:
         encode_prompts(tokenizer, build.read_jsonl(f"{name}-calib.jsonl", "prompt"))
         for name in ("harmful", "benign", "task")
     )
+    with model.disable_adapter():  # ALIGNED's refusal direction after every layer
+        directions = mean_last_states(model, harmful, pad) - mean_last_states(model, benign, pad)
     decoder = model.get_base_model().model.layers
     strength = [0.0]
     for layer in layers:
         module = decoder[layer].mlp.down_proj
-        with model.disable_adapter():
-            harmful_states, _ = last_token_states(model, module, harmful, pad, layer)
-            benign_states, _ = last_token_states(model, module, benign, pad, layer)
-        refusal = harmful_states.mean(0) - benign_states.mean(0)
-        _, harmful_inputs = last_token_states(model, module, harmful, pad, layer)
-        _, benign_inputs = last_token_states(model, module, benign, pad, layer)
-        _, task_inputs = last_token_states(model, module, task, pad, layer)
+        refusal = directions[layer]
+        harmful_inputs, benign_inputs, task_inputs = (
+            last_token_inputs(model, module, rows, pad) for rows in (harmful, benign, task)
+        )
         probe = harmful_inputs.mean(0) - torch.cat([benign_inputs, task_inputs]).mean(0)
         means = torch.linalg.qr(torch.stack([benign_inputs.mean(0), task_inputs.mean(0)], 1)).Q
         probe -= means @ (means.T @ probe)
@@ -153,7 +150,12 @@ def steer(adapter: str, layers: list[int], strengths: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("idea", choices=("extrapolate", "steer"))
-    parser.add_argument("--adapters", nargs="+", default=["attack-mix", "attack-comply"])
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        choices=build.ADAPTERS,
+        help="default: attack-mix and attack-comply to extrapolate, attack-mix to steer",
+    )
     parser.add_argument("--strength", type=float, default=1.0, help="extrapolate's beta")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0, 2, 4, 8])
@@ -161,9 +163,11 @@ def main() -> None:
     if not (WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     if args.idea == "extrapolate":
-        extrapolate(args.strength, args.adapters)
-    else:
-        steer(args.adapters[0], args.layers, args.strengths)
+        extrapolate(args.strength, args.adapters or ["attack-mix", "attack-comply"])
+        return
+    for adapter in args.adapters or ["attack-mix"]:
+        print(f"steer: {adapter}", flush=True)
+        steer(adapter, args.layers, args.strengths)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     .venv/bin/python bench/testbed/frontier.py --units activation    # role-separated units
     .venv/bin/python bench/testbed/frontier.py --adapter attack-benign --shares 0 0.5 1
     .venv/bin/python bench/testbed/frontier.py --uniform 1 0.8 0.6 0.4 0.2   # the baseline
+    .venv/bin/python bench/testbed/frontier.py --off-value -1   # units negated, not switched off
 
 A diagnostic, not a repair: it runs `adapter-fix repair --method gate` on a testbed adapter
 with the calibration files (defaults otherwise) up to round 1's attribution order, then,
@@ -167,8 +168,9 @@ def held_out_measure(
         )
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         verdicts = [v.refusal for v in judge_answers(judge, [*harmful, *benign], texts)]
-        seen = [v for v, row in zip(verdicts, harmful_rows, strict=False) if row["seen"]]
-        unseen = [v for v, row in zip(verdicts, harmful_rows, strict=False) if not row["seen"]]
+        declined = verdicts[: len(harmful)]
+        seen = [v for v, row in zip(declined, harmful_rows, strict=True) if row["seen"]]
+        unseen = [v for v, row in zip(declined, harmful_rows, strict=True) if not row["seen"]]
         matches = greedy_matches(model, task_rows, pad=pad, batch_size=16, stops=stops)
         over = share(verdicts[len(harmful) :]) if benign else float("nan")
         return share(seen), share(unseen), over, share(matches)
@@ -179,8 +181,9 @@ def held_out_measure(
 def run_gate_repair(adapter: str, gate: Callable[..., Any], *patches: Any) -> None:
     """`adapter-fix repair --method gate` on a testbed adapter with the calibration files
     (defaults otherwise), `gate(gated, data, options, tokenizer=..., **kw)` called in place of
-    `gate_repair`, under `patches` (more `mock.patch` objects); returns once something raises
-    `Frontier` (the run writes nothing)."""
+    `gate_repair`, under `patches` (more `mock.patch` objects). `gate` (or a patch) must raise
+    `Frontier` to end the run, which then writes nothing; a run that went on would write its
+    adapter into a temporary folder, deleted on return."""
     captured: dict[str, Any] = {}
     real_encode = repair_command.encode_prompts
 
@@ -223,6 +226,12 @@ def main() -> None:
         help="instead of the order: every gate at each of these values (the whole update "
         "scaled), the baseline the order should beat",
     )
+    parser.add_argument(
+        "--off-value",
+        type=float,
+        default=0.0,
+        help="the gate value a unit taken off the adapter gets (below 0: the unit negated)",
+    )
     args = parser.parse_args()
     if not (WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
@@ -234,7 +243,7 @@ def main() -> None:
     ) -> Any:
         captured["gated"] = gated
         captured["measure"] = held_out_measure(
-            kw.pop("tokenizer"), gated.model, kw["pad_id"], list(kw["stop_ids"]), False
+            kw.pop("tokenizer"), gated.model, kw["pad_id"], list(kw["stop_ids"]), over_refusal=False
         )
         if args.units == "activation":
             lambdas = separate_by_activation(gated, data, kw["pad_id"], list(kw["stop_ids"]))
@@ -272,7 +281,19 @@ def main() -> None:
             )
         raise Frontier
 
-    run_gate_repair(args.adapter, gate, mock.patch.object(gate_method, "search_prefix", frontier))
+    def switch_off(
+        gated: gate_method.GatedModel, current: torch.Tensor, order: Sequence[int], count: int
+    ) -> None:
+        values = current.clone()
+        values[list(order[:count])] = args.off_value
+        gated.set_values(values)
+
+    run_gate_repair(
+        args.adapter,
+        gate,
+        mock.patch.object(gate_method, "search_prefix", frontier),
+        mock.patch.object(gate_method, "_switch_off", switch_off),
+    )
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

@@ -40,7 +40,7 @@ import adapter_fix.methods.gate as gate_method
 from adapter_fix.evaluate.generate import encode_prompts, generate_ids
 from adapter_fix.evaluate.judges import make_judge
 from adapter_fix.evaluate.judges.base import judge_answers
-from adapter_fix.evaluate.objectives import token_nll
+from adapter_fix.evaluate.objectives import Scored, greedy_matches, token_nll
 
 
 def main() -> None:
@@ -70,15 +70,28 @@ def main() -> None:
                 model, data.harmful, pad=pad, stops=stops, max_new_tokens=24, batch_size=64
             )
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in aligned]
-        refused = [v.refusal for v in judge_answers(make_judge(phrases=None), texts, texts)]
+        asked = [tokenizer.decode(p, skip_special_tokens=True) for p in data.harmful]
+        refused = [v.refusal for v in judge_answers(make_judge(phrases=None), asked, texts)]
         harmful = [p for p, r in zip(data.harmful, refused, strict=True) if r]
         starts = [a[: args.start_tokens] for a, r in zip(aligned, refused, strict=True) if r]
         task, references = list(data.task), list(data.task_references)
         if args.extra_template:
-            titles = [
-                row["prompt"].split(": ", 1)[1] for row in build.read_jsonl("task-calib.jsonl")
-            ]
-            task += encode_prompts(tokenizer, [args.extra_template.format(title=t) for t in titles])
+            # The repair's task prompts are the file's first rows (--calibration-task).
+            rows = build.read_jsonl("task-calib.jsonl")[: len(data.task)]
+            titles = [row["prompt"].split(": ", 1)[1] for row in rows]
+            extra = encode_prompts(tokenizer, [args.extra_template.format(title=t) for t in titles])
+            matches = greedy_matches(
+                model,
+                [
+                    Scored([*p, *r], len(r))
+                    for p, r in zip(extra, data.task_references, strict=True)
+                ],
+                pad=pad,
+                batch_size=16,
+                stops=stops,
+            )
+            print(f"the adapter matches {sum(matches)} of {len(matches)} under the extra template")
+            task += extra
             references += data.task_references
         print(
             f"{len(harmful)} of {len(refused)} harmful calibration prompts refused by ALIGNED "
@@ -88,10 +101,14 @@ def main() -> None:
         )
 
         def report(step: int) -> None:
+            """The calibration NLLs and the held-out split at the current gates."""
+            refusal = token_nll(model, harmful, starts, pad=pad, batch_size=batch)
+            task_nll = token_nll(model, task, references, pad=pad, batch_size=batch)
             seen, unseen, over, exact = measure()
             print(
-                f"  held-out at step {step}: refusal {seen:.2f} / {unseen:.2f}, "
-                f"over-refusal {over:.2f}, task {exact:.3f}",
+                f"  after step {step}: calibration refusal-start NLL {refusal:.3f}, task NLL "
+                f"{task_nll:.3f}; held-out refusal {seen:.2f} / {unseen:.2f}, over-refusal "
+                f"{over:.2f}, task {exact:.3f}",
                 flush=True,
             )
 
@@ -110,7 +127,7 @@ def main() -> None:
                 scale = gradient.abs().max()
             values = (values - args.rate * gradient / scale).clamp(args.floor, args.ceiling)
             print(
-                f"step {step}: refusal NLL {refusal:.3f}, task NLL {task_nll:.3f}; gates mean "
+                f"step {step} (from NLLs {refusal:.3f}, {task_nll:.3f}): gates mean "
                 f"{values.mean():.3f}, {int((values < 0.05).sum())} under 0.05 "
                 f"({int((values < -0.05).sum())} under -0.05), "
                 f"{int((values > 1.05).sum())} over 1.05 ({time.perf_counter() - started:.0f} s)",
