@@ -24,7 +24,7 @@ from adapter_fix.evaluate.objectives import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from adapter_fix.evaluate.generate import sequence_logprobs  # noqa: E402
+from adapter_fix.evaluate.generate import reference_ids, sequence_logprobs  # noqa: E402
 from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
     GatedModel,
@@ -37,6 +37,18 @@ from adapter_fix.methods.gate import (  # noqa: E402
 PROMPTS = [[1, 5, 7], [2, 4, 6, 8, 9], [3, 3], [7, 1, 2, 9], [11]]
 REFUSALS = [[12, 13, 14], [12, 13, 15, 5], [12, 20], [30, 31], [12, 13]]
 COMPLIANCES = [[12, 22, 23, 24], [16, 17], [12, 20, 21], [30, 31], [25]]
+
+
+def test_a_reference_ends_with_the_first_stop_token_and_adds_no_special_tokens():
+    calls = []
+
+    def tokenizer(text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+        calls.append(add_special_tokens)
+        return {"input_ids": [ord(c) for c in text]}
+
+    assert reference_ids(tokenizer, "ab", [2, 7]) == [97, 98, 2]
+    assert reference_ids(tokenizer, "ab", []) == [97, 98]
+    assert calls == [False, False]
 
 
 def test_first_difference_and_margin_rows_score_from_where_the_starts_differ():

@@ -23,7 +23,7 @@ from adapter_fix.commands import ProgressBar
 from adapter_fix.commands.inspect import factor_warnings
 from adapter_fix.engine import ModuleData, SubspaceSource, Target, map_modules, subspace_source
 from adapter_fix.errors import InvalidAdapterError, UsageError
-from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
+from adapter_fix.evaluate.generate import encode_prompts, pad_id, reference_ids, stop_ids
 from adapter_fix.evaluate.judges import Judge, refusals_by_prompt_ids
 from adapter_fix.evaluate.model import attach_adapters, available_memory, batch_fits, load_model
 from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, prompt_set
@@ -366,10 +366,7 @@ def repair_gated(
         benign=encode_prompts(tokenizer, calibration.benign.texts, system),
         task=encode_prompts(tokenizer, task.texts, system) if references else [],
         # A reference ends where the answer ends: the end-of-sequence token is part of it.
-        task_references=[
-            [*tokenizer(reference, add_special_tokens=False)["input_ids"], *stops[:1]]
-            for reference in references or []
-        ],
+        task_references=[reference_ids(tokenizer, r, stops) for r in references or []],
     )
     check_memory(loaded.model, data, gate_options, available_memory(loaded.device))
     texts = {

@@ -85,6 +85,13 @@ def encode_prompts(
     ]
 
 
+def reference_ids(tokenizer: Any, reference: str, stops: Sequence[int]) -> list[int]:
+    """A task reference's token ids as a finished answer: its own tokens (no special tokens
+    added), then the first stop token (the answer ends there, so a longer answer does not
+    match it); no stop token when `stops` is empty."""
+    return [*tokenizer(reference, add_special_tokens=False)["input_ids"], *stops[:1]]
+
+
 def pad_id(tokenizer: Any) -> int:
     """The padding token id: the tokenizer's, else its EOS (attention masks hide it), else 0."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

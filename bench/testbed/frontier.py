@@ -46,7 +46,7 @@ import build
 import adapter_fix.commands.repair as repair_command
 import adapter_fix.methods.gate as gate_method
 from adapter_fix.cli.main import main as cli
-from adapter_fix.evaluate.generate import encode_prompts, generate_ids
+from adapter_fix.evaluate.generate import encode_prompts, generate_ids, reference_ids
 from adapter_fix.evaluate.judges import make_judge
 from adapter_fix.evaluate.judges.base import judge_answers
 from adapter_fix.evaluate.objectives import Scored, greedy_matches
@@ -151,10 +151,7 @@ def held_out_measure(
         Scored([*prompt, *reference], len(reference))
         for prompt, reference in zip(
             task_prompts,
-            (
-                [*tokenizer(row["reference"], add_special_tokens=False)["input_ids"], stops[0]]
-                for row in task_rows_json
-            ),
+            (reference_ids(tokenizer, row["reference"], stops) for row in task_rows_json),
             strict=True,
         )
     ]

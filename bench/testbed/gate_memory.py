@@ -41,7 +41,7 @@ WORK = build.WORK
 def child(count: int) -> dict:
     import torch
 
-    from adapter_fix.evaluate.generate import encode_prompts, pad_id, stop_ids
+    from adapter_fix.evaluate.generate import encode_prompts, pad_id, reference_ids, stop_ids
     from adapter_fix.evaluate.model import attach_adapters, load_model
     from adapter_fix.io.adapter import load_adapter
     from adapter_fix.io.locate import open_source
@@ -61,9 +61,7 @@ def child(count: int) -> dict:
     rows = [json.loads(line) for line in (WORK / "prompts/task-calib.jsonl").open()]
     stops, pad = stop_ids(model, tokenizer), pad_id(tokenizer)
     task = encode_prompts(tokenizer, [r["prompt"] for r in rows], None)
-    references = [
-        [*tokenizer(r["reference"], add_special_tokens=False)["input_ids"], stops[0]] for r in rows
-    ]
+    references = [reference_ids(tokenizer, r["reference"], stops) for r in rows]
     options = GateOptions()
     calibration = Calibration(harmful, [], task, references)
     gated = GatedModel(model, gateable(load_adapter(adapter_source)), options.unit)

@@ -34,7 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 import efficacy
 
-from adapter_fix.evaluate.generate import encode_prompts, generate_ids, pad_id, stop_ids
+from adapter_fix.evaluate.generate import (
+    encode_prompts,
+    generate_ids,
+    pad_id,
+    reference_ids,
+    stop_ids,
+)
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.io.locate import open_source
 
@@ -140,7 +146,7 @@ def main() -> None:
         encode_prompts(tokenizer, build.read_jsonl("benign-calib.jsonl", "prompt"))
     )
     task = [
-        [*p, *tokenizer(r, add_special_tokens=False)["input_ids"], stops[0]]
+        [*p, *reference_ids(tokenizer, r, stops)]
         for p, r in zip(
             encode_prompts(tokenizer, build.read_jsonl("task-calib.jsonl", "prompt")),
             build.read_jsonl("task-calib.jsonl", "reference"),

@@ -25,7 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 
-from adapter_fix.evaluate.generate import encode_prompts, generate_ids, pad_id, stop_ids
+from adapter_fix.evaluate.generate import (
+    encode_prompts,
+    generate_ids,
+    pad_id,
+    reference_ids,
+    stop_ids,
+)
 from adapter_fix.evaluate.model import attach_adapters, load_model
 from adapter_fix.evaluate.objectives import Scored, greedy_matches
 from adapter_fix.io.locate import open_source
@@ -57,10 +63,7 @@ def main() -> None:
         ]
     encoded = {
         name: [
-            (
-                prompt,
-                [*tokenizer(reference, add_special_tokens=False)["input_ids"], stops[0]],
-            )
+            (prompt, reference_ids(tokenizer, reference, stops))
             for prompt, reference in zip(
                 encode_prompts(tokenizer, [p for p, _ in pairs]),
                 (r for _, r in pairs),
