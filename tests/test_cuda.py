@@ -153,8 +153,10 @@ def test_a_classifier_judge_on_cuda_runs_there_and_gives_the_cpus_verdicts(tmp_p
     }
     assert next(judges["cuda"].model.parameters()).device.type == "cuda"
     verdicts = {device: judge.judge(texts, texts) for device, judge in judges.items()}
-    # The detail holds the label's probability (2 decimals): the same numbers, not only flags.
-    assert [v.detail for v in verdicts["cuda"]] == [v.detail for v in verdicts["cpu"]]
+    # The detail holds the label and its probability: the same numbers, not only flags.
+    assert [v.refusal for v in verdicts["cuda"]] == [v.refusal for v in verdicts["cpu"]]
+    probabilities = {d: [float(v.detail.split()[-1]) for v in verdicts[d]] for d in verdicts}
+    assert probabilities["cuda"] == pytest.approx(probabilities["cpu"], abs=0.011)
     assert len({v.detail for v in verdicts["cpu"]}) > 1  # the verdicts depend on the text
 
 

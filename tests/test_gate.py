@@ -653,3 +653,25 @@ def test_calibration_lines_say_they_are_fitted_and_point_to_eval(gated_run):
     assert any(
         "the prompts the search fitted" in line and "adapter-fix eval" in line for line in lines
     )
+
+
+@pytest.mark.model
+def test_gate_refuses_an_adapter_with_no_linear_layer_to_gate(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(CHAT / "chat-aligned")
+    config = LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "embedding-only")
+    result = run_cli(
+        "repair",
+        *(str(CHAT / name) for name in ("chat-base", "chat-aligned")),
+        str(tmp_path / "embedding-only"),
+        *("-o", str(tmp_path / "out"), "--method", "gate"),
+        *("--harmful", str(PROMPTS / "harmful-calib.jsonl")),
+        *("--refusal-patterns", str(PROMPTS / "refusal-phrases.txt")),
+    )
+    assert result.exit_code == 2, result.stderr
+    assert "no LoRA linear layer to gate" in result.stderr
+    assert "adapter_config.json" in result.stderr
+    assert not (tmp_path / "out").exists()

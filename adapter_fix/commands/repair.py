@@ -346,6 +346,12 @@ def repair_gated(
     """The gated repair (METHOD.md §8.4): ALIGNED runs once with the adapter; gates are chosen
     by attribution and measurement on the calibration prompts; the gated adapter is written."""
     check_repairable(adapter)
+    if not gateable(adapter):
+        raise UsageError(
+            "the adapter has no LoRA linear layer to gate (embedding LoRA and "
+            "target_parameters are not gated): use a subspace method (--method csulora).",
+            path=adapter.config_path,
+        )
     clock = Clock()
     with clock.measure("read_s"):
         loaded = load_model(aligned, device, dtype)

@@ -207,7 +207,7 @@ class GatedModel:
         offset = 0
         for layer in self.layers:
             size = len(layer.gates)
-            part = values[offset : offset + size].detach().to(layer.gates.device)
+            part = values[offset : offset + size].detach().to(layer.gates)  # device and dtype
             layer.gates = part.clone().requires_grad_(True)
             offset += size
 
@@ -743,11 +743,13 @@ def _integrated_gradients(
         objective(True)
         gradients.append(gated.gradients())
     gated.set_values(gates)
-    stacked = torch.stack(gradients).double()
+    # One copy to the CPU, not one wait for the device per gate.
+    stacked = torch.stack(gradients).double().cpu()
+    spans = (gates - origin).cpu().tolist()
     return torch.tensor(
         [
-            integrated_gradient(column.tolist(), float(g))
-            for column, g in zip(stacked.T, gates - origin, strict=True)
+            integrated_gradient(column.tolist(), span)
+            for column, span in zip(stacked.T, spans, strict=True)
         ],
         dtype=torch.float64,
     )

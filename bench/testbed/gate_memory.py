@@ -58,7 +58,7 @@ def child(count: int) -> dict:
     if len(prompts) < count:
         raise SystemExit(f"only {len(prompts)} harmful prompts in the testbed's data")
     harmful = encode_prompts(tokenizer, prompts[:count], None)
-    rows = [json.loads(line) for line in (WORK / "prompts/task-calib.jsonl").open()]
+    rows = build.read_jsonl("task-calib.jsonl")
     stops, pad = stop_ids(model, tokenizer), pad_id(tokenizer)
     task = encode_prompts(tokenizer, [r["prompt"] for r in rows], None)
     references = [reference_ids(tokenizer, r["reference"], stops) for r in rows]

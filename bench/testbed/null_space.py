@@ -145,12 +145,11 @@ def main() -> None:
     benign = with_answers(
         encode_prompts(tokenizer, build.read_jsonl("benign-calib.jsonl", "prompt"))
     )
+    task_rows = build.read_jsonl("task-calib.jsonl")
     task = [
-        [*p, *reference_ids(tokenizer, r, stops)]
-        for p, r in zip(
-            encode_prompts(tokenizer, build.read_jsonl("task-calib.jsonl", "prompt")),
-            build.read_jsonl("task-calib.jsonl", "reference"),
-            strict=True,
+        [*p, *reference_ids(tokenizer, row["reference"], stops)]
+        for p, row in zip(
+            encode_prompts(tokenizer, [row["prompt"] for row in task_rows]), task_rows, strict=True
         )
     ]
     covariances = Covariances(model)
