@@ -219,21 +219,21 @@ def build_model(shape: str, device: str, tokenizer_dir: Path) -> tuple[Any, Any,
     return gated, tokenizer, len(names)
 
 
-def testbed_prompts(tokenizer: Any, count: int) -> tuple[list, list, list, list[int]]:
-    """`count` harmful prompts and the 32 task prompts with references, tokenized with the chat
-    template; the compliance start."""
+def testbed_prompts(model: Any, tokenizer: Any, count: int) -> tuple[list, list, list, list[int]]:
+    """`count` harmful prompts and the 32 task prompts with references (ended by the first stop
+    token, as the repair ends them), tokenized with the chat template; the compliance start."""
     import data
 
-    from adapter_fix.evaluate.generate import encode_prompts
+    from adapter_fix.evaluate.generate import encode_prompts, reference_ids, stop_ids
 
     harmful = [e.prompt for split in ("train", "calib", "eval") for e in data.harmful(split, 5)]
     harmful = (harmful * (count // len(harmful) + 1))[:count]
     task = data.task("calib", 32, 5)
-    stop = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     return (
         encode_prompts(tokenizer, harmful, None),
         encode_prompts(tokenizer, [e.prompt for e in task], None),
-        [[*tokenizer(e.reference, add_special_tokens=False)["input_ids"], stop] for e in task],
+        [reference_ids(tokenizer, e.reference, stops) for e in task],
         tokenizer(data.COMPLIANCE, add_special_tokens=False)["input_ids"],
     )
 
@@ -276,7 +276,7 @@ def passes_part(
     ]
     # One untimed round of the passes first: CUDA's start-up (kernels, library handles) is
     # not a per-token cost.
-    harmful, task, references, comply = testbed_prompts(tokenizer, 8)
+    harmful, task, references, comply = testbed_prompts(model, tokenizer, 8)
     measure_passes(
         model,
         Calibration(harmful, [], task[:8], references[:8]),
@@ -286,7 +286,7 @@ def passes_part(
         options=GateOptions(batch_size=8),
     )
     for count, batch in ((100, 8), (100, 16), (400, 16)):
-        harmful, task, references, comply = testbed_prompts(tokenizer, count)
+        harmful, task, references, comply = testbed_prompts(model, tokenizer, count)
         options = GateOptions(batch_size=batch)
         calibration = Calibration(harmful, [], task, references)
         r = measure_passes(model, calibration, comply, pad=pad, stops=stops, options=options)
@@ -318,7 +318,7 @@ def gate_part(state: dict, device: str) -> tuple[dict, list[str]]:
         raise RuntimeError("the gate part runs on the model the passes part builds: run both")
     gated, tokenizer = state["gated"], state["tokenizer"]
     gated.set_values(torch.ones_like(gated.values()))
-    harmful, task, references, _comply = testbed_prompts(tokenizer, 100)
+    harmful, task, references, _comply = testbed_prompts(gated.model, tokenizer, 100)
     aligned: dict[tuple, str] = {}
 
     def decode(tokens: list[int]) -> str:
