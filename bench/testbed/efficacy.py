@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 
 from adapter_fix.evaluate.metrics import kept_task, restored_refusal
+from adapter_fix.hardware import native_bfloat16
 
 WORK = build.WORK
 PROMPTS = WORK / "prompts"
@@ -85,10 +86,11 @@ def evaluate(
             *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
             *("--benign", str(PROMPTS / "benign-eval.jsonl")),
             *("--task", str(PROMPTS / "task-eval.jsonl")),
-            # bfloat16 on the CPU: half the time of float32, the same rates on ALIGNED (0.94
-            # refusal either way); 24 tokens hold every refusal opening and every task answer.
+            # bfloat16 on a CPU with native bfloat16: half the time of float32, the same rates
+            # on ALIGNED (0.94 refusal either way); elsewhere emulated and slower, so float32.
+            # 24 tokens hold every refusal opening and every task answer.
             *("--max-new-tokens", "24", "--batch-size", "48", "--device", "cpu"),
-            *("--dtype", "bfloat16"),
+            *("--dtype", "bfloat16" if native_bfloat16() else "float32"),
             *(() if samples is None else ("--outputs", str(samples), "--force")),
             "--json",
             "-q",

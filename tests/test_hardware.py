@@ -1,0 +1,63 @@
+"""The CPU's flags, and the warning for bfloat16 where the CPU has no native bfloat16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from adapter_fix import hardware
+from adapter_fix.evaluate.model import dtype_warnings
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: avx512_bf16_fake\n"
+BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+
+
+def test_cpu_flags_reads_the_flags_line_and_nothing_else() -> None:
+    assert hardware.cpu_flags(AVX2) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert not hardware.native_bfloat16(AVX2)  # a flag named on the bugs line does not count
+    assert hardware.native_bfloat16(BF16)
+    assert hardware.cpu_flags("") is None  # not Linux
+    assert hardware.cpu_flags("Features\t: fp asimd bf16\n") is None  # not x86
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cpuinfo", "warned"),
+    [
+        ("bfloat16", AVX2, True),
+        ("bfloat16", BF16, False),
+        ("bfloat16", "", False),  # flags unknown: nothing is claimed
+        ("float32", AVX2, False),
+        ("auto", AVX2, False),  # float32 on the CPU
+    ],
+)
+def test_bfloat16_on_a_cpu_without_it_warns_and_names_the_faster_dtype(
+    dtype: str, cpuinfo: str, warned: bool
+) -> None:
+    warnings = dtype_warnings("cpu", dtype, cpuinfo)
+    assert bool(warnings) is warned
+    if warned:
+        assert "avx512_bf16" in warnings[0] and "--dtype auto" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", FIXTURES / "chat-aligned", "--harmful", "missing.jsonl"],
+        [
+            "check",
+            *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
+            *("--harmful", "missing.jsonl"),
+        ],
+    ],
+)
+def test_eval_and_check_warn_before_they_load_the_model(
+    command: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warning comes first, before any input is read (here a missing prompt file)."""
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: AVX2)
+    result = run_cli(*command, "--device", "cpu", "--dtype", "bfloat16")
+    assert result.exit_code == 3, result.stderr  # a missing input
+    assert result.stderr.index("--dtype bfloat16 on this CPU") < result.stderr.index("missing")
