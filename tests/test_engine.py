@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adapter_fix.engine as engine_module
+from adapter_fix import hardware
 from adapter_fix.commands.repair import repair
 from adapter_fix.engine import (
     DISPLACEMENT,
@@ -140,7 +141,7 @@ def test_the_svd_takes_the_machine_s_sketch_dtype(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine_module, "safety_subspace", recording)
-    monkeypatch.setattr(engine_module, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "flags\t: avx512_bf16\n")
     source, adapter = open_llama(fixtures_dir)
     repair(source, adapter, RepairOptions())
     assert dtypes and set(dtypes) == {torch.bfloat16}

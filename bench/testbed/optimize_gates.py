@@ -17,8 +17,12 @@ ALIGNED's own greedy answer: "I'm sorry, ...") and the task calibration prompts 
 references with the end-of-sequence token), `w` = `--task-weight`. Gradients reach the
 gates only (METHOD.md §8.4: no weight gradient), batch by batch. `--ceiling` above 1 lets a
 gate amplify its unit, `--floor` below 0 negate it (task arithmetic's negation).
-`--extra-template` adds the task calibration titles under one more template (in no other
-split) to the task term, a guard for the phrasing the calibration file lacks. Every
+`--extra-template` adds the task calibration titles under one more template to the task
+term, a guard for the phrasing the calibration file lacks (the held-out split's own question
+template gives the oracle: what a task file covering the held-out phrasing would buy).
+`--task-scale s` takes the task term at `s g` instead of `g`: the calibration task must
+survive the remaining update shrunk, a stress test standing in for phrasings whose task
+generalisation is more fragile than the calibration's. Every
 `--every` steps it measures the held-out split as `frontier.py` does. It writes no adapter.
 Not a shipped method: bench/README.md has its result.
 """
@@ -54,10 +58,17 @@ def main() -> None:
     parser.add_argument("--task-weight", type=float, default=1.0)
     parser.add_argument("--start-tokens", type=int, default=4)
     parser.add_argument("--extra-template", default="")
+    parser.add_argument(
+        "--task-scale",
+        type=float,
+        default=1.0,
+        help="take the task term at the gates times this (below 1: the task must survive the "
+        "remaining update shrunk, a stress test of the guard)",
+    )
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
-    print(f"optimize gates: {args.adapter}; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"optimize gates: {vars(args)}; load {os.getloadavg()[0]:.2f}", flush=True)
 
     def optimize(
         gated: gate_method.GatedModel, data: gate_method.Calibration, options: Any, **kw: Any
@@ -120,14 +131,16 @@ def main() -> None:
             gated.set_values(values)
             refusal = token_nll(model, harmful, starts, pad=pad, batch_size=batch, backward=True)
             refusal_gradient = gated.gradients()
-            gated.set_values(values)
+            gated.set_values(values * args.task_scale)  # the task term's stress test
             task_nll = token_nll(model, task, references, pad=pad, batch_size=batch, backward=True)
-            gradient = refusal_gradient + args.task_weight * gated.gradients()
+            task_gradient = args.task_scale * gated.gradients()  # d/dg of NLL(s g)
+            gradient = refusal_gradient + args.task_weight * task_gradient
             if scale is None:
                 scale = gradient.abs().max()
             values = (values - args.rate * gradient / scale).clamp(args.floor, args.ceiling)
             print(
-                f"step {step} (from NLLs {refusal:.3f}, {task_nll:.3f}): gates mean "
+                f"step {step} (from NLLs {refusal:.3f}, {task_nll:.3f} at {args.task_scale:g} g): "
+                f"gates mean "
                 f"{values.mean():.3f}, {int((values < 0.05).sum())} under 0.05 "
                 f"({int((values < -0.05).sum())} under -0.05), "
                 f"{int((values > 1.05).sum())} over 1.05 ({time.perf_counter() - started:.0f} s)",
