@@ -102,7 +102,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
 def dtype_warnings(device: str, dtype: str, cpuinfo: str | None = None) -> list[str]:
     """A warning when the model would run in bfloat16 on an x86 CPU whose flags (`cpuinfo`,
     read from `/proc/cpuinfo` when None) show no native bfloat16 arithmetic: its matrix
-    products are emulated there (7x float32's time for a 64-row product measured on a 2-core
+    products are emulated there (7x float32's time for a 64-row product, one thread, on an
     AVX2 machine). Nothing where the CPU's flags cannot be read."""
     if dtype != "bfloat16" or resolve_device(device).type != "cpu":
         return []
