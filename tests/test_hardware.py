@@ -11,7 +11,7 @@ from adapter_fix import hardware
 from adapter_fix.evaluate.model import dtype_warnings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: avx512_bf16_fake\n"
+AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\nbugs\t\t: avx512_bf16\n"
 BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
 
 
@@ -42,6 +42,16 @@ def test_bfloat16_on_a_cpu_without_it_warns_and_names_the_faster_dtype(
         assert "avx512_bf16" in warnings[0] and "--dtype auto" in warnings[0]
 
 
+def test_no_warning_where_the_model_runs_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dtype_warnings("auto", "bfloat16", AVX2) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dtype_warnings("auto", "bfloat16", AVX2)  # auto is the CPU here
+
+
+@pytest.mark.model
 @pytest.mark.parametrize(
     "command",
     [
@@ -61,3 +71,16 @@ def test_eval_and_check_warn_before_they_load_the_model(
     result = run_cli(*command, "--device", "cpu", "--dtype", "bfloat16")
     assert result.exit_code == 3, result.stderr  # a missing input
     assert result.stderr.index("--dtype bfloat16 on this CPU") < result.stderr.index("missing")
+
+
+def test_no_warning_where_no_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight-only check runs no model: its dtype is not the probe's. (The subspace
+    repair refuses --dtype, a setting of --method gate.)"""
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: AVX2)
+    result = run_cli(
+        "check",
+        *(FIXTURES / name for name in ("llama-base", "llama-aligned", "llama-lora")),
+        *("--no-probe", "--dtype", "bfloat16", "-q"),
+    )
+    assert result.exit_code in (0, 12), result.stderr  # passed or failed its thresholds
+    assert "on this CPU" not in result.stderr

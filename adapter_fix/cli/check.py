@@ -194,7 +194,7 @@ def check(
     """
     import json
 
-    from adapter_fix.commands.check import run
+    from adapter_fix.commands.check import eval_extra_installed, run
     from adapter_fix.report.check import check_markdown, render_check
     from adapter_fix.report.table import render_notes, render_warnings
 
@@ -209,7 +209,7 @@ def check(
     hub = hub_settings(revision, cache_dir, offline, endpoint)
     sources = open_inputs(inputs, basis, hub)
     console = stderr_console()
-    if not no_probe and basis is None:
+    if not no_probe and basis is None and eval_extra_installed():
         from adapter_fix.evaluate.model import dtype_warnings
 
         render_warnings(dtype_warnings(options.subspace.device, probe_settings.dtype), console)

@@ -217,7 +217,8 @@ def eval_command(
         thinking=thinking,
     )
     console = stderr_console()
-    render_warnings(dtype_warnings(device, dtype), console)
+    if device_map is None:  # with a map accelerate places the model (and checks the flags)
+        render_warnings(dtype_warnings(device, dtype), console)
     result = run(
         inputs,
         options,

@@ -112,8 +112,8 @@ def dtype_warnings(device: str, dtype: str, cpuinfo: str | None = None) -> list[
     return [
         "--dtype bfloat16 on this CPU, which has no native bfloat16 arithmetic (no "
         f"{' or '.join(BFLOAT16_CPU_FLAGS)} among its flags): its matrix products are "
-        "emulated and several times slower than float32's; --dtype auto (float32 on the CPU) "
-        "is faster here."
+        "emulated, slower than float32's (7x for a batch of 64 rows, 1.5x for one, on an AVX2 "
+        "machine); --dtype auto (float32 on the CPU) is likely faster here."
     ]
 
 

