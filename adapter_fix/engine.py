@@ -78,8 +78,8 @@ the bytes of a machine without native bfloat16); unset or `auto`: the machine de
 
 def sketch_dtype(device: str, cpuinfo: str | None = None) -> torch.dtype | None:
     """The randomized SVD's sketch dtype on `device`: bfloat16 on a CPU with native bfloat16
-    arithmetic (`BFLOAT16_CPU_FLAGS` among `cpuinfo`'s flags, read from `/proc/cpuinfo` when
-    None), else None (float32 throughout: elsewhere bfloat16 products are emulated and
+    arithmetic (`hardware.BFLOAT16_CPU_FLAGS` among `cpuinfo`'s flags, read from
+    `/proc/cpuinfo` when None), else None (float32 throughout: elsewhere bfloat16 products are emulated and
     slower); None whenever `SKETCH_DTYPE_VARIABLE` is `float32`. Fixed by the machine, so a
     machine's output stays the same bytes run to run.
 

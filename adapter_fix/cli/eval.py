@@ -217,7 +217,7 @@ def eval_command(
         thinking=thinking,
     )
     console = stderr_console()
-    if device_map is None:  # with a map accelerate places the model (and checks the flags)
+    if device_map is None:  # with a map, accelerate decides where (and so on what) it runs
         render_warnings(dtype_warnings(device, dtype), console)
     result = run(
         inputs,
