@@ -79,9 +79,9 @@ the bytes of a machine without native bfloat16); unset or `auto`: the machine de
 def sketch_dtype(device: str, cpuinfo: str | None = None) -> torch.dtype | None:
     """The randomized SVD's sketch dtype on `device`: bfloat16 on a CPU with native bfloat16
     arithmetic (`hardware.BFLOAT16_CPU_FLAGS` among `cpuinfo`'s flags, read from
-    `/proc/cpuinfo` when None), else None (float32 throughout: elsewhere bfloat16 products are emulated and
-    slower); None whenever `SKETCH_DTYPE_VARIABLE` is `float32`. Fixed by the machine, so a
-    machine's output stays the same bytes run to run.
+    `/proc/cpuinfo` when None), else None (float32 throughout: elsewhere bfloat16 products
+    are emulated and slower); None whenever `SKETCH_DTYPE_VARIABLE` is `float32`. Fixed by
+    the machine, so a machine's output stays the same bytes run to run.
 
     Raises:
         UsageError: `SKETCH_DTYPE_VARIABLE` is set to something else than `auto` or
