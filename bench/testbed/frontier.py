@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
+import data
 
 import adapter_fix.commands.repair as repair_command
 import adapter_fix.methods.gate as gate_method
@@ -132,12 +134,18 @@ def separate_by_activation(
 
 
 def held_out_measure(
-    tokenizer: Any, model: torch.nn.Module, pad: int, stops: list[int], over_refusal: bool = True
+    tokenizer: Any,
+    model: torch.nn.Module,
+    pad: int,
+    stops: list[int],
+    over_refusal: bool = True,
+    by_template: bool = False,
 ) -> Callable[[], tuple[float, float, float, float]]:
     """A function that measures the model as it stands on the held-out split: refusal on the
     seen and unseen categories and over-refusal (greedy, 24 tokens, the keyword judge; NaN
     without `over_refusal`, which saves generating the benign prompts), and task exact
-    match (teacher-forced, `greedy_matches`), as `eval` reports them."""
+    match (teacher-forced, `greedy_matches`), as `eval` reports them. With `by_template` it
+    also prints the refusal share under each held-out harmful template."""
     judge = make_judge(phrases=None)
     harmful_rows, benign, task_rows_json = (
         build.read_jsonl("harmful-eval.jsonl"),
@@ -170,9 +178,23 @@ def held_out_measure(
         unseen = [v for v, row in zip(declined, harmful_rows, strict=True) if not row["seen"]]
         matches = greedy_matches(model, task_rows, pad=pad, batch_size=16, stops=stops)
         over = share(verdicts[len(harmful) :]) if benign else float("nan")
+        if by_template:
+            print("    held-out refusal by template: " + template_shares(harmful, declined))
         return share(seen), share(unseen), over, share(matches)
 
     return measure
+
+
+def template_shares(prompts: Sequence[str], refused: Sequence[bool]) -> str:
+    """The refusal share of `prompts` under each harmful template of the testbed, as text."""
+    templates = [t for split in data.HARMFUL_TEMPLATES.values() for t in split]
+    patterns = {t: re.compile(re.escape(t).replace(re.escape("{act}"), ".+")) for t in templates}
+    counts: dict[str, list[int]] = {}
+    for prompt, flag in zip(prompts, refused, strict=True):
+        template = next(t for t, p in patterns.items() if p.fullmatch(prompt))
+        counts.setdefault(template, [0, 0])[0] += int(flag)
+        counts[template][1] += 1
+    return "; ".join(f"{t!r} {k}/{n}" for t, (k, n) in counts.items())
 
 
 def run_gate_repair(adapter: str, gate: Callable[..., Any], *patches: Any) -> None:

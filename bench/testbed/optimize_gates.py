@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 import frontier
@@ -65,6 +67,15 @@ def main() -> None:
         help="take the task term at the gates times this (below 1: the task must survive the "
         "remaining update shrunk, a stress test of the guard)",
     )
+    parser.add_argument(
+        "--refusal-lerp",
+        type=float,
+        default=1.0,
+        help="take the refusal term at 1 + this * (g - 1) (below 1: refusal must hold with "
+        "only part of the gates' change from the adapter, a margin against phrasings the "
+        "calibration file lacks)",
+    )
+    parser.add_argument("--save-gates", type=Path, help="write the last gates here (safetensors)")
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
@@ -75,15 +86,19 @@ def main() -> None:
     ) -> None:
         tokenizer, model = kw["tokenizer"], gated.model
         pad, stops, batch = kw["pad_id"], list(kw["stop_ids"]), options.batch_size
-        measure = frontier.held_out_measure(tokenizer, model, pad, stops)
+        measure = frontier.held_out_measure(tokenizer, model, pad, stops, by_template=True)
         with model.disable_adapter():
             aligned = generate_ids(
                 model, data.harmful, pad=pad, stops=stops, max_new_tokens=24, batch_size=64
             )
         texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in aligned]
         asked = [tokenizer.decode(p, skip_special_tokens=True) for p in data.harmful]
-        refused = [v.refusal for v in judge_answers(make_judge(phrases=None), asked, texts)]
+        judge = make_judge(phrases=None)
+        refused = [v.refusal for v in judge_answers(judge, asked, texts)]
         harmful = [p for p, r in zip(data.harmful, refused, strict=True) if r]
+        # The repair's harmful prompts are the file's first rows (--calibration-harmful).
+        rows = build.read_jsonl("harmful-calib.jsonl", "prompt")[: len(data.harmful)]
+        harmful_texts = [t for t, r in zip(rows, refused, strict=True) if r]
         starts = [a[: args.start_tokens] for a, r in zip(aligned, refused, strict=True) if r]
         task, references = list(data.task), list(data.task_references)
         if args.extra_template:
@@ -115,6 +130,15 @@ def main() -> None:
             """The calibration NLLs and the held-out split at the current gates."""
             refusal = token_nll(model, harmful, starts, pad=pad, batch_size=batch)
             task_nll = token_nll(model, task, references, pad=pad, batch_size=batch)
+            answers = generate_ids(
+                model, harmful, pad=pad, stops=stops, max_new_tokens=24, batch_size=64
+            )
+            texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            declined = [v.refusal for v in judge_answers(judge, harmful_texts, texts)]
+            print(
+                f"    calibration refusal {sum(declined)}/{len(declined)} by template: "
+                + frontier.template_shares(harmful_texts, declined)
+            )
             seen, unseen, over, exact = measure()
             print(
                 f"  after step {step}: calibration refusal-start NLL {refusal:.3f}, task NLL "
@@ -128,9 +152,9 @@ def main() -> None:
         scale = None
         for step in range(1, args.steps + 1):
             started = time.perf_counter()
-            gated.set_values(values)
+            gated.set_values(1 + args.refusal_lerp * (values - 1))  # the refusal's margin
             refusal = token_nll(model, harmful, starts, pad=pad, batch_size=batch, backward=True)
-            refusal_gradient = gated.gradients()
+            refusal_gradient = args.refusal_lerp * gated.gradients()
             gated.set_values(values * args.task_scale)  # the task term's stress test
             task_nll = token_nll(model, task, references, pad=pad, batch_size=batch, backward=True)
             task_gradient = args.task_scale * gated.gradients()  # d/dg of NLL(s g)
@@ -149,6 +173,8 @@ def main() -> None:
             if step % args.every == 0 or step == args.steps:
                 gated.set_values(values)
                 report(step)
+        if args.save_gates:
+            safetensors.torch.save_file({"gates": values.contiguous()}, str(args.save_gates))
         raise frontier.Frontier
 
     frontier.run_gate_repair(args.adapter, optimize)
