@@ -25,6 +25,7 @@ BASIS_DTYPES = ("float32", "bfloat16")
 ALL_LINEAR = "all-linear"
 """`basis --modules`: every 2-D weight but embeddings and the output head."""
 GATE_UNITS = ("module", "component")
+GATE_SEARCHES = ("order", "descent")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,10 @@ class GateOptions:
     switched off, rank-1 component by component, as far as the refusal target allows."""
     max_new_tokens: int = 24
     batch_size: int = 16
+    search: str = "order"
+    """`order`: rounds of attribution order and bisection; `descent`: projected gradient
+    descent on every gate at once, which may negate or amplify a unit (needs a task set)."""
+    descent_steps: int = 30
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ adapter-fix error (never a crash, a hang or a NaN); a bounded number of examples
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,11 +54,13 @@ tensor_entries = st.fixed_dictionaries(
 headers = st.dictionaries(st.text(max_size=6), tensor_entries | json_values, max_size=4)
 
 
-def _written(data: bytes, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="adapter-fix-fuzz-"))
-    path = folder / name
-    path.write_bytes(data)
-    return path
+@contextlib.contextmanager
+def _written(data: bytes, name: str) -> Iterator[Path]:
+    """`data` as file `name` in a folder of its own, deleted on leaving."""
+    with tempfile.TemporaryDirectory(prefix="adapter-fix-fuzz-") as folder:
+        path = Path(folder) / name
+        path.write_bytes(data)
+        yield path
 
 
 def _encode(header: Any) -> bytes:
@@ -72,41 +76,42 @@ def test_any_header_is_accepted_only_when_its_tensors_tile_the_data(
     header: dict[str, Any], data_size: int
 ) -> None:
     raw = _encode(header)
-    path = _written(struct.pack("<Q", len(raw)) + raw + bytes(data_size), "m.safetensors")
-    try:
-        parsed = read_header(path)
-    except AdapterFixError as error:
-        assert error.exit_code in (3, 5)
-        return
+    with _written(struct.pack("<Q", len(raw)) + raw + bytes(data_size), "m.safetensors") as path:
+        try:
+            parsed = read_header(path)
+        except AdapterFixError as error:
+            assert error.exit_code in (3, 5)
+            return
+        size = path.stat().st_size
     end = parsed.data_start
     for info in sorted(parsed.tensors.values(), key=lambda i: (i.offset, i.nbytes)):
         assert info.offset == end
         assert all(type(d) is int and d >= 0 for d in info.shape)
         assert info.nbytes == math.prod(info.shape) * DTYPES[info.dtype].itemsize
         end += info.nbytes
-    assert end == path.stat().st_size
+    assert end == size
 
 
 @BOUNDED
 @given(data=st.binary(max_size=200), claimed=st.integers(min_value=0, max_value=2**64 - 1))
 def test_any_bytes_as_a_safetensors_file_are_a_value_or_exit_5(data: bytes, claimed: int) -> None:
     for content in (data, struct.pack("<Q", claimed) + data):
-        path = _written(content, "m.safetensors")
-        try:
-            read_header(path)
-        except AdapterFixError as error:
-            assert error.exit_code in (3, 5)
+        with _written(content, "m.safetensors") as path:
+            try:
+                read_header(path)
+            except AdapterFixError as error:
+                assert error.exit_code in (3, 5)
 
 
 @BOUNDED
 @given(index=json_values | st.fixed_dictionaries({"weight_map": json_values}))
 def test_any_index_is_a_weight_map_of_plain_names_or_exit_4_or_5(index: Any) -> None:
-    path = _written(_encode(index), "model.safetensors.index.json")
-    try:
-        weight_map = _read_index(path, LocalSource(path.parent))
-    except AdapterFixError as error:
-        assert error.exit_code in (4, 5)
-        return
+    with _written(_encode(index), "model.safetensors.index.json") as path:
+        try:
+            weight_map = _read_index(path, LocalSource(path.parent))
+        except AdapterFixError as error:
+            assert error.exit_code in (4, 5)
+            return
     for key, shard in weight_map.items():
         assert isinstance(key, str) and isinstance(shard, str)
         parts = PurePosixPath(shard.replace("\\", "/")).parts
@@ -135,12 +140,12 @@ def test_any_config_is_sane_or_exit_6(config: Any, raw: str) -> None:
     text = _encode(config)
     if raw and isinstance(config, dict):
         text = text[:-1] + f', "lora_alpha": {raw}}}'.encode()
-    path = _written(text, "adapter_config.json")
-    try:
-        parsed = _read_config(path)
-    except AdapterFixError as error:
-        assert error.exit_code == 6
-        return
+    with _written(text, "adapter_config.json") as path:
+        try:
+            parsed = _read_config(path)
+        except AdapterFixError as error:
+            assert error.exit_code == 6
+            return
     assert isinstance(parsed["r"], int) and 1 <= parsed["r"] <= 65536
     assert math.isfinite(parsed["lora_alpha"]) and 1e-6 <= parsed["lora_alpha"] <= 1e6
     targets = parsed.get("target_modules")

@@ -13,7 +13,9 @@ from conftest import CliResult, run_cli
 from adapter_fix.math.gating import (
     Attribution,
     candidates,
+    descent_step,
     integrated_gradient,
+    partial_change,
     priority_order,
     rank_one_factors,
     restore_order,
@@ -28,6 +30,7 @@ from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
     GatedModel,
     GateOptions,
+    _descend,
     _refusal_rows,
     gate_repair,
     gated_factors,
@@ -344,6 +347,80 @@ def test_a_round_that_restores_no_refusal_is_undone_and_stops_the_repair(lora_mo
         model.load_state_dict(state)
 
 
+def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
+    gates = torch.tensor([1.0, 1.0, 0.2, -0.9])
+    gradient = torch.tensor([4.0, -2.0, 0.0, 8.0])
+    stepped = descent_step(gates, gradient, 8.0, rate=0.5, floor=-1.0, ceiling=1.2)
+    assert torch.allclose(stepped, torch.tensor([0.75, 1.125, 0.2, -1.0]))
+    assert float(descent_step(gates, -gradient, 1.0, rate=1, floor=-1, ceiling=1.5)[0]) == 1.5
+    with pytest.raises(ValueError):
+        descent_step(gates, gradient, 0.0, rate=0.5, floor=-1.0, ceiling=1.5)
+
+
+def test_the_refusal_term_sees_part_of_the_gates_change():
+    gates = torch.tensor([1.0, 0.0, -1.0, 1.5])
+    assert torch.allclose(partial_change(gates, 0.7), torch.tensor([1.0, 0.3, -0.4, 1.35]))
+    assert torch.equal(partial_change(gates, 1.0), gates)
+
+
+def _descent(model, names, rates, kept, steps=20):
+    """`_descend` on the tiny model with measured rates and kept task given by the caller."""
+    gated = GatedModel(model, names, "component")
+    measured = iter(rates)
+    harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
+    try:
+        result = _descend(
+            gated,
+            GateOptions(search="descent", descent_steps=steps, task_budget=0.1, batch_size=2),
+            refusal=(harmful, starts),
+            task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
+            measure_refusals=lambda: next(measured),
+            kept_task=lambda: kept,
+            start_rate=0.0,
+            pad_id=0,
+            on_round=None,
+        )
+        return result, gated.values()
+    finally:
+        gated.remove()
+
+
+@pytest.mark.model
+def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
+        # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
+        (rounds, rate, kept, reason), values = _descent(
+            model, names, [[True, False], [True, True], [False, True]], 1.0, steps=25
+        )
+        assert [r.steps for r in rounds] == [10, 20, 25]
+        assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
+        assert "after step 20" in reason
+        assert not bool((values == 1.0).all())  # the gates moved...
+        assert -rounds[1].margin < nll  # ...and made ALIGNED's refusal start likelier
+        assert all(r.prompts == 2 for r in rounds)
+    finally:
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_descent_leaves_the_adapter_when_no_checkpoint_keeps_the_task(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        (rounds, rate, kept, reason), values = _descent(
+            model, names, [[True, True]] * 2, 0.5, steps=20
+        )
+        assert len(rounds) == 2 and all(r.refusals == 2 for r in rounds)
+        assert rate == 0.0 and kept == 0.5  # the adapter's, measured
+        assert reason.startswith("no checkpoint that refused more kept the task")
+        assert bool((values == 1.0).all())
+    finally:
+        model.load_state_dict(state)
+
+
 def test_refusal_rows_end_at_the_shortest_start_the_judge_calls_a_refusal():
     starts = [[5, 6, 7, 8, 9], [5, 9], [1, 2, 3]]
     asked: list[int] = []
@@ -377,11 +454,23 @@ def test_refine_needs_module_gates(tmp_path):
     assert result.exit_code == 2 and "--gate-unit module" in result.stderr
 
 
+def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
+    result = _gate_cli(tmp_path / "out", "--search", "descent")
+    assert result.exit_code == 2 and "--search descent needs --task" in result.stderr
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--search", "descent", "--refine", "--gate-unit", "module"),
+        *("--task", str(PROMPTS / "task-calib.jsonl")),
+    )
+    assert result.exit_code == 2 and "--refine is a step of --search order" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
 
-def _gate_cli(out: Path, *extra: str) -> CliResult:
+def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
     return run_cli(
         "repair",
         *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
@@ -401,7 +490,7 @@ def _gate_cli(out: Path, *extra: str) -> CliResult:
         "8",
         "--batch-size",
         "64",
-        "-q",
+        *(["-q"] if quiet else []),
         *extra,
     )
 
@@ -499,6 +588,50 @@ def test_gated_adapter_loads_in_peft_and_zeroes_exactly_the_gates_switched_off(g
             ".lora_B.weight", ".lora_B.default.weight"
         )
         assert torch.equal(state[name], tensor)
+
+
+@pytest.mark.model
+def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoints(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = _gate_cli(
+        out,
+        *("--task", str(PROMPTS / "task-calib.jsonl"), "--search", "descent"),
+        *("--descent-steps", "60", "--calibration-share", "0.3", "--task-budget", "1"),
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "repair_report.json").read_text())
+    calibration = report["calibration"]
+    assert [r["steps"] for r in calibration["rounds"]] == [10, 20, 30, 40, 50, 60]
+    assert calibration["options"]["search"] == "descent"
+    # With the whole task budget, the checkpoint that refuses most is kept.
+    best = max(r["refusal_rate"] for r in calibration["rounds"])
+    assert best > calibration["original_refusal_rate"]
+    assert calibration["refusal_rate"] == best
+    config = json.loads((CHAT / "chat-attack" / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(out / "adapter_model.safetensors"))
+    gated = [m for m in report["modules"] if m["action"] == "gated"]
+    assert gated and any(g < 0 or 0 < g != 1 for m in gated for g in m["gate"])
+    for module in gated:
+        key_b = f"base_model.model.{module['name']}.lora_B.weight"
+        key_a = f"base_model.model.{module['name']}.lora_A.weight"
+        new_b, new_a = rank_one_factors(original[key_b].double(), original[key_a].double(), scaling)
+        gates = torch.tensor(module["gate"], dtype=torch.float64)
+        assert torch.allclose(written[key_b].double(), new_b * gates, atol=1e-5)
+        assert torch.allclose(written[key_a].double(), new_a, atol=1e-5)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(CHAT / "chat-aligned"), out)
+    lines = _gate_cli(
+        tmp_path / "again",
+        *("--task", str(PROMPTS / "task-calib.jsonl"), "--search", "descent"),
+        *("--descent-steps", "1", "--calibration-share", "0.3", "--task-budget", "1"),
+        quiet=False,
+    ).stderr
+    assert "step 1: " in lines and "negated" in lines and "calibration refusals" in lines
 
 
 @pytest.mark.model

@@ -31,6 +31,7 @@ from adapter_fix.cli.options import (
 )
 from adapter_fix.methods import METHODS
 from adapter_fix.options import (
+    GATE_SEARCHES,
     GATE_UNITS,
     MODEL_DTYPES,
     OUTPUT_RANKS,
@@ -62,6 +63,8 @@ GATE_SETTINGS = (
     "margin_tokens",
     "min_harm_share",
     "refine",
+    "search",
+    "descent_steps",
     "calibration_tokens",
     "batch_size",
     "dtype",
@@ -153,6 +156,24 @@ def gate_options(command: F) -> F:
             default=GATE.refine,
             help="[gate] Coarse to fine: once the target is met, give task back inside the "
             "modules switched off, rank-1 component by component, while refusals hold.",
+        ),
+        click.option(
+            "--search",
+            type=click.Choice(GATE_SEARCHES),
+            default=GATE.search,
+            show_default=True,
+            help="[gate] order: rounds that switch units off in attribution order, measured "
+            "by bisection; descent: gradient steps on every gate at once, which may also "
+            "negate or amplify a unit, against a stress-tested task term (needs --task; "
+            "slower: about one forward and backward pass of every calibration prompt a step).",
+        ),
+        click.option(
+            "--descent-steps",
+            type=click.IntRange(min=1, max=1000),
+            default=GATE.descent_steps,
+            show_default=True,
+            help="[gate] Steps of --search descent, measured every 10 and after the last; "
+            "the best measured checkpoint within the task budget is kept.",
         ),
         click.option(
             "--calibration-tokens",
@@ -304,6 +325,14 @@ def repair(
             "--refine splits the modules switched off into their rank-1 components: it needs "
             "--gate-unit module (component gates are already that fine)"
         )
+    if gate["search"] == "descent":
+        if gate["refine"]:
+            raise click.UsageError("--refine is a step of --search order, not of descent")
+        if gate["task"] is None:
+            raise click.UsageError(
+                "--search descent needs --task with reference answers: its task term and the "
+                "kept task it measures at each checkpoint come from them"
+            )
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     check_report_formats("repair", reports)

@@ -15,6 +15,8 @@ from adapter_fix.io.sources import HubOptions, Source
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from adapter_fix.methods.gate import Round
+
 
 def repair_with_gates(
     sources: list[Source],
@@ -59,6 +61,8 @@ def repair_with_gates(
         margin_tokens=gate["margin_tokens"],
         min_harm_share=gate["min_harm_share"],
         refine=gate["refine"],
+        search=gate["search"],
+        descent_steps=gate["descent_steps"],
         max_new_tokens=gate["calibration_tokens"],
         batch_size=gate["batch_size"],
     )
@@ -77,15 +81,26 @@ def repair_with_gates(
         inputs=inputs,
         on_round=None
         if console is None
-        else lambda r: console.print(
-            f"round {r.index}: {len(r.switched_off)} gate(s) off"
-            + (f", {len(r.restored)} given back" if r.restored else "")
-            + f", calibration refusals "
-            f"{r.refusals}/{r.prompts}, task kept "
-            + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
-            + f" ({r.seconds:.1f} s)"
-            + (": no refusal gained, undone" if r.undone else ""),
-            markup=False,
-            highlight=False,
-        ),
+        else lambda r: console.print(round_line(r), markup=False, highlight=False),
+    )
+
+
+def round_line(r: Round) -> str:
+    """One round's measurement as printed: a round of the order search, or a checkpoint of
+    the descent."""
+    if r.steps:
+        moved = (
+            f"step {r.steps}: {len(r.switched_off)} gate(s) off, {len(r.negated)} negated, "
+            f"{r.amplified} amplified"
+        )
+    else:
+        moved = f"round {r.index}: {len(r.switched_off)} gate(s) off" + (
+            f", {len(r.restored)} given back" if r.restored else ""
+        )
+    return (
+        moved
+        + f", calibration refusals {r.refusals}/{r.prompts}, task kept "
+        + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
+        + f" ({r.seconds:.1f} s)"
+        + (": no refusal gained, undone" if r.undone else "")
     )

@@ -5,6 +5,8 @@ component of it. Each unit carries two integrated-gradient attributions,
 `margin` (its share of the refusal margin `mu(g) - mu(0)`; negative when the
 update lowers the margin, i.e. erodes refusals) and `task` (its share of the
 task loss `tau(g) - tau(0)`; negative when the update helps the task).
+The descent search's step and stress rules are here too (`descent_step`,
+`partial_change`).
 """
 
 from __future__ import annotations
@@ -180,3 +182,25 @@ def restore_order(attributions: Sequence[Attribution | None]) -> list[int]:
         chosen, key=lambda item: (-item[1].task_help / (max(item[1].harm, 0.0) + floor), item[0])
     )
     return [index for index, _ in ranked]
+
+
+def descent_step(
+    gates: Tensor, gradient: Tensor, scale: float, *, rate: float, floor: float, ceiling: float
+) -> Tensor:
+    """One projected gradient step on the gates: `clip(g - rate * grad / scale, floor, ceiling)`.
+
+    `gates` and `gradient` are `(units,)`; `scale` is the largest `|grad|` of the first
+    step, so that step moves the steepest gate by `rate` and later steps shrink with the
+    gradient. A `floor` below 0 lets a unit be negated (task arithmetic's negation), a
+    `ceiling` above 1 lets it be amplified.
+    """
+    if scale <= 0:
+        raise ValueError(f"the step's scale must be positive, got {scale}")
+    return (gates - rate * gradient / scale).clamp(floor, ceiling)
+
+
+def partial_change(gates: Tensor, share: float) -> Tensor:
+    """`1 + share * (g - 1)`: the gates with only `share` of their change from the adapter
+    (all 1) applied, `(units,)`. The refusal term is taken there, so refusal must hold with
+    part of the repair undone: a margin for prompts phrased unlike the calibration's."""
+    return 1 + share * (gates - 1)

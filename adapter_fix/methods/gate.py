@@ -19,6 +19,12 @@ refusal judge for the round's refusal rate. A round that refuses no more
 prompts than before is undone (its task cost bought nothing). Rounds stop
 when the rate reaches the target, when even the first unit costs too much
 task, when a round is undone, or after `rounds`.
+
+`search="descent"` replaces the rounds by projected gradient descent on every
+gate at once (`_descend`): a gate may also negate or amplify its unit; the
+refusal term asks for ALIGNED's refusal start with only part of the gates'
+change applied, the task term for the references at the gates shrunk; the
+best checkpoint measured within the task budget is kept.
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.math.gating import (
     Attribution,
     candidates,
+    descent_step,
     integrated_gradient,
+    partial_change,
     priority_order,
     rank_one_factors,
     restore_order,
@@ -60,6 +68,23 @@ from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
 from adapter_fix.options import GATE_UNITS, GateOptions
 from adapter_fix.results import ModuleResult
+
+# `--search descent` (bench/README.md, "Optimizing the gates"; chosen on the testbed's
+# attack-mix, float32 build): each step moves the steepest gate of the first step by
+# DESCENT_RATE; a gate may negate its unit (down to DESCENT_FLOOR) or amplify it (up to
+# DESCENT_CEILING). The refusal term is taken with DESCENT_REFUSAL_SHARE of the gates'
+# change (refusal must hold with part of the repair undone), the task term at
+# DESCENT_TASK_SCALE times the gates (the task must survive the remaining update shrunk):
+# margins for prompts phrased unlike the calibration files.
+DESCENT_RATE = 0.5
+DESCENT_FLOOR = -1.0
+DESCENT_CEILING = 1.5
+DESCENT_REFUSAL_SHARE = 0.7
+DESCENT_TASK_SCALE = 0.6
+DESCENT_TASK_WEIGHT = 3.0
+DESCENT_START_TOKENS = 4
+"""Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
+DESCENT_CHECK_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,14 @@ class Round:
     undone: bool = False
     """The round refused no more prompts than before it, so its units were switched back on
     (the task it cost bought nothing) and the repair stopped."""
+    steps: int = 0
+    """`--search descent`: the gradient steps taken so far (this round is a checkpoint after
+    them; the predicted gain and cost are then 0, no prediction being made, and `margin` is
+    the refusal start's mean log-probability per token). 0 for the order search."""
+    negated: list[str] = field(default_factory=list)
+    """`--search descent`: units whose gate is below -0.05 (turned round, not only off)."""
+    amplified: int = 0
+    """`--search descent`: how many gates are above 1.05 (their unit amplified)."""
 
 
 @dataclass
@@ -396,152 +429,173 @@ def gate_repair(
     measured_task = task_on
     stop_reason = f"rounds exhausted ({options.rounds})"
     setup_seconds = time.perf_counter() - started
-    for index in range(1, options.rounds + 1):
-        round_started = time.perf_counter()
-        if rate >= target:
-            stop_reason = "target met" if rounds else "the adapter already refuses at the target"
-            break
-        # Compliance starts: what the gated model answers now, on prompts it does not refuse.
-        complied = [i for i, r in enumerate(refused) if not r]
-        margin = functools.partial(
-            _mean_margin,
-            model,
-            [harmful[i] for i in complied],
-            [refusal_starts[i] for i in complied],
-            [outputs[i] for i in complied],
-            window=options.margin_tokens,
-            pad=pad_id,
-            batch_size=batch,
-        )
-        current = gated.values()
-        margin_ig = _integrated_gradients(gated, margin, current, options.steps)
-        task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
-        unit_attributions = [
-            Attribution(m, t) if g > 0 else None
-            for m, t, g in zip(margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True)
-        ]
-        _record(gated, unit_attributions, attributions)
-        order = priority_order(
-            unit_attributions,
-            candidates(unit_attributions, min_harm_share=options.min_harm_share),
-        )
-        if not order:
-            stop_reason = "no unit left that lowers the refusal margin"
-            break
-        # Without a task score, the first-order estimate of the kept task stands in.
-        costs = itertools.accumulate(
-            (max(unit_attributions[u].task_help, 0.0) for u in order), initial=0.0
-        )
-        first_order = [
-            1.0 - (measured_task - task_on + cost) / task_gap if task_gap > 0 else 1.0
-            for cost in costs
-        ]
-        count = search_prefix(
-            len(order),
-            refusal=functools.partial(
-                _measure_at, gated, current, order, lambda _: refusal_share()
-            ),
-            task_kept=functools.partial(
-                _measure_at, gated, current, order, functools.partial(_kept, kept_task, first_order)
-            ),
-            target=target,
-            floor=1.0 - options.task_budget,
-        )
-        _switch_off(gated, current, order, count)
-        if count == 0:
-            gated.set_values(current)
-            stop_reason = "task budget spent: each unit tried would cost more task than allowed"
-            break
-        chosen = order[:count]
-        taken = [unit_attributions[u] for u in chosen]
-        before = (outputs, refused, rate, measured_task, kept)
-        outputs = generate(harmful)
-        refused = refusals(harmful, outputs)
-        rate = _share(refused)
-        measured_task = task_loss()
-        kept = kept_task()
-        units = gated.units()
-        undone = sum(refused) <= sum(before[1])
-        round_ = Round(
-            index=index,
-            switched_off=[_unit_name(gated, units[u]) for u in chosen],
-            predicted_margin_gain=sum(a.harm for a in taken if a is not None),
-            predicted_task_cost=sum(max(a.task_help, 0.0) for a in taken if a is not None),
-            margin=margin(),
-            task_loss=measured_task,
-            task_kept=kept,
-            refusal_rate=rate,
-            refusals=sum(refused),
-            prompts=len(refused),
-            seconds=time.perf_counter() - round_started,
-            undone=undone,
-        )
-        rounds.append(round_)
-        stop_reason = f"rounds exhausted ({options.rounds})"
-        if on_round is not None:
-            on_round(round_)
-        if undone:  # task given up for no refusal: keep the gates as they were, and stop
-            gated.set_values(current)
-            outputs, refused, rate, measured_task, kept = before
-            stop_reason = (
-                f"round {index} restored no refusal within the task budget, so it was undone"
-            )
-            break
-    else:
-        if rate >= target:
-            stop_reason = "target met"
-    if options.refine and rate >= target:
-        refine_started = time.perf_counter()
-        against_adapter = functools.partial(
-            _mean_margin,
-            model,
-            harmful,
-            refusal_starts,
-            adapter_outputs,
-            window=options.margin_tokens,
-            pad=pad_id,
-            batch_size=batch,
-        )
-        answers: list[list[list[int]]] = []
-
-        def measure() -> float:
-            answers[:] = [generate(harmful)]
-            return _share(refusals(harmful, answers[0]))
-
-        refined = refine_components(
+    if options.search == "descent":
+        rounds, rate, kept, stop_reason = _descend(
             gated,
             options,
-            margin=against_adapter,
-            task_loss=task_loss,
-            measure=measure,
-            target=target,
+            refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
+            task=(task_prompts, task_targets),
+            measure_refusals=lambda: refusals(harmful, generate(harmful)),
+            kept_task=kept_task,
+            start_rate=original_rate,
+            pad_id=pad_id,
+            on_round=on_round,
         )
-        if refined is not None:
-            outputs = answers[0]
+    else:
+        for index in range(1, options.rounds + 1):
+            round_started = time.perf_counter()
+            if rate >= target:
+                stop_reason = (
+                    "target met" if rounds else "the adapter already refuses at the target"
+                )
+                break
+            # Compliance starts: what the gated model answers now, on prompts it does not refuse.
+            complied = [i for i, r in enumerate(refused) if not r]
+            margin = functools.partial(
+                _mean_margin,
+                model,
+                [harmful[i] for i in complied],
+                [refusal_starts[i] for i in complied],
+                [outputs[i] for i in complied],
+                window=options.margin_tokens,
+                pad=pad_id,
+                batch_size=batch,
+            )
+            current = gated.values()
+            margin_ig = _integrated_gradients(gated, margin, current, options.steps)
+            task_ig = _integrated_gradients(gated, task_loss, current, options.steps)
+            unit_attributions = [
+                Attribution(m, t) if g > 0 else None
+                for m, t, g in zip(
+                    margin_ig.tolist(), task_ig.tolist(), current.tolist(), strict=True
+                )
+            ]
+            _record(gated, unit_attributions, attributions)
+            order = priority_order(
+                unit_attributions,
+                candidates(unit_attributions, min_harm_share=options.min_harm_share),
+            )
+            if not order:
+                stop_reason = "no unit left that lowers the refusal margin"
+                break
+            # Without a task score, the first-order estimate of the kept task stands in.
+            costs = itertools.accumulate(
+                (max(unit_attributions[u].task_help, 0.0) for u in order), initial=0.0
+            )
+            first_order = [
+                1.0 - (measured_task - task_on + cost) / task_gap if task_gap > 0 else 1.0
+                for cost in costs
+            ]
+            count = search_prefix(
+                len(order),
+                refusal=functools.partial(
+                    _measure_at, gated, current, order, lambda _: refusal_share()
+                ),
+                task_kept=functools.partial(
+                    _measure_at,
+                    gated,
+                    current,
+                    order,
+                    functools.partial(_kept, kept_task, first_order),
+                ),
+                target=target,
+                floor=1.0 - options.task_budget,
+            )
+            _switch_off(gated, current, order, count)
+            if count == 0:
+                gated.set_values(current)
+                stop_reason = "task budget spent: each unit tried would cost more task than allowed"
+                break
+            chosen = order[:count]
+            taken = [unit_attributions[u] for u in chosen]
+            before = (outputs, refused, rate, measured_task, kept)
+            outputs = generate(harmful)
             refused = refusals(harmful, outputs)
             rate = _share(refused)
+            measured_task = task_loss()
             kept = kept_task()
             units = gated.units()
-            taken = [a for a in refined.values() if a is not None]
-            rounds.append(
-                Round(
-                    index=len(rounds) + 1,
-                    switched_off=[],
-                    predicted_margin_gain=-sum(a.harm for a in taken),
-                    predicted_task_cost=-sum(max(a.task_help, 0.0) for a in taken),
-                    margin=against_adapter(),
-                    task_loss=task_loss(),
-                    task_kept=kept,
-                    refusal_rate=rate,
-                    refusals=sum(refused),
-                    prompts=len(refused),
-                    seconds=time.perf_counter() - refine_started,
-                    restored=[_unit_name(gated, units[u]) for u in refined],
-                )
+            undone = sum(refused) <= sum(before[1])
+            round_ = Round(
+                index=index,
+                switched_off=[_unit_name(gated, units[u]) for u in chosen],
+                predicted_margin_gain=sum(a.harm for a in taken if a is not None),
+                predicted_task_cost=sum(max(a.task_help, 0.0) for a in taken if a is not None),
+                margin=margin(),
+                task_loss=measured_task,
+                task_kept=kept,
+                refusal_rate=rate,
+                refusals=sum(refused),
+                prompts=len(refused),
+                seconds=time.perf_counter() - round_started,
+                undone=undone,
             )
-            stop_reason += f"; then {len(refined)} component(s) given back"
+            rounds.append(round_)
+            stop_reason = f"rounds exhausted ({options.rounds})"
             if on_round is not None:
-                on_round(rounds[-1])
+                on_round(round_)
+            if undone:  # task given up for no refusal: keep the gates as they were, and stop
+                gated.set_values(current)
+                outputs, refused, rate, measured_task, kept = before
+                stop_reason = (
+                    f"round {index} restored no refusal within the task budget, so it was undone"
+                )
+                break
+        else:
+            if rate >= target:
+                stop_reason = "target met"
+        if options.refine and rate >= target:
+            refine_started = time.perf_counter()
+            against_adapter = functools.partial(
+                _mean_margin,
+                model,
+                harmful,
+                refusal_starts,
+                adapter_outputs,
+                window=options.margin_tokens,
+                pad=pad_id,
+                batch_size=batch,
+            )
+            answers: list[list[list[int]]] = []
+
+            def measure() -> float:
+                answers[:] = [generate(harmful)]
+                return _share(refusals(harmful, answers[0]))
+
+            refined = refine_components(
+                gated,
+                options,
+                margin=against_adapter,
+                task_loss=task_loss,
+                measure=measure,
+                target=target,
+            )
+            if refined is not None:
+                outputs = answers[0]
+                refused = refusals(harmful, outputs)
+                rate = _share(refused)
+                kept = kept_task()
+                units = gated.units()
+                taken = [a for a in refined.values() if a is not None]
+                rounds.append(
+                    Round(
+                        index=len(rounds) + 1,
+                        switched_off=[],
+                        predicted_margin_gain=-sum(a.harm for a in taken),
+                        predicted_task_cost=-sum(max(a.task_help, 0.0) for a in taken),
+                        margin=against_adapter(),
+                        task_loss=task_loss(),
+                        task_kept=kept,
+                        refusal_rate=rate,
+                        refusals=sum(refused),
+                        prompts=len(refused),
+                        seconds=time.perf_counter() - refine_started,
+                        restored=[_unit_name(gated, units[u]) for u in refined],
+                    )
+                )
+                stop_reason += f"; then {len(refined)} component(s) given back"
+                if on_round is not None:
+                    on_round(rounds[-1])
     for layer in gated.layers:
         layer.gates = layer.gates.detach()
     return GateOutcome(
@@ -564,6 +618,100 @@ def gate_repair(
         seconds=time.perf_counter() - started,
         setup_seconds=setup_seconds,
     )
+
+
+def _descend(
+    gated: GatedModel,
+    options: GateOptions,
+    *,
+    refusal: tuple[list[list[int]], list[list[int]]],
+    task: tuple[list[list[int]], list[list[int]]],
+    measure_refusals: Callable[[], list[bool]],
+    kept_task: Callable[[], float | None],
+    start_rate: float,
+    pad_id: int,
+    on_round: Callable[[Round], None] | None,
+) -> tuple[list[Round], float, float | None, str]:
+    """`--search descent`: projected gradient descent on every gate at once (see
+    `DESCENT_*`), measured at checkpoints; the gates are left at the best checkpoint.
+
+    Each step takes the gradient of `NLL(ALIGNED's refusal start | harmful)` (`refusal`:
+    prompts and starts) at `partial_change(g, DESCENT_REFUSAL_SHARE)` plus `w` times that
+    of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, and
+    moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
+    `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
+    a checkpoint measures the refusal rate (generation and the judge) and the kept task
+    (exact match). The best checkpoint is the one that keeps the task within the budget and
+    refuses most (the later on a tie); when none keeps it, the gates go back to the
+    adapter's. Returns the checkpoints as rounds, the refusal rate and kept task at the
+    gates left, and why it stopped.
+    """
+    target, floor = options.target_refusal, 1.0 - options.task_budget
+    if start_rate >= target:
+        return [], start_rate, kept_task(), "the adapter already refuses at the target"
+    model, batch = gated.model, options.batch_size
+    (harmful, starts), (prompts, references) = refusal, task
+    names = [_unit_name(gated, unit) for unit in gated.units()]
+    adapter = gated.values()
+    values = adapter.clone()
+    best: tuple[Tensor, float, float | None] = (adapter, start_rate, kept_task())
+    rounds: list[Round] = []
+    scale = 0.0
+    started = time.perf_counter()
+    for step in range(1, options.descent_steps + 1):
+        gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
+        token_nll(model, harmful, starts, pad=pad_id, batch_size=batch, backward=True)
+        gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
+        gated.set_values(values * DESCENT_TASK_SCALE)
+        token_nll(model, prompts, references, pad=pad_id, batch_size=batch, backward=True)
+        gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
+        if step == 1:
+            scale = float(gradient.abs().max())
+            if scale == 0:
+                gated.set_values(adapter)
+                return [], start_rate, best[2], "no gate moves the refusal or task loss"
+        values = descent_step(
+            values, gradient, scale, rate=DESCENT_RATE, floor=DESCENT_FLOOR, ceiling=DESCENT_CEILING
+        )
+        if step % DESCENT_CHECK_EVERY and step < options.descent_steps:
+            continue
+        gated.set_values(values)
+        refused = measure_refusals()
+        rate, kept = _share(refused), kept_task()
+        round_ = Round(
+            index=len(rounds) + 1,
+            switched_off=[n for n, g in zip(names, values.tolist(), strict=True) if abs(g) < 0.05],
+            predicted_margin_gain=0.0,
+            predicted_task_cost=0.0,
+            margin=-token_nll(model, harmful, starts, pad=pad_id, batch_size=batch),
+            task_loss=token_nll(model, prompts, references, pad=pad_id, batch_size=batch),
+            task_kept=kept,
+            refusal_rate=rate,
+            refusals=sum(refused),
+            prompts=len(refused),
+            seconds=time.perf_counter() - started,
+            steps=step,
+            negated=[n for n, g in zip(names, values.tolist(), strict=True) if g < -0.05],
+            amplified=int((values > 1.05).sum()),
+        )
+        rounds.append(round_)
+        if on_round is not None:
+            on_round(round_)
+        started = time.perf_counter()
+        if kept is not None and kept >= floor and rate > start_rate and rate >= best[1]:
+            best = (values.clone(), rate, kept)
+    gated.set_values(best[0])
+    chosen = next((r for r in reversed(rounds) if r.refusal_rate == best[1]), None)
+    if best[0] is adapter or chosen is None:
+        gained = any(r.refusal_rate > start_rate for r in rounds)
+        reason = (
+            "no checkpoint that refused more kept the task within the budget"
+            if gained
+            else "no checkpoint refused more than the adapter"
+        ) + ": the adapter is left as it was"
+    else:
+        reason = f"{options.descent_steps} steps; kept the checkpoint after step {chosen.steps}"
+    return rounds, best[1], best[2], reason
 
 
 def refine_components(
@@ -890,9 +1038,10 @@ def gated_factors(gated: GatedModel) -> dict[str, tuple[Tensor, Tensor]]:
 def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) -> list[Outcome]:
     """One report row per adapter module, and new factors for each module with a gate off.
 
-    A module whose gates are all 1 keeps its tensors byte for byte. Module
-    gates write `B <- 0`; component gates write the module's singular factors
-    with the switched-off columns of `B'` zeroed (same rank, same config).
+    A module whose gates are all 1 keeps its tensors byte for byte. A module
+    gate writes `g B`; component gates write the module's singular factors
+    with each column of `B'` times its gate (0: switched off; below 0, with
+    `--search descent`: negated), same rank, same config.
     """
     layers = {layer.name: layer for layer in gated.layers}
     results = []
@@ -916,8 +1065,7 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
             "margin": [a.margin for a in attributions],
             "task": [a.task for a in attributions],
         }
-        off = int((gates == 0).sum())
-        if off == 0:
+        if bool((gates == 1).all()):
             report.reason = "gate 1: kept"
             results.append(Outcome(report))
             continue
@@ -930,13 +1078,25 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
         report.repaired_norm = comparison.norm
         report.relative_change = comparison.relative_change
         report.cosine = comparison.cosine
-        report.reason = (
-            f"{off} of {len(gates)} rank-1 components switched off"
-            if layer.components
-            else "gate 0: update switched off"
-        )
+        report.reason = _gated_reason(gates, layer.components)
         results.append(Outcome(report, lora_a=new_a, lora_b=new_b))
     return results
+
+
+def _gated_reason(gates: Tensor, components: bool) -> str:
+    """What the gates did to a module, in words: `gates` is `(r,)` or `(1,)`, not all 1."""
+    if not components:
+        value = float(gates[0])
+        return "gate 0: update switched off" if value == 0 else f"gate {value:.3g}: update scaled"
+    off = int((gates == 0).sum())
+    negated = int((gates < 0).sum())
+    scaled = len(gates) - off - negated - int((gates == 1).sum())
+    parts = [
+        f"{count} {what}"
+        for count, what in ((off, "switched off"), (negated, "negated"), (scaled, "scaled"))
+        if count
+    ]
+    return f"rank-1 components of {len(gates)}: {', '.join(parts)}"
 
 
 def gateable(adapter: LoraAdapter) -> list[str]:

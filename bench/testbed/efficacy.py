@@ -44,6 +44,7 @@ METHODS: list[tuple[str, list[str]]] = [
     ("project", ["--method", "project"]),
     ("safelora", ["--method", "safelora"]),
     ("gate", ["--method", "gate", *CALIBRATION]),
+    ("gate-descent", ["--method", "gate", "--search", "descent", *CALIBRATION]),
 ]
 GOALS = {
     "refusal": ">= 0.95 x ALIGNED",

@@ -22,9 +22,14 @@ term, a guard for the phrasing the calibration file lacks (the held-out split's 
 template gives the oracle: what a task file covering the held-out phrasing would buy).
 `--task-scale s` takes the task term at `s g` instead of `g`: the calibration task must
 survive the remaining update shrunk, a stress test standing in for phrasings whose task
-generalisation is more fragile than the calibration's. Every
-`--every` steps it measures the held-out split as `frontier.py` does. It writes no adapter.
-Not a shipped method: bench/README.md has its result.
+generalisation is more fragile than the calibration's. `--refusal-lerp l` takes the refusal
+term at `1 + l (g - 1)`: refusal must hold with only part of the gates' change, a margin for
+harmful prompts phrased unlike the calibration file's. `--task-limit k` turns the task
+weight into a constraint: doubled while the (stressed) task NLL is above `k` times its first
+value. Every `--every` steps it measures the held-out split as `frontier.py` does (with the
+refusal share under each harmful template, and the calibration prompts' own by generation).
+It writes no adapter (`--save-gates` keeps the last gates). `repair --search descent` ships
+its last settings; bench/README.md has the results.
 """
 
 from __future__ import annotations
@@ -74,6 +79,14 @@ def main() -> None:
         help="take the refusal term at 1 + this * (g - 1) (below 1: refusal must hold with "
         "only part of the gates' change from the adapter, a margin against phrasings the "
         "calibration file lacks)",
+    )
+    parser.add_argument(
+        "--task-limit",
+        type=float,
+        default=0.0,
+        help="above 0: a constraint instead of a fixed weight: after each step the task weight "
+        "doubles while the (stressed) task NLL is above this many times its value at the "
+        "adapter, and shrinks by 1.5 (not below --task-weight) while under half of that",
     )
     parser.add_argument("--save-gates", type=Path, help="write the last gates here (safetensors)")
     args = parser.parse_args()
@@ -149,7 +162,7 @@ def main() -> None:
 
         report(0)
         values = gated.values().clone()
-        scale = None
+        scale, weight, limit = None, args.task_weight, None
         for step in range(1, args.steps + 1):
             started = time.perf_counter()
             gated.set_values(1 + args.refusal_lerp * (values - 1))  # the refusal's margin
@@ -158,13 +171,18 @@ def main() -> None:
             gated.set_values(values * args.task_scale)  # the task term's stress test
             task_nll = token_nll(model, task, references, pad=pad, batch_size=batch, backward=True)
             task_gradient = args.task_scale * gated.gradients()  # d/dg of NLL(s g)
-            gradient = refusal_gradient + args.task_weight * task_gradient
+            gradient = refusal_gradient + weight * task_gradient
             if scale is None:
-                scale = gradient.abs().max()
+                scale, limit = gradient.abs().max(), args.task_limit * task_nll
             values = (values - args.rate * gradient / scale).clamp(args.floor, args.ceiling)
+            if args.task_limit > 0:  # the weight for the next step, from this step's NLL
+                if task_nll > limit:
+                    weight *= 2
+                elif task_nll < limit / 2:
+                    weight = max(args.task_weight, weight / 1.5)
             print(
-                f"step {step} (from NLLs {refusal:.3f}, {task_nll:.3f} at {args.task_scale:g} g): "
-                f"gates mean "
+                f"step {step} (from NLLs {refusal:.3f}, {task_nll:.3f} at {args.task_scale:g} g; "
+                f"task weight now {weight:g}): gates mean "
                 f"{values.mean():.3f}, {int((values < 0.05).sum())} under 0.05 "
                 f"({int((values < -0.05).sum())} under -0.05), "
                 f"{int((values > 1.05).sum())} over 1.05 ({time.perf_counter() - started:.0f} s)",
