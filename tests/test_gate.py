@@ -462,7 +462,11 @@ def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
         *("--search", "descent", "--refine", "--gate-unit", "module"),
         *("--task", str(PROMPTS / "task-calib.jsonl")),
     )
-    assert result.exit_code == 2 and "--refine is a step of --search order" in result.stderr
+    assert result.exit_code == 2 and "--refine is a setting of --search order" in result.stderr
+    result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
+    assert result.exit_code == 2 and "--descent-steps is a setting of --search descent" in (
+        result.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -484,8 +488,7 @@ def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
         str(PROMPTS / "benign-calib.jsonl"),
         "--refusal-patterns",
         str(PROMPTS / "refusal-phrases.txt"),
-        "--ig-steps",
-        "2",
+        *(() if "descent" in extra else ("--ig-steps", "2")),  # a setting of the order search
         "--calibration-tokens",
         "8",
         "--batch-size",
@@ -528,6 +531,7 @@ def test_the_time_line_gives_setup_each_round_and_the_rest():
     from adapter_fix.report.repair import _gate_time_line
 
     calibration = {
+        "options": {"search": "order"},
         "seconds": 100.0,
         "setup_seconds": 20.0,
         "rounds": [{"share_of_time": 0.5}, {"share_of_time": 0.1}],
@@ -535,6 +539,8 @@ def test_the_time_line_gives_setup_each_round_and_the_rest():
     assert _gate_time_line(calibration) == (
         "time: 100 s: setup 20%, round 1 50%, round 2 10%, a search that found nothing 20%"
     )
+    descent = {**calibration, "options": {"search": "descent"}}
+    assert _gate_time_line(descent).startswith("time: 100 s: setup 20%, checkpoint 1 50%")
 
 
 @pytest.mark.model

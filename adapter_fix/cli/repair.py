@@ -69,6 +69,8 @@ GATE_SETTINGS = (
     "batch_size",
     "dtype",
 )
+ORDER_SETTINGS = ("rounds", "ig_steps", "margin_tokens", "min_harm_share", "refine")
+"""The settings of `--search order` alone."""
 
 
 def gate_options(command: F) -> F:
@@ -326,13 +328,17 @@ def repair(
             "--gate-unit module (component gates are already that fine)"
         )
     if gate["search"] == "descent":
-        if gate["refine"]:
-            raise click.UsageError("--refine is a step of --search order, not of descent")
+        order_only = [n for n in ORDER_SETTINGS if n in given]
+        if order_only:
+            flag = "--" + order_only[0].replace("_", "-")
+            raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
             raise click.UsageError(
                 "--search descent needs --task with reference answers: its task term and the "
                 "kept task it measures at each checkpoint come from them"
             )
+    elif "descent_steps" in given:
+        raise click.UsageError("--descent-steps is a setting of --search descent")
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     check_report_formats("repair", reports)

@@ -101,9 +101,10 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
     prompts = calibration["prompts"]
     kept = calibration["task_score"]["kept"]
     undone = sum(bool(r.get("undone")) for r in calibration["rounds"])
+    rounds = f"{len(calibration['rounds'])} {_round_noun(calibration)}(s)"
     lines = [
         f"calibration: {prompts['harmful']} harmful, {prompts['benign']} benign, "
-        f"{prompts['task']} task prompts; {len(calibration['rounds'])} round(s)"
+        f"{prompts['task']} task prompts; {rounds}"
         + (f" ({undone} undone)" if undone else "")
         + f", stopped: {calibration['stop_reason']}",
         f"calibration refusals: ALIGNED {percent(calibration['aligned_refusal_rate'])} "
@@ -126,6 +127,12 @@ def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _round_noun(calibration: dict[str, Any]) -> str:
+    """What one entry of `rounds` is: a round of the order search, a checkpoint of the
+    descent (after its steps since the last)."""
+    return "checkpoint" if calibration["options"].get("search") == "descent" else "round"
+
+
 def _gate_time_line(calibration: dict[str, Any]) -> str:
     """Where the gated repair's time went: setup, each round, and the rest (a last round whose
     search found nothing to switch off, and the coarse-to-fine step)."""
@@ -133,9 +140,10 @@ def _gate_time_line(calibration: dict[str, Any]) -> str:
     setup = calibration["setup_seconds"] / seconds
     rounds = [r["share_of_time"] for r in calibration["rounds"]]
     rest = 1.0 - setup - sum(rounds)
+    noun = _round_noun(calibration)
     return (
         f"time: {calibration['seconds']:.0f} s: setup {setup:.0%}"
-        + "".join(f", round {i} {share:.0%}" for i, share in enumerate(rounds, 1))
+        + "".join(f", {noun} {i} {share:.0%}" for i, share in enumerate(rounds, 1))
         + (f", a search that found nothing {rest:.0%}" if rest >= 0.005 else "")
     )
 
