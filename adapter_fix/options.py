@@ -184,6 +184,13 @@ class GateOptions:
     """`order`: rounds of attribution order and bisection; `descent`: projected gradient
     descent on every gate at once, which may negate or amplify a unit (needs a task set)."""
     descent_steps: int = 30
+    """Gradient steps of the descent search (measured every 10 and after the last)."""
+
+    def __post_init__(self) -> None:
+        if self.search not in GATE_SEARCHES:
+            raise ValueError(f"search must be one of {GATE_SEARCHES}, got {self.search!r}")
+        if self.search == "descent" and self.refine:
+            raise ValueError("refine is a step of the order search, not of descent")
 
 
 @dataclass(frozen=True)

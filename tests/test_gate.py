@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from adapter_fix.math.gating import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from adapter_fix.errors import UsageError  # noqa: E402
 from adapter_fix.evaluate.objectives import Scored, greedy_matches, token_nll  # noqa: E402
 from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
@@ -364,9 +366,10 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
 
 
 def _descent(model, names, rates, kept, steps=20):
-    """`_descend` on the tiny model with measured rates and kept task given by the caller."""
+    """`_descend` on the tiny model with measured rates and kept task given by the caller
+    (`kept`: the kept task at the adapter, then at each checkpoint)."""
     gated = GatedModel(model, names, "component")
-    measured = iter(rates)
+    measured, kept_measured = iter(rates), iter(kept)
     harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
     try:
         result = _descend(
@@ -375,7 +378,7 @@ def _descent(model, names, rates, kept, steps=20):
             refusal=(harmful, starts),
             task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
             measure_refusals=lambda: next(measured),
-            kept_task=lambda: kept,
+            kept_task=lambda: next(kept_measured),
             start_rate=0.0,
             pad_id=0,
             on_round=None,
@@ -393,11 +396,11 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
         nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
         # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
         (rounds, rate, kept, reason), values = _descent(
-            model, names, [[True, False], [True, True], [False, True]], 1.0, steps=25
+            model, names, [[True, False], [True, True], [False, True]], [1.0] * 4, steps=25
         )
         assert [r.steps for r in rounds] == [10, 20, 25]
         assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
-        assert "after step 20" in reason
+        assert reason == "25 steps; kept the checkpoint after step 20"
         assert not bool((values == 1.0).all())  # the gates moved...
         assert -rounds[1].margin < nll  # ...and made ALIGNED's refusal start likelier
         assert all(r.prompts == 2 for r in rounds)
@@ -411,14 +414,46 @@ def test_descent_leaves_the_adapter_when_no_checkpoint_keeps_the_task(lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         (rounds, rate, kept, reason), values = _descent(
-            model, names, [[True, True]] * 2, 0.5, steps=20
+            model, names, [[True, True]] * 2, [0.95, 0.5, 0.5], steps=20
         )
         assert len(rounds) == 2 and all(r.refusals == 2 for r in rounds)
-        assert rate == 0.0 and kept == 0.5  # the adapter's, measured
-        assert reason.startswith("no checkpoint that refused more kept the task")
+        assert rate == 0.0 and kept == 0.95  # the adapter's, measured
+        assert "no checkpoint that refused more kept the task" in reason
         assert bool((values == 1.0).all())
     finally:
         model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_descent_names_the_checkpoint_it_keeps_not_a_later_one_that_refuses_as_much(
+    lora_model,
+):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        # Both checkpoints refuse everything; only the first keeps the task.
+        (rounds, rate, kept, reason), _values = _descent(
+            model, names, [[True, True]] * 2, [1.0, 0.95, 0.5], steps=20
+        )
+        assert [r.task_kept for r in rounds] == [0.95, 0.5]
+        assert (rate, kept) == (1.0, 0.95)
+        assert reason.endswith("kept the checkpoint after step 10")
+    finally:
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_descent_needs_a_task_score_that_sees_the_adapters_gain(lora_model):
+    model, names = lora_model
+    with pytest.raises(UsageError, match="no task gain to keep"):
+        _descent(model, names, [], [None])
+
+
+def test_gate_options_refuse_an_unknown_search_and_refine_with_descent():
+    with pytest.raises(ValueError, match="search must be one of"):
+        GateOptions(search="random")
+    with pytest.raises(ValueError, match="refine is a step of the order search"):
+        GateOptions(search="descent", refine=True)
 
 
 def test_refusal_rows_end_at_the_shortest_start_the_judge_calls_a_refusal():
@@ -463,6 +498,16 @@ def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
         *("--task", str(PROMPTS / "task-calib.jsonl")),
     )
     assert result.exit_code == 2 and "--refine is a setting of --search order" in result.stderr
+    result = _gate_cli(
+        tmp_path / "out",
+        "--search",
+        "descent",
+        "--task",
+        str(PROMPTS / "task-calib.jsonl"),
+        "--ig-steps",
+        "3",
+    )
+    assert result.exit_code == 2 and "--ig-steps is a setting of --search order" in result.stderr
     result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
     assert result.exit_code == 2 and "--descent-steps is a setting of --search descent" in (
         result.stderr
@@ -613,6 +658,7 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     calibration = report["calibration"]
     assert [r["steps"] for r in calibration["rounds"]] == [10, 20, 30, 40, 50, 60]
     assert calibration["options"]["search"] == "descent"
+    assert calibration["descent"]["refusal_share"] == 0.7  # the fixed settings it ran with
     # With the whole task budget, the checkpoint that refuses most is kept.
     best = max(r["refusal_rate"] for r in calibration["rounds"])
     assert best > calibration["original_refusal_rate"]
@@ -637,7 +683,8 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
         *("--descent-steps", "1", "--calibration-share", "0.3", "--task-budget", "1"),
         quiet=False,
     ).stderr
-    assert "step 1: " in lines and "negated" in lines and "calibration refusals" in lines
+    assert re.search(r"step 1: \d+ gate\(s\) off, \d+ negated, \d+ amplified", lines)
+    assert "calibration refusals" in lines
 
 
 @pytest.mark.model

@@ -69,10 +69,11 @@ from adapter_fix.methods.base import Outcome
 from adapter_fix.options import GATE_UNITS, GateOptions
 from adapter_fix.results import ModuleResult
 
-# `--search descent` (bench/README.md, "Optimizing the gates"; chosen on the testbed's
-# attack-mix, float32 build): each step moves the steepest gate of the first step by
-# DESCENT_RATE; a gate may negate its unit (down to DESCENT_FLOOR) or amplify it (up to
-# DESCENT_CEILING). The refusal term is taken with DESCENT_REFUSAL_SHARE of the gates'
+# `--search descent` (bench/README.md, "A margin on the refusal side too"; chosen on the
+# testbed's attack-mix, float32 build): the first step moves its steepest gate by
+# DESCENT_RATE, later steps move each gate by its gradient over the first step's largest,
+# times DESCENT_RATE; a gate may negate its unit (down to DESCENT_FLOOR) or amplify it (up
+# to DESCENT_CEILING). The refusal term is taken with DESCENT_REFUSAL_SHARE of the gates'
 # change (refusal must hold with part of the repair undone), the task term at
 # DESCENT_TASK_SCALE times the gates (the task must survive the remaining update shrunk):
 # margins for prompts phrased unlike the calibration files.
@@ -641,22 +642,34 @@ def _descend(
     moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
     `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
     a checkpoint measures the refusal rate (generation and the judge) and the kept task
-    (exact match). The best checkpoint is the one that keeps the task within the budget and
-    refuses most (the later on a tie); when none keeps it, the gates go back to the
-    adapter's. Returns the checkpoints as rounds, the refusal rate and kept task at the
-    gates left, and why it stopped.
+    (exact match, which must be measurable: `kept_task()` None is a UsageError). The best
+    checkpoint is the one that refuses most, more than the adapter, while keeping the task
+    within the budget (the later on a tie: on the testbed later checkpoints held more
+    refusals on held-out prompts); when none does, the gates go back to the adapter's. The
+    target refusal rate only skips a descent the adapter does not need. Returns the
+    checkpoints as rounds, the refusal rate and kept task at the gates left, and why it
+    stopped.
     """
-    target, floor = options.target_refusal, 1.0 - options.task_budget
-    if start_rate >= target:
-        return [], start_rate, kept_task(), "the adapter already refuses at the target"
+    start_kept = kept_task()
+    if start_kept is None:
+        raise UsageError(
+            "--search descent guards the task by its measured exact match, and on the --task "
+            "prompts the adapter does no better than ALIGNED (the references match neither "
+            "more often), so there is no task gain to keep: check the references, or use "
+            "--search order, whose first-order estimate stands in."
+        )
+    if start_rate >= options.target_refusal:
+        return [], start_rate, start_kept, "the adapter already refuses at the target"
+    floor = 1.0 - options.task_budget
     model, batch = gated.model, options.batch_size
     (harmful, starts), (prompts, references) = refusal, task
     names = [_unit_name(gated, unit) for unit in gated.units()]
     adapter = gated.values()
     values = adapter.clone()
-    best: tuple[Tensor, float, float | None] = (adapter, start_rate, kept_task())
+    best: tuple[Tensor, float, float, int] = (adapter, start_rate, start_kept, 0)
     rounds: list[Round] = []
     scale = 0.0
+    stopped = f"{options.descent_steps} steps"
     started = time.perf_counter()
     for step in range(1, options.descent_steps + 1):
         gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
@@ -665,11 +678,14 @@ def _descend(
         gated.set_values(values * DESCENT_TASK_SCALE)
         token_nll(model, prompts, references, pad=pad_id, batch_size=batch, backward=True)
         gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
+        if not bool(torch.isfinite(gradient).all()):
+            stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
+            break
         if step == 1:
             scale = float(gradient.abs().max())
             if scale == 0:
-                gated.set_values(adapter)
-                return [], start_rate, best[2], "no gate moves the refusal or task loss"
+                stopped = "no gate moves the refusal or the task loss"
+                break
         values = descent_step(
             values, gradient, scale, rate=DESCENT_RATE, floor=DESCENT_FLOOR, ceiling=DESCENT_CEILING
         )
@@ -678,9 +694,10 @@ def _descend(
         gated.set_values(values)
         refused = measure_refusals()
         rate, kept = _share(refused), kept_task()
+        moved = gate_counts(values)
         round_ = Round(
             index=len(rounds) + 1,
-            switched_off=[n for n, g in zip(names, values.tolist(), strict=True) if abs(g) < 0.05],
+            switched_off=[n for n, off in zip(names, moved.off, strict=True) if off],
             predicted_margin_gain=0.0,
             predicted_task_cost=0.0,
             margin=-token_nll(model, harmful, starts, pad=pad_id, batch_size=batch),
@@ -691,18 +708,17 @@ def _descend(
             prompts=len(refused),
             seconds=time.perf_counter() - started,
             steps=step,
-            negated=[n for n, g in zip(names, values.tolist(), strict=True) if g < -0.05],
-            amplified=int((values > 1.05).sum()),
+            negated=[n for n, negated in zip(names, moved.negated, strict=True) if negated],
+            amplified=sum(moved.amplified),
         )
         rounds.append(round_)
         if on_round is not None:
             on_round(round_)
         started = time.perf_counter()
         if kept is not None and kept >= floor and rate > start_rate and rate >= best[1]:
-            best = (values.clone(), rate, kept)
+            best = (values.clone(), rate, kept, step)
     gated.set_values(best[0])
-    chosen = next((r for r in reversed(rounds) if r.refusal_rate == best[1]), None)
-    if best[0] is adapter or chosen is None:
+    if best[3] == 0:
         gained = any(r.refusal_rate > start_rate for r in rounds)
         reason = (
             "no checkpoint that refused more kept the task within the budget"
@@ -710,8 +726,47 @@ def _descend(
             else "no checkpoint refused more than the adapter"
         ) + ": the adapter is left as it was"
     else:
-        reason = f"{options.descent_steps} steps; kept the checkpoint after step {chosen.steps}"
-    return rounds, best[1], best[2], reason
+        reason = f"kept the checkpoint after step {best[3]}"
+    return rounds, best[1], best[2], f"{stopped}; {reason}"
+
+
+@dataclass(frozen=True)
+class GateCounts:
+    """Per gate, whether it is off (`|g| < MOVED`), negated (`g <= -MOVED`) or amplified
+    (`g > 1 + MOVED`): lists of flags in gate order."""
+
+    off: list[bool]
+    negated: list[bool]
+    amplified: list[bool]
+
+
+MOVED = 0.05
+"""How far from 0 (or above 1) a gate must be to count as negated (or amplified) in what
+the repair prints and reports; nearer 0 it counts as off."""
+
+
+def gate_counts(gates: Tensor) -> GateCounts:
+    """Which of `gates` `(units,)` are off, negated or amplified (`GateCounts`)."""
+    values = gates.tolist()
+    return GateCounts(
+        off=[abs(g) < MOVED for g in values],
+        negated=[g <= -MOVED for g in values],
+        amplified=[g > 1 + MOVED for g in values],
+    )
+
+
+def descent_settings() -> dict[str, float | int]:
+    """The descent search's fixed settings, as the report records them."""
+    return {
+        "rate": DESCENT_RATE,
+        "floor": DESCENT_FLOOR,
+        "ceiling": DESCENT_CEILING,
+        "refusal_share": DESCENT_REFUSAL_SHARE,
+        "task_scale": DESCENT_TASK_SCALE,
+        "task_weight": DESCENT_TASK_WEIGHT,
+        "start_tokens": DESCENT_START_TOKENS,
+        "check_every": DESCENT_CHECK_EVERY,
+    }
 
 
 def refine_components(
@@ -1084,16 +1139,22 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
 
 
 def _gated_reason(gates: Tensor, components: bool) -> str:
-    """What the gates did to a module, in words: `gates` is `(r,)` or `(1,)`, not all 1."""
+    """What the gates did to a module, in words: `gates` is `(r,)` or `(1,)`, not all 1;
+    off, negated and amplified as `gate_counts` counts them."""
     if not components:
         value = float(gates[0])
         return "gate 0: update switched off" if value == 0 else f"gate {value:.3g}: update scaled"
-    off = int((gates == 0).sum())
-    negated = int((gates < 0).sum())
-    scaled = len(gates) - off - negated - int((gates == 1).sum())
+    counts = gate_counts(gates)
+    off, negated, amplified = sum(counts.off), sum(counts.negated), sum(counts.amplified)
+    scaled = int((gates != 1).sum()) - off - negated - amplified
     parts = [
         f"{count} {what}"
-        for count, what in ((off, "switched off"), (negated, "negated"), (scaled, "scaled"))
+        for count, what in (
+            (off, "switched off"),
+            (negated, "negated"),
+            (amplified, "amplified"),
+            (scaled, "scaled otherwise"),
+        )
         if count
     ]
     return f"rank-1 components of {len(gates)}: {', '.join(parts)}"

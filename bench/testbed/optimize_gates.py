@@ -86,7 +86,7 @@ def main() -> None:
         default=0.0,
         help="above 0: a constraint instead of a fixed weight: after each step the task weight "
         "doubles while the (stressed) task NLL is above this many times its value at the "
-        "adapter, and shrinks by 1.5 (not below --task-weight) while under half of that",
+        "first step, and shrinks by 1.5 (not below --task-weight) while under half of that",
     )
     parser.add_argument("--save-gates", type=Path, help="write the last gates here (safetensors)")
     args = parser.parse_args()
