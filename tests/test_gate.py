@@ -355,8 +355,9 @@ def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
     stepped = descent_step(gates, gradient, 8.0, rate=0.5, floor=-1.0, ceiling=1.2)
     assert torch.allclose(stepped, torch.tensor([0.75, 1.125, 0.2, -1.0]))
     assert float(descent_step(gates, -gradient, 1.0, rate=1, floor=-1, ceiling=1.5)[0]) == 1.5
-    with pytest.raises(ValueError):
-        descent_step(gates, gradient, 0.0, rate=0.5, floor=-1.0, ceiling=1.5)
+    for scale in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            descent_step(gates, gradient, scale, rate=0.5, floor=-1.0, ceiling=1.5)
 
 
 def test_the_refusal_term_sees_part_of_the_gates_change():

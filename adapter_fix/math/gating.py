@@ -190,12 +190,12 @@ def descent_step(
     """One projected gradient step on the gates: `clip(g - rate * grad / scale, floor, ceiling)`.
 
     `gates` and `gradient` are `(units,)`; `scale` is the largest `|grad|` of the first
-    step, so that step moves the steepest gate by `rate` and later steps shrink with the
-    gradient. A `floor` below 0 lets a unit be negated (task arithmetic's negation), a
-    `ceiling` above 1 lets it be amplified.
+    step, so that step moves the steepest gate by `rate` and later steps move each gate by
+    `rate` times its gradient over that first largest one. A `floor` below 0 lets a unit be
+    negated (task arithmetic's negation), a `ceiling` above 1 lets it be amplified.
     """
-    if scale <= 0:
-        raise ValueError(f"the step's scale must be positive, got {scale}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"the step's scale must be positive and finite, got {scale}")
     return (gates - rate * gradient / scale).clamp(floor, ceiling)
 
 

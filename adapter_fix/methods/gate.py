@@ -137,8 +137,9 @@ class Round:
     (the task it cost bought nothing) and the repair stopped."""
     steps: int = 0
     """`--search descent`: the gradient steps taken so far (this round is a checkpoint after
-    them; the predicted gain and cost are then 0, no prediction being made, and `margin` is
-    the refusal start's mean log-probability per token). 0 for the order search."""
+    them; the predicted gain and cost are then 0, no prediction being made, `margin` is the
+    refusal start's mean log-probability per token, and `switched_off` lists every unit off
+    at the checkpoint, not only those since the last). 0 for the order search."""
     negated: list[str] = field(default_factory=list)
     """`--search descent`: units whose gate is below -0.05 (turned round, not only off)."""
     amplified: int = 0
