@@ -29,6 +29,7 @@ from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
     GatedModel,
     GateOptions,
+    _shape,
     check_memory,
     generation_batch,
     memory_needed,
@@ -231,3 +232,18 @@ def test_generation_batch_fills_the_memory_of_one_gradient_pass():
     # ...and the bigger the gradient pass allowed, the bigger the generation batch.
     assert generation_batch(model, calibration, GateOptions(batch_size=8, max_new_tokens=4)) > rows
     assert memory_needed(model, calibration, options).total > 0
+
+
+@pytest.mark.model
+def test_the_memory_estimate_covers_the_descent_searchs_refusal_pass():
+    model = transformers.LlamaForCausalLM(tiny_llama_config())
+    # Short refusal starts and task answers: the descent's 4 scored tokens per row dominate.
+    calibration = Calibration(
+        harmful=[[1, 2, 3, 4]] * 8, benign=[], task=[[5, 6]] * 8, task_references=[[7]] * 8
+    )
+    order = memory_needed(model, calibration, GateOptions(batch_size=4, max_new_tokens=1))
+    descent = memory_needed(
+        model, calibration, GateOptions(batch_size=4, max_new_tokens=1, search="descent")
+    )
+    refusal = pass_memory(rows=4, length=8, scored=4, gradients=True, **_shape(model))
+    assert descent.total >= refusal.total > order.total

@@ -981,9 +981,9 @@ def memory_needed(
     model: nn.Module, calibration: Calibration, options: GateOptions
 ) -> MemoryEstimate:
     """The largest working set of one pass of the gated repair beside the loaded weights
-    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients) and
-    task loss (with gradients); greedy generation takes `generation_batch` prompts, sized to
-    fit in the same memory."""
+    (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
+    loss (with gradients) and, with the descent search, its refusal term; greedy generation
+    takes `generation_batch` prompts, sized to fit in the same memory."""
     shape = _shape(model)
     batch = options.batch_size
     longest = max((len(p) for p in calibration.harmful), default=0)
@@ -1007,6 +1007,16 @@ def memory_needed(
             **shape,
         ),
     ]
+    if options.search == "descent":  # its refusal term: ALIGNED's refusal start, scored whole
+        passes.append(
+            pass_memory(
+                rows=batch,
+                length=longest + DESCENT_START_TOKENS,
+                scored=DESCENT_START_TOKENS,
+                gradients=True,
+                **shape,
+            )
+        )
     return max(passes, key=lambda estimate: estimate.total)
 
 
