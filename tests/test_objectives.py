@@ -3,11 +3,15 @@ the task loss, teacher-forced, batch by batch, logits only where they score."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from conftest import tiny_llama_config
 
 from adapter_fix.errors import UsageError
+from adapter_fix.evaluate import objectives
 from adapter_fix.evaluate.objectives import (
     Scored,
     first_difference,
@@ -108,6 +112,33 @@ def test_a_shared_prefix_computed_once_gives_each_rows_own_values_and_gradients(
     alone.sum().backward()
     torch.testing.assert_close(shared, alone.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared_gradients, gated.gradients(), rtol=1e-4, atol=1e-6)
+    gated.remove()
+
+
+@pytest.mark.model
+def test_the_output_layer_gets_a_contiguous_input_with_the_same_values_and_gradients(
+    lora_model,
+):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    rows = [Scored([*SYSTEM, *p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
+    seen: list[bool] = []
+    head = model.get_output_embeddings()
+    record = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+    scored_logprobs(model, rows, pad=0).sum().backward()
+    hooked, hooked_gradients = scored_logprobs(model, rows, pad=0).detach(), gated.gradients()
+    assert seen and all(seen)
+    # The same pass without the hook (what transformers hands the head: a strided slice).
+    seen.clear()
+    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+    with mock.patch.object(objectives, "contiguous_head", lambda _model: contextlib.nullcontext()):
+        plain = scored_logprobs(model, rows, pad=0)
+    plain.sum().backward()
+    assert not all(seen)
+    record.remove()
+    torch.testing.assert_close(hooked, plain.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooked_gradients, gated.gradients(), rtol=1e-5, atol=1e-7)
     gated.remove()
 
 

@@ -31,8 +31,9 @@ refusal and compliance rows of a prompt go in the same batch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,36 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+@contextlib.contextmanager
+def contiguous_head(model: Any) -> Iterator[None]:
+    """Within the block, the output layer's input is made contiguous.
+
+    transformers forms the kept logits from a slice of the hidden states
+    (`hidden[:, -keep:, :]`); torch multiplies such a non-contiguous 3-D slice
+    by the `(vocab, hidden)` matrix as a batched product over one expanded copy
+    of it per row. On the testbed's CPU the objectives' passes then spend about
+    a third of their time there, forward and backward (bench/README.md); the
+    copy of the slice costs `rows x keep x hidden` values. A model without
+    `get_output_embeddings` is left as it is.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+
+    def contiguous(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(contiguous)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """One forward pass over left-padded rows, logits formed at the scored columns only.
 
@@ -128,13 +159,14 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
         mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long), mask], dim=1)
     # Column t predicts token t + 1: the last `keep` tokens come from the `keep` columns
     # before the last one; the last column's logits predict past the row.
-    logits = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        **cache,
-        logits_to_keep=keep + 1,
-    ).logits
+    with contiguous_head(model):
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            **cache,
+            logits_to_keep=keep + 1,
+        ).logits
     return logits, wanted.to(device), weight.to(device)
 
 
