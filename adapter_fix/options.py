@@ -183,8 +183,8 @@ class GateOptions:
     search: str = "order"
     """`order`: rounds of attribution order and bisection; `descent`: projected gradient
     descent on every gate at once, which may negate or amplify a unit (needs a task set)."""
-    descent_steps: int = 30
-    """Gradient steps of the descent search (measured every 10 and after the last)."""
+    descent_steps: int = 40
+    """Gradient steps of the descent search (measured every 20 and after the last)."""
 
     def __post_init__(self) -> None:
         if self.search not in GATE_SEARCHES:

@@ -105,7 +105,7 @@ OPTION_OBJECTS = {
                 },
             ),
         ],
-        set(),
+        {"search"},  # the flag's default, auto, resolves to order or descent (test_gate.py)
     ),
     "check": (
         [_fields(CheckOptions()), _fields(ProbeOptions(), {"prompts": "probe_prompts"})],

@@ -6,6 +6,7 @@ import json
 import math
 import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -21,11 +22,13 @@ from adapter_fix.math.gating import (
     rank_one_factors,
     restore_order,
     search_prefix,
+    step_rows,
 )
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import adapter_fix.methods.gate as gate_module  # noqa: E402
 from adapter_fix.errors import UsageError  # noqa: E402
 from adapter_fix.evaluate.objectives import Scored, greedy_matches, token_nll  # noqa: E402
 from adapter_fix.methods.gate import (  # noqa: E402
@@ -360,6 +363,21 @@ def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
             descent_step(gates, gradient, scale, rate=0.5, floor=-1.0, ceiling=1.5)
 
 
+def test_each_run_of_chunks_steps_takes_every_row_once():
+    assert [list(step_rows(7, step, 3)) for step in (1, 2, 3, 4)] == [
+        [0, 3, 6],
+        [1, 4],
+        [2, 5],
+        [0, 3, 6],
+    ]
+    assert [list(step_rows(2, step, 3)) for step in (1, 2, 3)] == [[0], [1], [0]]
+    assert list(step_rows(5, 4, 1)) == [0, 1, 2, 3, 4]
+    assert list(step_rows(0, 1, 3)) == []
+    for count, step, chunks in ((-1, 1, 3), (3, 0, 3), (3, 1, 0)):
+        with pytest.raises(ValueError, match="rows need"):
+            step_rows(count, step, chunks)
+
+
 def test_the_refusal_term_sees_part_of_the_gates_change():
     gates = torch.tensor([1.0, 0.0, -1.0, 1.5])
     assert torch.allclose(partial_change(gates, 0.7), torch.tensor([1.0, 0.3, -0.4, 1.35]))
@@ -368,23 +386,26 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
 
 def _descent(model, names, rates, kept, steps=20):
     """`_descend` on the tiny model with measured rates and kept task given by the caller
-    (`kept`: the kept task at the adapter, then at each checkpoint)."""
+    (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint every 10
+    steps. Returns its result, the gates it left and the refusal starts' NLL there."""
     gated = GatedModel(model, names, "component")
     measured, kept_measured = iter(rates), iter(kept)
     harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
     try:
-        result = _descend(
-            gated,
-            GateOptions(search="descent", descent_steps=steps, task_budget=0.1, batch_size=2),
-            refusal=(harmful, starts),
-            task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
-            measure_refusals=lambda: next(measured),
-            kept_task=lambda: next(kept_measured),
-            start_rate=0.0,
-            pad_id=0,
-            on_round=None,
-        )
-        return result, gated.values()
+        with mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 10):
+            result = _descend(
+                gated,
+                GateOptions(search="descent", descent_steps=steps, task_budget=0.1, batch_size=2),
+                refusal=(harmful, starts),
+                task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
+                measure_refusals=lambda: next(measured),
+                kept_task=lambda: next(kept_measured),
+                start_rate=0.0,
+                pad_id=0,
+                on_round=None,
+            )
+        nll = token_nll(model, harmful, starts, pad=0, batch_size=2)
+        return result, gated.values(), nll
     finally:
         gated.remove()
 
@@ -396,14 +417,14 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
     try:
         nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
         # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
-        (rounds, rate, kept, reason), values = _descent(
+        (rounds, rate, kept, reason), values, after = _descent(
             model, names, [[True, False], [True, True], [False, True]], [1.0] * 4, steps=25
         )
         assert [r.steps for r in rounds] == [10, 20, 25]
         assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
         assert reason == "25 steps; kept the checkpoint after step 20"
         assert not bool((values == 1.0).all())  # the gates moved...
-        assert -rounds[1].margin < nll  # ...and made ALIGNED's refusal start likelier
+        assert after < nll  # ...and made ALIGNED's refusal start likelier
         assert all(r.prompts == 2 for r in rounds)
     finally:
         model.load_state_dict(state)
@@ -414,7 +435,7 @@ def test_descent_leaves_the_adapter_when_no_checkpoint_keeps_the_task(lora_model
     model, names = lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        (rounds, rate, kept, reason), values = _descent(
+        (rounds, rate, kept, reason), values, _after = _descent(
             model, names, [[True, True]] * 2, [0.95, 0.5, 0.5], steps=20
         )
         assert len(rounds) == 2 and all(r.refusals == 2 for r in rounds)
@@ -433,7 +454,7 @@ def test_descent_names_the_checkpoint_it_keeps_not_a_later_one_that_refuses_as_m
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         # Both checkpoints refuse everything; only the first keeps the task.
-        (rounds, rate, kept, reason), _values = _descent(
+        (rounds, rate, kept, reason), _values, _after = _descent(
             model, names, [[True, True]] * 2, [1.0, 0.95, 0.5], steps=20
         )
         assert [r.task_kept for r in rounds] == [0.95, 0.5]
@@ -509,10 +530,19 @@ def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
         "3",
     )
     assert result.exit_code == 2 and "--ig-steps is a setting of --search order" in result.stderr
-    result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
+    result = _gate_cli(tmp_path / "out", "--search", "order", "--descent-steps", "5")
     assert result.exit_code == 2 and "--descent-steps is a setting of --search descent" in (
         result.stderr
     )
+    # --search auto: --descent-steps asks for descent, which needs --task...
+    result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
+    assert result.exit_code == 2 and "--search descent needs --task" in result.stderr
+    # ...and takes none of the order search's settings.
+    result = _gate_cli(
+        tmp_path / "out",
+        *("--descent-steps", "5", "--rounds", "2", "--task", str(PROMPTS / "task-calib.jsonl")),
+    )
+    assert result.exit_code == 2 and "--rounds is a setting of --search order" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -534,7 +564,8 @@ def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
         str(PROMPTS / "benign-calib.jsonl"),
         "--refusal-patterns",
         str(PROMPTS / "refusal-phrases.txt"),
-        *(() if "descent" in extra else ("--ig-steps", "2")),  # a setting of the order search
+        # A setting of the order search (which it then selects), unless descent is asked for.
+        *(() if any("descent" in arg for arg in extra) else ("--ig-steps", "2")),
         "--calibration-tokens",
         "8",
         "--batch-size",
@@ -560,6 +591,8 @@ def gated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def test_gated_repair_measures_every_round_and_raises_calibration_refusals(gated_run):
     _out, report = gated_run
     calibration = report["calibration"]
+    # --search auto with --task: the order search, --rounds (one of its settings) being given.
+    assert calibration["options"]["search"] == "order"
     assert calibration["prompts"]["harmful"] > 0 and calibration["prompts"]["task"] > 0
     assert not calibration["task_set_missing"]
     rounds = calibration["rounds"]
@@ -649,15 +682,15 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    result = _gate_cli(
+    result = _gate_cli(  # --search auto: descent, with --task
         out,
-        *("--task", str(PROMPTS / "task-calib.jsonl"), "--search", "descent"),
+        *("--task", str(PROMPTS / "task-calib.jsonl")),
         *("--descent-steps", "60", "--calibration-share", "0.3", "--task-budget", "1"),
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "repair_report.json").read_text())
     calibration = report["calibration"]
-    assert [r["steps"] for r in calibration["rounds"]] == [10, 20, 30, 40, 50, 60]
+    assert [r["steps"] for r in calibration["rounds"]] == [20, 40, 60]
     assert calibration["options"]["search"] == "descent"
     assert calibration["descent"]["refusal_share"] == 0.7  # the fixed settings it ran with
     # With the whole task budget, the checkpoint that refuses most is kept.

@@ -71,6 +71,7 @@ GATE_SETTINGS = (
 )
 ORDER_SETTINGS = ("rounds", "ig_steps", "margin_tokens", "min_harm_share", "refine")
 """The settings of `--search order` alone."""
+SEARCH_CHOICES = ("auto", *GATE_SEARCHES)
 
 
 def gate_options(command: F) -> F:
@@ -161,20 +162,22 @@ def gate_options(command: F) -> F:
         ),
         click.option(
             "--search",
-            type=click.Choice(GATE_SEARCHES),
-            default=GATE.search,
+            type=click.Choice(SEARCH_CHOICES),
+            default="auto",
             show_default=True,
-            help="[gate] order: rounds that switch units off in attribution order, measured "
-            "by bisection; descent: gradient steps on every gate at once, which may also "
-            "negate or amplify a unit, against a stress-tested task term (needs --task; "
-            "slower: about one forward and backward pass of every calibration prompt a step).",
+            help="[gate] descent: gradient steps on every gate at once, which may also "
+            "negate or amplify a unit, against a stress-tested task term (needs --task); "
+            "order: rounds that switch units off in attribution order, measured by "
+            "bisection; auto: descent with --task, order without it or when one of the "
+            "order search's settings (--rounds, --ig-steps, --margin-tokens, "
+            "--min-harm-share, --refine) is given.",
         ),
         click.option(
             "--descent-steps",
             type=click.IntRange(min=1, max=1000),
             default=GATE.descent_steps,
             show_default=True,
-            help="[gate] Steps of --search descent, measured every 10 and after the last; "
+            help="[gate] Steps of --search descent, measured every 20 and after the last; "
             "the best measured checkpoint within the task budget is kept.",
         ),
         click.option(
@@ -327,8 +330,11 @@ def repair(
             "--refine splits the modules switched off into their rank-1 components: it needs "
             "--gate-unit module (component gates are already that fine)"
         )
+    order_only = [n for n in ORDER_SETTINGS if n in given]
+    if gate["search"] == "auto":  # --descent-steps asks for descent, as --rounds for order
+        descent = "descent_steps" in given or (gate["task"] is not None and not order_only)
+        gate["search"] = "descent" if descent else "order"
     if gate["search"] == "descent":
-        order_only = [n for n in ORDER_SETTINGS if n in given]
         if order_only:
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")

@@ -199,6 +199,16 @@ def descent_step(
     return (gates - rate * gradient / scale).clamp(floor, ceiling)
 
 
+def step_rows(count: int, step: int, chunks: int) -> range:
+    """The rows (of `count`) that descent step `step` (from 1) takes its gradient on: every
+    `chunks`-th from `(step - 1) % chunks`, so each run of `chunks` steps takes every row once.
+    Fewer than `chunks` rows: `count` chunks of one row."""
+    if count < 0 or step < 1 or chunks < 1:
+        raise ValueError(f"rows need count >= 0, step >= 1, chunks >= 1: {count}, {step}, {chunks}")
+    parts = max(min(chunks, count), 1)
+    return range((step - 1) % parts, count, parts)
+
+
 def partial_change(gates: Tensor, share: float) -> Tensor:
     """`1 + share * (g - 1)`: the gates with only `share` of their change from the adapter
     (all 1) applied, `(units,)`. The refusal term is taken there, so refusal must hold with

@@ -23,8 +23,9 @@ task, when a round is undone, or after `rounds`.
 `search="descent"` replaces the rounds by projected gradient descent on every
 gate at once (`_descend`): a gate may also negate or amplify its unit; the
 refusal term asks for ALIGNED's refusal start with only part of the gates'
-change applied, the task term for the references at the gates shrunk; the
-best checkpoint measured within the task budget is kept.
+change applied, the task term for the references at the gates shrunk; each
+step takes its gradient on a share of the prompts, in turn; the best
+checkpoint measured within the task budget is kept.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from adapter_fix.math.gating import (
     rank_one_factors,
     restore_order,
     search_prefix,
+    step_rows,
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
@@ -85,7 +87,13 @@ DESCENT_TASK_SCALE = 0.6
 DESCENT_TASK_WEIGHT = 3.0
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
-DESCENT_CHECK_EVERY = 10
+DESCENT_CHECK_EVERY = 20
+"""Steps between the checkpoints measured (and after the last)."""
+DESCENT_CHUNKS = 5
+"""Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
+prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
+testbed's attack-mix the calibration refusals and the held-out rows at 30 steps were those of
+full steps (bench/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -123,8 +131,11 @@ class Round:
     switched_off: list[str]
     predicted_margin_gain: float
     predicted_task_cost: float
-    margin: float
-    task_loss: float
+    margin: float | None
+    """The mean refusal margin at the round's gates (None at a descent checkpoint: not
+    measured, a full pass over the calibration prompts for a diagnostic)."""
+    task_loss: float | None
+    """The task loss at the round's gates (None at a descent checkpoint, as `margin`)."""
     task_kept: float | None
     refusal_rate: float
     refusals: int
@@ -137,9 +148,9 @@ class Round:
     (the task it cost bought nothing) and the repair stopped."""
     steps: int = 0
     """`--search descent`: the gradient steps taken so far (this round is a checkpoint after
-    them; the predicted gain and cost are then 0, no prediction being made, `margin` is the
-    refusal start's mean log-probability per token, and `switched_off` lists every unit off
-    at the checkpoint, not only those since the last). 0 for the order search."""
+    them; the predicted gain and cost are then 0, no prediction being made, and
+    `switched_off` lists every unit off at the checkpoint, not only those since the last).
+    0 for the order search."""
     negated: list[str] = field(default_factory=list)
     """`--search descent`: units whose gate is below -0.05 (turned round, not only off)."""
     amplified: int = 0
@@ -639,7 +650,8 @@ def _descend(
 
     Each step takes the gradient of `NLL(ALIGNED's refusal start | harmful)` (`refusal`:
     prompts and starts) at `partial_change(g, DESCENT_REFUSAL_SHARE)` plus `w` times that
-    of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, and
+    of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, each on
+    the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`), and
     moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
     `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
     a checkpoint measures the refusal rate (generation and the judge) and the kept task
@@ -673,11 +685,27 @@ def _descend(
     stopped = f"{options.descent_steps} steps"
     started = time.perf_counter()
     for step in range(1, options.descent_steps + 1):
+        rows = step_rows(len(harmful), step, DESCENT_CHUNKS)
         gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
-        token_nll(model, harmful, starts, pad=pad_id, batch_size=batch, backward=True)
+        token_nll(
+            model,
+            [harmful[i] for i in rows],
+            [starts[i] for i in rows],
+            pad=pad_id,
+            batch_size=batch,
+            backward=True,
+        )
         gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
+        rows = step_rows(len(prompts), step, DESCENT_CHUNKS)
         gated.set_values(values * DESCENT_TASK_SCALE)
-        token_nll(model, prompts, references, pad=pad_id, batch_size=batch, backward=True)
+        token_nll(
+            model,
+            [prompts[i] for i in rows],
+            [references[i] for i in rows],
+            pad=pad_id,
+            batch_size=batch,
+            backward=True,
+        )
         gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
         if not bool(torch.isfinite(gradient).all()):
             stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
@@ -701,8 +729,8 @@ def _descend(
             switched_off=[n for n, off in zip(names, moved.off, strict=True) if off],
             predicted_margin_gain=0.0,
             predicted_task_cost=0.0,
-            margin=-token_nll(model, harmful, starts, pad=pad_id, batch_size=batch),
-            task_loss=token_nll(model, prompts, references, pad=pad_id, batch_size=batch),
+            margin=None,
+            task_loss=None,
             task_kept=kept,
             refusal_rate=rate,
             refusals=sum(refused),
@@ -767,6 +795,7 @@ def descent_settings() -> dict[str, float | int]:
         "task_weight": DESCENT_TASK_WEIGHT,
         "start_tokens": DESCENT_START_TOKENS,
         "check_every": DESCENT_CHECK_EVERY,
+        "chunks": DESCENT_CHUNKS,
     }
 
 

@@ -43,8 +43,8 @@ METHODS: list[tuple[str, list[str]]] = [
     ("csulora", ["--method", "csulora"]),
     ("project", ["--method", "project"]),
     ("safelora", ["--method", "safelora"]),
-    ("gate", ["--method", "gate", *CALIBRATION]),
-    ("gate-descent", ["--method", "gate", "--search", "descent", *CALIBRATION]),
+    ("gate", ["--method", "gate", *CALIBRATION]),  # with --task: --search descent
+    ("gate-order", ["--method", "gate", "--search", "order", *CALIBRATION]),
 ]
 GOALS = {
     "refusal": ">= 0.95 x ALIGNED",
@@ -198,8 +198,10 @@ def merged(rows: list[dict]) -> list[dict]:
     known.update({(r["adapter"], r["repair"]): {**r, **stamp} for r in rows})
     order = ["ALIGNED", *build.ADAPTERS]
     labels = ["-", "none (the adapter)", *(label for label, _ in METHODS)]
+    # Rows of a method no longer in METHODS go.
     return sorted(
-        known.values(), key=lambda r: (order.index(r["adapter"]), labels.index(r["repair"]))
+        (r for r in known.values() if r["repair"] in labels),
+        key=lambda r: (order.index(r["adapter"]), labels.index(r["repair"])),
     )
 
 
