@@ -90,9 +90,9 @@ def contiguous_head(model: Any) -> Iterator[None]:
     transformers forms the kept logits from a slice of the hidden states
     (`hidden[:, -keep:, :]`); torch multiplies such a non-contiguous 3-D slice
     by the `(vocab, hidden)` matrix as a batched product over one expanded copy
-    of it per row. On the testbed's CPU the objectives' passes then spend about
-    a third of their time there, forward and backward (bench/README.md); the
-    copy of the slice costs `rows x keep x hidden` values. A model without
+    of it per row: on the testbed's CPU a forward and backward pass took 1.45x
+    as long that way (bench/README.md, "The descent search at its defaults").
+    The copy of the slice costs `rows x keep x hidden` values. A model without
     `get_output_embeddings` is left as it is.
     """
     getter = getattr(model, "get_output_embeddings", None)

@@ -92,8 +92,9 @@ DESCENT_CHECK_EVERY = 20
 DESCENT_CHUNKS = 5
 """Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
 prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
-testbed's attack-mix the calibration refusals and the held-out rows at 30 steps were those of
-full steps (bench/README.md)."""
+testbed's attack-mix, 30 steps on a third of the prompts reached the calibration refusals
+and the held-out rows of 30 full steps, and 40 on a fifth the same within a prompt or two
+(bench/README.md, "The descent search at its defaults")."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class Round:
     predicted_margin_gain: float
     predicted_task_cost: float
     margin: float | None
-    """The mean refusal margin at the round's gates (None at a descent checkpoint: not
-    measured, a full pass over the calibration prompts for a diagnostic)."""
+    """The mean refusal margin at the round's gates (None at a descent checkpoint, which
+    spends no pass on it: it selects by the measured refusal rate and kept task)."""
     task_loss: float | None
     """The task loss at the round's gates (None at a descent checkpoint, as `margin`)."""
     task_kept: float | None

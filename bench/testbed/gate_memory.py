@@ -7,8 +7,9 @@ For each count N, a fresh child process loads the testbed's ALIGNED with attack-
 (component gates, as `repair --method gate` does) and runs each pass a gated-repair round
 makes, over N harmful prompts and the 32 task calibration prompts, at the repair's default
 batch sizes: greedy generation of the calibration answers, the refusal margin with its
-backward pass (against the attack's compliance text), the teacher-forced refusal check, and
-the task loss with its backward pass.
+backward pass (against the attack's compliance text), the teacher-forced refusal check, the
+descent's refusal term (ALIGNED's 4-token refusal starts) and the task loss, each with its
+backward pass (a descent step runs those two on a fifth of the prompts).
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
 weight paged in) and at its peak (`ru_maxrss`)
 and each pass's seconds per token, then the load average before and after. Peak memory
@@ -102,7 +103,7 @@ def measure_passes(
         token_nll,
         with_stop,
     )
-    from adapter_fix.methods.gate import generation_batch, memory_needed
+    from adapter_fix.methods.gate import DESCENT_START_TOKENS, generation_batch, memory_needed
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -149,6 +150,13 @@ def measure_passes(
         sum(len(r.tokens) for r in check_rows),
         lambda: greedy_matches(model, check_rows, pad=pad, batch_size=batch),
     )
+    # The descent's refusal term: ALIGNED's refusal start (its first tokens) after each prompt.
+    starts = [r[:DESCENT_START_TOKENS] for r in refusals]
+    timed(
+        "descent_backward",
+        sum(len(p) + len(r) for p, r in zip(harmful, starts, strict=True)),
+        lambda: token_nll(model, harmful, starts, pad=pad, batch_size=batch, backward=True),
+    )
     task_tokens = sum(len(p) + len(r) for p, r in zip(task, references, strict=True))
     timed(
         "task_backward",
@@ -173,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| prompts | generation batch | loaded MB | peak MB | peak - loaded "
         "| generation ms/prompt token "
-        "| margin fwd+bwd ms/token | refusal check ms/token | task fwd+bwd ms/token |"
+        "| margin fwd+bwd ms/token | refusal check ms/token | descent refusal fwd+bwd ms/token "
+        "| task fwd+bwd ms/token |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for count in args.counts:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(count)],
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['peak_mb']:.0f} "
             f"| {r['peak_mb'] - r['loaded_mb']:.0f} "
             f"| {r['generate_ms_per_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
-            f"| {r['refusal_check_ms_per_token']:.2f} | {r['task_backward_ms_per_token']:.2f} |",
+            f"| {r['refusal_check_ms_per_token']:.2f} | {r['descent_backward_ms_per_token']:.2f} "
+            f"| {r['task_backward_ms_per_token']:.2f} |",
             flush=True,
         )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
