@@ -682,17 +682,20 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    result = _gate_cli(  # --search auto: descent, with --task
-        out,
-        *("--task", str(PROMPTS / "task-calib.jsonl")),
-        *("--descent-steps", "60", "--calibration-share", "0.3", "--task-budget", "1"),
-    )
+    # On the 2-layer miniature the default refusal share (0.5) gains no refusal in 60 steps;
+    # this test is about what is written and reported, so it takes the larger share.
+    with mock.patch.object(gate_module, "DESCENT_REFUSAL_SHARE", 0.7):
+        result = _gate_cli(  # --search auto: descent, with --task
+            out,
+            *("--task", str(PROMPTS / "task-calib.jsonl")),
+            *("--descent-steps", "60", "--calibration-share", "0.3", "--task-budget", "1"),
+        )
     assert result.exit_code == 0, result.stderr
     report = json.loads((out / "repair_report.json").read_text())
     calibration = report["calibration"]
     assert [r["steps"] for r in calibration["rounds"]] == [20, 40, 60]
     assert calibration["options"]["search"] == "descent"
-    assert calibration["descent"]["refusal_share"] == 0.7  # the fixed settings it ran with
+    assert calibration["descent"]["refusal_share"] == 0.7  # the settings it ran with
     # With the whole task budget, the checkpoint that refuses most is kept.
     best = max(r["refusal_rate"] for r in calibration["rounds"])
     assert best > calibration["original_refusal_rate"]

@@ -78,11 +78,13 @@ from adapter_fix.results import ModuleResult
 # to DESCENT_CEILING). The refusal term is taken with DESCENT_REFUSAL_SHARE of the gates'
 # change (refusal must hold with part of the repair undone), the task term at
 # DESCENT_TASK_SCALE times the gates (the task must survive the remaining update shrunk):
-# margins for prompts phrased unlike the calibration files.
+# margins for prompts phrased unlike the calibration files. DESCENT_REFUSAL_SHARE was 0.7
+# until session 8; 0.5 refused more held-out prompts on attack-mix and attack-benign at
+# task >= 0.95 (bench/README.md, "The descent search at its defaults").
 DESCENT_RATE = 0.5
 DESCENT_FLOOR = -1.0
 DESCENT_CEILING = 1.5
-DESCENT_REFUSAL_SHARE = 0.7
+DESCENT_REFUSAL_SHARE = 0.5
 DESCENT_TASK_SCALE = 0.6
 DESCENT_TASK_WEIGHT = 3.0
 DESCENT_START_TOKENS = 4
