@@ -688,27 +688,11 @@ def _descend(
     stopped = f"{options.descent_steps} steps"
     started = time.perf_counter()
     for step in range(1, options.descent_steps + 1):
-        rows = step_rows(len(harmful), step, DESCENT_CHUNKS)
         gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
-        token_nll(
-            model,
-            [harmful[i] for i in rows],
-            [starts[i] for i in rows],
-            pad=pad_id,
-            batch_size=batch,
-            backward=True,
-        )
+        _step_backward(model, harmful, starts, step, pad=pad_id, batch=batch)
         gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
-        rows = step_rows(len(prompts), step, DESCENT_CHUNKS)
         gated.set_values(values * DESCENT_TASK_SCALE)
-        token_nll(
-            model,
-            [prompts[i] for i in rows],
-            [references[i] for i in rows],
-            pad=pad_id,
-            batch_size=batch,
-            backward=True,
-        )
+        _step_backward(model, prompts, references, step, pad=pad_id, batch=batch)
         gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
         if not bool(torch.isfinite(gradient).all()):
             stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
@@ -760,6 +744,28 @@ def _descend(
     else:
         reason = f"kept the checkpoint after step {best[3]}"
     return rounds, best[1], best[2], f"{stopped}; {reason}"
+
+
+def _step_backward(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    step: int,
+    *,
+    pad: int,
+    batch: int,
+) -> None:
+    """Back-propagate the targets' NLL after their prompts on descent step `step`'s share of
+    the rows (`step_rows`, one in `DESCENT_CHUNKS`): the gates collect its gradient."""
+    rows = step_rows(len(prompts), step, DESCENT_CHUNKS)
+    token_nll(
+        model,
+        [prompts[i] for i in rows],
+        [targets[i] for i in rows],
+        pad=pad,
+        batch_size=batch,
+        backward=True,
+    )
 
 
 @dataclass(frozen=True)
