@@ -376,13 +376,8 @@ def repair_gated(
         task_references=[reference_ids(tokenizer, r, stops) for r in references or []],
     )
     check_memory(loaded.model, data, gate_options, available_memory(loaded.device))
-    texts = {  # the judge reads the prompts asked: harmful ones, and benign ones (descent)
-        tuple(ids): text
-        for encoded, given in (
-            (data.harmful, calibration.harmful),
-            (data.benign, calibration.benign),
-        )
-        for ids, text in zip(encoded, given.texts, strict=True)
+    texts = {
+        tuple(ids): text for ids, text in zip(data.harmful, calibration.harmful.texts, strict=True)
     }
     with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
         gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)

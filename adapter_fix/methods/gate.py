@@ -46,7 +46,6 @@ from adapter_fix.evaluate.judges.base import visible_answer
 from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
     Scored,
-    batched_logprobs,
     greedy_matches,
     pass_memory,
     refusal_margins,
@@ -92,7 +91,6 @@ DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
 DESCENT_CHECK_EVERY = 20
 """Steps between the checkpoints measured (and after the last)."""
-DESCENT_BENIGN_WEIGHT = 0.0
 DESCENT_CHUNKS = 5
 """Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
 prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
@@ -448,20 +446,11 @@ def gate_repair(
     stop_reason = f"rounds exhausted ({options.rounds})"
     setup_seconds = time.perf_counter() - started
     if options.search == "descent":
-        benign_rows: tuple[list[list[int]], list[list[int]]] = ([], [])
-        if DESCENT_BENIGN_WEIGHT and calibration.benign:
-            answers = generate(calibration.benign)
-            judged = refusal_starts_judged(calibration.benign, answers)
-            for prompt, answer, refused_ in zip(calibration.benign, answers, judged, strict=True):
-                if not refused_ and answer[:DESCENT_START_TOKENS]:
-                    benign_rows[0].append(list(prompt))
-                    benign_rows[1].append(answer[:DESCENT_START_TOKENS])
         rounds, rate, kept, stop_reason = _descend(
             gated,
             options,
             refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
             task=(task_prompts, task_targets),
-            benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
             kept_task=kept_task,
             start_rate=original_rate,
@@ -653,7 +642,6 @@ def _descend(
     *,
     refusal: tuple[list[list[int]], list[list[int]]],
     task: tuple[list[list[int]], list[list[int]]],
-    benign: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
     measure_refusals: Callable[[], list[bool]],
     kept_task: Callable[[], float | None],
     start_rate: float,
@@ -701,16 +689,10 @@ def _descend(
     started = time.perf_counter()
     for step in range(1, options.descent_steps + 1):
         gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
-        _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
+        _step_backward(model, harmful, starts, step, pad=pad_id, batch=batch)
         gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
         gated.set_values(values * DESCENT_TASK_SCALE)
-        _step_backward(
-            model,
-            [(prompts, references, 1.0), (*benign, DESCENT_BENIGN_WEIGHT / DESCENT_TASK_WEIGHT)],
-            step,
-            pad=pad_id,
-            batch=batch,
-        )
+        _step_backward(model, prompts, references, step, pad=pad_id, batch=batch)
         gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
         if not bool(torch.isfinite(gradient).all()):
             stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
@@ -766,25 +748,24 @@ def _descend(
 
 def _step_backward(
     model: nn.Module,
-    groups: Sequence[tuple[Sequence[Sequence[int]], Sequence[Sequence[int]], float]],
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
     step: int,
     *,
     pad: int,
     batch: int,
 ) -> None:
-    """Back-propagate `sum_k w_k NLL_k`, `NLL_k` the mean per-token NLL of group `k`'s targets
-    after its prompts (`groups`: prompts, targets, `w_k`) on descent step `step`'s share of
-    the group's rows (`step_rows`, one in `DESCENT_CHUNKS`), in one run of batches: the gates
-    collect its gradient. Groups with no rows or no weight add nothing."""
-    rows: list[Scored] = []
-    weights: list[float] = []
-    for prompts, targets, weight in groups:
-        chosen = step_rows(len(prompts), step, DESCENT_CHUNKS) if weight else range(0)
-        count = sum(len(targets[i]) for i in chosen)
-        for i in chosen if count else ():
-            rows.append(Scored([*prompts[i], *targets[i]], len(targets[i])))
-            weights.append(-weight / count)
-    batched_logprobs(model, rows, pad=pad, batch_size=batch, weights=weights, backward=True)
+    """Back-propagate the targets' NLL after their prompts on descent step `step`'s share of
+    the rows (`step_rows`, one in `DESCENT_CHUNKS`): the gates collect its gradient."""
+    rows = step_rows(len(prompts), step, DESCENT_CHUNKS)
+    token_nll(
+        model,
+        [prompts[i] for i in rows],
+        [targets[i] for i in rows],
+        pad=pad,
+        batch_size=batch,
+        backward=True,
+    )
 
 
 @dataclass(frozen=True)
