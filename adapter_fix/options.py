@@ -25,7 +25,9 @@ BASIS_DTYPES = ("float32", "bfloat16")
 ALL_LINEAR = "all-linear"
 """`basis --modules`: every 2-D weight but embeddings and the output head."""
 GATE_UNITS = ("module", "component")
-GATE_SEARCHES = ("order", "descent")
+GATE_SEARCHES = ("auto", "order", "descent")
+DESCENT_CHECK_EVERY = 20
+"""Descent steps between the checkpoints measured (and after the last)."""
 
 
 @dataclass(frozen=True)
@@ -179,17 +181,23 @@ class GateOptions:
     """Coarse to fine: once module gates meet the target, give task back inside the modules
     switched off, rank-1 component by component, as far as the refusal target allows."""
     max_new_tokens: int = 24
-    batch_size: int = 16
+    batch_size: int = 20
+    """Prompts per pass with gradients. 20: a descent step's fifth of the 100 harmful prompts
+    calibrated on by default is one pass (at 16 it took two; 273 s a repair against 301 s on
+    the testbed, the same gates)."""
     search: str = "order"
     """`order`: rounds of attribution order and bisection; `descent`: projected gradient
-    descent on every gate at once, which may negate or amplify a unit (needs a task set)."""
+    descent on every gate at once, which may negate or amplify a unit (needs a task set);
+    `auto`: descent where its task guard can measure the adapter's task gain (exact match
+    on task references better than ALIGNED's), order otherwise."""
     descent_steps: int = 40
-    """Gradient steps of the descent search (measured every 20 and after the last)."""
+    """Gradient steps of the descent search (measured every `DESCENT_CHECK_EVERY` and after
+    the last)."""
 
     def __post_init__(self) -> None:
         if self.search not in GATE_SEARCHES:
             raise ValueError(f"search must be one of {GATE_SEARCHES}, got {self.search!r}")
-        if self.search == "descent" and self.refine:
+        if self.search != "order" and self.refine:
             raise ValueError("refine is a step of the order search, not of descent")
 
 

@@ -195,6 +195,7 @@ class RepairResult(RunResult):
             "seed": self.options.subspace.seed,
             "calibration_share": self.calibration["share"],
             **self.calibration["options"],
+            **({"descent": descent} if (descent := self.calibration.get("descent")) else {}),
             "prompts": self.calibration["origins"],
         }
 

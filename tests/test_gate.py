@@ -511,6 +511,36 @@ def test_refine_needs_module_gates(tmp_path):
     assert result.exit_code == 2 and "--gate-unit module" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("extra", "search"),
+    [
+        ((), "order"),  # no --task: order
+        (("--task", "TASK"), "auto"),  # descent where the task gain is measurable (run time)
+        (("--task", "TASK", "--margin-tokens", "2"), "order"),  # an order setting
+        (("--task", "TASK", "--descent-steps", "5"), "descent"),
+        (("--search", "order", "--task", "TASK"), "order"),
+        (("--search", "descent", "--task", "TASK"), "descent"),
+    ],
+)
+def test_search_auto_resolves_from_the_options_given(tmp_path, extra, search):
+    """What `--search` the CLI hands the repair, before any model is loaded."""
+    given = [str(PROMPTS / "task-calib.jsonl") if arg == "TASK" else arg for arg in extra]
+    seen: list[str] = []
+
+    def run(_sources, _options, gate, _hub, **_kwargs):
+        seen.append(gate["search"])
+        raise SystemExit(0)
+
+    with mock.patch("adapter_fix.commands.repair.run", run):
+        result = run_cli(
+            "repair",
+            *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
+            *("-o", str(tmp_path / "out"), "--method", "gate", *given),
+        )
+    assert result.exit_code == 0, result.stderr
+    assert seen == [search]
+
+
 def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
     result = _gate_cli(tmp_path / "out", "--search", "descent")
     assert result.exit_code == 2 and "--search descent needs --task" in result.stderr
@@ -550,7 +580,12 @@ CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
 
+SEARCH_FLAGS = {"--search", "--descent-steps", "--ig-steps"}
+
+
 def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
+    """`repair --method gate` on the chat miniature; the order search with 2 IG steps unless
+    a search is chosen (`SEARCH_FLAGS`)."""
     return run_cli(
         "repair",
         *(str(CHAT / name) for name in ("chat-base", "chat-aligned", "chat-attack")),
@@ -564,8 +599,7 @@ def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
         str(PROMPTS / "benign-calib.jsonl"),
         "--refusal-patterns",
         str(PROMPTS / "refusal-phrases.txt"),
-        # A setting of the order search (which it then selects), unless descent is asked for.
-        *(() if any("descent" in arg for arg in extra) else ("--ig-steps", "2")),
+        *(() if SEARCH_FLAGS.intersection(extra) else ("--ig-steps", "2")),
         "--calibration-tokens",
         "8",
         "--batch-size",
@@ -685,7 +719,7 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     # On the 2-layer miniature the default refusal share (0.5) gains no refusal in 60 steps;
     # this test is about what is written and reported, so it takes the larger share.
     with mock.patch.object(gate_module, "DESCENT_REFUSAL_SHARE", 0.7):
-        result = _gate_cli(  # --search auto: descent, with --task
+        result = _gate_cli(  # --descent-steps asks --search auto for descent
             out,
             *("--task", str(PROMPTS / "task-calib.jsonl")),
             *("--descent-steps", "60", "--calibration-share", "0.3", "--task-budget", "1"),
@@ -696,6 +730,7 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     assert [r["steps"] for r in calibration["rounds"]] == [20, 40, 60]
     assert calibration["options"]["search"] == "descent"
     assert calibration["descent"]["refusal_share"] == 0.7  # the settings it ran with
+    assert report["parameters"]["descent"] == calibration["descent"]  # and the adapter's record
     # With the whole task budget, the checkpoint that refuses most is kept.
     best = max(r["refusal_rate"] for r in calibration["rounds"])
     assert best > calibration["original_refusal_rate"]
@@ -812,14 +847,25 @@ def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
     task.write_text(
         "".join(json.dumps({**r, "reference": w}) + "\n" for r, w in zip(rows, wrong, strict=True))
     )
+    # --search auto (the default) with --task: descent guards the task by its measured gain,
+    # none here, so the order search runs, and the report says so.
     result = _gate_cli(
         tmp_path / "out",
-        *("--task", str(task), "--calibration-share", "0.3", "--rounds", "1"),
+        *("--task", str(task), "--calibration-share", "0.3", "--search", "auto"),
     )
     assert result.exit_code == 0, result.stderr
     calibration = json.loads((tmp_path / "out" / "repair_report.json").read_text())["calibration"]
     assert calibration["task_score"]["adapter"] == 0.0
     assert calibration["task_score"]["kept"] is None
+    assert calibration["options"]["search"] == "order" and calibration["descent"] is None
+    assert calibration["stop_reason"].startswith("--search auto ran the order search")
+    # Asked for by name, descent stops instead: it has no task gain to guard.
+    result = _gate_cli(
+        tmp_path / "out2",
+        *("--task", str(task), "--calibration-share", "0.3", "--search", "descent"),
+    )
+    assert result.exit_code == 2 and "no task gain to keep" in result.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 def test_gate_settings_with_another_method_are_a_usage_error(tmp_path):

@@ -124,22 +124,29 @@ def test_the_output_layer_gets_a_contiguous_input_with_the_same_values_and_gradi
     rows = [Scored([*SYSTEM, *p, *r], len(r)) for p, r in zip(PROMPTS, REFUSALS, strict=True)]
     seen: list[bool] = []
     head = model.get_output_embeddings()
+    pre_hooks = dict(head._forward_pre_hooks)
     record = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
-    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
-    scored_logprobs(model, rows, pad=0).sum().backward()
-    hooked, hooked_gradients = scored_logprobs(model, rows, pad=0).detach(), gated.gradients()
-    assert seen and all(seen)
-    # The same pass without the hook (what transformers hands the head: a strided slice).
-    seen.clear()
-    gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
-    with mock.patch.object(objectives, "contiguous_head", lambda _model: contextlib.nullcontext()):
-        plain = scored_logprobs(model, rows, pad=0)
-    plain.sum().backward()
-    assert not all(seen)
-    record.remove()
-    torch.testing.assert_close(hooked, plain.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hooked_gradients, gated.gradients(), rtol=1e-5, atol=1e-7)
-    gated.remove()
+    try:
+        gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+        scored_logprobs(model, rows, pad=0).sum().backward()
+        hooked, hooked_gradients = scored_logprobs(model, rows, pad=0).detach(), gated.gradients()
+        assert seen and all(seen)
+        assert dict(head._forward_pre_hooks) == pre_hooks  # the pass took its hook away
+        # The same pass without the hook (what transformers hands the head: a strided slice).
+        seen.clear()
+        gated.set_values(torch.linspace(0.2, 0.9, len(gated.values())))
+        no_hook = mock.patch.object(
+            objectives, "contiguous_head", lambda _model: contextlib.nullcontext()
+        )
+        with no_hook:
+            plain = scored_logprobs(model, rows, pad=0)
+        plain.sum().backward()
+        assert not all(seen)
+        torch.testing.assert_close(hooked, plain.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hooked_gradients, gated.gradients(), rtol=1e-5, atol=1e-7)
+    finally:
+        record.remove()
+        gated.remove()
 
 
 @pytest.mark.model

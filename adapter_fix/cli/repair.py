@@ -31,6 +31,7 @@ from adapter_fix.cli.options import (
 )
 from adapter_fix.methods import METHODS
 from adapter_fix.options import (
+    DESCENT_CHECK_EVERY,
     GATE_SEARCHES,
     GATE_UNITS,
     MODEL_DTYPES,
@@ -71,7 +72,6 @@ GATE_SETTINGS = (
 )
 ORDER_SETTINGS = ("rounds", "ig_steps", "margin_tokens", "min_harm_share", "refine")
 """The settings of `--search order` alone."""
-SEARCH_CHOICES = ("auto", *GATE_SEARCHES)
 
 
 def gate_options(command: F) -> F:
@@ -162,7 +162,7 @@ def gate_options(command: F) -> F:
         ),
         click.option(
             "--search",
-            type=click.Choice(SEARCH_CHOICES),
+            type=click.Choice(GATE_SEARCHES),
             default="auto",
             show_default=True,
             help="[gate] descent: gradient steps on every gate at once, which may also "
@@ -170,14 +170,17 @@ def gate_options(command: F) -> F:
             "order: rounds that switch units off in attribution order, measured by "
             "bisection; auto: descent with --task, order without it or when one of the "
             "order search's settings (--rounds, --ig-steps, --margin-tokens, "
-            "--min-harm-share, --refine) is given.",
+            "--min-harm-share, --refine) is given; --descent-steps asks for descent. "
+            "With --task, auto runs order after all when the adapter's exact match on the "
+            "references is no better than ALIGNED's (descent's guard needs that gain).",
         ),
         click.option(
             "--descent-steps",
             type=click.IntRange(min=1, max=1000),
             default=GATE.descent_steps,
             show_default=True,
-            help="[gate] Steps of --search descent, measured every 20 and after the last; "
+            help=f"[gate] Steps of --search descent, measured every {DESCENT_CHECK_EVERY} "
+            "and after the last; "
             "the best measured checkpoint within the task budget is kept.",
         ),
         click.option(
@@ -332,16 +335,20 @@ def repair(
         )
     order_only = [n for n in ORDER_SETTINGS if n in given]
     if gate["search"] == "auto":  # --descent-steps asks for descent, as --rounds for order
-        descent = "descent_steps" in given or (gate["task"] is not None and not order_only)
-        gate["search"] = "descent" if descent else "order"
+        if "descent_steps" in given:
+            gate["search"] = "descent"
+        elif gate["task"] is None or order_only:
+            gate["search"] = "order"
+        # else auto stays: descent, or order where descent's task guard measures no gain
     if gate["search"] == "descent":
         if order_only:
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
             raise click.UsageError(
-                "--search descent needs --task with reference answers: its task term and the "
-                "kept task it measures at each checkpoint come from them"
+                "--search descent needs --task with reference answers (--descent-steps asks "
+                "for descent): its task term and the kept task it measures at each checkpoint "
+                "come from them"
             )
     elif "descent_steps" in given:
         raise click.UsageError("--descent-steps is a setting of --search descent")

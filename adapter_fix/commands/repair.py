@@ -412,7 +412,7 @@ def _calibration_report(
 ) -> dict[str, Any]:
     task = calibration.task
     return {
-        "options": asdict(options),
+        "options": {**asdict(options), "search": outcome.search},  # auto: what it ran
         "share": calibration.share,
         "prompts": {
             "harmful": len(calibration.harmful),
@@ -440,7 +440,7 @@ def _calibration_report(
             "without_update": outcome.task_score_without_update,
             "kept": outcome.task_kept,
         },
-        "descent": descent_settings() if options.search == "descent" else None,
+        "descent": descent_settings() if outcome.search == "descent" else None,
         "target_refusal_rate": options.target_refusal,
         "target_met": outcome.target_met,
         "stop_reason": outcome.stop_reason,

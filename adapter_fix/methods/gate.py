@@ -68,7 +68,7 @@ from adapter_fix.math.gating import (
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
-from adapter_fix.options import GATE_UNITS, GateOptions
+from adapter_fix.options import DESCENT_CHECK_EVERY, GATE_UNITS, GateOptions
 from adapter_fix.results import ModuleResult
 
 # `--search descent` (bench/README.md, "A margin on the refusal side too"; chosen on the
@@ -89,8 +89,6 @@ DESCENT_TASK_SCALE = 0.6
 DESCENT_TASK_WEIGHT = 3.0
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
-DESCENT_CHECK_EVERY = 20
-"""Steps between the checkpoints measured (and after the last)."""
 DESCENT_CHUNKS = 5
 """Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
 prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
@@ -195,6 +193,8 @@ class GateOutcome:
     seconds: float
     setup_seconds: float
     """Before the first round: ALIGNED's and the adapter's answers, the task scores."""
+    search: str = "order"
+    """The search that ran (`options.search`, `auto` resolved)."""
 
 
 class GatedModel:
@@ -445,7 +445,10 @@ def gate_repair(
     measured_task = task_on
     stop_reason = f"rounds exhausted ({options.rounds})"
     setup_seconds = time.perf_counter() - started
-    if options.search == "descent":
+    search = options.search
+    if search == "auto":  # descent guards the task by its measured gain: none, no descent
+        search = "descent" if calibration.task_references and measurable else "order"
+    if search == "descent":
         rounds, rate, kept, stop_reason = _descend(
             gated,
             options,
@@ -614,6 +617,11 @@ def gate_repair(
                     on_round(rounds[-1])
     for layer in gated.layers:
         layer.gates = layer.gates.detach()
+    if options.search == "auto" and search == "order":
+        stop_reason = (
+            "--search auto ran the order search (the task score sees no gain of the adapter "
+            f"over ALIGNED for descent to guard): {stop_reason}"
+        )
     return GateOutcome(
         layers=gated.layers,
         attributions=attributions,
@@ -633,6 +641,7 @@ def gate_repair(
         task_kept=kept,
         seconds=time.perf_counter() - started,
         setup_seconds=setup_seconds,
+        search=search,
     )
 
 
@@ -700,7 +709,7 @@ def _descend(
         if step == 1:
             scale = float(gradient.abs().max())
             if scale == 0:
-                stopped = "no gate moves the refusal or the task loss"
+                stopped = "no gate moves the refusal or the task loss on the first step's prompts"
                 break
         values = descent_step(
             values, gradient, scale, rate=DESCENT_RATE, floor=DESCENT_FLOOR, ceiling=DESCENT_CEILING
@@ -1045,7 +1054,7 @@ def memory_needed(
             **shape,
         ),
     ]
-    if options.search == "descent":  # its refusal term: ALIGNED's refusal start, scored whole
+    if options.search != "order":  # descent's refusal term: ALIGNED's refusal start, scored whole
         passes.append(
             pass_memory(
                 rows=batch,
