@@ -859,6 +859,16 @@ def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
     assert calibration["task_score"]["kept"] is None
     assert calibration["options"]["search"] == "order" and calibration["descent"] is None
     assert calibration["stop_reason"].startswith("--search auto ran the order search")
+    # Where the task gain is measurable, auto runs descent (resolved at run time).
+    result = _gate_cli(
+        tmp_path / "out3",
+        *("--task", str(PROMPTS / "task-calib.jsonl"), "--calibration-share", "0.3"),
+        *("--search", "auto", "--task-budget", "1"),
+    )
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads((tmp_path / "out3" / "repair_report.json").read_text())["calibration"]
+    assert calibration["options"]["search"] == "descent" and calibration["descent"] is not None
+    assert not calibration["stop_reason"].startswith("--search auto")
     # Asked for by name, descent stops instead: it has no task gain to guard.
     result = _gate_cli(
         tmp_path / "out2",
