@@ -345,10 +345,14 @@ def repair(
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
+            asked = (
+                "--descent-steps asks for --search descent, which"
+                if ("search" not in given)
+                else "--search descent"
+            )
             raise click.UsageError(
-                "--search descent needs --task with reference answers (--descent-steps asks "
-                "for descent): its task term and the kept task it measures at each checkpoint "
-                "come from them"
+                f"{asked} needs --task with reference answers: its task term and the kept "
+                "task it measures at each checkpoint come from them"
             )
     elif "descent_steps" in given:
         raise click.UsageError("--descent-steps is a setting of --search descent")
