@@ -149,6 +149,19 @@ def per_category(rows: list[data.Example], count: int) -> list[data.Example]:
     return out
 
 
+PROMPT_FILES = tuple(
+    f"{kind}-{split}.jsonl"
+    for split in ("calib", "eval", "tune")
+    for kind in ("harmful", "benign", "task")
+)
+
+
+def prompts_complete(folder: Path) -> bool:
+    """Whether every prompt file is there (a build from before the tuning split lacks those:
+    the files are deterministic, so writing them again changes none that existed)."""
+    return all((folder / name).exists() for name in PROMPT_FILES)
+
+
 def build_prompts(out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +173,13 @@ def build_prompts(out: Path) -> None:
     # Held out: 6 harmful prompts per category (24 seen, 24 unseen), 48 benign, 40 task.
     write_jsonl(tmp / "harmful-eval.jsonl", per_category(data.harmful("eval", 21), 6))
     write_jsonl(tmp / "benign-eval.jsonl", data.benign("eval", 22)[:48])
-    write_jsonl(tmp / "task-eval.jsonl", data.task("eval", 40, 23))
+    task_eval = data.task("eval", 40, 23)
+    write_jsonl(tmp / "task-eval.jsonl", task_eval)
+    # Tuning: the held-out split's shape on templates and titles of its own, for choosing
+    # settings (bench/testbed/tune.py) without looking at the held-out rows.
+    write_jsonl(tmp / "harmful-tune.jsonl", per_category(data.harmful("tune", 31), 6))
+    write_jsonl(tmp / "benign-tune.jsonl", data.benign("tune", 32)[:48])
+    write_jsonl(tmp / "task-tune.jsonl", data.task("tune", 40, 33, exclude=task_eval))
     replace_dir(tmp, out)
 
 
@@ -360,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     builders = {"base": build_base, "prompts": build_prompts, "aligned": build_aligned}
     for stage, path in targets.items():
-        if stage in stale or not path.exists():
+        missing = not path.exists() or (stage == "prompts" and not prompts_complete(path))
+        if stage in stale or missing:
             start = time.perf_counter()
             log(f"building {stage}")
             builders[stage](path)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/testbed/efficacy.py                # build what is missing, run all
     .venv/bin/python bench/testbed/efficacy.py --only gate    # one method's rows (repeatable)
     .venv/bin/python bench/testbed/efficacy.py --adapter attack-mix
+    .venv/bin/python bench/testbed/efficacy.py --split tune   # the tuning split's rows
 
 For each adapter of bench/testbed/build.py it runs `adapter-fix repair BASE ALIGNED ADAPTER -o
 ...` per method (the CLI, as a user runs it; the gated repair gets the calibration prompt
@@ -12,6 +13,10 @@ templates and titles appear in no training or calibration file). It prints one M
 with the goals of METHOD.md §9 beside it and writes every figure to
 bench/_work/testbed/efficacy.json. Repair seconds and peak RSS are the child process's own
 (os.wait4).
+
+`--split tune` measures on the tuning split instead (templates and titles of its own, in no
+calibration or held-out file; bench/testbed/data.py) and writes efficacy-tune.json: settings
+are compared there, and only the one chosen is measured on the held-out split.
 """
 
 from __future__ import annotations
@@ -76,17 +81,19 @@ def evaluate(
     adapters: list[Path],
     samples: Path | None = WORK / "efficacy-samples.jsonl",
     aligned: Path = WORK / "aligned",
+    split: str = "eval",
 ) -> dict:
-    """`eval` of `aligned` (ALIGNED unless given) and `adapters` on the held-out split, as the
-    README's table takes it; each answer written to `samples` (None: nowhere)."""
+    """`eval` of `aligned` (ALIGNED unless given) and `adapters` on `split` (the held-out
+    "eval", as the README's table takes it, or "tune"); each answer written to `samples`
+    (None: nowhere)."""
     done, seconds, peak = run(
         [
             "eval",
             str(aligned),
             *map(str, adapters),
-            *("--harmful", str(PROMPTS / "harmful-eval.jsonl")),
-            *("--benign", str(PROMPTS / "benign-eval.jsonl")),
-            *("--task", str(PROMPTS / "task-eval.jsonl")),
+            *("--harmful", str(PROMPTS / f"harmful-{split}.jsonl")),
+            *("--benign", str(PROMPTS / f"benign-{split}.jsonl")),
+            *("--task", str(PROMPTS / f"task-{split}.jsonl")),
             # bfloat16 on a CPU with native bfloat16: half the time of float32, the same rates
             # on ALIGNED (0.94 refusal either way); elsewhere emulated and slower, so float32.
             # 24 tokens hold every refusal opening and every task answer.
@@ -179,7 +186,7 @@ def check_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def merged(rows: list[dict]) -> list[dict]:
+def merged(rows: list[dict], path: Path) -> list[dict]:
     """This run's rows over those of earlier runs (--only runs add to one table), in the
     order adapter by adapter, method by method; each row names the commit and date it ran."""
     stamp = {
@@ -192,7 +199,6 @@ def merged(rows: list[dict]) -> list[dict]:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     known = {}
-    path = WORK / "efficacy.json"
     if path.exists():
         known = {(r["adapter"], r["repair"]): r for r in json.loads(path.read_text())["rows"]}
     known.update({(r["adapter"], r["repair"]): {**r, **stamp} for r in rows})
@@ -233,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", help="run only these methods (repeatable)")
     parser.add_argument("--adapter", choices=build.ADAPTERS, action="append")
+    parser.add_argument(
+        "--split",
+        choices=("eval", "tune"),
+        default="eval",
+        help="measure on the held-out split (default) or the tuning split",
+    )
     args = parser.parse_args(argv)
     build.main([])
     kinds = args.adapter or list(build.ADAPTERS)
@@ -259,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             build.log(f"{kind} / {label}: {seconds:.0f} s, peak RSS {peak:.0f} MB")
             plan.append((kind, label, out, seconds, peak, None))
-    result = evaluate([path for *_, path, _, _, _ in plan])
+    samples = WORK / ("efficacy-samples.jsonl" if args.split == "eval" else "tune-samples.jsonl")
+    result = evaluate([path for *_, path, _, _, _ in plan], samples=samples, split=args.split)
     aligned, *measured = result["rows"]
 
     def task_of(row: dict) -> float | None:
@@ -305,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_mb": peak,
             }
         )
-    rows = merged(rows)
-    (WORK / "efficacy.json").write_text(json.dumps({"rows": rows}, indent=2))
+    path = WORK / ("efficacy.json" if args.split == "eval" else "efficacy-tune.json")
+    rows = merged(rows, path)
+    path.write_text(json.dumps({"rows": rows}, indent=2))
     print(table(rows))
     print()
     print(check_table(rows))
