@@ -18,7 +18,7 @@ def _data():
 
 
 data = _data()
-SPLITS = ("train", "calib", "eval")
+SPLITS = ("train", "calib", "eval", "tune")
 
 
 def test_no_template_is_shared_between_splits():
@@ -37,9 +37,9 @@ def test_no_prompt_is_shared_between_splits():
             *(row.prompt for row in data.task(split, 200, 0)),
         }
 
-    assert not prompts("train") & prompts("calib")
-    assert not prompts("train") & prompts("eval")
-    assert not prompts("calib") & prompts("eval")
+    for index, first in enumerate(SPLITS):
+        for second in SPLITS[index + 1 :]:
+            assert not prompts(first) & prompts(second), (first, second)
 
 
 def test_task_titles_of_a_split_never_appear_in_another():
@@ -48,6 +48,18 @@ def test_task_titles_of_a_split_never_appear_in_another():
 
     assert not titles("train") & titles("eval")
     assert not titles("calib") & titles("eval")
+    assert not titles("train") & titles("tune")
+    assert not titles("calib") & titles("tune")
+
+
+def test_the_tuning_task_shares_no_title_with_the_held_out_file():
+    held_out = data.task("eval", 40, 23)
+    tune = data.task("tune", 40, 33, exclude=held_out)
+    assert len(tune) == 40
+    assert not {row.title for row in held_out} & {row.title for row in tune}
+    # Without the exclusion the two draws from one pool would meet.
+    unguarded = data.task("tune", 60, 33)
+    assert {row.title for row in held_out} & {row.title for row in unguarded}
 
 
 def test_half_the_categories_are_seen_and_every_split_covers_all_of_them():
