@@ -732,6 +732,7 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     calibration = report["calibration"]
     assert [r["steps"] for r in calibration["rounds"]] == [20, 40, 60]
     assert calibration["options"]["search"] == "descent"
+    assert calibration["options"]["search_requested"] == "descent"
     assert calibration["descent"]["refusal_share"] == 0.7  # the settings it ran with
     assert report["parameters"]["descent"] == calibration["descent"]  # and the adapter's record
     # With the whole task budget, the checkpoint that refuses most is kept.
@@ -861,6 +862,7 @@ def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
     assert calibration["task_score"]["adapter"] == 0.0
     assert calibration["task_score"]["kept"] is None
     assert calibration["options"]["search"] == "order" and calibration["descent"] is None
+    assert calibration["options"]["search_requested"] == "auto"
     assert calibration["stop_reason"].startswith("--search auto ran the order search")
     # Where the task gain is measurable, auto runs descent (resolved at run time).
     result = _gate_cli(
@@ -871,6 +873,7 @@ def test_gate_says_when_the_task_score_cannot_measure_what_is_kept(tmp_path):
     assert result.exit_code == 0, result.stderr
     calibration = json.loads((tmp_path / "out3" / "repair_report.json").read_text())["calibration"]
     assert calibration["options"]["search"] == "descent" and calibration["descent"] is not None
+    assert calibration["options"]["search_requested"] == "auto"
     assert not calibration["stop_reason"].startswith("--search auto")
     # Asked for by name, descent stops instead: it has no task gain to guard.
     result = _gate_cli(

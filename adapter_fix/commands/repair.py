@@ -412,7 +412,12 @@ def _calibration_report(
 ) -> dict[str, Any]:
     task = calibration.task
     return {
-        "options": {**asdict(options), "search": outcome.search},  # auto: what it ran
+        # `search`: what ran (auto resolved); `search_requested`: auto when left to choose.
+        "options": {
+            **asdict(options),
+            "search": outcome.search,
+            "search_requested": options.search,
+        },
         "share": calibration.share,
         "prompts": {
             "harmful": len(calibration.harmful),
