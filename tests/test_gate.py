@@ -416,18 +416,16 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
-        # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most, none
-        # reaches the target (0.95), so the descent runs every step.
-        rates = [[True, False, False], [True, True, False], [False, True, False]]
+        # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
         (rounds, rate, kept, reason), values, after = _descent(
-            model, names, rates, [1.0] * 4, steps=25
+            model, names, [[True, False], [True, True], [False, True]], [1.0] * 4, steps=25
         )
         assert [r.steps for r in rounds] == [10, 20, 25]
-        assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 2 / 3 and kept == 1.0
+        assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
         assert reason == "25 steps; kept the checkpoint after step 20"
         assert not bool((values == 1.0).all())  # the gates moved...
         assert after < nll  # ...and made ALIGNED's refusal start likelier
-        assert all(r.prompts == 3 for r in rounds)
+        assert all(r.prompts == 2 for r in rounds)
     finally:
         model.load_state_dict(state)
 
@@ -455,33 +453,13 @@ def test_descent_names_the_checkpoint_it_keeps_not_a_later_one_that_refuses_as_m
     model, names = lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        # Both checkpoints refuse half (under the target); only the first keeps the task.
+        # Both checkpoints refuse everything; only the first keeps the task.
         (rounds, rate, kept, reason), _values, _after = _descent(
-            model, names, [[True, False]] * 2, [1.0, 0.95, 0.5], steps=20
+            model, names, [[True, True]] * 2, [1.0, 0.95, 0.5], steps=20
         )
         assert [r.task_kept for r in rounds] == [0.95, 0.5]
-        assert (rate, kept) == (0.5, 0.95)
-        assert reason.endswith("kept the checkpoint after step 10")
-    finally:
-        model.load_state_dict(state)
-
-
-@pytest.mark.model
-def test_descent_stops_at_the_first_checkpoint_that_meets_the_target_within_the_budget(
-    lora_model,
-):
-    model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        # Step 10 refuses all but loses the task; step 20 refuses all and keeps it: stop there,
-        # though 40 steps were asked for.
-        (rounds, rate, kept, reason), values, _after = _descent(
-            model, names, [[True, True]] * 4, [1.0, 0.5, 0.95, 1.0, 1.0], steps=40
-        )
-        assert [r.steps for r in rounds] == [10, 20]
         assert (rate, kept) == (1.0, 0.95)
-        assert reason == "20 of 40 steps; target met at the checkpoint after step 20"
-        assert not bool((values == 1.0).all())
+        assert reason.endswith("kept the checkpoint after step 10")
     finally:
         model.load_state_dict(state)
 

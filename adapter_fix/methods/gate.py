@@ -667,15 +667,12 @@ def _descend(
     moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
     `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
     a checkpoint measures the refusal rate (generation and the judge) and the kept task
-    (exact match, which must be measurable: `kept_task()` None is a UsageError). The first
-    checkpoint that refuses at the target rate while keeping the task within the budget
-    stops the descent there: the least change that meets the target (on the testbed's
-    tuning split the step-20 checkpoint over-refused 0.17-0.25 of benign prompts where the
-    step-40 one over-refused 0.42-0.48, at 0.88-1.00 refused against 1.00). Without one,
-    the best checkpoint is the one that refuses most, more than the adapter, within the task
-    budget (the later on a tie); when none does, the gates go back to the adapter's. A
-    descent the adapter does not need (it already refuses at the target) is skipped. Returns
-    the checkpoints as rounds, the refusal rate and kept task at the gates left, and why it
+    (exact match, which must be measurable: `kept_task()` None is a UsageError). The best
+    checkpoint is the one that refuses most, more than the adapter, while keeping the task
+    within the budget (the later on a tie: on the testbed later checkpoints held more
+    refusals on held-out prompts); when none does, the gates go back to the adapter's. The
+    target refusal rate only skips a descent the adapter does not need. Returns the
+    checkpoints as rounds, the refusal rate and kept task at the gates left, and why it
     stopped.
     """
     start_kept = kept_task()
@@ -745,13 +742,8 @@ def _descend(
         started = time.perf_counter()
         if kept is not None and kept >= floor and rate > start_rate and rate >= best[1]:
             best = (values.clone(), rate, kept, step)
-            if rate >= options.target_refusal:
-                stopped = f"{step} of {options.descent_steps} steps"
-                break
     gated.set_values(best[0])
-    if best[1] >= options.target_refusal:
-        reason = f"target met at the checkpoint after step {best[3]}"
-    elif best[3] == 0:
+    if best[3] == 0:
         gained = any(r.refusal_rate > start_rate for r in rounds)
         reason = (
             "no checkpoint that refused more kept the task within the budget"
