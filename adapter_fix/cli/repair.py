@@ -105,8 +105,9 @@ def gate_options(command: F) -> F:
             type=FiniteFloat(min=0, max=1, min_open=True),
             default=GATE.target_refusal,
             show_default=True,
-            help="[gate] Stop once this share of the calibration prompts ALIGNED refuses are "
-            "refused again.",
+            help="[gate] The order search stops once this share of the calibration prompts "
+            "ALIGNED refuses are refused again; the descent runs only when the adapter refuses "
+            "fewer (it then runs every step).",
         ),
         click.option(
             "--task-budget",
