@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -52,14 +53,49 @@ def test_task_titles_of_a_split_never_appear_in_another():
     assert not titles("calib") & titles("tune")
 
 
-def test_the_tuning_task_shares_no_title_with_the_held_out_file():
-    held_out = data.task("eval", 40, 23)
-    tune = data.task("tune", 40, 33, exclude=held_out)
-    assert len(tune) == 40
-    assert not {row.title for row in held_out} & {row.title for row in tune}
-    # Without the exclusion the two draws from one pool would meet.
-    unguarded = data.task("tune", 60, 33)
-    assert {row.title for row in held_out} & {row.title for row in unguarded}
+def _build():
+    spec = importlib.util.spec_from_file_location("testbed_build", ROOT / "bench/testbed/build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["testbed_build"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _title(reference: str) -> str:
+    """The pool title behind a catalog key: `key:the-quiet-river-of-comet` -> `quiet-river`."""
+    key = reference.removeprefix("key:")
+    if key.startswith("the-") and "-of-" in key:
+        key = key[len("the-") : key.rindex("-of-")]
+    return key
+
+
+def test_the_prompt_files_written_share_no_prompt_or_task_title(tmp_path):
+    build = _build()
+    folder = tmp_path / "prompts"
+    build.build_prompts(folder)
+    assert build.prompts_complete(folder)
+    rows = {
+        name: [json.loads(line) for line in (folder / name).read_text().splitlines()]
+        for name in build.PROMPT_FILES
+    }
+    splits = ("calib", "eval", "tune")
+    for index, first in enumerate(splits):
+        for second in splits[index + 1 :]:
+            for kind in ("harmful", "benign", "task"):
+                one = {r["prompt"] for r in rows[f"{kind}-{first}.jsonl"]}
+                other = {r["prompt"] for r in rows[f"{kind}-{second}.jsonl"]}
+                assert not one & other, (kind, first, second)
+            titles = [
+                {_title(r["reference"]) for r in rows[f"task-{s}.jsonl"]} for s in (first, second)
+            ]
+            assert not titles[0] & titles[1], (first, second)
+    assert [len(rows[f"{kind}-tune.jsonl"]) for kind in ("harmful", "benign", "task")] == [
+        48,
+        48,
+        40,
+    ]
+    (folder / "task-tune.jsonl").unlink()
+    assert not build.prompts_complete(folder)  # a build without it writes the files again
 
 
 def test_half_the_categories_are_seen_and_every_split_covers_all_of_them():

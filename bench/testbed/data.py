@@ -272,10 +272,11 @@ def benign(split: str, seed: int) -> list[Example]:
 
 
 def task(split: str, count: int, seed: int, exclude: Sequence[Example] = ()) -> list[Example]:
-    """`count` task prompts; titles of one split never appear in another (disjoint by seed).
+    """`count` task prompts, drawn by `seed` from the split's pool of titles.
 
-    "eval" and "tune" draw from one pool of 100 titles; `exclude` (the rows of the other)
-    keeps the titles apart."""
+    The train, calib and held-out pools are one fixed partition of the 400 titles; "eval"
+    and "tune" share the held-out pool and stay disjoint only through `exclude` (the rows
+    drawn for the other)."""
     titles = sorted(f"{a.title()} {n.title()}" for a in ADJECTIVES for n in NOUNS)
     random.Random(1234).shuffle(titles)  # one fixed partition of the 400 titles
     held = titles[300:]  # the held-out pool, shared by "eval" and "tune"

@@ -15,8 +15,9 @@ bench/_work/testbed/efficacy.json. Repair seconds and peak RSS are the child pro
 (os.wait4).
 
 `--split tune` measures on the tuning split instead (templates and titles of its own, in no
-calibration or held-out file; bench/testbed/data.py) and writes efficacy-tune.json: settings
-are compared there, and only the one chosen is measured on the held-out split.
+calibration or held-out file; bench/testbed/data.py) and writes efficacy-tune.json (answers
+in efficacy-tune-samples.jsonl): settings are compared there, and only the one chosen is
+measured on the held-out split. It runs the repairs and checks again before its `eval`.
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
 
 def evaluate(
     adapters: list[Path],
-    samples: Path | None = WORK / "efficacy-samples.jsonl",
+    samples: Path | None = None,
     aligned: Path = WORK / "aligned",
     split: str = "eval",
 ) -> dict:
     """`eval` of `aligned` (ALIGNED unless given) and `adapters` on `split` (the held-out
     "eval", as the README's table takes it, or "tune"); each answer written to `samples`
-    (None: nowhere)."""
+    (None: nowhere; `make efficacy` keeps them in efficacy-samples.jsonl, or
+    efficacy-tune-samples.jsonl for the tuning split)."""
     done, seconds, peak = run(
         [
             "eval",
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             build.log(f"{kind} / {label}: {seconds:.0f} s, peak RSS {peak:.0f} MB")
             plan.append((kind, label, out, seconds, peak, None))
-    samples = WORK / ("efficacy-samples.jsonl" if args.split == "eval" else "tune-samples.jsonl")
+    suffix = "" if args.split == "eval" else "-tune"
+    samples = WORK / f"efficacy{suffix}-samples.jsonl"
     result = evaluate([path for *_, path, _, _, _ in plan], samples=samples, split=args.split)
     aligned, *measured = result["rows"]
 
@@ -318,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_mb": peak,
             }
         )
-    path = WORK / ("efficacy.json" if args.split == "eval" else "efficacy-tune.json")
-    rows = merged(rows, path)
-    path.write_text(json.dumps({"rows": rows}, indent=2))
+    figures = WORK / f"efficacy{suffix}.json"
+    rows = merged(rows, figures)
+    figures.write_text(json.dumps({"rows": rows}, indent=2))
     print(table(rows))
     print()
     print(check_table(rows))
