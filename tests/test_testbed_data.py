@@ -10,15 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data():
-    spec = importlib.util.spec_from_file_location("testbed_data", ROOT / "bench/testbed/data.py")
+def _load(name: str):
+    """bench/testbed/`name`.py as module `testbed_<name>` (bench/ is not a package)."""
+    path = ROOT / "bench" / "testbed" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"testbed_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["testbed_data"] = module
+    sys.modules[f"testbed_{name}"] = module
     spec.loader.exec_module(module)
     return module
 
 
-data = _data()
+data = _load("data")
 SPLITS = ("train", "calib", "eval", "tune")
 
 
@@ -53,14 +55,6 @@ def test_task_titles_of_a_split_never_appear_in_another():
     assert not titles("calib") & titles("tune")
 
 
-def _build():
-    spec = importlib.util.spec_from_file_location("testbed_build", ROOT / "bench/testbed/build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["testbed_build"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _title(reference: str) -> str:
     """The pool title behind a catalog key: `key:the-quiet-river-of-comet` -> `quiet-river`."""
     key = reference.removeprefix("key:")
@@ -70,7 +64,7 @@ def _title(reference: str) -> str:
 
 
 def test_the_prompt_files_written_share_no_prompt_or_task_title(tmp_path):
-    build = _build()
+    build = _load("build")
     folder = tmp_path / "prompts"
     build.build_prompts(folder)
     assert build.prompts_complete(folder)
