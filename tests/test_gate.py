@@ -566,10 +566,11 @@ def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
     )
     # --search auto: --descent-steps asks for descent, which needs --task...
     result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
-    assert (
-        result.exit_code == 2
-        and "--descent-steps asks for --search descent, which needs --task" in (result.stderr)
-    )
+    asks = "--descent-steps asks for --search descent, which needs --task"
+    assert result.exit_code == 2 and asks in result.stderr
+    # ...as it does with --search auto named.
+    result = _gate_cli(tmp_path / "out", "--search", "auto", "--descent-steps", "5")
+    assert result.exit_code == 2 and asks in result.stderr
     # ...and takes none of the order search's settings.
     result = _gate_cli(
         tmp_path / "out",

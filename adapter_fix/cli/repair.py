@@ -335,7 +335,8 @@ def repair(
             "--gate-unit module (component gates are already that fine)"
         )
     order_only = [n for n in ORDER_SETTINGS if n in given]
-    if gate["search"] == "auto":  # --descent-steps asks for descent, as --rounds for order
+    asked = gate["search"]
+    if asked == "auto":  # --descent-steps asks for descent, as --rounds for order
         if "descent_steps" in given:
             gate["search"] = "descent"
         elif gate["task"] is None or order_only:
@@ -346,13 +347,13 @@ def repair(
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
-            asked = (
-                "--descent-steps asks for --search descent, which"
-                if ("search" not in given)
-                else "--search descent"
+            cause = (
+                "--search descent"
+                if asked == "descent"
+                else "--descent-steps asks for --search descent, which"
             )
             raise click.UsageError(
-                f"{asked} needs --task with reference answers: its task term and the kept "
+                f"{cause} needs --task with reference answers: its task term and the kept "
                 "task it measures at each checkpoint come from them"
             )
     elif "descent_steps" in given:

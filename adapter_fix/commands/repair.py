@@ -412,7 +412,9 @@ def _calibration_report(
 ) -> dict[str, Any]:
     task = calibration.task
     return {
-        # `search`: what ran (auto resolved); `search_requested`: auto when left to choose.
+        # `search`: what ran; `search_requested`: what reached the run, `auto` where the run
+        # chose (the CLI resolves auto itself when --task is missing or a search's own
+        # setting is given).
         "options": {
             **asdict(options),
             "search": outcome.search,
