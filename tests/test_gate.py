@@ -16,12 +16,14 @@ from adapter_fix.math.gating import (
     Attribution,
     candidates,
     descent_step,
+    in_basis,
     integrated_gradient,
     partial_change,
     priority_order,
     rank_one_factors,
     restore_order,
     search_prefix,
+    separating_basis,
     step_rows,
 )
 
@@ -271,6 +273,107 @@ def test_split_keeps_the_update_and_the_gate_value(lora_model):
     finally:
         gated.remove()
         model.load_state_dict(state)
+
+
+def test_separating_basis_whitens_the_others_and_ranks_units_by_harmful_activity():
+    generator = torch.Generator().manual_seed(0)
+    others = torch.randn(200, 4, generator=generator, dtype=torch.float64)
+    others[:, 2] *= 0.01  # the other prompts barely use direction 2 ...
+    harmful = torch.randn(200, 4, generator=generator, dtype=torch.float64)
+    harmful[:, 2] *= 10  # ... which the harmful ones use most
+    moment_h, moment_o = harmful.T @ harmful / 200, others.T @ others / 200
+    basis, lam = separating_basis(moment_h, moment_o, 1e-3)
+    shifted = moment_o + 1e-3 * torch.trace(moment_o) / 4 * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(basis.T @ shifted @ basis, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(basis.T @ moment_h @ basis, torch.diag(lam))
+    assert bool((lam[1:] >= lam[:-1]).all())
+    # The last unit (most harmful activity per unit of the others') reads direction 2.
+    reads = basis[:, -1].abs()
+    assert int(reads.argmax()) == 2 and float(reads[2]) > 10 * float(reads[[0, 1, 3]].max())
+    lora_b = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    lora_a = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    new_b, new_a = in_basis(lora_b, lora_a, basis)
+    assert new_b.shape == lora_b.shape and new_a.shape == lora_a.shape
+    torch.testing.assert_close(new_b @ new_a, lora_b @ lora_a)
+    with pytest.raises(ValueError, match="ridge"):
+        separating_basis(moment_h, moment_o, 0.0)
+
+
+@pytest.mark.model
+def test_inner_moments_do_not_depend_on_the_batch(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "module")
+    rows = [[1, 5, 7, 9], [2, 4, 6, 8, 10, 12], [3, 3]]
+    try:
+        whole = gated.inner_moments(rows, pad=0, batch=3)
+        one_by_one = gated.inner_moments(rows, pad=0, batch=1)
+    finally:
+        gated.remove()
+    assert len(whole) == len(names) and whole[0].shape == (4, 4)
+    for a, b in zip(whole, one_by_one, strict=True):
+        torch.testing.assert_close(a, b)
+        assert float(torch.trace(a)) > 0
+
+
+@pytest.mark.model
+def test_separation_keeps_the_update_and_gives_each_new_unit_a_gate(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = _logits(model, IDS)
+    with model.disable_adapter():
+        aligned = _logits(model, IDS)
+    gated = GatedModel(model, names, "component")
+    try:
+        harmful = gated.inner_moments([[1, 5, 7, 9, 11]], pad=0, batch=1)
+        other = gated.inner_moments([[2, 4, 6, 8, 10, 12]], pad=0, batch=1)
+        factors = [tuple(f.clone() for f in gated.factors(layer)) for layer in gated.layers]
+        with mock.patch.object(gate_module, "SEPARATION_TOLERANCE", -1.0):
+            assert gated.separate(harmful, other) == 0  # every rewrite over the tolerance
+        for layer, (lora_b, lora_a) in zip(gated.layers, factors, strict=True):
+            assert torch.equal(gated.factors(layer)[0], lora_b)
+            assert torch.equal(gated.factors(layer)[1], lora_a)
+        assert gated.separate(harmful, other) == len(names)
+        assert not torch.equal(gated.factors(gated.layers[0])[1], factors[0][1])
+        torch.testing.assert_close(_logits(model, IDS), adapted, atol=1e-4, rtol=1e-4)
+        values = torch.ones_like(gated.values())
+        values[0] = 0.0
+        gated.set_values(values)  # one new unit off changes the model, ...
+        assert not torch.allclose(_logits(model, IDS), adapted, atol=1e-4)
+        gated.set_values(torch.zeros_like(values))  # ... and every one off is ALIGNED
+        torch.testing.assert_close(_logits(model, IDS), aligned, atol=1e-6, rtol=1e-6)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_a_step_pass_is_the_weighted_sum_of_its_groups_mean_nll(lora_model):
+    model, names = lora_model
+    gated = GatedModel(model, names, "component")
+    task = ([[1, 5, 7], [2, 4, 6, 8]], [[9, 11], [10]])
+    benign = ([[3, 3, 5]], [[12, 13, 14]])
+    try:
+        with mock.patch.object(gate_module, "DESCENT_CHUNKS", 1):  # every row at every step
+            gated.set_values(gated.values())  # gates that collect gradients
+            gate_module._step_backward(model, [(*task, 1.0), (*benign, 0.25)], 1, pad=0, batch=2)
+            together = gated.gradients()
+            gated.set_values(gated.values())  # fresh leaves, no gradient
+            token_nll(model, *task, pad=0, batch_size=2, backward=True)
+            parts = gated.gradients()
+            gated.set_values(gated.values())
+            token_nll(model, *benign, pad=0, batch_size=2, backward=True)
+            parts = parts + 0.25 * gated.gradients()
+            gated.set_values(gated.values())
+            gate_module._step_backward(model, [(*task, 1.0), (*benign, 0.0)], 1, pad=0, batch=2)
+            without = gated.gradients()  # a group with no weight adds nothing
+            gated.set_values(gated.values())
+            token_nll(model, *task, pad=0, batch_size=2, backward=True)
+            task_only = gated.gradients()
+    finally:
+        gated.remove()
+    torch.testing.assert_close(together, parts, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(without, task_only, atol=1e-6, rtol=1e-5)
+    assert float(together.abs().max()) > 0
 
 
 @pytest.mark.model
@@ -740,19 +843,24 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     best = max(r["refusal_rate"] for r in calibration["rounds"])
     assert best > calibration["original_refusal_rate"]
     assert calibration["refusal_rate"] == best
-    config = json.loads((CHAT / "chat-attack" / "adapter_config.json").read_text())
-    scaling = config["lora_alpha"] / config["r"]
     original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
     written = load_file(str(out / "adapter_model.safetensors"))
     gated = [m for m in report["modules"] if m["action"] == "gated"]
     assert gated and any(g < 0 or 0 < g != 1 for m in gated for g in m["gate"])
-    for module in gated:
+    assert calibration["descent"]["separated_layers"] == len(report["modules"])
+    assert 0 < calibration["descent"]["benign_answers_kept"] <= calibration["prompts"]["benign"]
+    checked = 0
+    for module in gated:  # each column of B is a unit of the same update times its gate
         key_b = f"base_model.model.{module['name']}.lora_B.weight"
         key_a = f"base_model.model.{module['name']}.lora_A.weight"
-        new_b, new_a = rank_one_factors(original[key_b].double(), original[key_a].double(), scaling)
         gates = torch.tensor(module["gate"], dtype=torch.float64)
-        assert torch.allclose(written[key_b].double(), new_b * gates, atol=1e-5)
-        assert torch.allclose(written[key_a].double(), new_a, atol=1e-5)
+        if bool((gates.abs() < 1e-3).any()):
+            continue
+        units_b = written[key_b].double() / gates
+        update = original[key_b].double() @ original[key_a].double()
+        torch.testing.assert_close(units_b @ written[key_a].double(), update, atol=1e-4, rtol=1e-3)
+        checked += 1
+    assert checked
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(CHAT / "chat-aligned"), out)
     lines = _gate_cli(
         tmp_path / "again",

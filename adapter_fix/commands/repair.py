@@ -376,8 +376,13 @@ def repair_gated(
         task_references=[reference_ids(tokenizer, r, stops) for r in references or []],
     )
     check_memory(loaded.model, data, gate_options, available_memory(loaded.device))
-    texts = {
-        tuple(ids): text for ids, text in zip(data.harmful, calibration.harmful.texts, strict=True)
+    texts = {  # the judge reads the prompts asked: harmful ones, and benign ones (descent)
+        tuple(ids): text
+        for encoded, given in (
+            (data.harmful, calibration.harmful),
+            (data.benign, calibration.benign),
+        )
+        for ids, text in zip(encoded, given.texts, strict=True)
     }
     with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
         gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
@@ -447,7 +452,15 @@ def _calibration_report(
             "without_update": outcome.task_score_without_update,
             "kept": outcome.task_kept,
         },
-        "descent": descent_settings() if outcome.search == "descent" else None,
+        "descent": (
+            {
+                **descent_settings(),
+                "separated_layers": outcome.separated_layers,
+                "benign_answers_kept": outcome.benign_answers_kept,
+            }
+            if outcome.search == "descent"
+            else None
+        ),
         "target_refusal_rate": options.target_refusal,
         "target_met": outcome.target_met,
         "stop_reason": outcome.stop_reason,

@@ -121,9 +121,11 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _left_padded(
+def left_padded(
     sequences: Sequence[Sequence[int]], pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, attention mask)`, both `(len(sequences), width)` on `device`: each sequence
+    right-aligned after `pad` tokens (mask 0 there)."""
     width = max(len(sequence) for sequence in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -188,7 +190,7 @@ def generate_ids(
     device = _model_device(model)
     answers: list[list[int]] = [[] for _ in encoded]
     for batch in _batches([len(ids) for ids in encoded], batch_size):
-        ids, mask = _left_padded([encoded[index] for index in batch], pad, device)
+        ids, mask = left_padded([encoded[index] for index in batch], pad, device)
         output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row, index in enumerate(batch):
             new = output[row, ids.shape[1] :].tolist()

@@ -6,7 +6,8 @@ component of it. Each unit carries two integrated-gradient attributions,
 update lowers the margin, i.e. erodes refusals) and `task` (its share of the
 task loss `tau(g) - tau(0)`; negative when the update helps the task).
 The descent search's step and stress rules are here too (`descent_step`,
-`partial_change`).
+`partial_change`), and the basis its components are taken in (`separating_basis`,
+`in_basis`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from adapter_fix.math.solve import as_factored, to_lora_factors
@@ -66,6 +68,38 @@ def rank_one_factors(lora_b: Tensor, lora_a: Tensor, scaling: float) -> tuple[Te
         output_scaling=lambda _rank: scaling,
     )
     return factors.lora_b, factors.lora_a
+
+
+def separating_basis(harmful: Tensor, other: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """The basis of a LoRA layer's inner space (`z = A x`, `r` wide) that separates the
+    activity on harmful prompts from that on the others: the generalized eigenvectors of
+    `(harmful, other)`.
+
+    `harmful` and `other` are second moments `E[z z^T]` `(r, r)` (symmetric, positive
+    semi-definite); `ridge` (> 0) is added to `other`'s diagonal as a share of its mean
+    eigenvalue, so a direction the other prompts never use does not divide by zero.
+    Returns `(V, lam)`: `V` `(r, r)` with `V^T (other + ridge) V = I` and
+    `V^T harmful V = diag(lam)`, `lam` `(r,)` ascending: unit `i` is `lam_i` times as
+    active on harmful prompts as on the others. Computed in float64.
+    """
+    if ridge <= 0:
+        raise ValueError(f"the ridge must be positive, got {ridge}")
+    harmful, other = harmful.double(), other.double()
+    size = other.shape[0]
+    shift = ridge * max(float(torch.trace(other)) / size, torch.finfo(torch.float64).tiny)
+    cholesky = torch.linalg.cholesky(other + shift * torch.eye(size, dtype=torch.float64))
+    inverse = torch.linalg.inv(cholesky)
+    whitened = inverse @ harmful @ inverse.T
+    lam, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
+    return inverse.T @ vectors, lam
+
+
+def in_basis(lora_b: Tensor, lora_a: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """The same update `B A` written in the inner basis `V` (`separating_basis`):
+    `(B V^-T, V^T A)`, shapes `(m, r)` and `(r, n)` as given, float64. Row `i` of the new
+    `A` reads the input along unit `i`; gating column `i` of the new `B` switches that unit."""
+    basis = basis.double()
+    return lora_b.double() @ torch.linalg.inv(basis).T, basis.T @ lora_a.double()
 
 
 def candidates(

@@ -41,11 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
-from adapter_fix.evaluate.generate import generate_ids
+from adapter_fix.evaluate.generate import generate_ids, left_padded
 from adapter_fix.evaluate.judges.base import visible_answer
 from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
     Scored,
+    batched_logprobs,
     greedy_matches,
     pass_memory,
     refusal_margins,
@@ -58,12 +59,14 @@ from adapter_fix.math.gating import (
     Attribution,
     candidates,
     descent_step,
+    in_basis,
     integrated_gradient,
     partial_change,
     priority_order,
     rank_one_factors,
     restore_order,
     search_prefix,
+    separating_basis,
     step_rows,
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
@@ -89,6 +92,15 @@ DESCENT_TASK_SCALE = 0.6
 DESCENT_TASK_WEIGHT = 3.0
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
+DESCENT_BENIGN_WEIGHT = 1.0
+"""Weight of the benign term (the adapter's own answer starts, `DESCENT_START_TOKENS` tokens,
+on the benign calibration prompts it does not refuse, at the task's stressed gates) against
+the task's `DESCENT_TASK_WEIGHT`: the search must keep answering what the adapter answers."""
+SEPARATION_RIDGE = 1e-3
+"""`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
+SEPARATION_TOLERANCE = 1e-3
+"""Largest relative error `|B'A' - BA| / |BA|` a layer's rewrite in the separating basis may
+carry in the layer's dtype; a layer over it keeps its singular components."""
 DESCENT_CHUNKS = 5
 """Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
 prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
@@ -195,6 +207,12 @@ class GateOutcome:
     """Before the first round: ALIGNED's and the adapter's answers, the task scores."""
     search: str = "order"
     """The search that ran (`options.search`, `auto` resolved)."""
+    separated_layers: int = 0
+    """`--search descent` with component units: the layers whose units were taken in the
+    separating basis (`GatedModel.separate`); the others keep their singular components."""
+    benign_answers_kept: int = 0
+    """`--search descent`: the benign calibration prompts whose answer starts the benign
+    term keeps (those the adapter does not refuse)."""
 
 
 class GatedModel:
@@ -236,6 +254,68 @@ class GatedModel:
             lora_a.weight.copy_(new_a.to(lora_a.weight.dtype))
         gated.gates = gated.gates.detach().expand(gated.rank).clone()
         gated.components = True
+
+    def inner_moments(self, rows: Sequence[Sequence[int]], *, pad: int, batch: int) -> list[Tensor]:
+        """Per layer (in `layers` order), the second moment `E[z z^T]` `(r, r)`, float64 on
+        the CPU, of its inner activations `z` (`lora_A`'s output, after the gates: call it
+        with every gate at 1 for the adapter's own) over every token of `rows` (token ids),
+        one batch at a time and with no gradient."""
+        sums = [torch.zeros(layer.rank, layer.rank, dtype=torch.float64) for layer in self.layers]
+        mask: list[Tensor] = []
+
+        def recorder(index: int) -> Callable[[nn.Module, Any, Tensor], None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+                inner = output.detach()[mask[0].to(output.device)].double().cpu()
+                sums[index] += inner.T @ inner
+
+            return hook
+
+        handles = []
+        for index, gated in enumerate(self.layers):
+            layer = _lora_layer(self.model, gated.name)
+            lora_a = layer.lora_A[layer.active_adapters[0]]
+            handles.append(lora_a.register_forward_hook(recorder(index)))
+        tokens = 0
+        device = next(self.model.parameters()).device
+        try:
+            with torch.no_grad():
+                for start in range(0, len(rows), batch):
+                    ids, attention = left_padded(rows[start : start + batch], pad, device)
+                    mask[:] = [attention.bool()]
+                    tokens += int(attention.sum())
+                    self.model(input_ids=ids, attention_mask=attention)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [total / max(tokens, 1) for total in sums]
+
+    def separate(self, harmful: Sequence[Tensor], other: Sequence[Tensor]) -> int:
+        """Rewrite each component layer's factors in the basis that separates its inner
+        activity on harmful prompts from that on the others (`separating_basis` of the
+        layer's `harmful` and `other` moments, `inner_moments`): same update, one gate per
+        new unit, at the layer's current gate values (call it with every gate at 1). A layer
+        whose rewrite would change its update by more than `SEPARATION_TOLERANCE` in its
+        dtype keeps its singular components. Returns how many layers were rewritten."""
+        rewritten = 0
+        for gated, moment_h, moment_o in zip(self.layers, harmful, other, strict=True):
+            if not gated.components:
+                continue
+            layer = _lora_layer(self.model, gated.name)
+            adapter = layer.active_adapters[0]
+            lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            basis, _ = separating_basis(moment_h, moment_o, SEPARATION_RIDGE)
+            old_b, old_a = lora_b.detach().double(), lora_a.detach().double()
+            wide_b, wide_a = in_basis(old_b, old_a, basis)
+            new_b, new_a = wide_b.to(lora_b.dtype), wide_a.to(lora_a.dtype)
+            update = old_b @ old_a
+            error = torch.linalg.matrix_norm(new_b.double() @ new_a.double() - update)
+            if error > SEPARATION_TOLERANCE * torch.linalg.matrix_norm(update):
+                continue
+            with torch.no_grad():
+                lora_b.copy_(new_b)
+                lora_a.copy_(new_a)
+            rewritten += 1
+        return rewritten
 
     def units(self) -> list[tuple[int, int]]:
         """Every gate as `(layer index, position)`, in layer order."""
@@ -446,14 +526,41 @@ def gate_repair(
     stop_reason = f"rounds exhausted ({options.rounds})"
     setup_seconds = time.perf_counter() - started
     search = options.search
+    separated_layers = 0
+    benign_rows: tuple[list[list[int]], list[list[int]]] = ([], [])
     if search == "auto":  # descent guards the task by its measured gain: none, no descent
         search = "descent" if calibration.task_references and measurable else "order"
+    if search == "descent" and measurable and original_rate < target:
+        # The benign term's rows, and the basis the descent's units are taken in (a descent
+        # without a task gain to guard stops, one the adapter does not need takes no step:
+        # `_descend`).
+        benign_answers = generate(calibration.benign) if calibration.benign else []
+        judged = refusal_starts_judged(calibration.benign, benign_answers)
+        for prompt, answer, refused_ in zip(
+            calibration.benign, benign_answers, judged, strict=True
+        ):
+            if not refused_ and answer[:DESCENT_START_TOKENS]:
+                benign_rows[0].append(list(prompt))
+                benign_rows[1].append(answer[:DESCENT_START_TOKENS])
+        if gated.unit == "component":
+            separated_layers = _separate(
+                gated,
+                harmful=[[*p, *a] for p, a in zip(harmful, adapter_outputs, strict=True)],
+                others=[
+                    [[*p, *t] for p, t in zip(task_prompts, task_targets, strict=True)],
+                    [[*p, *a] for p, a in zip(calibration.benign, benign_answers, strict=True)],
+                ],
+                pad=pad_id,
+                batch=batch,
+            )
+        setup_seconds = time.perf_counter() - started
     if search == "descent":
         rounds, rate, kept, stop_reason = _descend(
             gated,
             options,
             refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
             task=(task_prompts, task_targets),
+            benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
             kept_task=kept_task,
             start_rate=original_rate,
@@ -642,7 +749,29 @@ def gate_repair(
         seconds=time.perf_counter() - started,
         setup_seconds=setup_seconds,
         search=search,
+        separated_layers=separated_layers,
+        benign_answers_kept=len(benign_rows[0]),
     )
+
+
+def _separate(
+    gated: GatedModel,
+    *,
+    harmful: Sequence[Sequence[int]],
+    others: Sequence[Sequence[Sequence[int]]],
+    pad: int,
+    batch: int,
+) -> int:
+    """Take the descent's units in the basis that separates what each layer reads on the
+    harmful rows (prompts with the adapter's answers) from the mean of its reads on each set
+    of `others` (task prompts with their references, benign prompts with the adapter's
+    answers; empty sets skipped): `GatedModel.separate`. Returns the layers rewritten."""
+    moments = functools.partial(gated.inner_moments, pad=pad, batch=batch)
+    sets = [moments(rows) for rows in others if rows]
+    if not harmful or not sets:
+        return 0
+    other = [sum(per_set) / len(sets) for per_set in zip(*sets, strict=True)]
+    return gated.separate(moments(harmful), other)
 
 
 def _descend(
@@ -651,6 +780,7 @@ def _descend(
     *,
     refusal: tuple[list[list[int]], list[list[int]]],
     task: tuple[list[list[int]], list[list[int]]],
+    benign: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
     measure_refusals: Callable[[], list[bool]],
     kept_task: Callable[[], float | None],
     start_rate: float,
@@ -662,7 +792,10 @@ def _descend(
 
     Each step takes the gradient of `NLL(ALIGNED's refusal start | harmful)` (`refusal`:
     prompts and starts) at `partial_change(g, DESCENT_REFUSAL_SHARE)` plus `w` times that
-    of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, each on
+    of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, and
+    `DESCENT_BENIGN_WEIGHT` times that of the adapter's own answer starts on the benign
+    prompts it does not refuse (`benign`: prompts and starts; none: no term), at the same
+    gates, each on
     the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`), and
     moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
     `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
@@ -698,10 +831,16 @@ def _descend(
     started = time.perf_counter()
     for step in range(1, options.descent_steps + 1):
         gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
-        _step_backward(model, harmful, starts, step, pad=pad_id, batch=batch)
+        _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
         gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
         gated.set_values(values * DESCENT_TASK_SCALE)
-        _step_backward(model, prompts, references, step, pad=pad_id, batch=batch)
+        _step_backward(
+            model,
+            [(prompts, references, 1.0), (*benign, DESCENT_BENIGN_WEIGHT / DESCENT_TASK_WEIGHT)],
+            step,
+            pad=pad_id,
+            batch=batch,
+        )
         gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
         if not bool(torch.isfinite(gradient).all()):
             stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
@@ -757,24 +896,25 @@ def _descend(
 
 def _step_backward(
     model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    targets: Sequence[Sequence[int]],
+    groups: Sequence[tuple[Sequence[Sequence[int]], Sequence[Sequence[int]], float]],
     step: int,
     *,
     pad: int,
     batch: int,
 ) -> None:
-    """Back-propagate the targets' NLL after their prompts on descent step `step`'s share of
-    the rows (`step_rows`, one in `DESCENT_CHUNKS`): the gates collect its gradient."""
-    rows = step_rows(len(prompts), step, DESCENT_CHUNKS)
-    token_nll(
-        model,
-        [prompts[i] for i in rows],
-        [targets[i] for i in rows],
-        pad=pad,
-        batch_size=batch,
-        backward=True,
-    )
+    """Back-propagate `sum_k w_k NLL_k`, `NLL_k` the mean per-token NLL of group `k`'s targets
+    after its prompts (`groups`: prompts, targets, `w_k`) on descent step `step`'s share of
+    the group's rows (`step_rows`, one in `DESCENT_CHUNKS`), in one run of batches: the gates
+    collect its gradient. Groups with no rows or no weight add nothing."""
+    rows: list[Scored] = []
+    weights: list[float] = []
+    for prompts, targets, weight in groups:
+        chosen = step_rows(len(prompts), step, DESCENT_CHUNKS) if weight else range(0)
+        count = sum(len(targets[i]) for i in chosen)
+        for i in chosen if count else ():
+            rows.append(Scored([*prompts[i], *targets[i]], len(targets[i])))
+            weights.append(-weight / count)
+    batched_logprobs(model, rows, pad=pad, batch_size=batch, weights=weights, backward=True)
 
 
 @dataclass(frozen=True)
@@ -814,6 +954,8 @@ def descent_settings() -> dict[str, float | int]:
         "start_tokens": DESCENT_START_TOKENS,
         "check_every": DESCENT_CHECK_EVERY,
         "chunks": DESCENT_CHUNKS,
+        "benign_weight": DESCENT_BENIGN_WEIGHT,
+        "separation_ridge": SEPARATION_RIDGE,
     }
 
 
