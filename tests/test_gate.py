@@ -53,6 +53,15 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
 
 
+def _snapshot(model: torch.nn.Module) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The model's state (to put back), and its logits on `IDS` with and without the adapter."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = _logits(model, IDS)
+    with model.disable_adapter():
+        aligned = _logits(model, IDS)
+    return state, adapted, aligned
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("unit", ["module", "component"])
 def test_gates_at_one_keep_the_adapter_and_at_zero_remove_it(lora_model, unit):
@@ -253,10 +262,7 @@ def test_restore_order_gives_back_most_task_help_per_floored_harm_first():
 @pytest.mark.model
 def test_split_keeps_the_update_and_the_gate_value(lora_model):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapted = _logits(model, IDS)
-    with model.disable_adapter():
-        aligned = _logits(model, IDS)
+    state, adapted, aligned = _snapshot(model)
     gated = GatedModel(model, names, "module")
     try:
         values = torch.ones(len(names))
@@ -318,10 +324,7 @@ def test_inner_moments_do_not_depend_on_the_batch(lora_model):
 @pytest.mark.model
 def test_separation_keeps_the_update_and_gives_each_new_unit_a_gate(lora_model):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapted = _logits(model, IDS)
-    with model.disable_adapter():
-        aligned = _logits(model, IDS)
+    state, adapted, aligned = _snapshot(model)
     gated = GatedModel(model, names, "component")
     try:
         harmful = gated.inner_moments([[1, 5, 7, 9, 11]], pad=0, batch=1)
