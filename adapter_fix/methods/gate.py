@@ -304,13 +304,14 @@ class GatedModel:
             adapter = layer.active_adapters[0]
             lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             basis, _ = separating_basis(moment_h, moment_o, SEPARATION_RIDGE)
-            old_b, old_a = lora_b.detach().double(), lora_a.detach().double()
+            # On the CPU, where the moments and so the basis are (the layer may be on a GPU).
+            old_b, old_a = lora_b.detach().cpu().double(), lora_a.detach().cpu().double()
             wide_b, wide_a = in_basis(old_b, old_a, basis)
             new_b, new_a = wide_b.to(lora_b.dtype), wide_a.to(lora_a.dtype)
             update = old_b @ old_a
             error = torch.linalg.matrix_norm(new_b.double() @ new_a.double() - update)
-            if error > SEPARATION_TOLERANCE * torch.linalg.matrix_norm(update):
-                continue
+            if not bool(error <= SEPARATION_TOLERANCE * torch.linalg.matrix_norm(update)):
+                continue  # over the tolerance, or not finite
             with torch.no_grad():
                 lora_b.copy_(new_b)
                 lora_a.copy_(new_a)
@@ -535,7 +536,7 @@ def gate_repair(
         # without a task gain to guard stops, one the adapter does not need takes no step:
         # `_descend`).
         benign_answers = generate(calibration.benign) if calibration.benign else []
-        judged = refusal_starts_judged(calibration.benign, benign_answers)
+        judged = refusal_starts_judged(calibration.benign, benign_answers) if benign_answers else []
         for prompt, answer, refused_ in zip(
             calibration.benign, benign_answers, judged, strict=True
         ):
