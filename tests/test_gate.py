@@ -335,7 +335,11 @@ def test_separation_keeps_the_update_and_gives_each_new_unit_a_gate(lora_model):
         for layer, (lora_b, lora_a) in zip(gated.layers, factors, strict=True):
             assert torch.equal(gated.factors(layer)[0], lora_b)
             assert torch.equal(gated.factors(layer)[1], lora_a)
-        assert gated.separate(harmful, other) == len(names)
+        with mock.patch.object(gate_module, "SEPARATION_TOLERANCE", 1e-5):
+            gated.saved_dtypes = {name: torch.bfloat16 for name in names}
+            assert gated.separate(harmful, other) == 0  # written in bfloat16: too coarse
+            gated.saved_dtypes = {}
+            assert gated.separate(harmful, other) == len(names)  # in float32 it holds
         assert not torch.equal(gated.factors(gated.layers[0])[1], factors[0][1])
         torch.testing.assert_close(_logits(model, IDS), adapted, atol=1e-4, rtol=1e-4)
         values = torch.ones_like(gated.values())

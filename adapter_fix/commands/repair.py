@@ -30,6 +30,7 @@ from adapter_fix.evaluate.prompts import PromptSet, Role, load_prompt_set, promp
 from adapter_fix.evaluate.split import split_prompts
 from adapter_fix.io.adapter import LoraAdapter, load_adapter
 from adapter_fix.io.adapter_writer import assemble_factors, write_adapter
+from adapter_fix.io.checkpoint import DTYPES
 from adapter_fix.io.outputs import OutputSet
 from adapter_fix.io.sources import HubOptions, Source, local_paths
 from adapter_fix.methods import method_class
@@ -385,7 +386,12 @@ def repair_gated(
         for ids, text in zip(encoded, given.texts, strict=True)
     }
     with clock.measure("solve_s"), batch_fits(gate_options.batch_size, loaded.device):
-        gated = GatedModel(loaded.model, gateable(adapter), gate_options.unit)
+        gated = GatedModel(
+            loaded.model,
+            gateable(adapter),
+            gate_options.unit,
+            saved_dtypes={module.name: DTYPES[module.dtype] for module in adapter.modules},
+        )
         outcome = gate_repair(
             gated,
             data,

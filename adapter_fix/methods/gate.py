@@ -100,7 +100,8 @@ SEPARATION_RIDGE = 1e-3
 """`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
 SEPARATION_TOLERANCE = 1e-3
 """Largest relative error `|B'A' - BA| / |BA|` a layer's rewrite in the separating basis may
-carry in the layer's dtype; a layer over it keeps its singular components."""
+carry in the layer's dtype and in the adapter file's; a layer over it keeps its singular
+components."""
 DESCENT_CHUNKS = 5
 """Each step's gradient is taken on one in DESCENT_CHUNKS of the harmful and of the task
 prompts, in turn (`step_rows`): stochastic steps at a fifth of a full step's cost. On the
@@ -218,10 +219,19 @@ class GateOutcome:
 class GatedModel:
     """A peft model whose LoRA linear layers carry gates (forward hooks on `lora_A`)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], unit: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        unit: str,
+        saved_dtypes: dict[str, torch.dtype] | None = None,
+    ) -> None:
+        """`saved_dtypes`: per adapter module name, the dtype its factors are written in
+        (the adapter file's), where it differs from the dtype they run in."""
         if unit not in GATE_UNITS:
             raise ValueError(f"gate unit must be one of {GATE_UNITS}, got {unit!r}")
         self.model = model
+        self.saved_dtypes = saved_dtypes or {}
         self.unit = unit
         self.layers: list[GateLayer] = []
         for parameter in model.parameters():
@@ -295,7 +305,8 @@ class GatedModel:
         layer's `harmful` and `other` moments, `inner_moments`): same update, one gate per
         new unit, at the layer's current gate values (call it with every gate at 1). A layer
         whose rewrite would change its update by more than `SEPARATION_TOLERANCE` in its
-        dtype keeps its singular components. Returns how many layers were rewritten."""
+        dtype or the one it is written in (`saved_dtypes`), or would not be finite, keeps
+        its singular components. Returns how many layers were rewritten."""
         rewritten = 0
         for gated, moment_h, moment_o in zip(self.layers, harmful, other, strict=True):
             if not gated.components:
@@ -308,8 +319,14 @@ class GatedModel:
             old_b, old_a = lora_b.detach().cpu().double(), lora_a.detach().cpu().double()
             wide_b, wide_a = in_basis(old_b, old_a, basis)
             new_b, new_a = wide_b.to(lora_b.dtype), wide_a.to(lora_a.dtype)
+            # Checked in the coarser of the dtype it runs in and the one it is written in.
+            coarse = max(
+                (lora_b.dtype, self.saved_dtypes.get(gated.name, lora_b.dtype)),
+                key=lambda dtype: torch.finfo(dtype).eps,
+            )
             update = old_b @ old_a
-            error = torch.linalg.matrix_norm(new_b.double() @ new_a.double() - update)
+            rounded = wide_b.to(coarse).double() @ wide_a.to(coarse).double()
+            error = torch.linalg.matrix_norm(rounded - update)
             if not bool(error <= SEPARATION_TOLERANCE * torch.linalg.matrix_norm(update)):
                 continue  # over the tolerance, or not finite
             with torch.no_grad():
@@ -1172,7 +1189,8 @@ def memory_needed(
 ) -> MemoryEstimate:
     """The largest working set of one pass of the gated repair beside the loaded weights
     (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
-    loss (with gradients) and, with the descent search, its refusal term; greedy generation
+    loss (with gradients) and, with the descent search, its refusal term and its task pass
+    with the benign term's rows; greedy generation
     takes `generation_batch` prompts, sized to fit in the same memory."""
     shape = _shape(model)
     batch = options.batch_size
@@ -1197,6 +1215,18 @@ def memory_needed(
             **shape,
         ),
     ]
+    if options.search != "order" and calibration.benign:
+        # The descent's benign term: its rows run in the task pass's batches.
+        longest_benign = max(len(p) for p in calibration.benign)
+        passes.append(
+            pass_memory(
+                rows=batch,
+                length=max(task_length, longest_benign + DESCENT_START_TOKENS),
+                scored=max(DESCENT_START_TOKENS, *(len(r) for r in references)),
+                gradients=True,
+                **shape,
+            )
+        )
     if options.search != "order":  # descent's refusal term: ALIGNED's refusal start, scored whole
         passes.append(
             pass_memory(
@@ -1295,8 +1325,9 @@ def gate_results(adapter: LoraAdapter, gated: GatedModel, outcome: GateOutcome) 
     """One report row per adapter module, and new factors for each module with a gate off.
 
     A module whose gates are all 1 keeps its tensors byte for byte. A module
-    gate writes `g B`; component gates write the module's singular factors
-    with each column of `B'` times its gate (0: switched off; below 0, with
+    gate writes `g B`; component gates write the module's factors in its units'
+    basis (singular components, or the separating basis with the descent) with
+    each column of `B'` times its gate (0: switched off; below 0, with
     `--search descent`: negated), same rank, same config.
     """
     layers = {layer.name: layer for layer in gated.layers}
