@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 """`basis --modules`: every 2-D weight but embeddings and the output head."""
 GATE_UNITS = ("module", "component")
 GATE_SEARCHES = ("auto", "order", "descent")
-DESCENT_CHECK_EVERY = 20
+DESCENT_CHECK_EVERY = 15
 """Descent steps between the checkpoints measured (and after the last)."""
 
 
@@ -190,7 +190,7 @@ class GateOptions:
     descent on every gate at once, which may negate or amplify a unit (needs a task set);
     `auto`: descent where its task guard can measure the adapter's task gain (exact match
     on task references better than ALIGNED's), order otherwise."""
-    descent_steps: int = 40
+    descent_steps: int = 30
     """Gradient steps of the descent search (measured every `DESCENT_CHECK_EVERY` and after
     the last)."""
 

@@ -84,7 +84,7 @@ from adapter_fix.results import ModuleResult
 # margins for prompts phrased unlike the calibration files. DESCENT_REFUSAL_SHARE was 0.7
 # until session 8; 0.5 refused more held-out prompts on attack-mix and attack-benign at
 # task >= 0.95 (bench/README.md, "The descent search at its defaults").
-DESCENT_RATE = 0.5
+DESCENT_RATE = 0.7
 DESCENT_FLOOR = -1.0
 DESCENT_CEILING = 1.5
 DESCENT_REFUSAL_SHARE = 0.5
