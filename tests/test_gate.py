@@ -831,8 +831,12 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
 
     out = tmp_path / "out"
     # On the 2-layer miniature the default refusal share (0.5) gains no refusal in 60 steps;
-    # this test is about what is written and reported, so it takes the larger share.
-    with mock.patch.object(gate_module, "DESCENT_REFUSAL_SHARE", 0.7):
+    # this test is about what is written and reported, so it takes the larger share (and
+    # three checkpoints, whatever the default interval).
+    with (
+        mock.patch.object(gate_module, "DESCENT_REFUSAL_SHARE", 0.7),
+        mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 20),
+    ):
         result = _gate_cli(  # --descent-steps asks --search auto for descent
             out,
             *("--task", str(PROMPTS / "task-calib.jsonl")),

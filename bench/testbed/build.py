@@ -25,7 +25,8 @@ Training runs under bfloat16 autocast on the CPU (float32 master weights), with 
 On a CPU without native bfloat16 (no AVX512-BF16 or AMX: a training step's bfloat16-autocast
 product took 13x float32's time on an AVX2 machine, and the build takes hours)
 `TESTBED_DTYPE=float32` trains in float32 instead: a different testbed, so give it its own
-`TESTBED_WORK`; every figure the READMEs publish comes from the bfloat16 build.
+`TESTBED_WORK`. The READMEs name the build behind each figure: the descent search's
+come from the float32 build (`TESTBED_WORK=bench/_work/testbed-f32`).
 """
 
 from __future__ import annotations
