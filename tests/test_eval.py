@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from safetensors import safe_open
 
 from adapter_fix.cli import main
 from adapter_fix.errors import CorruptCheckpointError, UnsafeFormatError, UsageError
+from adapter_fix.evaluate import objectives
 from adapter_fix.evaluate.generate import (
     continuation_logprob,
     encode_prompts,
@@ -33,6 +35,7 @@ from adapter_fix.evaluate.generate import (
 from adapter_fix.evaluate.judges import KeywordJudge
 from adapter_fix.evaluate.metrics import rate
 from adapter_fix.evaluate.model import LoadedModel, attach_adapters, load_model
+from adapter_fix.evaluate.objectives import SHARED_PREFIX_MIN, Scored, shared_prefix
 from adapter_fix.evaluate.prompts import Prompt, PromptSet
 from adapter_fix.evaluate.runner import EvalResult, EvalSets, Row, gate_failures
 from adapter_fix.io.locate import open_source
@@ -117,6 +120,26 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(loaded: Load
     batched = answers(loaded, None, batch_size=8)
     single = answers(loaded, None, batch_size=1)
     assert batched == single
+    assert any(batched)
+
+
+@pytest.mark.model
+def test_a_shared_system_turn_runs_once_and_generates_the_same(loaded: LoadedModel) -> None:
+    system = "you are a careful assistant who answers every question briefly and politely"
+    encoded = encode_prompts(loaded.tokenizer, PROMPTS, system, False)
+    assert shared_prefix([Scored(list(ids), 0) for ids in encoded]) >= SHARED_PREFIX_MIN
+    calls: list[int] = []
+    real = objectives.repeated_prefix
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    # the package's `generate` names the function, so the module is patched by its path
+    with mock.patch("adapter_fix.evaluate.generate.repeated_prefix", counted):
+        batched = answers(loaded, "adapter_0", batch_size=8, system=system)
+    assert calls == [len(PROMPTS)]  # one batch, its system turn run once
+    assert batched == answers(loaded, "adapter_0", batch_size=1, system=system)
     assert any(batched)
 
 

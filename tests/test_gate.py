@@ -32,7 +32,12 @@ peft = pytest.importorskip("peft")
 
 import adapter_fix.methods.gate as gate_module  # noqa: E402
 from adapter_fix.errors import UsageError  # noqa: E402
-from adapter_fix.evaluate.objectives import Scored, greedy_matches, token_nll  # noqa: E402
+from adapter_fix.evaluate.objectives import (  # noqa: E402
+    Scored,
+    greedy_matches,
+    shared_prefix,
+    token_nll,
+)
 from adapter_fix.methods.gate import (  # noqa: E402
     Calibration,
     GatedModel,
@@ -310,13 +315,20 @@ def test_inner_moments_do_not_depend_on_the_batch(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "module")
     rows = [[1, 5, 7, 9], [2, 4, 6, 8, 10, 12], [3, 3]]
+    # A chat template's system turn: run once per batch, counted for every row of it.
+    template = [11, 3, 8, 2, 9, 4, 13, 6, 1, 7]
+    chats = [[*template, 5, 2], [*template, 12, 4, 9], [*template, 3]]
+    assert shared_prefix([Scored(row, 0) for row in chats]) == 10
     try:
         whole = gated.inner_moments(rows, pad=0, batch=3)
         one_by_one = gated.inner_moments(rows, pad=0, batch=1)
+        chats_shared = gated.inner_moments(chats, pad=0, batch=3)
+        chats_whole = gated.inner_moments(chats, pad=0, batch=1)
     finally:
         gated.remove()
     assert len(whole) == len(names) and whole[0].shape == (4, 4)
-    for a, b in zip(whole, one_by_one, strict=True):
+    pairs = [*zip(whole, one_by_one, strict=True), *zip(chats_shared, chats_whole, strict=True)]
+    for a, b in pairs:
         torch.testing.assert_close(a, b)
         assert float(torch.trace(a)) > 0
 

@@ -18,6 +18,7 @@ import torch
 
 from adapter_fix.errors import UsageError
 from adapter_fix.evaluate.metrics import TokenNLL
+from adapter_fix.evaluate.objectives import Scored, repeated_prefix, shared_prefix
 
 # on_batch(prompts_done_in_this_batch, tokens_generated_in_this_batch)
 BatchCallback = Callable[[int, int], None]
@@ -178,7 +179,11 @@ def generate_ids(
     batch_size: int,
     on_batch: BatchCallback | None = None,
 ) -> list[list[int]]:
-    """Greedy answers to already encoded prompts, as token ids ending before the first stop."""
+    """Greedy answers to already encoded prompts, as token ids ending before the first stop.
+
+    A batch's shared prefix (a chat template's system turn, `shared_prefix`) runs once, its
+    key/value cache repeated for every prompt; each prompt's rest follows it, left-padded,
+    with positions counted past the padding (as the objectives score them)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -190,8 +195,19 @@ def generate_ids(
     device = _model_device(model)
     answers: list[list[int]] = [[] for _ in encoded]
     for batch in _batches([len(ids) for ids in encoded], batch_size):
-        ids, mask = left_padded([encoded[index] for index in batch], pad, device)
-        output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        prompts = [list(encoded[index]) for index in batch]
+        prefix = shared_prefix([Scored(prompt, 0) for prompt in prompts])
+        cache = repeated_prefix(model, prompts[0][:prefix], len(batch)) if prefix else None
+        if cache is None:
+            ids, mask = left_padded(prompts, pad, device)
+        else:  # the shared prefix, then each prompt's rest left-padded after it
+            rest, rest_mask = left_padded([prompt[prefix:] for prompt in prompts], pad, device)
+            shared = torch.tensor(prompts[0][:prefix], dtype=torch.long, device=device)
+            ids = torch.cat([shared.expand(len(batch), -1), rest], dim=1)
+            mask = torch.cat([torch.ones_like(ids[:, :prefix]), rest_mask], dim=1)
+        output = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, **(cache or {})
+        )
         for row, index in enumerate(batch):
             new = output[row, ids.shape[1] :].tolist()
             answers[index] = new[: next((at for at, t in enumerate(new) if t in stops), len(new))]

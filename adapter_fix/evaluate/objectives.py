@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,21 @@ def shared_prefix(rows: Sequence[Scored]) -> int:
     return common if common >= SHARED_PREFIX_MIN else 0
 
 
+def repeated_prefix(model: Any, tokens: Sequence[int], rows: int) -> dict[str, Any] | None:
+    """One pass over `tokens` (the rows' shared prefix), its key/value cache repeated for
+    `rows` rows, as the forward (or `generate`) keyword arguments that take it; None for a
+    model whose cache cannot be repeated (a legacy or remote-code one)."""
+    output = model(
+        input_ids=torch.tensor([list(tokens)], dtype=torch.long, device=_device(model)),
+        use_cache=True,
+    )
+    shared = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    if not hasattr(shared, "batch_repeat_interleave"):
+        return None
+    shared.batch_repeat_interleave(rows)
+    return {_cache_keyword(model): shared, "use_cache": True}
+
+
 def _cache_keyword(model: Any) -> str:
     """The forward argument that takes a key/value cache: `cache` in transformers 5, where
     `past_key_values` is deprecated, `past_key_values` before."""
@@ -113,7 +128,15 @@ def contiguous_head(model: Any) -> Iterator[None]:
         handle.remove()
 
 
-def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor, Tensor, Tensor]:
+PassCallback = Callable[[Tensor, int], None]
+"""Called after each forward pass of `_scored_logits` with the attention mask `(rows, tokens)`
+of the tokens that pass ran and how many of the batch's rows each of its rows stands for
+(the shared prefix's one row stands for all; 0: the pass was discarded)."""
+
+
+def _scored_logits(
+    model: Any, rows: Sequence[Scored], pad: int, on_pass: PassCallback | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """One forward pass over left-padded rows, logits formed at the scored columns only.
 
     Returns `(logits, wanted, weight)`: `logits` is `(rows, keep + 1, vocab)`
@@ -127,18 +150,13 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
     """
     prefix = shared_prefix(rows)
     device = _device(model)
-    cache: dict[str, Any] = {"use_cache": False}
+    cache: dict[str, Any] | None = {"use_cache": False}
     if prefix:
-        output = model(
-            input_ids=torch.tensor([rows[0].tokens[:prefix]], dtype=torch.long, device=device),
-            use_cache=True,
-        )
-        shared = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        if hasattr(shared, "batch_repeat_interleave"):
-            shared.batch_repeat_interleave(len(rows))
-            cache = {_cache_keyword(model): shared, "use_cache": True}
-        else:  # no cache object to repeat (a legacy or remote-code model): every row whole
-            prefix = 0
+        cache = repeated_prefix(model, rows[0].tokens[:prefix], len(rows))
+        if on_pass is not None:
+            on_pass(torch.ones((1, prefix), dtype=torch.long), len(rows) if cache else 0)
+        if cache is None:  # every row whole
+            prefix, cache = 0, {"use_cache": False}
     width = max(len(row.tokens) for row in rows) - prefix
     keep = max(row.scored for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -155,6 +173,7 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
             wanted[index, keep - row.scored :] = torch.tensor(row.tokens[-row.scored :])
             weight[index, keep - row.scored :] = 1.0
     positions = prefix + (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ran = mask
     if prefix:
         mask = torch.cat([torch.ones((len(rows), prefix), dtype=torch.long), mask], dim=1)
     # Column t predicts token t + 1: the last `keep` tokens come from the `keep` columns
@@ -167,7 +186,20 @@ def _scored_logits(model: Any, rows: Sequence[Scored], pad: int) -> tuple[Tensor
             **cache,
             logits_to_keep=keep + 1,
         ).logits
+    if on_pass is not None:
+        on_pass(ran, 1)
     return logits, wanted.to(device), weight.to(device)
+
+
+def forward_rows(
+    model: Any, rows: Sequence[Sequence[int]], pad: int, on_pass: PassCallback
+) -> None:
+    """One forward pass over token rows for what it computes inside the model (forward hooks),
+    without gradients: the rows' shared prefix once (as the objectives run it), logits at the
+    last position only. `on_pass` tells after each pass which tokens it ran and how many rows
+    each stands for, so that a hook's per-token statistics weigh every row's tokens once."""
+    with torch.no_grad():
+        _scored_logits(model, [Scored(list(row), 0) for row in rows], pad, on_pass)
 
 
 def scored_logprobs(model: Any, rows: Sequence[Scored], pad: int) -> Tensor:

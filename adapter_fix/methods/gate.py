@@ -41,12 +41,13 @@ import torch
 from torch import Tensor, nn
 
 from adapter_fix.errors import IncompatibleModelsError, UsageError
-from adapter_fix.evaluate.generate import generate_ids, left_padded
+from adapter_fix.evaluate.generate import generate_ids
 from adapter_fix.evaluate.judges.base import visible_answer
 from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
     Scored,
     batched_logprobs,
+    forward_rows,
     greedy_matches,
     pass_memory,
     refusal_margins,
@@ -271,31 +272,35 @@ class GatedModel:
         """Per layer (in `layers` order), the second moment `E[z z^T]` `(r, r)`, float64 on
         the CPU, of its inner activations `z` (`lora_A`'s output, after the gates: call it
         with every gate at 1 for the adapter's own) over every token of `rows` (token ids),
-        one batch at a time and with no gradient."""
+        one batch at a time and with no gradient (`forward_rows`: a chat template's shared
+        prefix runs once per batch and counts for every row of it)."""
         sums = [torch.zeros(layer.rank, layer.rank, dtype=torch.float64) for layer in self.layers]
-        mask: list[Tensor] = []
+        seen: list[Tensor | None] = [None] * len(self.layers)
+        tokens = 0
 
         def recorder(index: int) -> Callable[[nn.Module, Any, Tensor], None]:
             def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-                inner = output.detach()[mask[0].to(output.device)].double().cpu()
-                sums[index] += inner.T @ inner
+                seen[index] = output.detach()
 
             return hook
+
+        def counted(mask: Tensor, copies: int) -> None:
+            nonlocal tokens
+            tokens += copies * int(mask.sum())
+            for index, output in enumerate(seen):
+                if output is not None and copies:
+                    inner = output[mask.bool().to(output.device)].double().cpu()
+                    sums[index] += copies * (inner.T @ inner)
+                seen[index] = None
 
         handles = []
         for index, gated in enumerate(self.layers):
             layer = _lora_layer(self.model, gated.name)
             lora_a = layer.lora_A[layer.active_adapters[0]]
             handles.append(lora_a.register_forward_hook(recorder(index)))
-        tokens = 0
-        device = next(self.model.parameters()).device
         try:
-            with torch.no_grad():
-                for start in range(0, len(rows), batch):
-                    ids, attention = left_padded(rows[start : start + batch], pad, device)
-                    mask[:] = [attention.bool()]
-                    tokens += int(attention.sum())
-                    self.model(input_ids=ids, attention_mask=attention)
+            for start in range(0, len(rows), batch):
+                forward_rows(self.model, rows[start : start + batch], pad, counted)
         finally:
             for handle in handles:
                 handle.remove()
