@@ -12,12 +12,14 @@ dense CSULoRA of METHOD.md against that module's own displacement, and
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -55,6 +57,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from adapter_fix.evaluate.generate import generate_ids
+from adapter_fix.evaluate.objectives import repeated_prefix
 from adapter_fix.io.adapter import load_adapter
 from adapter_fix.io.checkpoint import Checkpoint
 from adapter_fix.io.keymap import WeightLayout
@@ -502,3 +506,26 @@ def test_one_and_three_workers_write_the_same_bytes(
     assert code == 0, output
     weights = "adapter_model.safetensors"
     assert (three / weights).read_bytes() == (one / weights).read_bytes()
+
+
+def test_generation_with_a_shared_prefix_answers_as_prompt_by_prompt(built: Built) -> None:
+    """`generate_ids` runs a batch's shared prefix (a chat template's system turn) once and
+    repeats its key/value cache: the greedy answers must be those of each prompt alone."""
+    if built.architecture.model_class.__name__.startswith("SwitchTransformers"):
+        pytest.skip("an encoder-decoder model: `eval` generates with causal LMs only")
+    model = with_adapter(built, built.aligned, built.adapter)
+    system = [5, 9, 14, 3, 22, 7, 31, 12]  # SHARED_PREFIX_MIN tokens; GPT-2 here has 16 positions
+    prompts = [[*system, 40, 2], [*system, 11, 23, 35], [*system, 8], [*system, 27, 19]]
+    generate = functools.partial(generate_ids, pad=0, stops=[], max_new_tokens=5)
+    caches: list[object] = []
+
+    def repeated(*args: object) -> object:
+        caches.append(repeated_prefix(*args))
+        return caches[-1]
+
+    with torch.no_grad(), mock.patch("adapter_fix.evaluate.generate.repeated_prefix", repeated):
+        together = generate(model, prompts, batch_size=4)
+        alone = generate(model, prompts, batch_size=1)
+    assert len(caches) == 1 and caches[0] is not None  # the batch of 4 shared its prefix
+    assert together == alone
+    assert all(len(answer) == 5 for answer in together)
