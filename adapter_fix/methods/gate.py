@@ -86,9 +86,8 @@ from adapter_fix.results import ModuleResult
 # until session 8; 0.5 refused more held-out prompts on attack-mix and attack-benign at
 # task >= 0.95 (bench/README.md, "The descent search at its defaults"). DESCENT_RATE was 0.5, in
 # 40 steps, until session 13; 0.7 in 30 steps refused as many or more held-out prompts on
-# every attack, about 60 s sooner, and 0.85 more again on the tuning split's attack-comply
-# within its over-refusal goal (bench/README.md, "A larger step in fewer steps").
-DESCENT_RATE = 0.85
+# every attack, about 60 s sooner (bench/README.md, "A larger step in fewer steps").
+DESCENT_RATE = 0.7
 DESCENT_FLOOR = -1.0
 DESCENT_CEILING = 1.5
 DESCENT_REFUSAL_SHARE = 0.5
