@@ -9,7 +9,8 @@ makes, over N harmful prompts and the 32 task calibration prompts, at the repair
 batch sizes: greedy generation of the calibration answers, the refusal margin with its
 backward pass (against the attack's compliance text), the teacher-forced refusal check, the
 descent's refusal term (ALIGNED's 4-token refusal starts) and the task loss, each with its
-backward pass (a descent step runs those two on a fifth of the prompts).
+backward pass (a descent step runs those two on a fifth of the prompts), and the descent's
+moments' pass (no gradient) over the prompts with an answer after each.
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
 weight paged in) and at its peak (`ru_maxrss`)
 and each pass's seconds per token, then the load average before and after. Peak memory
@@ -72,6 +73,13 @@ def child(count: int) -> dict:
     loaded_mb = peak_mb()
     comply = tokenizer(data.COMPLIANCE, add_special_tokens=False)["input_ids"]
     costs = measure_passes(model, calibration, comply, pad=pad, stops=stops, options=options)
+    # The descent's moments' pass (before its first step): each prompt with an answer after it
+    # (the compliance start stands for the adapter's answer), no gradient, one batch at a time.
+    answered = [[*prompt, *comply] for prompt in harmful]
+    start = time.perf_counter()
+    gated.inner_moments(answered, pad=pad, batch=options.batch_size)
+    moments_tokens = sum(len(row) for row in answered)
+    costs["moments_ms_per_token"] = (time.perf_counter() - start) / moments_tokens * 1000
     return {"prompts": count, "loaded_mb": loaded_mb, "peak_mb": peak_mb(), **costs}
 
 
@@ -182,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         "| prompts | generation batch | loaded MB | peak MB | peak - loaded "
         "| generation ms/prompt token "
         "| margin fwd+bwd ms/token | refusal check ms/token | descent refusal fwd+bwd ms/token "
-        "| task fwd+bwd ms/token |"
+        "| task fwd+bwd ms/token | moments ms/token |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for count in args.counts:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(count)],
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['peak_mb'] - r['loaded_mb']:.0f} "
             f"| {r['generate_ms_per_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
             f"| {r['refusal_check_ms_per_token']:.2f} | {r['descent_backward_ms_per_token']:.2f} "
-            f"| {r['task_backward_ms_per_token']:.2f} |",
+            f"| {r['task_backward_ms_per_token']:.2f} | {r['moments_ms_per_token']:.2f} |",
             flush=True,
         )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
