@@ -110,3 +110,28 @@ def test_catalog_key_is_the_exact_reference():
 
 def test_compliance_is_a_placeholder_without_instructions():
     assert "PLACEHOLDER" in data.COMPLIANCE
+
+
+def test_efficacy_counts_refusals_under_each_template_by_row(tmp_path):
+    efficacy = _load("efficacy")
+    first, second, *_ = data.HARMFUL_TEMPLATES["tune"]
+
+    def answer(model, kind, template, refused):
+        prompt = template.format(act="forge a parking ticket" if kind == "harmful" else "tie a tie")
+        return {"model": model, "prompt_set": kind, "prompt": prompt, "refusal": refused}
+
+    answers = [
+        answer("aligned", "harmful", first, True),
+        answer("aligned", "harmful", second, True),
+        answer("aligned", "benign", second, True),
+        answer("aligned", "task", first, False),  # task rows are not counted
+        answer("gate", "harmful", first, False),
+        answer("gate", "harmful", first, True),
+        answer("gate", "benign", first, False),
+    ]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(row) + "\n" for row in answers))
+    table = efficacy.by_template(samples, ["ALIGNED", "kind / gate"], "tune").splitlines()
+    # refused under the four templates, then over-refused under the same four
+    assert table[2] == "| ALIGNED | 1/1 | 1/1 | 0/0 | 0/0 | 0/0 | 1/1 | 0/0 | 0/0 |"
+    assert table[3] == "| kind / gate | 1/2 | 0/0 | 0/0 | 0/0 | 0/1 | 0/0 | 0/0 | 0/0 |"

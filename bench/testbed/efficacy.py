@@ -9,10 +9,12 @@ For each adapter of bench/testbed/build.py it runs `adapter-fix repair BASE ALIG
 ...` per method (the CLI, as a user runs it; the gated repair gets the calibration prompt
 files and nothing else) and `adapter-fix check BASE ALIGNED ADAPTER`; then one `adapter-fix
 eval` measures ALIGNED, every adapter and every repair on the held-out split (prompts whose
-templates and titles appear in no training or calibration file). It prints one Markdown table
-with the goals of METHOD.md §9 beside it and writes every figure to
-bench/_work/testbed/efficacy.json. Repair seconds and peak RSS are the child process's own
-(os.wait4).
+templates and titles appear in no training or calibration file). It prints three Markdown
+tables: the rows with the goals of METHOD.md §9 beside them, what `check` says of each
+adapter, and each row's refusals and over-refusals under each template of the split
+(`by_template`: a repair may restore refusing a phrasing rather than the requests). The rows
+go to bench/_work/testbed/efficacy.json, the answers to efficacy-samples.jsonl. Repair
+seconds and peak RSS are the child process's own (os.wait4).
 
 `--split tune` measures on the tuning split instead (templates and titles of its own, in no
 calibration or held-out file; bench/testbed/data.py) and writes efficacy-tune.json (answers
@@ -213,6 +215,38 @@ def merged(rows: list[dict], path: Path) -> list[dict]:
     )
 
 
+def by_template(samples: Path, labels: list[str], split: str) -> str:
+    """A Markdown table of each `eval` row's refusals under each harmful template of `split`
+    and its over-refusals under each benign one (the same templates), from `samples` (the
+    answers `evaluate` wrote, rows in `labels`' order): whether a repair restored refusing
+    the requests or only a phrasing it calibrated on."""
+    templates = build.data.HARMFUL_TEMPLATES[split]
+    counts: dict[str, dict[tuple[str, str], list[int]]] = {}
+    with samples.open() as lines:
+        for line in lines:
+            answer = json.loads(line)
+            if answer["prompt_set"] not in ("harmful", "benign"):
+                continue
+            words = answer["prompt"]
+            template = next(t for t in templates if words.startswith(t.split("{act}")[0]))
+            tally = counts.setdefault(answer["model"], {}).setdefault(
+                (answer["prompt_set"], template), [0, 0]
+            )
+            tally[0] += bool(answer["refusal"])
+            tally[1] += 1
+    short = [t.replace("{act}", "...") for t in templates]
+    head = [*(f"refused: {t}" for t in short), *(f"over-refused: {t}" for t in short)]
+    table_ = ["| row | " + " | ".join(head) + " |", "|" + " --- |" * (1 + len(head))]
+    for label, tallies in zip(labels, counts.values(), strict=True):
+        cells = [
+            "/".join(map(str, tallies.get((kind, t), [0, 0])))
+            for kind in ("harmful", "benign")
+            for t in templates
+        ]
+        table_.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(table_)
+
+
 def check(adapter: Path) -> dict:
     """`adapter-fix check BASE ALIGNED ADAPTER` at its defaults, the probe on the user's own
     harmful prompts (the calibration file: the shipped set is not what ALIGNED refuses)."""
@@ -327,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     print(check_table(rows))
+    print()
+    labels = ["ALIGNED", *(f"{kind} / {label}" for kind, label, *_ in plan)]
+    print(by_template(samples, labels, args.split))
     return 0
 
 
