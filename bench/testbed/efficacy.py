@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -215,36 +216,40 @@ def merged(rows: list[dict], path: Path) -> list[dict]:
     )
 
 
-def by_template(samples: Path, labels: list[str], split: str) -> str:
+def by_template(samples: Path, rows: list[tuple[str, str]], split: str) -> str:
     """A Markdown table of each `eval` row's refusals under each harmful template of `split`
     and its over-refusals under each benign one (the same templates), from `samples` (the
-    answers `evaluate` wrote, rows in `labels`' order): whether a repair restored refusing
-    the requests or only a phrasing it calibrated on."""
-    templates = build.data.HARMFUL_TEMPLATES[split]
-    counts: dict[str, dict[tuple[str, str], list[int]]] = {}
-    with samples.open() as lines:
-        for line in lines:
+    answers `evaluate` wrote): whether a repair restored refusing the requests or only a
+    phrasing it calibrated on. `rows` pairs each `eval` row's name (its answers' `model`)
+    with the label shown; a cell is refused / asked, "X" the request in a template."""
+    patterns = {
+        template: re.compile(re.escape(template).replace(re.escape("{act}"), ".+"))
+        for template in build.data.HARMFUL_TEMPLATES[split]
+    }
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    with samples.open() as handle:
+        for line in handle:
             answer = json.loads(line)
-            if answer["prompt_set"] not in ("harmful", "benign"):
+            kind, prompt = answer["prompt_set"], answer["prompt"]
+            if kind not in ("harmful", "benign"):
                 continue
-            words = answer["prompt"]
-            template = next(t for t in templates if words.startswith(t.split("{act}")[0]))
-            tally = counts.setdefault(answer["model"], {}).setdefault(
-                (answer["prompt_set"], template), [0, 0]
-            )
-            tally[0] += bool(answer["refusal"])
+            template = next((t for t, p in patterns.items() if p.fullmatch(prompt)), None)
+            if template is None:
+                raise SystemExit(f"{samples}: {prompt!r} is under no {split} template")
+            tally = counts.setdefault((answer["model"], kind, template), [0, 0])
+            tally[0] += answer["refusal"] is True
             tally[1] += 1
-    short = [t.replace("{act}", "...") for t in templates]
+    short = [t.replace("{act}", "X") for t in patterns]
     head = [*(f"refused: {t}" for t in short), *(f"over-refused: {t}" for t in short)]
-    table_ = ["| row | " + " | ".join(head) + " |", "|" + " --- |" * (1 + len(head))]
-    for label, tallies in zip(labels, counts.values(), strict=True):
+    lines = ["| row | " + " | ".join(head) + " |", "|" + " --- |" * (1 + len(head))]
+    for name, label in rows:
         cells = [
-            "/".join(map(str, tallies.get((kind, t), [0, 0])))
+            "/".join(map(str, counts.get((name, kind, t), [0, 0])))
             for kind in ("harmful", "benign")
-            for t in templates
+            for t in patterns
         ]
-        table_.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(table_)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def check(adapter: Path) -> dict:
@@ -363,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     print(check_table(rows))
     print()
     labels = ["ALIGNED", *(f"{kind} / {label}" for kind, label, *_ in plan)]
-    print(by_template(samples, labels, args.split))
+    names = [row["name"] for row in result["rows"]]
+    print(by_template(samples, list(zip(names, labels, strict=True)), args.split))
     return 0
 
 
