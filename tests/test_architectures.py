@@ -484,7 +484,8 @@ def test_a_basis_like_the_adapter_measures_what_the_weights_measure(
     # A float32 basis moves a reversal by up to ~2.5e-4 absolute whatever its size (on an
     # AVX-512 CPU: gpt2's c_proj 0.08502 from the weights, 0.08512 from the basis; 2.5e-4 on
     # switch-transformers), so 1e-3 absolute beside 1e-4 relative. The fixtures' reversals
-    # are 0.008 to 3 in size: a module read from another's entry still fails.
+    # are 0.008 to 3 in size: a module read from another's entry fails unless the two
+    # reversals agree within 1e-3.
     for direct, via in zip(*checks, strict=True):
         assert via["reversal"] == pytest.approx(direct["reversal"], rel=1e-4, abs=1e-3)
 
