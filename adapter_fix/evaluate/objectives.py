@@ -150,13 +150,11 @@ def _scored_logits(
     """
     prefix = shared_prefix(rows)
     device = _device(model)
-    cache: dict[str, Any] | None = {"use_cache": False}
-    if prefix:
-        cache = repeated_prefix(model, rows[0].tokens[:prefix], len(rows))
-        if on_pass is not None:
-            on_pass(torch.ones((1, prefix), dtype=torch.long), len(rows) if cache else 0)
-        if cache is None:  # every row whole
-            prefix, cache = 0, {"use_cache": False}
+    cache = repeated_prefix(model, rows[0].tokens[:prefix], len(rows)) if prefix else None
+    if prefix and on_pass is not None:
+        on_pass(torch.ones((1, prefix), dtype=torch.long), len(rows) if cache else 0)
+    if cache is None:  # no shared prefix, or a cache that cannot be repeated: every row whole
+        prefix, cache = 0, {"use_cache": False}
     width = max(len(row.tokens) for row in rows) - prefix
     keep = max(row.scored for row in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
