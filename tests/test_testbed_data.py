@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,3 +144,38 @@ def test_efficacy_counts_refusals_under_each_template_by_row(tmp_path, split):
     samples.write_text(json.dumps(answer("gate", "harmful", "Do {act}!", True)) + "\n")
     with pytest.raises(SystemExit, match="under no"):
         efficacy.by_template(samples, rows, split)
+
+
+def test_layer_blocks_remove_the_named_modules_updates_only():
+    blocks = _load("layer_blocks")
+    found = {block.name: block for block in blocks.blocks(30)}
+    assert list(found) == [
+        "layers 0-9",
+        "layers 10-19",
+        "layers 20-29",
+        "layers 0-14",
+        "layers 15-29",
+        "attention",
+        "MLP",
+        "attention + MLP 15-29",
+        "attention + MLP 20-29",
+        "attention + MLP 25-29",
+        "attention + MLP 0-14",
+    ]
+    prefix = "base_model.model.model.layers"
+    tensors = {
+        f"{prefix}.{layer}.{part}.{module}.lora_{side}.weight": torch.ones(2, 2)
+        for layer in (3, 27)
+        for part, module in (("self_attn", "q_proj"), ("mlp", "down_proj"))
+        for side in "AB"
+    }
+    copy = blocks.removed(tensors, found["attention + MLP 25-29"])
+    zeroed = {key for key, value in copy.items() if not value.any()}
+    assert zeroed == {
+        f"{prefix}.3.self_attn.q_proj.lora_B.weight",
+        f"{prefix}.27.self_attn.q_proj.lora_B.weight",
+        f"{prefix}.27.mlp.down_proj.lora_B.weight",
+    }
+    assert all(tensors[key].all() for key in tensors)  # the input is not modified
+    with pytest.raises(ValueError, match="names no decoder layer"):
+        blocks.removed({"lm_head.lora_A.weight": torch.ones(1)}, found["MLP"])

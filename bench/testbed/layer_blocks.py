@@ -1,0 +1,111 @@
+"""Where an adapter's compliance and task live: its update removed on blocks of modules.
+
+    .venv/bin/python bench/testbed/layer_blocks.py                    # attack-comply, tune
+    .venv/bin/python bench/testbed/layer_blocks.py --adapter attack-mix --split eval
+
+Each block names the layers whose attention update and the layers whose MLP update are
+removed (`lora_B` zeroed in a copy of the adapter; every other module untouched). One
+`eval` of ALIGNED and every copy on the split then prints refusal, over-refusal and task
+exact match per copy, and refusals per template (`efficacy.by_template`). A block whose
+removal restores refusals while the task stays is what a removal-based repair (the gates
+switched off) could find; a compliance that survives every block's removal is carried by
+each of the parts left on its own. The copies go in a temporary folder, removed after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import build
+import efficacy
+
+ATTENTION = "self_attn"
+MLP = "mlp"
+KEY = re.compile(r"\.layers\.(\d+)\.(self_attn|mlp)\.\w+\.lora_[AB]\.weight$")
+
+
+@dataclass(frozen=True)
+class Block:
+    """The layers whose attention update and whose MLP update a copy has removed."""
+
+    name: str
+    attention: range
+    mlp: range
+
+    def removes(self, layer: int, part: str) -> bool:
+        return layer in (self.attention if part == ATTENTION else self.mlp)
+
+
+def blocks(layers: int) -> list[Block]:
+    """Halves and thirds of the depth, each kind of module, and the attention with the MLPs
+    of the later layers (from half, two thirds, five sixths) or of the first half."""
+    none, every = range(0), range(layers)
+    half, third = layers // 2, layers // 3
+    spans = [range(0, third), range(third, 2 * third), range(2 * third, layers)]
+    spans += [range(0, half), range(half, layers)]
+    found = [Block(f"layers {s.start}-{s.stop - 1}", s, s) for s in spans]
+    found += [Block("attention", every, none), Block("MLP", none, every)]
+    for start in (half, 2 * third, layers - layers // 6):
+        found.append(Block(f"attention + MLP {start}-{layers - 1}", every, range(start, layers)))
+    found.append(Block(f"attention + MLP 0-{half - 1}", every, range(0, half)))
+    return found
+
+
+def removed(tensors: dict[str, Tensor], block: Block) -> dict[str, Tensor]:
+    """`tensors` (a PEFT LoRA state dict) with `lora_B` zeroed on the modules `block`
+    removes: those modules' updates `B A` become 0, the others are the same tensors.
+    A key that names no decoder layer's attention or MLP module is an error."""
+    out = {}
+    for key, value in tensors.items():
+        match = KEY.search(key)
+        if match is None:
+            raise ValueError(f"{key!r} names no decoder layer's attention or MLP LoRA factor")
+        layer, part = int(match[1]), match[2]
+        zero = ".lora_B." in key and block.removes(layer, part)
+        out[key] = value.new_zeros(value.shape) if zero else value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
+    parser.add_argument("--split", default="tune", choices=("tune", "eval"))
+    args = parser.parse_args()
+    if not (build.WORK / "READY").exists():
+        parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
+    source = build.WORK / "adapters" / args.adapter
+    tensors = load_file(source / "adapter_model.safetensors")
+    layers = 1 + max(int(KEY.search(key)[1]) for key in tensors if KEY.search(key))
+    chosen = blocks(layers)
+    folder = Path(tempfile.mkdtemp(prefix="layer-blocks-"))
+    try:
+        copies = []
+        for index, block in enumerate(chosen):
+            copy = folder / f"{args.adapter}-block{index}"
+            copy.mkdir()
+            shutil.copy(source / "adapter_config.json", copy)
+            save_file(removed(tensors, block), copy / "adapter_model.safetensors")
+            copies.append(copy)
+        samples = folder / "samples.jsonl"
+        result = efficacy.evaluate(copies, samples=samples, split=args.split)
+        labels = ["ALIGNED", *(f"{args.adapter} without {b.name}" for b in chosen)]
+        print(efficacy.held_out_rows(labels, result))
+        print()
+        names = ["aligned", *(copy.name for copy in copies)]
+        print(efficacy.by_template(samples, list(zip(names, labels, strict=True)), args.split))
+    finally:
+        shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()
