@@ -162,6 +162,8 @@ def test_layer_blocks_remove_the_named_modules_updates_only():
         "attention + MLP 25-29",
         "attention + MLP 0-14",
     ]
+    assert (found["attention"].attention, found["attention"].mlp) == (range(30), range(0))
+    assert (found["MLP"].attention, found["MLP"].mlp) == (range(0), range(30))
     prefix = "base_model.model.model.layers"
     tensors = {
         f"{prefix}.{layer}.{part}.{module}.lora_{side}.weight": torch.ones(2, 2)
@@ -176,6 +178,7 @@ def test_layer_blocks_remove_the_named_modules_updates_only():
         f"{prefix}.27.self_attn.q_proj.lora_B.weight",
         f"{prefix}.27.mlp.down_proj.lora_B.weight",
     }
+    assert all(copy[key] is tensors[key] for key in tensors.keys() - zeroed)  # the rest kept
     assert all(tensors[key].all() for key in tensors)  # the input is not modified
     with pytest.raises(ValueError, match="names no decoder layer"):
         blocks.removed({"lm_head.lora_A.weight": torch.ones(1)}, found["MLP"])

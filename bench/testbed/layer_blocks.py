@@ -8,13 +8,15 @@ removed (`lora_B` zeroed in a copy of the adapter; every other module untouched)
 `eval` of ALIGNED and every copy on the split then prints refusal, over-refusal and task
 exact match per copy, and refusals per template (`efficacy.by_template`). A block whose
 removal restores refusals while the task stays is what a removal-based repair (the gates
-switched off) could find; a compliance that survives every block's removal is carried by
-each of the parts left on its own. The copies go in a temporary folder, removed after.
+switched off) could find; a compliance that survives a block's removal is carried by what
+is left. The copies go in a temporary folder, removed after; `--samples PATH` keeps the
+answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -30,7 +32,6 @@ import build
 import efficacy
 
 ATTENTION = "self_attn"
-MLP = "mlp"
 KEY = re.compile(r"\.layers\.(\d+)\.(self_attn|mlp)\.\w+\.lora_[AB]\.weight$")
 
 
@@ -43,6 +44,7 @@ class Block:
     mlp: range
 
     def removes(self, layer: int, part: str) -> bool:
+        """Whether the copy removes the update of `part` ("self_attn" or "mlp") in `layer`."""
         return layer in (self.attention if part == ATTENTION else self.mlp)
 
 
@@ -65,7 +67,7 @@ def removed(tensors: dict[str, Tensor], block: Block) -> dict[str, Tensor]:
     """`tensors` (a PEFT LoRA state dict) with `lora_B` zeroed on the modules `block`
     removes: those modules' updates `B A` become 0, the others are the same tensors.
     A key that names no decoder layer's attention or MLP module is an error."""
-    out = {}
+    out: dict[str, Tensor] = {}
     for key, value in tensors.items():
         match = KEY.search(key)
         if match is None:
@@ -80,13 +82,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
     parser.add_argument("--split", default="tune", choices=("tune", "eval"))
+    parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     source = build.WORK / "adapters" / args.adapter
     tensors = load_file(source / "adapter_model.safetensors")
-    layers = 1 + max(int(KEY.search(key)[1]) for key in tensors if KEY.search(key))
-    chosen = blocks(layers)
+    config = json.loads((build.WORK / "aligned" / "config.json").read_text())
+    chosen = blocks(config["num_hidden_layers"])
     folder = Path(tempfile.mkdtemp(prefix="layer-blocks-"))
     try:
         copies = []
@@ -96,12 +99,12 @@ def main() -> None:
             shutil.copy(source / "adapter_config.json", copy)
             save_file(removed(tensors, block), copy / "adapter_model.safetensors")
             copies.append(copy)
-        samples = folder / "samples.jsonl"
+        samples = args.samples or folder / "samples.jsonl"
         result = efficacy.evaluate(copies, samples=samples, split=args.split)
         labels = ["ALIGNED", *(f"{args.adapter} without {b.name}" for b in chosen)]
         print(efficacy.held_out_rows(labels, result))
         print()
-        names = ["aligned", *(copy.name for copy in copies)]
+        names = [row["name"] for row in result["rows"]]
         print(efficacy.by_template(samples, list(zip(names, labels, strict=True)), args.split))
     finally:
         shutil.rmtree(folder)
