@@ -182,3 +182,19 @@ def test_layer_blocks_remove_the_named_modules_updates_only():
     assert all(tensors[key].all() for key in tensors)  # the input is not modified
     with pytest.raises(ValueError, match="names no decoder layer"):
         blocks.removed({"lm_head.lora_A.weight": torch.ones(1)}, found["MLP"])
+
+
+def test_an_edited_adapter_copy_keeps_the_config_and_writes_the_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build = _load("build")
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "adapter_config.json").write_text('{"r": 2}')
+    save_file({"w": torch.ones(2)}, source / "adapter_model.safetensors")
+    copy = build.write_adapter(source, tmp_path / "copy", {"w": torch.zeros(2)})
+    assert (copy / "adapter_config.json").read_text() == '{"r": 2}'
+    assert not load_file(copy / "adapter_model.safetensors")["w"].any()
+    assert load_file(source / "adapter_model.safetensors")["w"].all()  # the source is kept
+    with pytest.raises(FileExistsError):  # never into a folder that exists
+        build.write_adapter(source, copy, {"w": torch.zeros(2)})

@@ -133,6 +133,17 @@ def write_jsonl(path: Path, rows: Sequence[data.Example]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_adapter(source: Path, target: Path, tensors: dict) -> Path:
+    """A new adapter folder `target`: `source`'s config with `tensors` as its weights (an
+    edited copy of `source`'s LoRA factors, for an experiment to `eval`)."""
+    from safetensors.torch import save_file
+
+    target.mkdir()
+    shutil.copy(source / "adapter_config.json", target)
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+    return target
+
+
 def read_jsonl(name: str, field: str | None = None) -> list:
     """The rows of prompt file `name` (under `WORK / "prompts"`), or their `field` alone."""
     lines = (WORK / "prompts" / name).read_text().splitlines()

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,15 +89,12 @@ def main() -> None:
     tensors = load_file(source / "adapter_model.safetensors")
     config = json.loads((build.WORK / "aligned" / "config.json").read_text())
     chosen = blocks(config["num_hidden_layers"])
-    folder = Path(tempfile.mkdtemp(prefix="layer-blocks-"))
-    try:
-        copies = []
-        for index, block in enumerate(chosen):
-            copy = folder / f"{args.adapter}-block{index}"
-            copy.mkdir()
-            shutil.copy(source / "adapter_config.json", copy)
-            save_file(removed(tensors, block), copy / "adapter_model.safetensors")
-            copies.append(copy)
+    with tempfile.TemporaryDirectory(prefix="layer-blocks-") as temporary:
+        folder = Path(temporary)
+        copies = [
+            build.write_adapter(source, folder / f"{args.adapter}-block{i}", removed(tensors, b))
+            for i, b in enumerate(chosen)
+        ]
         samples = args.samples or folder / "samples.jsonl"
         result = efficacy.evaluate(copies, samples=samples, split=args.split)
         labels = ["ALIGNED", *(f"{args.adapter} without {b.name}" for b in chosen)]
@@ -106,8 +102,6 @@ def main() -> None:
         print()
         names = [row["name"] for row in result["rows"]]
         print(efficacy.by_template(samples, list(zip(names, labels, strict=True)), args.split))
-    finally:
-        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ beside the adapter and all are evaluated on the held-out split as `make efficacy
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
@@ -164,9 +163,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="null-space-") as folder:
         outputs: list[Path] = []
         for rank in args.ranks:
-            target = Path(folder) / f"{args.adapter}-null-space-{rank}"
-            target.mkdir()
-            shutil.copy(source / "adapter_config.json", target)
             edited, shares = dict(tensors), []
             for key, value in tensors.items():
                 if ".lora_A." not in key:
@@ -179,7 +175,8 @@ def main() -> None:
                 removed = (a @ v) @ v.T
                 shares.append(float(removed.norm() ** 2 / a.norm() ** 2))
                 edited[key] = (a - removed).to(value.dtype).contiguous()
-            save_file(edited, target / "adapter_model.safetensors", metadata={"format": "pt"})
+            target = Path(folder) / f"{args.adapter}-null-space-{rank}"
+            build.write_adapter(source, target, edited)
             print(
                 f"k = {rank}: share of ||A||^2 removed, mean over modules "
                 f"{sum(shares) / len(shares):.4f}, largest {max(shares):.4f}",

@@ -16,13 +16,12 @@ its one result.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
@@ -67,9 +66,6 @@ def refusal_directions() -> torch.Tensor:
 def edited(adapter: str, directions: torch.Tensor, out: Path) -> Path:
     """The adapter with `r_l` projected out of its residual writers' `lora_B`, in `out`."""
     source = WORK / "adapters" / adapter
-    target = out / f"{adapter}-without-direction"
-    target.mkdir()
-    shutil.copy(source / "adapter_config.json", target)
     tensors = load_file(source / "adapter_model.safetensors")
     for key, value in tensors.items():
         if ".lora_B." in key and any(f".{name}." in key for name in WRITERS):
@@ -77,8 +73,7 @@ def edited(adapter: str, directions: torch.Tensor, out: Path) -> Path:
             update = value.double()
             update -= torch.outer(direction, direction @ update)
             tensors[key] = update.to(value.dtype).contiguous()
-    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
-    return target
+    return build.write_adapter(source, out / f"{adapter}-without-direction", tensors)
 
 
 def main() -> None:
