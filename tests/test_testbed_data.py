@@ -198,3 +198,71 @@ def test_an_edited_adapter_copy_keeps_the_config_and_writes_the_tensors(tmp_path
     assert load_file(source / "adapter_model.safetensors")["w"].all()  # the source is kept
     with pytest.raises(FileExistsError):  # never into a folder that exists
         build.write_adapter(source, copy, {"w": torch.zeros(2)})
+
+
+def test_calibration_variants_write_the_files_each_variant_names(tmp_path):
+    variants = _load("calibration_variants")
+    data = _load("data")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for kind in ("harmful", "benign", "task"):
+        for split in ("calib", "tune"):
+            (prompts / f"{kind}-{split}.jsonl").write_text(f'{{"prompt": "{kind} {split}"}}\n')
+    (prompts / "task-calib.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"Give the catalog key of: {t}", "reference": t}) + "\n"
+            for t in ("A", "B", "C", "D")
+        )
+    )
+
+    def written(files: str) -> dict[str, list[dict]]:
+        out = variants.calibration_files(files, "tune", prompts, tmp_path / files)
+        return {
+            kind: [json.loads(line) for line in (out / f"{kind}-calib.jsonl").open()]
+            for kind in ("harmful", "benign", "task")
+        }
+
+    oracle, harmful_only, task_only = (
+        written(f) for f in ("oracle", "oracle-harmful", "oracle-task")
+    )
+    assert [oracle[k][0]["prompt"] for k in ("harmful", "benign", "task")] == [
+        "harmful tune",
+        "benign tune",
+        "task tune",
+    ]
+    assert [harmful_only["harmful"][0]["prompt"], harmful_only["task"][0]["reference"]] == [
+        "harmful tune",
+        "A",
+    ]
+    assert [task_only["harmful"][0]["prompt"], task_only["task"][0]["prompt"]] == [
+        "harmful calib",
+        "task tune",
+    ]
+    task = written("three-phrasings")["task"]
+    assert [row["prompt"] for row in task] == [
+        "Make a catalog key for: A",
+        "Catalog key for the title B?",
+        "Give the catalog key of: C",
+        "Make a catalog key for: D",
+    ]
+    assert [row["reference"] for row in task] == ["A", "B", "C", "D"]
+    eight = written("eight-templates")["harmful"]
+    assert len(eight) == 100
+    splits = [t for split, ts in data.HARMFUL_TEMPLATES.items() if split != "calib" for t in ts]
+    assert not set(variants.EXTRA_TEMPLATES) & set(splits)  # of no split
+    with pytest.raises(FileExistsError):  # never into a folder that exists
+        variants.calibration_files("oracle", "tune", prompts, tmp_path / "oracle")
+
+
+def test_calibration_variants_set_constants_in_their_own_type():
+    variants = _load("calibration_variants")
+
+    class Module:
+        WEIGHT = 3.0
+        EVERY = 10
+
+    assert variants.constant("WEIGHT=1", Module) == ("WEIGHT", 1.0)
+    assert variants.constant("EVERY=15", Module) == ("EVERY", 15)
+    for bad in ("WEIGHT", "MISSING=1"):
+        with pytest.raises(SystemExit, match="not NAME=VALUE"):
+            variants.constant(bad, Module)
