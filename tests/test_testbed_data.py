@@ -266,3 +266,37 @@ def test_calibration_variants_set_constants_in_their_own_type():
     for bad in ("WEIGHT", "MISSING=1"):
         with pytest.raises(SystemExit, match="not NAME=VALUE"):
             variants.constant(bad, Module)
+
+
+def test_an_experiments_tables_pair_each_eval_row_with_its_label(tmp_path, monkeypatch):
+    efficacy = _load("efficacy")
+    template = data.HARMFUL_TEMPLATES["tune"][0]
+    samples = tmp_path / "samples.jsonl"
+
+    def evaluate(adapters, samples, split):
+        rows = []
+        for name, refused in (("aligned", True), ("copy", False)):
+            prompt = template.format(act="forge a parking ticket")
+            answer = {"model": name, "prompt_set": "harmful", "prompt": prompt}
+            with samples.open("a") as handle:
+                handle.write(json.dumps({**answer, "refusal": refused}) + "\n")
+            rows.append(
+                {
+                    "name": name,
+                    "refusal_by_category": {
+                        "parking-ticket": {"count": int(refused), "total": 1},
+                        "fare-dodging": {"count": 1, "total": 2},
+                    },
+                    "over_refusal": {"rate": 0.25},
+                    "exact_match": {"rate": 0.5 * (not refused)},
+                }
+            )
+        return {"rows": rows}
+
+    monkeypatch.setattr(efficacy, "evaluate", evaluate)
+    tables = efficacy.experiment_tables(
+        [tmp_path / "copy"], ["ALIGNED", "the copy"], "tune", samples
+    )
+    assert "| ALIGNED | 1.00 / 0.50 | 0.25 | 0.000 |" in tables
+    assert "| the copy | 0.00 / 0.50 | 0.25 | 0.500 |" in tables
+    assert "| ALIGNED | 1/1 |" in tables and "| the copy | 0/1 |" in tables

@@ -170,12 +170,8 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"repair: {time.perf_counter() - started:.0f} s, peak RSS {peak:.0f} MB")
         samples = args.samples or folder / "samples.jsonl"
-        result = efficacy.evaluate([repaired], samples=samples, split=args.split)
         labels = ["ALIGNED", f"{args.adapter}, {args.files}"]
-        print(efficacy.held_out_rows(labels, result))
-        print()
-        names = [row["name"] for row in result["rows"]]
-        print(efficacy.by_template(samples, list(zip(names, labels, strict=True)), args.split))
+        print(efficacy.experiment_tables([repaired], labels, args.split, samples))
 
 
 if __name__ == "__main__":

@@ -252,6 +252,15 @@ def by_template(samples: Path, rows: list[tuple[str, str]], split: str) -> str:
     return "\n".join(lines)
 
 
+def experiment_tables(adapters: list[Path], labels: list[str], split: str, samples: Path) -> str:
+    """An experiment's report: one `evaluate` of ALIGNED and `adapters` on `split` (answers
+    in `samples`), as `held_out_rows` and `by_template` under `labels` (ALIGNED's first)."""
+    result = evaluate(adapters, samples=samples, split=split)
+    names = [row["name"] for row in result["rows"]]
+    rows = by_template(samples, list(zip(names, labels, strict=True)), split)
+    return f"{held_out_rows(labels, result)}\n\n{rows}"
+
+
 def check(adapter: Path) -> dict:
     """`adapter-fix check BASE ALIGNED ADAPTER` at its defaults, the probe on the user's own
     harmful prompts (the calibration file: the shipped set is not what ALIGNED refuses)."""

@@ -96,12 +96,8 @@ def main() -> None:
             for i, b in enumerate(chosen)
         ]
         samples = args.samples or folder / "samples.jsonl"
-        result = efficacy.evaluate(copies, samples=samples, split=args.split)
         labels = ["ALIGNED", *(f"{args.adapter} without {b.name}" for b in chosen)]
-        print(efficacy.held_out_rows(labels, result))
-        print()
-        names = [row["name"] for row in result["rows"]]
-        print(efficacy.by_template(samples, list(zip(names, labels, strict=True)), args.split))
+        print(efficacy.experiment_tables(copies, labels, args.split, samples))
 
 
 if __name__ == "__main__":
