@@ -31,6 +31,42 @@ DESCENT_CHECK_EVERY = 15
 
 
 @dataclass(frozen=True)
+class DescentStart:
+    """Where `--search descent` starts its gates, and the settings chosen for that start."""
+
+    gate: float
+    """Every gate's value before the first step: 0 is ALIGNED, 1 the adapter."""
+    rate: float
+    floor: float
+    refusal_share: float
+    task_weight: float
+    """Weight of the task term against the refusal term's 1."""
+    steps: int
+    """Steps when `--descent-steps` is not given."""
+
+
+DESCENT_PRESETS = {
+    # Session 17 (bench/README.md, "The descent from ALIGNED, faster"): every unit starts
+    # off and comes back only as far as the refusal term allows, so each of an attack's
+    # redundant copies of its compliance is seen as it returns; a larger step fits the
+    # calibration prompts within 60 steps, and the closer fit carried to the tuning split.
+    "aligned": DescentStart(
+        gate=0.0, rate=5.6, floor=0.0, refusal_share=0.7, task_weight=1.0, steps=60
+    ),
+    # The default until session 17: from the adapter, units may be negated. refusal_share
+    # was 0.7 until session 8 ("The descent search at its defaults"), the rate 0.5 in 40
+    # steps until session 13 ("A larger step in fewer steps").
+    "adapter": DescentStart(
+        gate=1.0, rate=0.7, floor=-1.0, refusal_share=0.5, task_weight=3.0, steps=30
+    ),
+}
+DESCENT_START_NAMES = {"aligned": "ALIGNED", "adapter": "the adapter"}
+"""How the report names each start."""
+DESCENT_STARTS = tuple(DESCENT_PRESETS)
+"""Where `--search descent` may start its gates."""
+
+
+@dataclass(frozen=True)
 class SubspaceSettings:
     """How `k` is chosen (METHOD.md §1) and where the SVD runs."""
 
@@ -190,13 +226,19 @@ class GateOptions:
     descent on every gate at once, which may negate or amplify a unit (needs a task set);
     `auto`: descent where its task guard can measure the adapter's task gain (exact match
     on task references better than ALIGNED's), order otherwise."""
-    descent_steps: int = 30
+    descent_start: str = "aligned"
+    """Where the descent search starts its gates (`DESCENT_STARTS`)."""
+    descent_steps: int | None = None
     """Gradient steps of the descent search (measured every `DESCENT_CHECK_EVERY` and after
-    the last)."""
+    the last); None: its start's own number."""
 
     def __post_init__(self) -> None:
         if self.search not in GATE_SEARCHES:
             raise ValueError(f"search must be one of {GATE_SEARCHES}, got {self.search!r}")
+        if self.descent_start not in DESCENT_STARTS:
+            raise ValueError(
+                f"descent_start must be one of {DESCENT_STARTS}, got {self.descent_start!r}"
+            )
         if self.search != "order" and self.refine:
             raise ValueError(f"refine is a step of the order search, not of {self.search}")
 

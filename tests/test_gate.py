@@ -39,15 +39,18 @@ from adapter_fix.evaluate.objectives import (  # noqa: E402
     token_nll,
 )
 from adapter_fix.methods.gate import (  # noqa: E402
+    DESCENT_CEILING,
     Calibration,
     GatedModel,
     GateOptions,
     _descend,
     _refusal_rows,
+    descent_settings,
     gate_repair,
     gated_factors,
     refine_components,
 )
+from adapter_fix.options import DESCENT_PRESETS, DESCENT_STARTS  # noqa: E402
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -506,10 +509,10 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
     assert torch.equal(partial_change(gates, 1.0), gates)
 
 
-def _descent(model, names, rates, kept, steps=20):
-    """`_descend` on the tiny model with measured rates and kept task given by the caller
-    (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint every 10
-    steps. Returns its result, the gates it left and the refusal starts' NLL there."""
+def _descent(model, names, rates, kept, steps=20, start="aligned"):
+    """`_descend` on the tiny model from `start` with measured rates and kept task given by
+    the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
+    every 10 steps. Returns its result, the gates it left and the refusal starts' NLL there."""
     gated = GatedModel(model, names, "component")
     measured, kept_measured = iter(rates), iter(kept)
     harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
@@ -517,7 +520,13 @@ def _descent(model, names, rates, kept, steps=20):
         with mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 10):
             result = _descend(
                 gated,
-                GateOptions(search="descent", descent_steps=steps, task_budget=0.1, batch_size=2),
+                GateOptions(
+                    search="descent",
+                    descent_start=start,
+                    descent_steps=steps,
+                    task_budget=0.1,
+                    batch_size=2,
+                ),
                 refusal=(harmful, starts),
                 task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
                 measure_refusals=lambda: next(measured),
@@ -533,23 +542,67 @@ def _descent(model, names, rates, kept, steps=20):
 
 
 @pytest.mark.model
-def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(lora_model):
+@pytest.mark.parametrize("start", ["aligned", "adapter"])
+def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(lora_model, start):
     model, names = lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
         # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
         (rounds, rate, kept, reason), values, after = _descent(
-            model, names, [[True, False], [True, True], [False, True]], [1.0] * 4, steps=25
+            model,
+            names,
+            [[True, False], [True, True], [False, True]],
+            [1.0] * 4,
+            steps=25,
+            start=start,
         )
         assert [r.steps for r in rounds] == [10, 20, 25]
         assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
-        assert reason == "25 steps; kept the checkpoint after step 20"
+        named = {"aligned": "ALIGNED", "adapter": "the adapter"}[start]
+        assert reason == f"25 steps from {named}; kept the checkpoint after step 20"
         assert not bool((values == 1.0).all())  # the gates moved...
         assert after < nll  # ...and made ALIGNED's refusal start likelier
         assert all(r.prompts == 2 for r in rounds)
     finally:
         model.load_state_dict(state)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("start", "first", "floor"), [("aligned", 0.0, 0.0), ("adapter", 1.0, -1.0)]
+)
+def test_descent_starts_every_gate_at_its_start_and_keeps_within_its_floor(
+    lora_model, start, first, floor
+):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[torch.Tensor] = []
+    step = gate_module.descent_step
+
+    def recorded(gates, gradient, scale, **kwargs):
+        seen.append(gates.clone())
+        assert kwargs["floor"] == floor and kwargs["rate"] == DESCENT_PRESETS[start].rate
+        return step(gates, gradient, scale, **kwargs)
+
+    try:
+        with mock.patch.object(gate_module, "descent_step", recorded):
+            _result, values, _nll = _descent(
+                model, names, [[True, True]], [1.0, 1.0], steps=3, start=start
+            )
+        assert len(seen) == 3 and bool((seen[0] == first).all())
+        assert float(values.min()) >= floor and float(values.max()) <= DESCENT_CEILING
+    finally:
+        model.load_state_dict(state)
+
+
+def test_descent_settings_record_the_start_and_its_steps():
+    aligned = descent_settings(GateOptions(search="descent"))
+    assert aligned["start"] == "aligned" and aligned["start_gate"] == 0.0
+    assert aligned["steps"] == DESCENT_PRESETS["aligned"].steps and aligned["floor"] == 0.0
+    adapter = descent_settings(GateOptions(descent_start="adapter", descent_steps=7))
+    assert (adapter["start"], adapter["steps"], adapter["floor"]) == ("adapter", 7, -1.0)
+    assert set(DESCENT_PRESETS) == set(DESCENT_STARTS)
 
 
 @pytest.mark.model
@@ -598,6 +651,8 @@ def test_gate_options_refuse_an_unknown_search_and_refine_with_descent():
         GateOptions(search="random")
     with pytest.raises(ValueError, match="refine is a step of the order search"):
         GateOptions(search="descent", refine=True)
+    with pytest.raises(ValueError, match="descent_start must be one of"):
+        GateOptions(descent_start="base")
 
 
 def test_refusal_rows_end_at_the_shortest_start_the_judge_calls_a_refusal():
@@ -640,6 +695,7 @@ def test_refine_needs_module_gates(tmp_path):
         (("--task", "TASK"), "auto"),  # descent where the task gain is measurable (run time)
         (("--task", "TASK", "--margin-tokens", "2"), "order"),  # an order setting
         (("--task", "TASK", "--descent-steps", "5"), "descent"),
+        (("--task", "TASK", "--descent-start", "adapter"), "descent"),
         (("--search", "order", "--task", "TASK"), "order"),
         (("--search", "descent", "--task", "TASK"), "descent"),
     ],
@@ -686,6 +742,12 @@ def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):
     assert result.exit_code == 2 and "--descent-steps is a setting of --search descent" in (
         result.stderr
     )
+    result = _gate_cli(tmp_path / "out", "--search", "order", "--descent-start", "adapter")
+    assert result.exit_code == 2 and "--descent-start is a setting of --search descent" in (
+        result.stderr
+    )
+    result = _gate_cli(tmp_path / "out", "--descent-start", "adapter")
+    assert result.exit_code == 2 and "--descent-start asks for --search descent" in result.stderr
     # --search auto: --descent-steps asks for descent, which needs --task...
     result = _gate_cli(tmp_path / "out", "--descent-steps", "5")
     asks = "--descent-steps asks for --search descent, which needs --task"
@@ -706,7 +768,7 @@ CHAT = Path(__file__).resolve().parents[1] / "fixtures"
 PROMPTS = CHAT / "chat-prompts"
 
 
-SEARCH_FLAGS = {"--search", "--descent-steps", "--ig-steps"}
+SEARCH_FLAGS = {"--search", "--descent-steps", "--descent-start", "--ig-steps"}
 
 
 def _gate_cli(out: Path, *extra: str, quiet: bool = True) -> CliResult:
@@ -842,13 +904,8 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    # On the 2-layer miniature the default refusal share (0.5) gains no refusal in 60 steps;
-    # this test is about what is written and reported, so it takes the larger share (and
-    # three checkpoints, whatever the default interval).
-    with (
-        mock.patch.object(gate_module, "DESCENT_REFUSAL_SHARE", 0.7),
-        mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 20),
-    ):
+    # Three checkpoints, whatever the default interval.
+    with mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 20):
         result = _gate_cli(  # --descent-steps asks --search auto for descent
             out,
             *("--task", str(PROMPTS / "task-calib.jsonl")),
@@ -860,7 +917,8 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     assert [r["steps"] for r in calibration["rounds"]] == [20, 40, 60]
     assert calibration["options"]["search"] == "descent"
     assert calibration["options"]["search_requested"] == "descent"
-    assert calibration["descent"]["refusal_share"] == 0.7  # the settings it ran with
+    descent = calibration["descent"]  # the settings it ran with: ALIGNED's start, 60 steps
+    assert (descent["start"], descent["steps"], descent["refusal_share"]) == ("aligned", 60, 0.7)
     assert report["parameters"]["descent"] == calibration["descent"]  # and the adapter's record
     # With the whole task budget, the checkpoint that refuses most is kept.
     best = max(r["refusal_rate"] for r in calibration["rounds"])

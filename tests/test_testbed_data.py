@@ -261,11 +261,15 @@ def test_calibration_variants_set_constants_in_their_own_type():
         WEIGHT = 3.0
         EVERY = 10
 
-    assert variants.constant("WEIGHT=1", Module) == ("WEIGHT", 1.0)
-    assert variants.constant("EVERY=15", Module) == ("EVERY", 15)
+    class Preset:
+        rate = 0.7
+
+    assert variants.constant("WEIGHT=1", Preset, Module) == (Module, "WEIGHT", 1.0)
+    assert variants.constant("EVERY=15", Module) == (Module, "EVERY", 15)
+    assert variants.constant("rate=5", Preset, Module) == (Preset, "rate", 5.0)
     for bad in ("WEIGHT", "MISSING=1"):
         with pytest.raises(SystemExit, match="not NAME=VALUE"):
-            variants.constant(bad, Module)
+            variants.constant(bad, Preset, Module)
 
 
 def test_an_experiments_tables_pair_each_eval_row_with_its_label(tmp_path, monkeypatch):

@@ -32,6 +32,8 @@ from adapter_fix.cli.options import (
 from adapter_fix.methods import METHODS
 from adapter_fix.options import (
     DESCENT_CHECK_EVERY,
+    DESCENT_PRESETS,
+    DESCENT_STARTS,
     GATE_SEARCHES,
     GATE_UNITS,
     MODEL_DTYPES,
@@ -66,12 +68,15 @@ GATE_SETTINGS = (
     "refine",
     "search",
     "descent_steps",
+    "descent_start",
     "calibration_tokens",
     "batch_size",
     "dtype",
 )
 ORDER_SETTINGS = ("rounds", "ig_steps", "margin_tokens", "min_harm_share", "refine")
 """The settings of `--search order` alone."""
+DESCENT_SETTINGS = ("descent_steps", "descent_start")
+"""The settings of `--search descent` alone: either asks `--search auto` for descent."""
 
 
 def gate_options(command: F) -> F:
@@ -179,10 +184,20 @@ def gate_options(command: F) -> F:
             "--descent-steps",
             type=click.IntRange(min=1, max=1000),
             default=GATE.descent_steps,
-            show_default=True,
             help=f"[gate] Steps of --search descent, measured every {DESCENT_CHECK_EVERY} "
-            "and after the last; "
-            "the best measured checkpoint within the task budget is kept.",
+            "and after the last; the best measured checkpoint within the task budget is "
+            "kept. [default: "
+            + ", ".join(f"{p.steps} from the {name}" for name, p in DESCENT_PRESETS.items())
+            + "]",
+        ),
+        click.option(
+            "--descent-start",
+            type=click.Choice(DESCENT_STARTS),
+            default=GATE.descent_start,
+            show_default=True,
+            help="[gate] Where --search descent starts its gates: aligned (every unit of "
+            "the adapter off, ALIGNED itself; units come back as far as the refusal term "
+            "allows, never negated) or adapter (every unit on; units may also be negated).",
         ),
         click.option(
             "--calibration-tokens",
@@ -336,8 +351,9 @@ def repair(
         )
     order_only = [n for n in ORDER_SETTINGS if n in given]
     asked = gate["search"]
+    descent_only = [n for n in DESCENT_SETTINGS if n in given]
     if asked == "auto":  # --descent-steps asks for descent, as --rounds for order
-        if "descent_steps" in given:
+        if descent_only:
             gate["search"] = "descent"
         elif gate["task"] is None or order_only:
             gate["search"] = "order"
@@ -347,17 +363,19 @@ def repair(
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
+            flag = "--" + descent_only[0].replace("_", "-") if descent_only else ""
             cause = (
                 "--search descent"
                 if asked == "descent"
-                else "--descent-steps asks for --search descent, which"
+                else f"{flag} asks for --search descent, which"
             )
             raise click.UsageError(
                 f"{cause} needs --task with reference answers: its task term and the kept "
                 "task it measures at each checkpoint come from them"
             )
-    elif "descent_steps" in given:
-        raise click.UsageError("--descent-steps is a setting of --search descent")
+    elif descent_only:
+        flag = "--" + descent_only[0].replace("_", "-")
+        raise click.UsageError(f"{flag} is a setting of --search descent")
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     check_report_formats("repair", reports)

@@ -63,6 +63,7 @@ def repair_with_gates(
         refine=gate["refine"],
         search=gate["search"],
         descent_steps=gate["descent_steps"],
+        descent_start=gate["descent_start"],
         max_new_tokens=gate["calibration_tokens"],
         batch_size=gate["batch_size"],
     )

@@ -460,7 +460,7 @@ def _calibration_report(
         },
         "descent": (
             {
-                **descent_settings(),
+                **descent_settings(options),
                 "separated_layers": outcome.separated_layers,
                 "benign_answers_kept": outcome.benign_answers_kept,
             }

@@ -72,33 +72,35 @@ from adapter_fix.math.gating import (
 )
 from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
-from adapter_fix.options import DESCENT_CHECK_EVERY, GATE_UNITS, GateOptions
+from adapter_fix.options import (
+    DESCENT_CHECK_EVERY,
+    DESCENT_PRESETS,
+    DESCENT_START_NAMES,
+    GATE_UNITS,
+    GateOptions,
+)
 from adapter_fix.results import ModuleResult
 
 # `--search descent` (bench/README.md, "A margin on the refusal side too"; chosen on the
-# testbed's attack-mix, float32 build): the first step moves its steepest gate by
-# DESCENT_RATE, later steps move each gate by its gradient over the first step's largest,
-# times DESCENT_RATE; a gate may negate its unit (down to DESCENT_FLOOR) or amplify it (up
-# to DESCENT_CEILING). The refusal term is taken with DESCENT_REFUSAL_SHARE of the gates'
-# change (refusal must hold with part of the repair undone), the task term at
-# DESCENT_TASK_SCALE times the gates (the task must survive the remaining update shrunk):
-# margins for prompts phrased unlike the calibration files. DESCENT_REFUSAL_SHARE was 0.7
-# until session 8; 0.5 refused more held-out prompts on attack-mix and attack-benign at
-# task >= 0.95 (bench/README.md, "The descent search at its defaults"). DESCENT_RATE was 0.5, in
-# 40 steps, until session 13; 0.7 in 30 steps refused as many or more held-out prompts on
-# every attack, about 60 s sooner (bench/README.md, "A larger step in fewer steps").
-DESCENT_RATE = 0.7
-DESCENT_FLOOR = -1.0
+# testbed; each start's settings are `DESCENT_PRESETS`, in options.py): the first step
+# moves its steepest gate by the start's `rate`, later steps move each gate by its
+# gradient over the first step's largest, times `rate`; a gate may stay within
+# `[floor, DESCENT_CEILING]` (below 0 it negates its unit, above 1 it amplifies it).
+# The refusal term is taken with the start's `refusal_share` of the gates' change from the
+# adapter (refusal must hold with part of the adapter's update added back), the task term
+# at DESCENT_TASK_SCALE times the gates (the task must survive the remaining update
+# shrunk): margins for prompts phrased unlike the calibration files.
+
+
 DESCENT_CEILING = 1.5
-DESCENT_REFUSAL_SHARE = 0.5
 DESCENT_TASK_SCALE = 0.6
-DESCENT_TASK_WEIGHT = 3.0
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
 DESCENT_BENIGN_WEIGHT = 1.0
 """Weight of the benign term (the adapter's own answer starts, `DESCENT_START_TOKENS` tokens,
 on the benign calibration prompts it does not refuse, at the task's stressed gates) against
-the task's `DESCENT_TASK_WEIGHT`: the search must keep answering what the adapter answers."""
+the refusal term's 1, whatever the start's task weight: the search must keep answering what
+the adapter answers."""
 SEPARATION_RIDGE = 1e-3
 """`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
 SEPARATION_TOLERANCE = 1e-3
@@ -812,18 +814,19 @@ def _descend(
     pad_id: int,
     on_round: Callable[[Round], None] | None,
 ) -> tuple[list[Round], float, float | None, str]:
-    """`--search descent`: projected gradient descent on every gate at once (see
-    `DESCENT_*`), measured at checkpoints; the gates are left at the best checkpoint.
+    """`--search descent`: projected gradient descent on every gate at once from the start
+    `options.descent_start` names (`DESCENT_PRESETS`: every gate at its `gate`, with its
+    settings), measured at checkpoints; the gates are left at the best checkpoint.
 
     Each step takes the gradient of `NLL(ALIGNED's refusal start | harmful)` (`refusal`:
-    prompts and starts) at `partial_change(g, DESCENT_REFUSAL_SHARE)` plus `w` times that
+    prompts and starts) at `partial_change(g, refusal_share)` plus `task_weight` times that
     of the task NLL (`task`: prompts and references) at `DESCENT_TASK_SCALE * g`, and
     `DESCENT_BENIGN_WEIGHT` times that of the adapter's own answer starts on the benign
     prompts it does not refuse (`benign`: prompts and starts; none: no term), at the same
-    gates, each on
-    the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`), and
-    moves the gates by `descent_step` within `[DESCENT_FLOOR, DESCENT_CEILING]`, `w` =
-    `DESCENT_TASK_WEIGHT`. Every `DESCENT_CHECK_EVERY` steps, and after the last,
+    gates, each on the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`),
+    and moves the gates by `descent_step` (the start's `rate`) within `[floor,
+    DESCENT_CEILING]`. `options.descent_steps` steps (None: the start's `steps`). Every
+    `DESCENT_CHECK_EVERY` steps, and after the last,
     a checkpoint measures the refusal rate (generation and the judge) and the kept task
     (exact match, which must be measurable: `kept_task()` None is a UsageError). The best
     checkpoint is the one that refuses most, more than the adapter, while keeping the task
@@ -844,29 +847,31 @@ def _descend(
     if start_rate >= options.target_refusal:
         return [], start_rate, start_kept, "the adapter already refuses at the target"
     floor = 1.0 - options.task_budget
+    start = DESCENT_PRESETS[options.descent_start]
+    steps = int(descent_settings(options)["steps"])
     model, batch = gated.model, options.batch_size
     (harmful, starts), (prompts, references) = refusal, task
     names = [_unit_name(gated, unit) for unit in gated.units()]
     adapter = gated.values()
-    values = adapter.clone()
+    values = torch.full_like(adapter, start.gate)
     best: tuple[Tensor, float, float, int] = (adapter, start_rate, start_kept, 0)
     rounds: list[Round] = []
     scale = 0.0
-    stopped = f"{options.descent_steps} steps"
+    stopped = f"{steps} steps from {DESCENT_START_NAMES[options.descent_start]}"
     started = time.perf_counter()
-    for step in range(1, options.descent_steps + 1):
-        gated.set_values(partial_change(values, DESCENT_REFUSAL_SHARE))
+    for step in range(1, steps + 1):
+        gated.set_values(partial_change(values, start.refusal_share))
         _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
-        gradient = DESCENT_REFUSAL_SHARE * gated.gradients()
+        gradient = start.refusal_share * gated.gradients()
         gated.set_values(values * DESCENT_TASK_SCALE)
         _step_backward(
             model,
-            [(prompts, references, 1.0), (*benign, DESCENT_BENIGN_WEIGHT / DESCENT_TASK_WEIGHT)],
+            [(prompts, references, 1.0), (*benign, DESCENT_BENIGN_WEIGHT / start.task_weight)],
             step,
             pad=pad_id,
             batch=batch,
         )
-        gradient = gradient + DESCENT_TASK_WEIGHT * DESCENT_TASK_SCALE * gated.gradients()
+        gradient = gradient + start.task_weight * DESCENT_TASK_SCALE * gated.gradients()
         if not bool(torch.isfinite(gradient).all()):
             stopped = f"the gradient at step {step} was not finite (NaN or Inf): stopped there"
             break
@@ -876,9 +881,9 @@ def _descend(
                 stopped = "no gate moves the refusal or the task loss on the first step's prompts"
                 break
         values = descent_step(
-            values, gradient, scale, rate=DESCENT_RATE, floor=DESCENT_FLOOR, ceiling=DESCENT_CEILING
+            values, gradient, scale, rate=start.rate, floor=start.floor, ceiling=DESCENT_CEILING
         )
-        if step % DESCENT_CHECK_EVERY and step < options.descent_steps:
+        if step % DESCENT_CHECK_EVERY and step < steps:
             continue
         gated.set_values(values)
         refused = measure_refusals()
@@ -967,15 +972,20 @@ def gate_counts(gates: Tensor) -> GateCounts:
     )
 
 
-def descent_settings() -> dict[str, float | int]:
-    """The descent search's fixed settings, as the report records them."""
+def descent_settings(options: GateOptions) -> dict[str, str | float | int]:
+    """The settings the descent search runs with (its start's, `DESCENT_PRESETS`, and the
+    steps), as the report records them."""
+    preset = DESCENT_PRESETS[options.descent_start]
     return {
-        "rate": DESCENT_RATE,
-        "floor": DESCENT_FLOOR,
+        "start": options.descent_start,
+        "start_gate": preset.gate,
+        "steps": options.descent_steps or preset.steps,
+        "rate": preset.rate,
+        "floor": preset.floor,
         "ceiling": DESCENT_CEILING,
-        "refusal_share": DESCENT_REFUSAL_SHARE,
+        "refusal_share": preset.refusal_share,
         "task_scale": DESCENT_TASK_SCALE,
-        "task_weight": DESCENT_TASK_WEIGHT,
+        "task_weight": preset.task_weight,
         "start_tokens": DESCENT_START_TOKENS,
         "check_every": DESCENT_CHECK_EVERY,
         "chunks": DESCENT_CHUNKS,

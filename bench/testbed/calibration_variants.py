@@ -1,10 +1,11 @@
 """The gated repair with other calibration files or another start, then `eval` of one split.
 
-    .venv/bin/python bench/testbed/calibration_variants.py --files oracle --from-aligned \\
-        --set DESCENT_FLOOR=0 DESCENT_REFUSAL_SHARE=0.7 DESCENT_CHECK_EVERY=15 \\
-              DESCENT_TASK_WEIGHT=1 -- --descent-steps 60
+    .venv/bin/python bench/testbed/calibration_variants.py --files oracle --start aligned \\
+        --set rate=0.7 -- --descent-steps 60
 
-The rows of bench/README.md's "What the gates can hold" (session 16). `--files` picks the
+The rows of bench/README.md's "What the gates can hold" (session 16; the line above is
+its oracle row from ALIGNED, at that session's rate) and "The descent from ALIGNED,
+faster" (session 17). `--files` picks the
 calibration folder, written from the testbed's prompt files (`calibration_files`):
 
 - `shipped`: the calibration files `make efficacy` passes;
@@ -17,16 +18,20 @@ calibration folder, written from the testbed's prompt files (`calibration_files`
 - `eight-templates`: 100 harmful prompts under the four calibration templates and four of
   no split (`EXTRA_TEMPLATES`), shuffled by seed 11.
 
-`--from-aligned` sets every gate to 0 before the descent's first step; `--set NAME=VALUE`
-sets a constant of `adapter_fix.methods.gate` (its type kept); arguments after `--` go to
-`repair`. The repair runs in this process (its time and this process's peak RSS are
-printed), then one `eval` of ALIGNED and the repair. The folders and the repaired adapter
-go in a temporary folder, removed after; `--samples PATH` keeps the answers.
+`--start` picks the descent's start (`repair --descent-start`); `--set NAME=VALUE` sets a
+field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `rate`, `floor`,
+`refusal_share`, `task_weight`, `steps`) or a constant of `adapter_fix.methods.gate` (its
+type kept);
+arguments after `--` go to `repair`. The repair runs in this process (its time and this
+process's peak RSS are printed), then one `eval` of ALIGNED and the repair. The folders and
+the repaired adapter go in a temporary folder, removed after; `--samples PATH` keeps the
+answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import resource
@@ -34,7 +39,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +114,14 @@ def calibration_files(files: str, split: str, prompts: Path, out: Path) -> Path:
     return out
 
 
-def constant(setting: str, module: Any) -> tuple[str, Any]:
-    """`NAME=VALUE` as the name and VALUE in the type of `module.NAME` (which must exist)."""
+def constant(setting: str, *owners: Any) -> tuple[Any, str, Any]:
+    """`NAME=VALUE` as the first of `owners` (a module, a dataclass) with an attribute NAME,
+    the name, and VALUE in that attribute's type."""
     name, sep, value = setting.partition("=")
-    if not sep or not hasattr(module, name):
-        raise SystemExit(f"--set {setting!r}: not NAME=VALUE with NAME a constant of {module}")
-    return name, type(getattr(module, name))(value)
-
-
-def started_from_aligned(descend: Callable[..., Any]) -> Callable[..., Any]:
-    """`descend` (`gate._descend`) with every gate set to 0 (ALIGNED) before it starts."""
-
-    def wrapped(gated: Any, options: Any, **kwargs: Any) -> Any:
-        gated.set_values(gated.values() * 0)
-        return descend(gated, options, **kwargs)
-
-    return wrapped
+    owner = next((o for o in owners if hasattr(o, name)), None) if sep else None
+    if owner is None:
+        raise SystemExit(f"--set {setting!r}: not NAME=VALUE with NAME an attribute of {owners}")
+    return owner, name, type(getattr(owner, name))(value)
 
 
 def main() -> None:
@@ -133,7 +129,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
     parser.add_argument("--split", default="tune", choices=("tune", "eval"))
     parser.add_argument("--files", default="shipped", choices=FILES)
-    parser.add_argument("--from-aligned", action="store_true")
+    parser.add_argument("--start", default="aligned", choices=("aligned", "adapter"))
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     parser.add_argument("repair_args", nargs="*", help="after --: more `repair` arguments")
@@ -143,12 +139,15 @@ def main() -> None:
     from adapter_fix.cli import main as cli
     from adapter_fix.methods import gate
 
+    preset = gate.DESCENT_PRESETS[args.start]
     for setting in args.set:
-        name, value = constant(setting, gate)
-        setattr(gate, name, value)
+        owner, name, value = constant(setting, preset, gate)
+        if owner is preset:
+            preset = dataclasses.replace(preset, **{name: value})
+        else:
+            setattr(gate, name, value)
         print(f"{name} = {value}")
-    if args.from_aligned:
-        gate._descend = started_from_aligned(gate._descend)
+    gate.DESCENT_PRESETS[args.start] = preset
     with tempfile.TemporaryDirectory(prefix="calibration-variants-") as temporary:
         folder = Path(temporary)
         files = calibration_files(args.files, args.split, build.WORK / "prompts", folder / "p")
@@ -159,6 +158,7 @@ def main() -> None:
             str(build.WORK / "adapters" / args.adapter),
             *("-o", str(repaired), "--method", "gate"),
             *(f"--{kind}={files / f'{kind}-calib.jsonl'}" for kind in KINDS),
+            *("--descent-start", args.start),
             *args.repair_args,
         ]
         started = time.perf_counter()
