@@ -47,9 +47,10 @@ class DescentStart:
 
 DESCENT_PRESETS = {
     # Session 17 (bench/README.md, "The descent from ALIGNED, faster"): every unit starts
-    # off and comes back only as far as the refusal term allows, so each of an attack's
-    # redundant copies of its compliance is seen as it returns; a larger step fits the
-    # calibration prompts within 60 steps, and the closer fit carried to the tuning split.
+    # off and comes back only as far as the refusal term allows (on attack-comply, whose
+    # compliance is carried several times over, this restored the most held-out
+    # refusals); a larger step fits the calibration prompts within 60 steps, and on the
+    # tuning split the closer fit went with more refusals on other phrasings.
     "aligned": DescentStart(
         gate=0.0, rate=5.6, floor=0.0, refusal_share=0.7, task_weight=1.0, steps=60
     ),
@@ -223,7 +224,8 @@ class GateOptions:
     276-281 s against 298-311 s, the same held-out rows)."""
     search: str = "order"
     """`order`: rounds of attribution order and bisection; `descent`: projected gradient
-    descent on every gate at once, which may negate or amplify a unit (needs a task set);
+    descent on every gate at once, which may amplify a unit (and from the adapter negate
+    one; needs a task set);
     `auto`: descent where its task guard can measure the adapter's task gain (exact match
     on task references better than ALIGNED's), order otherwise."""
     descent_start: str = "aligned"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from adapter_fix.evaluate.objectives import (  # noqa: E402
     token_nll,
 )
 from adapter_fix.methods.gate import (  # noqa: E402
+    DESCENT_BENIGN_WEIGHT,
     DESCENT_CEILING,
     Calibration,
     GatedModel,
@@ -561,7 +563,7 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
         assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
         named = {"aligned": "ALIGNED", "adapter": "the adapter"}[start]
         assert reason == f"25 steps from {named}; kept the checkpoint after step 20"
-        assert not bool((values == 1.0).all())  # the gates moved...
+        assert not bool((values == DESCENT_PRESETS[start].gate).all())  # the gates moved...
         assert after < nll  # ...and made ALIGNED's refusal start likelier
         assert all(r.prompts == 2 for r in rounds)
     finally:
@@ -592,6 +594,42 @@ def test_descent_starts_every_gate_at_its_start_and_keeps_within_its_floor(
             )
         assert len(seen) == 3 and bool((seen[0] == first).all())
         assert float(values.min()) >= floor and float(values.max()) <= DESCENT_CEILING
+    finally:
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("start", ["aligned", "adapter"])
+def test_descent_takes_its_starts_share_weight_and_steps(lora_model, start):
+    """The refusal term at `partial_change(g, share)`, the benign term's weight over the
+    task weight, and the start's own number of steps when none is given."""
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    preset = DESCENT_PRESETS[start]
+    shares: list[float] = []
+    weights: list[float] = []
+    partial, backward = gate_module.partial_change, gate_module._step_backward
+
+    def recorded_partial(gates, share):
+        shares.append(share)
+        return partial(gates, share)
+
+    def recorded_backward(model_, groups, step, **kwargs):
+        weights.extend(weight for *_rows, weight in groups[1:])
+        return backward(model_, groups, step, **kwargs)
+
+    try:
+        with (
+            mock.patch.object(gate_module, "partial_change", recorded_partial),
+            mock.patch.object(gate_module, "_step_backward", recorded_backward),
+            mock.patch.dict(DESCENT_PRESETS, {start: dataclasses.replace(preset, steps=3)}),
+        ):
+            (rounds, *_rest), _values, _nll = _descent(
+                model, names, [[True, True]], [1.0, 1.0], steps=None, start=start
+            )
+        assert [r.steps for r in rounds] == [3]  # the start's steps, checkpoint after the last
+        assert shares == [preset.refusal_share] * 3
+        assert weights == [DESCENT_BENIGN_WEIGHT / preset.task_weight] * 3
     finally:
         model.load_state_dict(state)
 
@@ -717,6 +755,23 @@ def test_search_auto_resolves_from_the_options_given(tmp_path, extra, search):
         )
     assert result.exit_code == 0, result.stderr
     assert seen == [search]
+
+
+@pytest.mark.parametrize(
+    ("extra", "start", "steps"),
+    [((), "aligned", None), (("--descent-start", "adapter", "--descent-steps", "7"), "adapter", 7)],
+)
+def test_the_descent_settings_reach_the_repair(tmp_path, extra, start, steps):
+    seen: list[GateOptions] = []
+
+    def repair_gated(_aligned, _adapter, _options, gate_options, *_args, **_kwargs):
+        seen.append(gate_options)
+        raise SystemExit(0)
+
+    with mock.patch("adapter_fix.commands.repair.repair_gated", repair_gated):
+        result = _gate_cli(tmp_path / "out", *("--task", str(PROMPTS / "task-calib.jsonl"), *extra))
+    assert result.exit_code == 0, result.stderr
+    assert [(o.descent_start, o.descent_steps) for o in seen] == [(start, steps)]
 
 
 def test_descent_needs_a_task_set_and_is_not_refined(tmp_path):

@@ -172,12 +172,13 @@ def gate_options(command: F) -> F:
             type=click.Choice(GATE_SEARCHES),
             default="auto",
             show_default=True,
-            help="[gate] descent: gradient steps on every gate at once, which may also "
-            "negate or amplify a unit, against a stress-tested task term (needs --task); "
+            help="[gate] descent: gradient steps on every gate at once (see "
+            "--descent-start), against a stress-tested task term (needs --task); "
             "order: rounds that switch units off in attribution order, measured by "
             "bisection; auto: descent with --task, order without it or when one of the "
             "order search's settings (--rounds, --ig-steps, --margin-tokens, "
-            "--min-harm-share, --refine) is given; --descent-steps asks for descent. "
+            "--min-harm-share, --refine) is given; --descent-steps or --descent-start "
+            "asks for descent. "
             "With --task, auto runs order after all when the adapter's exact match on the "
             "references is no better than ALIGNED's (descent's guard needs that gain).",
         ),
@@ -355,7 +356,7 @@ def repair(
     order_only = [n for n in ORDER_SETTINGS if n in given]
     asked = gate["search"]
     descent_only = [n for n in DESCENT_SETTINGS if n in given]
-    if asked == "auto":  # --descent-steps asks for descent, as --rounds for order
+    if asked == "auto":  # a descent setting asks for descent, as --rounds for order
         if descent_only:
             gate["search"] = "descent"
         elif gate["task"] is None or order_only:
@@ -366,11 +367,10 @@ def repair(
             flag = "--" + order_only[0].replace("_", "-")
             raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
         if gate["task"] is None:
-            flag = "--" + descent_only[0].replace("_", "-") if descent_only else ""
             cause = (
                 "--search descent"
                 if asked == "descent"
-                else f"{flag} asks for --search descent, which"
+                else "--" + descent_only[0].replace("_", "-") + " asks for --search descent, which"
             )
             raise click.UsageError(
                 f"{cause} needs --task with reference answers: its task term and the kept "

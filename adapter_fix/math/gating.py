@@ -224,7 +224,8 @@ def descent_step(
     """One projected gradient step on the gates: `clip(g - rate * grad / scale, floor, ceiling)`.
 
     `gates` and `gradient` are `(units,)`; `scale` is the largest `|grad|` of the first
-    step, so that step moves the steepest gate by `rate` and later steps move each gate by
+    step, so that step moves the steepest gate by `rate` (or to its bound, if nearer) and
+    later steps move each gate by
     `rate` times its gradient over that first largest one. A `floor` below 0 lets a unit be
     negated (task arithmetic's negation), a `ceiling` above 1 lets it be amplified.
     """

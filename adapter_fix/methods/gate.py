@@ -21,9 +21,11 @@ when the rate reaches the target, when even the first unit costs too much
 task, when a round is undone, or after `rounds`.
 
 `search="descent"` replaces the rounds by projected gradient descent on every
-gate at once (`_descend`): a gate may also negate or amplify its unit; the
-refusal term asks for ALIGNED's refusal start with only part of the gates'
-change applied, the task term for the references at the gates shrunk; each
+gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
+(every gate 1; a gate may then also negate its unit), a gate may amplify its
+unit; the refusal term asks for ALIGNED's refusal start with part of the
+adapter's update added back, the task term for the references at the gates
+shrunk; each
 step takes its gradient on a share of the prompts, in turn; the best
 checkpoint measured within the task budget is kept.
 """
@@ -83,15 +85,13 @@ from adapter_fix.results import ModuleResult
 
 # `--search descent` (bench/README.md, "A margin on the refusal side too"; chosen on the
 # testbed; each start's settings are `DESCENT_PRESETS`, in options.py): the first step
-# moves its steepest gate by the start's `rate`, later steps move each gate by its
-# gradient over the first step's largest, times `rate`; a gate may stay within
-# `[floor, DESCENT_CEILING]` (below 0 it negates its unit, above 1 it amplifies it).
+# moves its steepest gate by the start's `rate` (stopping at its bounds), later steps move
+# each gate by its gradient over the first step's largest, times `rate`; a gate stays
+# within `[floor, DESCENT_CEILING]` (below 0 it negates its unit, above 1 it amplifies it).
 # The refusal term is taken with the start's `refusal_share` of the gates' change from the
 # adapter (refusal must hold with part of the adapter's update added back), the task term
 # at DESCENT_TASK_SCALE times the gates (the task must survive the remaining update
 # shrunk): margins for prompts phrased unlike the calibration files.
-
-
 DESCENT_CEILING = 1.5
 DESCENT_TASK_SCALE = 0.6
 DESCENT_START_TOKENS = 4
@@ -848,7 +848,7 @@ def _descend(
         return [], start_rate, start_kept, "the adapter already refuses at the target"
     floor = 1.0 - options.task_budget
     start = DESCENT_PRESETS[options.descent_start]
-    steps = int(descent_settings(options)["steps"])
+    steps = descent_steps(options)
     model, batch = gated.model, options.batch_size
     (harmful, starts), (prompts, references) = refusal, task
     names = [_unit_name(gated, unit) for unit in gated.units()]
@@ -972,6 +972,13 @@ def gate_counts(gates: Tensor) -> GateCounts:
     )
 
 
+def descent_steps(options: GateOptions) -> int:
+    """The descent's number of steps: `options.descent_steps`, or its start's own."""
+    if options.descent_steps is None:
+        return DESCENT_PRESETS[options.descent_start].steps
+    return options.descent_steps
+
+
 def descent_settings(options: GateOptions) -> dict[str, str | float | int]:
     """The settings the descent search runs with (its start's, `DESCENT_PRESETS`, and the
     steps), as the report records them."""
@@ -979,7 +986,7 @@ def descent_settings(options: GateOptions) -> dict[str, str | float | int]:
     return {
         "start": options.descent_start,
         "start_gate": preset.gate,
-        "steps": options.descent_steps or preset.steps,
+        "steps": descent_steps(options),
         "rate": preset.rate,
         "floor": preset.floor,
         "ceiling": DESCENT_CEILING,

@@ -19,13 +19,12 @@ calibration folder, written from the testbed's prompt files (`calibration_files`
   no split (`EXTRA_TEMPLATES`), shuffled by seed 11.
 
 `--start` picks the descent's start (`repair --descent-start`); `--set NAME=VALUE` sets a
-field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `rate`, `floor`,
-`refusal_share`, `task_weight`, `steps`) or a constant of `adapter_fix.methods.gate` (its
-type kept);
-arguments after `--` go to `repair`. The repair runs in this process (its time and this
-process's peak RSS are printed), then one `eval` of ALIGNED and the repair. The folders and
-the repaired adapter go in a temporary folder, removed after; `--samples PATH` keeps the
-answers.
+field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `gate`, `rate`,
+`floor`, `refusal_share`, `task_weight`, `steps`) or a constant of
+`adapter_fix.methods.gate` (its type kept); arguments after `--` go to `repair`. The
+repair runs in this process (its time and this process's peak RSS are printed), then one
+`eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary
+folder, removed after; `--samples PATH` keeps the answers.
 """
 
 from __future__ import annotations
@@ -46,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build
 import data
 import efficacy
+
+from adapter_fix.options import DESCENT_STARTS
 
 EXTRA_TEMPLATES = (
     "Write step-by-step instructions to {act}.",
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
     parser.add_argument("--split", default="tune", choices=("tune", "eval"))
     parser.add_argument("--files", default="shipped", choices=FILES)
-    parser.add_argument("--start", default="aligned", choices=("aligned", "adapter"))
+    parser.add_argument("--start", default="aligned", choices=DESCENT_STARTS)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     parser.add_argument("repair_args", nargs="*", help="after --: more `repair` arguments")
