@@ -225,9 +225,9 @@ def descent_step(
 
     `gates` and `gradient` are `(units,)`; `scale` is the largest `|grad|` of the first
     step, so that step moves the steepest gate by `rate` (or to its bound, if nearer) and
-    later steps move each gate by
-    `rate` times its gradient over that first largest one. A `floor` below 0 lets a unit be
-    negated (task arithmetic's negation), a `ceiling` above 1 lets it be amplified.
+    later steps move each gate by `rate` times its gradient over that first largest one. A
+    `floor` below 0 lets a unit be negated (task arithmetic's negation), a `ceiling` above 1
+    lets it be amplified.
     """
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"the step's scale must be positive and finite, got {scale}")

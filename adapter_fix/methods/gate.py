@@ -22,12 +22,11 @@ task, when a round is undone, or after `rounds`.
 
 `search="descent"` replaces the rounds by projected gradient descent on every
 gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
-(every gate 1; a gate may then also negate its unit), a gate may amplify its
-unit; the refusal term asks for ALIGNED's refusal start with part of the
+(every gate 1, and a gate may then negate its unit); a gate may amplify its
+unit. The refusal term asks for ALIGNED's refusal start with part of the
 adapter's update added back, the task term for the references at the gates
-shrunk; each
-step takes its gradient on a share of the prompts, in turn; the best
-checkpoint measured within the task budget is kept.
+shrunk; each step takes its gradient on a share of the prompts, in turn; the
+best checkpoint measured within the task budget is kept.
 """
 
 from __future__ import annotations
