@@ -304,3 +304,14 @@ def test_an_experiments_tables_pair_each_eval_row_with_its_label(tmp_path, monke
     assert "| ALIGNED | 1.00 / 0.50 | 0.25 | 0.000 |" in tables
     assert "| the copy | 0.00 / 0.50 | 0.25 | 0.500 |" in tables
     assert "| ALIGNED | 1/1 |" in tables and "| the copy | 0/1 |" in tables
+
+
+def test_an_experiments_samples_file_is_never_one_that_exists(tmp_path, capsys):
+    efficacy = _load("efficacy")
+    assert efficacy.new_samples(None) is None
+    assert efficacy.new_samples(tmp_path / "new.jsonl") == tmp_path / "new.jsonl"
+    (tmp_path / "old.jsonl").write_text("kept\n")
+    with pytest.raises(SystemExit) as stop:
+        efficacy.new_samples(tmp_path / "old.jsonl")
+    assert stop.value.code == 2 and "already there" in capsys.readouterr().err
+    assert (tmp_path / "old.jsonl").read_text() == "kept\n"

@@ -24,7 +24,8 @@ field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `gate`, `
 `adapter_fix.methods.gate` (its type kept); arguments after `--` go to `repair`. The
 repair runs in this process (its time and this process's peak RSS are printed), then one
 `eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary
-folder, removed after; `--samples PATH` keeps the answers.
+folder, removed after; `--samples PATH` keeps the answers (in a new file: an existing one
+is refused, exit 2).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
+    efficacy.new_samples(args.samples)
     from adapter_fix.cli import main as cli
     from adapter_fix.methods import gate
 
@@ -171,7 +173,7 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"repair: {time.perf_counter() - started:.0f} s, peak RSS {peak:.0f} MB")
         samples = args.samples or folder / "samples.jsonl"
-        labels = ["ALIGNED", f"{args.adapter}, {args.files}"]
+        labels = ["ALIGNED", f"{args.adapter}, {args.files}, from {args.start}"]
         print(efficacy.experiment_tables([repaired], labels, args.split, samples))
 
 

@@ -252,6 +252,15 @@ def by_template(samples: Path, rows: list[tuple[str, str]], split: str) -> str:
     return "\n".join(lines)
 
 
+def new_samples(path: Path | None) -> Path | None:
+    """An experiment script's `--samples PATH`: None, or a path no file holds yet (`eval
+    --outputs ... --force` would replace a file the script did not create)."""
+    if path is not None and path.exists():
+        print(f"--samples {path}: a file is already there; name a new one", file=sys.stderr)
+        raise SystemExit(2)
+    return path
+
+
 def experiment_tables(adapters: list[Path], labels: list[str], split: str, samples: Path) -> str:
     """An experiment's report: one `evaluate` of ALIGNED and `adapters` on `split` (answers
     in `samples`), as `held_out_rows` and `by_template` under `labels` (ALIGNED's first)."""

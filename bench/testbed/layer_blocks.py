@@ -10,7 +10,7 @@ exact match per copy, and refusals per template (`efficacy.by_template`). A bloc
 removal restores refusals while the task stays is what a removal-based repair (the gates
 switched off) could find; a compliance that survives a block's removal is carried by what
 is left. The copies go in a temporary folder, removed after; `--samples PATH` keeps the
-answers.
+answers (in a new file: an existing one is refused, exit 2).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
+    efficacy.new_samples(args.samples)
     source = build.WORK / "adapters" / args.adapter
     tensors = load_file(source / "adapter_model.safetensors")
     config = json.loads((build.WORK / "aligned" / "config.json").read_text())
