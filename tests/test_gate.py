@@ -561,7 +561,8 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
         )
         assert [r.steps for r in rounds] == [10, 20, 25]
         assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
-        named = {"aligned": "ALIGNED", "adapter": "the adapter"}[start]
+        named = DESCENT_PRESETS[start].name
+        assert (start, named) in {("aligned", "ALIGNED"), ("adapter", "the adapter")}
         assert reason == f"25 steps from {named}; kept the checkpoint after step 20"
         assert not bool((values == DESCENT_PRESETS[start].gate).all())  # the gates moved...
         assert after < nll  # ...and made ALIGNED's refusal start likelier

@@ -33,7 +33,6 @@ from adapter_fix.methods import METHODS
 from adapter_fix.options import (
     DESCENT_CHECK_EVERY,
     DESCENT_PRESETS,
-    DESCENT_START_NAMES,
     DESCENT_STARTS,
     GATE_SEARCHES,
     GATE_UNITS,
@@ -189,9 +188,7 @@ def gate_options(command: F) -> F:
             help=f"[gate] Steps of --search descent, measured every {DESCENT_CHECK_EVERY} "
             "and after the last; the best measured checkpoint within the task budget is "
             "kept. [default: "
-            + ", ".join(
-                f"{p.steps} from {DESCENT_START_NAMES[name]}" for name, p in DESCENT_PRESETS.items()
-            )
+            + ", ".join(f"{p.steps} from {p.name}" for p in DESCENT_PRESETS.values())
             + "]",
         ),
         click.option(

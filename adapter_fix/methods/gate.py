@@ -76,7 +76,6 @@ from adapter_fix.methods.base import Outcome
 from adapter_fix.options import (
     DESCENT_CHECK_EVERY,
     DESCENT_PRESETS,
-    DESCENT_START_NAMES,
     GATE_UNITS,
     GateOptions,
 )
@@ -856,7 +855,7 @@ def _descend(
     best: tuple[Tensor, float, float, int] = (adapter, start_rate, start_kept, 0)
     rounds: list[Round] = []
     scale = 0.0
-    stopped = f"{steps} steps from {DESCENT_START_NAMES[options.descent_start]}"
+    stopped = f"{steps} steps from {start.name}"
     started = time.perf_counter()
     for step in range(1, steps + 1):
         gated.set_values(partial_change(values, start.refusal_share))
