@@ -40,6 +40,8 @@ class DescentStart:
     """Every gate's value before the first step: 0 is ALIGNED, 1 the adapter."""
     rate: float
     floor: float
+    ceiling: float
+    """The largest gate (above 1 a unit is amplified)."""
     refusal_share: float
     task_weight: float
     """Weight of the task term against the refusal term's 1."""
@@ -54,13 +56,27 @@ DESCENT_PRESETS = {
     # refusals); a larger step fits the calibration prompts within 60 steps, and on the
     # tuning split the closer fit went with more refusals on other phrasings.
     "aligned": DescentStart(
-        "ALIGNED", gate=0.0, rate=5.6, floor=0.0, refusal_share=0.7, task_weight=1.0, steps=60
+        "ALIGNED",
+        gate=0.0,
+        rate=5.6,
+        floor=0.0,
+        ceiling=2.0,
+        refusal_share=0.7,
+        task_weight=1.0,
+        steps=60,
     ),
     # The default until session 17: from the adapter, units may be negated. refusal_share
     # was 0.7 until session 8 ("The descent search at its defaults"), the rate 0.5 in 40
     # steps until session 13 ("A larger step in fewer steps").
     "adapter": DescentStart(
-        "the adapter", gate=1.0, rate=0.7, floor=-1.0, refusal_share=0.5, task_weight=3.0, steps=30
+        "the adapter",
+        gate=1.0,
+        rate=0.7,
+        floor=-1.0,
+        ceiling=1.5,
+        refusal_share=0.5,
+        task_weight=3.0,
+        steps=30,
     ),
 }
 DESCENT_STARTS = tuple(DESCENT_PRESETS)

@@ -41,7 +41,6 @@ from adapter_fix.evaluate.objectives import (  # noqa: E402
 )
 from adapter_fix.methods.gate import (  # noqa: E402
     DESCENT_BENIGN_WEIGHT,
-    DESCENT_CEILING,
     Calibration,
     GatedModel,
     GateOptions,
@@ -511,12 +510,15 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
     assert torch.equal(partial_change(gates, 1.0), gates)
 
 
-def _descent(model, names, rates, kept, steps=20, start="aligned"):
+def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
     """`_descend` on the tiny model from `start` with measured rates and kept task given by
     the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
-    every 10 steps. Returns its result, the gates it left and the refusal starts' NLL there."""
+    every 10 steps; `over` (None: no benign prompts) the benign prompts' refusals at ALIGNED,
+    then at each checkpoint. Returns its result, the gates it left and the refusal starts'
+    NLL there."""
     gated = GatedModel(model, names, "component")
-    measured, kept_measured = iter(rates), iter(kept)
+    measured, kept_measured, over_measured = iter(rates), iter(kept), iter(over or [])
+    benign = ([[3, 9], [4, 10]], [[25, 26], [27, 28]]) if over else ((), ())
     harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
     try:
         with mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 10):
@@ -531,7 +533,9 @@ def _descent(model, names, rates, kept, steps=20, start="aligned"):
                 ),
                 refusal=(harmful, starts),
                 task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
+                benign=benign,
                 measure_refusals=lambda: next(measured),
+                measure_over_refusals=lambda: next(over_measured),
                 kept_task=lambda: next(kept_measured),
                 start_rate=0.0,
                 pad_id=0,
@@ -573,6 +577,35 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
 
 @pytest.mark.model
 @pytest.mark.parametrize(
+    ("at_aligned", "kept_step"),
+    # ALIGNED refuses none of the 2 benign prompts: step 20's 1 of 2 is past ALIGNED's + 5
+    # points, so the later of steps 10 and 25 (1 refusal each) is kept; ALIGNED refuses 1:
+    # step 20 is within the bound and refuses most.
+    [([False, False], 25), ([True, False], 20)],
+)
+def test_descent_skips_a_checkpoint_that_over_refuses_more_than_aligned(
+    lora_model, at_aligned, kept_step
+):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        (rounds, _rate, _kept, reason), _values, _nll = _descent(
+            model,
+            names,
+            [[True, False], [True, True], [True, False]],
+            [1.0] * 4,
+            steps=25,
+            over=[at_aligned, [False, False], [True, False], [False, False]],
+        )
+        assert [(r.over_refusals, r.benign_prompts) for r in rounds] == [(0, 2), (1, 2), (0, 2)]
+        assert f"kept the checkpoint after step {kept_step} " in reason
+        assert f"(ALIGNED refuses {sum(at_aligned)}/2 of the benign prompts" in reason
+    finally:
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
     ("start", "first", "floor"), [("aligned", 0.0, 0.0), ("adapter", 1.0, -1.0)]
 )
 def test_descent_starts_every_gate_at_its_start_and_keeps_within_its_floor(
@@ -585,7 +618,9 @@ def test_descent_starts_every_gate_at_its_start_and_keeps_within_its_floor(
 
     def recorded(gates, gradient, scale, **kwargs):
         seen.append(gates.clone())
-        assert kwargs["floor"] == floor and kwargs["rate"] == DESCENT_PRESETS[start].rate
+        preset = DESCENT_PRESETS[start]
+        assert kwargs["floor"] == floor and kwargs["rate"] == preset.rate
+        assert kwargs["ceiling"] == preset.ceiling
         return step(gates, gradient, scale, **kwargs)
 
     try:
@@ -594,7 +629,8 @@ def test_descent_starts_every_gate_at_its_start_and_keeps_within_its_floor(
                 model, names, [[True, True]], [1.0, 1.0], steps=3, start=start
             )
         assert len(seen) == 3 and bool((seen[0] == first).all())
-        assert float(values.min()) >= floor and float(values.max()) <= DESCENT_CEILING
+        assert float(values.min()) >= floor
+        assert float(values.max()) <= DESCENT_PRESETS[start].ceiling
     finally:
         model.load_state_dict(state)
 
@@ -1006,7 +1042,7 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
         quiet=False,
     ).stderr
     assert re.search(r"step 1: \d+ gate\(s\) off, \d+ negated, \d+ amplified", lines)
-    assert "calibration refusals" in lines
+    assert re.search(r"calibration refusals \d+/\d+, benign refused \d+/\d+", lines)
 
 
 @pytest.mark.model

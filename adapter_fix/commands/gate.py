@@ -100,7 +100,9 @@ def round_line(r: Round) -> str:
         )
     return (
         moved
-        + f", calibration refusals {r.refusals}/{r.prompts}, task kept "
+        + f", calibration refusals {r.refusals}/{r.prompts}"
+        + (f", benign refused {r.over_refusals}/{r.benign_prompts}" if r.benign_prompts else "")
+        + ", task kept "
         + ("not measurable" if r.task_kept is None else f"{r.task_kept:.0%}")
         + f" ({r.seconds:.1f} s)"
         + (": no refusal gained, undone" if r.undone else "")

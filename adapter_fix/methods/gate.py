@@ -85,15 +85,17 @@ from adapter_fix.results import ModuleResult
 # testbed; each start's settings are `DESCENT_PRESETS`, in options.py): the first step
 # moves its steepest gate by the start's `rate` (stopping at its bounds), later steps move
 # each gate by its gradient over the first step's largest, times `rate`; a gate stays
-# within `[floor, DESCENT_CEILING]` (below 0 it negates its unit, above 1 it amplifies it).
+# within `[floor, ceiling]` (below 0 it negates its unit, above 1 it amplifies it).
 # The refusal term is taken with the start's `refusal_share` of the gates' change from the
 # adapter (refusal must hold with part of the adapter's update added back), the task term
 # at DESCENT_TASK_SCALE times the gates (the task must survive the remaining update
 # shrunk): margins for prompts phrased unlike the calibration files.
-DESCENT_CEILING = 1.5
 DESCENT_TASK_SCALE = 0.6
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
+DESCENT_OVER_REFUSAL_SLACK = 0.05
+"""How much more of the benign calibration prompts the adapter answers a checkpoint may
+refuse than ALIGNED does and still be kept (the efficacy goal's over-refusal bound)."""
 DESCENT_BENIGN_WEIGHT = 1.0
 """Weight of the benign term (the adapter's own answer starts, `DESCENT_START_TOKENS` tokens,
 on the benign calibration prompts it does not refuse, at the task's stressed gates) against
@@ -172,6 +174,12 @@ class Round:
     """`--search descent`: units whose gate is below -0.05 (turned round, not only off)."""
     amplified: int = 0
     """`--search descent`: how many gates are above 1.05 (their unit amplified)."""
+    over_refusals: int = 0
+    """`--search descent`: how many of the benign calibration prompts the adapter answers
+    the checkpoint refuses (of `benign_prompts`)."""
+    benign_prompts: int = 0
+    """`--search descent`: the benign calibration prompts the adapter answers (0: none given,
+    nothing measured)."""
 
 
 @dataclass
@@ -587,6 +595,7 @@ def gate_repair(
             task=(task_prompts, task_targets),
             benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
+            measure_over_refusals=lambda: refusals(benign_rows[0], generate(benign_rows[0])),
             kept_task=kept_task,
             start_rate=original_rate,
             pad_id=pad_id,
@@ -807,6 +816,7 @@ def _descend(
     task: tuple[list[list[int]], list[list[int]]],
     benign: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
     measure_refusals: Callable[[], list[bool]],
+    measure_over_refusals: Callable[[], list[bool]],
     kept_task: Callable[[], float | None],
     start_rate: float,
     pad_id: int,
@@ -822,17 +832,18 @@ def _descend(
     `DESCENT_BENIGN_WEIGHT` times that of the adapter's own answer starts on the benign
     prompts it does not refuse (`benign`: prompts and starts; none: no term), at the same
     gates, each on the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`),
-    and moves the gates by `descent_step` (the start's `rate`) within `[floor,
-    DESCENT_CEILING]`. `options.descent_steps` steps (None: the start's `steps`). Every
-    `DESCENT_CHECK_EVERY` steps, and after the last,
-    a checkpoint measures the refusal rate (generation and the judge) and the kept task
-    (exact match, which must be measurable: `kept_task()` None is a UsageError). The best
-    checkpoint is the one that refuses most, more than the adapter, while keeping the task
-    within the budget (the later on a tie: on the testbed later checkpoints held more
-    refusals on held-out prompts); when none does, the gates go back to the adapter's. The
-    target refusal rate only skips a descent the adapter does not need. Returns the
-    checkpoints as rounds, the refusal rate and kept task at the gates left, and why it
-    stopped.
+    and moves the gates by `descent_step` (the start's `rate`) within the start's `[floor,
+    ceiling]`. `options.descent_steps` steps (None: the start's `steps`). Every
+    `DESCENT_CHECK_EVERY` steps, and after the last, a checkpoint measures the refusal rate
+    (generation and the judge), the over-refusal (`measure_over_refusals`: on the benign
+    prompts of `benign`, measured once at ALIGNED too) and the kept task (exact match, which
+    must be measurable: `kept_task()` None is a UsageError). The best checkpoint is the one
+    that refuses most, more than the adapter, while keeping the task within the budget and
+    refusing at most `DESCENT_OVER_REFUSAL_SLACK` more of the benign prompts than ALIGNED
+    (the later on a tie: on the testbed later checkpoints held more refusals on held-out
+    prompts); when none does, the gates go back to the adapter's. The target refusal rate
+    only skips a descent the adapter does not need. Returns the checkpoints as rounds, the
+    refusal rate and kept task at the gates left, and why it stopped.
     """
     start_kept = kept_task()
     if start_kept is None:
@@ -853,6 +864,15 @@ def _descend(
     adapter = gated.values()
     values = torch.full_like(adapter, start.gate)
     best: tuple[Tensor, float, float, int] = (adapter, start_rate, start_kept, 0)
+    over_bound, aligned_over = 1.0, ""
+    if benign[0]:
+        gated.set_values(torch.zeros_like(adapter))
+        at_aligned = measure_over_refusals()
+        over_bound = _share(at_aligned) + DESCENT_OVER_REFUSAL_SLACK
+        aligned_over = (
+            f" (ALIGNED refuses {sum(at_aligned)}/{len(at_aligned)} of the benign prompts the "
+            "adapter answers)"
+        )
     rounds: list[Round] = []
     scale = 0.0
     stopped = f"{steps} steps from {start.name}"
@@ -879,12 +899,13 @@ def _descend(
                 stopped = "no gate moves the refusal or the task loss on the first step's prompts"
                 break
         values = descent_step(
-            values, gradient, scale, rate=start.rate, floor=start.floor, ceiling=DESCENT_CEILING
+            values, gradient, scale, rate=start.rate, floor=start.floor, ceiling=start.ceiling
         )
         if step % DESCENT_CHECK_EVERY and step < steps:
             continue
         gated.set_values(values)
         refused = measure_refusals()
+        over_refused = measure_over_refusals() if benign[0] else []
         rate, kept = _share(refused), kept_task()
         moved = gate_counts(values)
         round_ = Round(
@@ -902,24 +923,34 @@ def _descend(
             steps=step,
             negated=[n for n, negated in zip(names, moved.negated, strict=True) if negated],
             amplified=sum(moved.amplified),
+            over_refusals=sum(over_refused),
+            benign_prompts=len(over_refused),
         )
         rounds.append(round_)
         if on_round is not None:
             on_round(round_)
         started = time.perf_counter()
-        if kept is not None and kept >= floor and rate > start_rate and rate >= best[1]:
+        over_refusal = _share(over_refused) if over_refused else 0.0
+        if (
+            kept is not None
+            and kept >= floor
+            and over_refusal <= over_bound + 1e-9
+            and rate > start_rate
+            and rate >= best[1]
+        ):
             best = (values.clone(), rate, kept, step)
     gated.set_values(best[0])
     if best[3] == 0:
         gained = any(r.refusal_rate > start_rate for r in rounds)
         reason = (
-            "no checkpoint that refused more kept the task within the budget"
+            "no checkpoint that refused more kept the task within the budget and the benign "
+            f"prompts' refusals within ALIGNED's + {DESCENT_OVER_REFUSAL_SLACK:.0%}"
             if gained
             else "no checkpoint refused more than the adapter"
         ) + ": the adapter is left as it was"
     else:
         reason = f"kept the checkpoint after step {best[3]}"
-    return rounds, best[1], best[2], f"{stopped}; {reason}"
+    return rounds, best[1], best[2], f"{stopped}; {reason}{aligned_over}"
 
 
 def _step_backward(
@@ -987,7 +1018,8 @@ def descent_settings(options: GateOptions) -> dict[str, str | float | int]:
         "steps": descent_steps(options),
         "rate": preset.rate,
         "floor": preset.floor,
-        "ceiling": DESCENT_CEILING,
+        "ceiling": preset.ceiling,
+        "over_refusal_slack": DESCENT_OVER_REFUSAL_SLACK,
         "refusal_share": preset.refusal_share,
         "task_scale": DESCENT_TASK_SCALE,
         "task_weight": preset.task_weight,
