@@ -54,7 +54,10 @@ DESCENT_PRESETS = {
     # off and comes back only as far as the refusal term allows (on attack-comply, whose
     # compliance is carried several times over, this restored the most held-out
     # refusals); a larger step fits the calibration prompts within 60 steps, and on the
-    # tuning split the closer fit went with more refusals on other phrasings.
+    # tuning split the closer fit went with more refusals on other phrasings. Session 18
+    # ("A higher ceiling, and over-refusal measured at the checkpoints"): gates up to 2
+    # fitted attack-mix's prompts faster, and with the checkpoints' over-refusal bounded
+    # a lighter task term (0.7) refused more of the tuning split on all three attacks.
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,
@@ -62,7 +65,7 @@ DESCENT_PRESETS = {
         floor=0.0,
         ceiling=2.0,
         refusal_share=0.7,
-        task_weight=1.0,
+        task_weight=0.7,
         steps=60,
     ),
     # The default until session 17: from the adapter, units may be negated. refusal_share
