@@ -519,6 +519,14 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
     gated = GatedModel(model, names, "component")
     measured, kept_measured, over_measured = iter(rates), iter(kept), iter(over or [])
     benign = ([[3, 9], [4, 10]], [[25, 26], [27, 28]]) if over else ((), ())
+    over_calls: list[bool] = []
+
+    def measure_over() -> list[bool]:
+        if not over_calls:  # the first measurement is ALIGNED's: every gate 0
+            assert not bool(gated.values().any())
+        over_calls.append(True)
+        return next(over_measured)
+
     harmful, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]]
     try:
         with mock.patch.object(gate_module, "DESCENT_CHECK_EVERY", 10):
@@ -535,7 +543,7 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
                 task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
                 benign=benign,
                 measure_refusals=lambda: next(measured),
-                measure_over_refusals=lambda: next(over_measured),
+                measure_over_refusals=measure_over,
                 kept_task=lambda: next(kept_measured),
                 start_rate=0.0,
                 pad_id=0,
@@ -583,8 +591,9 @@ def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(l
     # step 20 is within the bound and refuses most.
     [([False, False], 25), ([True, False], 20)],
 )
+@pytest.mark.parametrize("start", ["aligned", "adapter"])
 def test_descent_skips_a_checkpoint_that_over_refuses_more_than_aligned(
-    lora_model, at_aligned, kept_step
+    lora_model, at_aligned, kept_step, start
 ):
     model, names = lora_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -595,6 +604,7 @@ def test_descent_skips_a_checkpoint_that_over_refuses_more_than_aligned(
             [[True, False], [True, True], [True, False]],
             [1.0] * 4,
             steps=25,
+            start=start,
             over=[at_aligned, [False, False], [True, False], [False, False]],
         )
         assert [(r.over_refusals, r.benign_prompts) for r in rounds] == [(0, 2), (1, 2), (0, 2)]
