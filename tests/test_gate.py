@@ -41,6 +41,7 @@ from adapter_fix.evaluate.objectives import (  # noqa: E402
 )
 from adapter_fix.methods.gate import (  # noqa: E402
     DESCENT_BENIGN_WEIGHT,
+    DESCENT_OVER_REFUSAL_SLACK,
     Calibration,
     GatedModel,
     GateOptions,
@@ -522,8 +523,8 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
     over_calls: list[bool] = []
 
     def measure_over() -> list[bool]:
-        if not over_calls:  # the first measurement is ALIGNED's: every gate 0
-            assert not bool(gated.values().any())
+        if not over_calls:  # the first measurement is ALIGNED's: the adapter disabled
+            assert gate_module._lora_layer(model, names[0]).disable_adapters
         over_calls.append(True)
         return next(over_measured)
 
@@ -684,6 +685,8 @@ def test_descent_takes_its_starts_share_weight_and_steps(lora_model, start):
 def test_descent_settings_record_the_start_and_its_steps():
     aligned = descent_settings(GateOptions(search="descent"))
     assert aligned["start"] == "aligned" and aligned["start_gate"] == 0.0
+    assert aligned["ceiling"] == DESCENT_PRESETS["aligned"].ceiling
+    assert aligned["over_refusal_slack"] == DESCENT_OVER_REFUSAL_SLACK
     assert aligned["steps"] == DESCENT_PRESETS["aligned"].steps and aligned["floor"] == 0.0
     adapter = descent_settings(GateOptions(descent_start="adapter", descent_steps=7))
     assert (adapter["start"], adapter["steps"], adapter["floor"]) == ("adapter", 7, -1.0)
@@ -704,6 +707,74 @@ def test_descent_leaves_the_adapter_when_no_checkpoint_keeps_the_task(lora_model
         assert bool((values == 1.0).all())
     finally:
         model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_descent_leaves_the_adapter_when_every_checkpoint_over_refuses(lora_model):
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        (rounds, rate, _kept, reason), values, _after = _descent(
+            model,
+            names,
+            [[True, False], [True, True]],
+            [1.0] * 3,
+            over=[[False, False], [True, False], [True, True]],
+        )
+        assert [r.over_refusals for r in rounds] == [1, 2] and rate == 0.0
+        assert "kept the task within the budget and over-refused at most 5 points more" in reason
+        assert reason.endswith("(ALIGNED refuses 0/2 of the benign prompts the adapter answers)")
+        assert bool((values == 1.0).all())
+    finally:
+        model.load_state_dict(state)
+
+
+@pytest.mark.model
+def test_descent_bounds_over_refusal_at_aligneds_share_plus_five_points(lora_model):
+    """ALIGNED refuses 2 of 20 benign prompts: 3 (its share + 0.05) is within the bound, 4
+    is not; the bound taken at 0 or 0.1 points would keep step 10 or step 25."""
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert DESCENT_OVER_REFUSAL_SLACK == 0.05
+    try:
+        (_rounds, _rate, _kept, reason), _values, _after = _descent(
+            model,
+            names,
+            [[True, False], [True, True], [True, True]],
+            [1.0] * 4,
+            steps=25,
+            over=[
+                [True] * 2 + [False] * 18,
+                [False] * 20,
+                [True] * 3 + [False] * 17,
+                [True] * 4 + [False] * 16,
+            ],
+        )
+        assert "kept the checkpoint after step 20 " in reason
+    finally:
+        model.load_state_dict(state)
+
+
+def test_a_checkpoint_line_shows_the_benign_refusals_only_where_they_were_measured():
+    from adapter_fix.commands.gate import round_line
+
+    checkpoint = gate_module.Round(
+        index=1,
+        switched_off=[],
+        predicted_margin_gain=0.0,
+        predicted_task_cost=0.0,
+        margin=None,
+        task_loss=None,
+        task_kept=1.0,
+        refusal_rate=1.0,
+        refusals=2,
+        prompts=2,
+        seconds=1.0,
+        steps=15,
+    )
+    assert "benign" not in round_line(checkpoint)
+    measured = dataclasses.replace(checkpoint, over_refusals=1, benign_prompts=4)
+    assert "calibration refusals 2/2, benign refused 1/4, task kept 100%" in round_line(measured)
 
 
 @pytest.mark.model

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -178,8 +179,8 @@ class Round:
     """`--search descent`: how many of the benign calibration prompts the adapter answers
     the checkpoint refuses (of `benign_prompts`)."""
     benign_prompts: int = 0
-    """`--search descent`: the benign calibration prompts the adapter answers (0: none given,
-    nothing measured)."""
+    """`--search descent`: the benign calibration prompts the adapter answers (0: none given
+    or none answered, nothing measured)."""
 
 
 @dataclass
@@ -836,7 +837,8 @@ def _descend(
     ceiling]`. `options.descent_steps` steps (None: the start's `steps`). Every
     `DESCENT_CHECK_EVERY` steps, and after the last, a checkpoint measures the refusal rate
     (generation and the judge), the over-refusal (`measure_over_refusals`: on the benign
-    prompts of `benign`, measured once at ALIGNED too) and the kept task (exact match, which
+    prompts of `benign`, measured once on ALIGNED too, the adapter disabled, before the
+    first step; no benign prompts, no bound) and the kept task (exact match, which
     must be measurable: `kept_task()` None is a UsageError). The best checkpoint is the one
     that refuses most, more than the adapter, while keeping the task within the budget and
     refusing at most `DESCENT_OVER_REFUSAL_SLACK` more of the benign prompts than ALIGNED
@@ -864,10 +866,11 @@ def _descend(
     adapter = gated.values()
     values = torch.full_like(adapter, start.gate)
     best: tuple[Tensor, float, float, int] = (adapter, start_rate, start_kept, 0)
-    over_bound, aligned_over = 1.0, ""
+    started = time.perf_counter()  # the first checkpoint's seconds include ALIGNED's pass
+    over_bound, aligned_over = math.inf, ""
     if benign[0]:
-        gated.set_values(torch.zeros_like(adapter))
-        at_aligned = measure_over_refusals()
+        with model.disable_adapter():  # ALIGNED itself, ungated modules included
+            at_aligned = measure_over_refusals()
         over_bound = _share(at_aligned) + DESCENT_OVER_REFUSAL_SLACK
         aligned_over = (
             f" (ALIGNED refuses {sum(at_aligned)}/{len(at_aligned)} of the benign prompts the "
@@ -876,7 +879,6 @@ def _descend(
     rounds: list[Round] = []
     scale = 0.0
     stopped = f"{steps} steps from {start.name}"
-    started = time.perf_counter()
     for step in range(1, steps + 1):
         gated.set_values(partial_change(values, start.refusal_share))
         _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
@@ -930,11 +932,10 @@ def _descend(
         if on_round is not None:
             on_round(round_)
         started = time.perf_counter()
-        over_refusal = _share(over_refused) if over_refused else 0.0
         if (
             kept is not None
             and kept >= floor
-            and over_refusal <= over_bound + 1e-9
+            and _share(over_refused) <= over_bound + 1e-9
             and rate > start_rate
             and rate >= best[1]
         ):
@@ -942,9 +943,10 @@ def _descend(
     gated.set_values(best[0])
     if best[3] == 0:
         gained = any(r.refusal_rate > start_rate for r in rounds)
+        slack = DESCENT_OVER_REFUSAL_SLACK * 100
+        bound = f" and over-refused at most {slack:g} points more than ALIGNED" * bool(benign[0])
         reason = (
-            "no checkpoint that refused more kept the task within the budget and the benign "
-            f"prompts' refusals within ALIGNED's + {DESCENT_OVER_REFUSAL_SLACK:.0%}"
+            f"no checkpoint that refused more kept the task within the budget{bound}"
             if gained
             else "no checkpoint refused more than the adapter"
         ) + ": the adapter is left as it was"
