@@ -57,7 +57,8 @@ DESCENT_PRESETS = {
     # tuning split the closer fit went with more refusals on other phrasings. Session 18
     # ("A higher ceiling, and over-refusal measured at the checkpoints"): gates up to 2
     # fitted attack-mix's prompts faster, and with the checkpoints' over-refusal bounded
-    # a lighter task term (0.7) refused more of the tuning split on all three attacks.
+    # a lighter task term (0.7) refused more of the tuning split on attack-comply and
+    # attack-mix (attack-benign the same).
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,

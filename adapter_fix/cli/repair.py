@@ -186,8 +186,9 @@ def gate_options(command: F) -> F:
             type=click.IntRange(min=1, max=1000),
             default=GATE.descent_steps,
             help=f"[gate] Steps of --search descent, measured every {DESCENT_CHECK_EVERY} "
-            "and after the last; the best measured checkpoint within the task budget is "
-            "kept. [default: "
+            "and after the last; the checkpoint refusing most within the task budget, and "
+            "over-refusing at most 5 points more than ALIGNED on the benign prompts the "
+            "adapter answers, is kept. [default: "
             + ", ".join(f"{p.steps} from {p.name}" for p in DESCENT_PRESETS.values())
             + "]",
         ),

@@ -20,7 +20,7 @@ calibration folder, written from the testbed's prompt files (`calibration_files`
 
 `--start` picks the descent's start (`repair --descent-start`); `--set NAME=VALUE` sets a
 field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `gate`, `rate`,
-`floor`, `refusal_share`, `task_weight`, `steps`) or a constant of
+`floor`, `ceiling`, `refusal_share`, `task_weight`, `steps`) or a constant of
 `adapter_fix.methods.gate` (its type kept); arguments after `--` go to `repair`. The
 repair runs in this process (its time and this process's peak RSS are printed), then one
 `eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary

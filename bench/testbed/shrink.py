@@ -1,6 +1,7 @@
 """Experiment: the gated repair's written update scaled toward ALIGNED, then `eval` of a split.
 
-    .venv/bin/python bench/testbed/shrink.py --split tune --scales 1 0.8 0.6
+    .venv/bin/python bench/testbed/shrink.py --split tune --scales 1 0.8 0.6 \
+        --samples /tmp/shrink-tune.jsonl
 
 The gated repair writes `ALIGNED + sum_u g_u unit_u` as a LoRA adapter; its update is
 linear in the gates, so scaling every `lora_B` by `t` is every gate scaled by `t`: a
