@@ -28,6 +28,9 @@ GATE_UNITS = ("module", "component")
 GATE_SEARCHES = ("auto", "order", "descent")
 DESCENT_CHECK_EVERY = 15
 """Descent steps between the checkpoints measured (and after the last)."""
+DESCENT_OVER_REFUSAL_SLACK = 0.05
+"""How much more of the benign calibration prompts the adapter answers a descent checkpoint
+may refuse than ALIGNED does and still be kept (the efficacy goal's over-refusal bound)."""
 
 
 @dataclass(frozen=True)

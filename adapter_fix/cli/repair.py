@@ -32,6 +32,7 @@ from adapter_fix.cli.options import (
 from adapter_fix.methods import METHODS
 from adapter_fix.options import (
     DESCENT_CHECK_EVERY,
+    DESCENT_OVER_REFUSAL_SLACK,
     DESCENT_PRESETS,
     DESCENT_STARTS,
     GATE_SEARCHES,
@@ -187,8 +188,8 @@ def gate_options(command: F) -> F:
             default=GATE.descent_steps,
             help=f"[gate] Steps of --search descent, measured every {DESCENT_CHECK_EVERY} "
             "and after the last; the checkpoint refusing most within the task budget, and "
-            "over-refusing at most 5 points more than ALIGNED on the benign prompts the "
-            "adapter answers, is kept. [default: "
+            f"over-refusing at most {DESCENT_OVER_REFUSAL_SLACK * 100:g} points more than "
+            "ALIGNED on the benign prompts the adapter answers, is kept. [default: "
             + ", ".join(f"{p.steps} from {p.name}" for p in DESCENT_PRESETS.values())
             + "]",
         ),

@@ -76,6 +76,7 @@ from adapter_fix.math.solve import as_factored, compare_updates, factored_norm
 from adapter_fix.methods.base import Outcome
 from adapter_fix.options import (
     DESCENT_CHECK_EVERY,
+    DESCENT_OVER_REFUSAL_SLACK,
     DESCENT_PRESETS,
     GATE_UNITS,
     GateOptions,
@@ -94,9 +95,6 @@ from adapter_fix.results import ModuleResult
 DESCENT_TASK_SCALE = 0.6
 DESCENT_START_TOKENS = 4
 """Tokens of ALIGNED's refusal start whose NLL the refusal term is."""
-DESCENT_OVER_REFUSAL_SLACK = 0.05
-"""How much more of the benign calibration prompts the adapter answers a checkpoint may
-refuse than ALIGNED does and still be kept (the efficacy goal's over-refusal bound)."""
 DESCENT_BENIGN_WEIGHT = 1.0
 """Weight of the benign term (the adapter's own answer starts, `DESCENT_START_TOKENS` tokens,
 on the benign calibration prompts it does not refuse, at the task's stressed gates) against
@@ -943,8 +941,12 @@ def _descend(
     gated.set_values(best[0])
     if best[3] == 0:
         gained = any(r.refusal_rate > start_rate for r in rounds)
-        slack = DESCENT_OVER_REFUSAL_SLACK * 100
-        bound = f" and over-refused at most {slack:g} points more than ALIGNED" * bool(benign[0])
+        bound = (
+            f" and over-refused at most {DESCENT_OVER_REFUSAL_SLACK * 100:g} points more than "
+            "ALIGNED"
+            if benign[0]
+            else ""
+        )
         reason = (
             f"no checkpoint that refused more kept the task within the budget{bound}"
             if gained
