@@ -516,7 +516,8 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
     the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
     every 10 steps; `over` (None: no benign prompts) the benign prompts' refusals at ALIGNED,
     then at each checkpoint. Returns its result, the gates it left and the refusal starts'
-    NLL there."""
+    NLL there; the model's weights are put back after."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     gated = GatedModel(model, names, "component")
     measured, kept_measured, over_measured = iter(rates), iter(kept), iter(over or [])
     benign = ([[3, 9], [4, 10]], [[25, 26], [27, 28]]) if over else ((), ())
@@ -554,34 +555,31 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
         return result, gated.values(), nll
     finally:
         gated.remove()
+        model.load_state_dict(state)
 
 
 @pytest.mark.model
 @pytest.mark.parametrize("start", ["aligned", "adapter"])
 def test_descent_keeps_the_checkpoint_that_refuses_most_within_the_task_budget(lora_model, start):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
-        # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
-        (rounds, rate, kept, reason), values, after = _descent(
-            model,
-            names,
-            [[True, False], [True, True], [False, True]],
-            [1.0] * 4,
-            steps=25,
-            start=start,
-        )
-        assert [r.steps for r in rounds] == [10, 20, 25]
-        assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
-        named = DESCENT_PRESETS[start].name
-        assert (start, named) in {("aligned", "ALIGNED"), ("adapter", "the adapter")}
-        assert reason == f"25 steps from {named}; kept the checkpoint after step 20"
-        assert not bool((values == DESCENT_PRESETS[start].gate).all())  # the gates moved...
-        assert after < nll  # ...and made ALIGNED's refusal start likelier
-        assert all(r.prompts == 2 for r in rounds)
-    finally:
-        model.load_state_dict(state)
+    nll = token_nll(model, [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [30, 31]], pad=0, batch_size=2)
+    # Checkpoints after steps 10, 20 and 25 (the last): the second refuses most.
+    (rounds, rate, kept, reason), values, after = _descent(
+        model,
+        names,
+        [[True, False], [True, True], [False, True]],
+        [1.0] * 4,
+        steps=25,
+        start=start,
+    )
+    assert [r.steps for r in rounds] == [10, 20, 25]
+    assert [r.refusals for r in rounds] == [1, 2, 1] and rate == 1.0 and kept == 1.0
+    named = DESCENT_PRESETS[start].name
+    assert (start, named) in {("aligned", "ALIGNED"), ("adapter", "the adapter")}
+    assert reason == f"25 steps from {named}; kept the checkpoint after step 20"
+    assert not bool((values == DESCENT_PRESETS[start].gate).all())  # the gates moved...
+    assert after < nll  # ...and made ALIGNED's refusal start likelier
+    assert all(r.prompts == 2 for r in rounds)
 
 
 @pytest.mark.model
@@ -597,22 +595,18 @@ def test_descent_skips_a_checkpoint_that_over_refuses_more_than_aligned(
     lora_model, at_aligned, kept_step, start
 ):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        (rounds, _rate, _kept, reason), _values, _nll = _descent(
-            model,
-            names,
-            [[True, False], [True, True], [True, False]],
-            [1.0] * 4,
-            steps=25,
-            start=start,
-            over=[at_aligned, [False, False], [True, False], [False, False]],
-        )
-        assert [(r.over_refusals, r.benign_prompts) for r in rounds] == [(0, 2), (1, 2), (0, 2)]
-        assert f"kept the checkpoint after step {kept_step} " in reason
-        assert f"(ALIGNED refuses {sum(at_aligned)}/2 of the benign prompts" in reason
-    finally:
-        model.load_state_dict(state)
+    (rounds, _rate, _kept, reason), _values, _nll = _descent(
+        model,
+        names,
+        [[True, False], [True, True], [True, False]],
+        [1.0] * 4,
+        steps=25,
+        start=start,
+        over=[at_aligned, [False, False], [True, False], [False, False]],
+    )
+    assert [(r.over_refusals, r.benign_prompts) for r in rounds] == [(0, 2), (1, 2), (0, 2)]
+    assert f"kept the checkpoint after step {kept_step} " in reason
+    assert f"(ALIGNED refuses {sum(at_aligned)}/2 of the benign prompts" in reason
 
 
 @pytest.mark.model
@@ -696,37 +690,29 @@ def test_descent_settings_record_the_start_and_its_steps():
 @pytest.mark.model
 def test_descent_leaves_the_adapter_when_no_checkpoint_keeps_the_task(lora_model):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        (rounds, rate, kept, reason), values, _after = _descent(
-            model, names, [[True, True]] * 2, [0.95, 0.5, 0.5], steps=20
-        )
-        assert len(rounds) == 2 and all(r.refusals == 2 for r in rounds)
-        assert rate == 0.0 and kept == 0.95  # the adapter's, measured
-        assert "no checkpoint that refused more kept the task" in reason
-        assert bool((values == 1.0).all())
-    finally:
-        model.load_state_dict(state)
+    (rounds, rate, kept, reason), values, _after = _descent(
+        model, names, [[True, True]] * 2, [0.95, 0.5, 0.5], steps=20
+    )
+    assert len(rounds) == 2 and all(r.refusals == 2 for r in rounds)
+    assert rate == 0.0 and kept == 0.95  # the adapter's, measured
+    assert "no checkpoint that refused more kept the task" in reason
+    assert bool((values == 1.0).all())
 
 
 @pytest.mark.model
 def test_descent_leaves_the_adapter_when_every_checkpoint_over_refuses(lora_model):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        (rounds, rate, _kept, reason), values, _after = _descent(
-            model,
-            names,
-            [[True, False], [True, True]],
-            [1.0] * 3,
-            over=[[False, False], [True, False], [True, True]],
-        )
-        assert [r.over_refusals for r in rounds] == [1, 2] and rate == 0.0
-        assert "kept the task within the budget and over-refused at most 5 points more" in reason
-        assert reason.endswith("(ALIGNED refuses 0/2 of the benign prompts the adapter answers)")
-        assert bool((values == 1.0).all())
-    finally:
-        model.load_state_dict(state)
+    (rounds, rate, _kept, reason), values, _after = _descent(
+        model,
+        names,
+        [[True, False], [True, True]],
+        [1.0] * 3,
+        over=[[False, False], [True, False], [True, True]],
+    )
+    assert [r.over_refusals for r in rounds] == [1, 2] and rate == 0.0
+    assert "kept the task within the budget and over-refused at most 5 points more" in reason
+    assert reason.endswith("(ALIGNED refuses 0/2 of the benign prompts the adapter answers)")
+    assert bool((values == 1.0).all())
 
 
 @pytest.mark.model
@@ -734,25 +720,21 @@ def test_descent_bounds_over_refusal_at_aligneds_share_plus_five_points(lora_mod
     """ALIGNED refuses 2 of 20 benign prompts: 3 (its share + 0.05) is within the bound, 4
     is not; the bound taken at 0 or 0.1 points would keep step 10 or step 25."""
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
     assert DESCENT_OVER_REFUSAL_SLACK == 0.05
-    try:
-        (_rounds, _rate, _kept, reason), _values, _after = _descent(
-            model,
-            names,
-            [[True, False], [True, True], [True, True]],
-            [1.0] * 4,
-            steps=25,
-            over=[
-                [True] * 2 + [False] * 18,
-                [False] * 20,
-                [True] * 3 + [False] * 17,
-                [True] * 4 + [False] * 16,
-            ],
-        )
-        assert "kept the checkpoint after step 20 " in reason
-    finally:
-        model.load_state_dict(state)
+    (_rounds, _rate, _kept, reason), _values, _after = _descent(
+        model,
+        names,
+        [[True, False], [True, True], [True, True]],
+        [1.0] * 4,
+        steps=25,
+        over=[
+            [True] * 2 + [False] * 18,
+            [False] * 20,
+            [True] * 3 + [False] * 17,
+            [True] * 4 + [False] * 16,
+        ],
+    )
+    assert "kept the checkpoint after step 20 " in reason
 
 
 def test_a_checkpoint_line_shows_the_benign_refusals_only_where_they_were_measured():
@@ -782,17 +764,13 @@ def test_descent_names_the_checkpoint_it_keeps_not_a_later_one_that_refuses_as_m
     lora_model,
 ):
     model, names = lora_model
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    try:
-        # Both checkpoints refuse everything; only the first keeps the task.
-        (rounds, rate, kept, reason), _values, _after = _descent(
-            model, names, [[True, True]] * 2, [1.0, 0.95, 0.5], steps=20
-        )
-        assert [r.task_kept for r in rounds] == [0.95, 0.5]
-        assert (rate, kept) == (1.0, 0.95)
-        assert reason.endswith("kept the checkpoint after step 10")
-    finally:
-        model.load_state_dict(state)
+    # Both checkpoints refuse everything; only the first keeps the task.
+    (rounds, rate, kept, reason), _values, _after = _descent(
+        model, names, [[True, True]] * 2, [1.0, 0.95, 0.5], steps=20
+    )
+    assert [r.task_kept for r in rounds] == [0.95, 0.5]
+    assert (rate, kept) == (1.0, 0.95)
+    assert reason.endswith("kept the checkpoint after step 10")
 
 
 @pytest.mark.model
