@@ -42,10 +42,14 @@ class DescentStart:
     gate: float
     """Every gate's value before the first step: 0 is ALIGNED, 1 the adapter."""
     rate: float
+    """How far the first step moves the steepest gate (`descent_step`)."""
     floor: float
+    """The smallest gate (below 0 a unit is negated)."""
     ceiling: float
     """The largest gate (above 1 a unit is amplified)."""
     refusal_share: float
+    """The refusal term is taken at `partial_change(g, refusal_share)`: refusal must hold
+    with every gate moved `1 - refusal_share` of the way back to the adapter's 1."""
     task_weight: float
     """Weight of the task term against the refusal term's 1."""
     steps: int

@@ -80,6 +80,11 @@ DESCENT_SETTINGS = ("descent_steps", "descent_start")
 """The settings of `--search descent` alone: either asks `--search auto` for descent."""
 
 
+def _flag(setting: str) -> str:
+    """The command-line flag of a gate setting: `descent_steps` is `--descent-steps`."""
+    return "--" + setting.replace("_", "-")
+
+
 def gate_options(command: F) -> F:
     """The gated repair's calibration data and settings (`--method gate` only)."""
     options = [
@@ -345,8 +350,9 @@ def repair(
         if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
     ]
     if given and options.method != "gate":
-        flag = "--" + given[0].replace("_", "-")
-        raise click.UsageError(f"{flag} is a setting of --method gate, not of {options.method}")
+        raise click.UsageError(
+            f"{_flag(given[0])} is a setting of --method gate, not of {options.method}"
+        )
     if gate["refine"] and gate["gate_unit"] != "module":
         raise click.UsageError(
             "--refine splits the modules switched off into their rank-1 components: it needs "
@@ -363,21 +369,21 @@ def repair(
         # else auto stays: descent, or order where descent's task guard measures no gain
     if gate["search"] == "descent":
         if order_only:
-            flag = "--" + order_only[0].replace("_", "-")
-            raise click.UsageError(f"{flag} is a setting of --search order, not of descent")
+            raise click.UsageError(
+                f"{_flag(order_only[0])} is a setting of --search order, not of descent"
+            )
         if gate["task"] is None:
             cause = (
                 "--search descent"
                 if asked == "descent"
-                else "--" + descent_only[0].replace("_", "-") + " asks for --search descent, which"
+                else f"{_flag(descent_only[0])} asks for --search descent, which"
             )
             raise click.UsageError(
                 f"{cause} needs --task with reference answers: its task term and the kept "
                 "task it measures at each checkpoint come from them"
             )
     elif descent_only:
-        flag = "--" + descent_only[0].replace("_", "-")
-        raise click.UsageError(f"{flag} is a setting of --search descent")
+        raise click.UsageError(f"{_flag(descent_only[0])} is a setting of --search descent")
     if options.method != "none" and out is None:
         raise click.UsageError("-o/--out is required unless --method none")
     check_report_formats("repair", reports)

@@ -26,7 +26,9 @@ gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
 unit. The refusal term asks for ALIGNED's refusal start with part of the
 adapter's update added back, the task term for the references at the gates
 shrunk; each step takes its gradient on a share of the prompts, in turn; the
-best checkpoint measured within the task budget is kept.
+checkpoint refusing most within the task budget, and over-refusing the benign
+calibration prompts at most `DESCENT_OVER_REFUSAL_SLACK` more than ALIGNED, is
+kept.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Experiment: the gated repair's written update scaled toward ALIGNED, then `eval` of a split.
 
-    .venv/bin/python bench/testbed/shrink.py --split tune --scales 1 0.8 0.6 \
+    .venv/bin/python bench/testbed/shrink.py --split tune --scales 1 0.8 0.6 \\
         --samples /tmp/shrink-tune.jsonl
 
 The gated repair writes `ALIGNED + sum_u g_u unit_u` as a LoRA adapter; its update is
@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--scales", nargs="*", type=float, default=[1.0, 0.8, 0.6])
     parser.add_argument("--samples", type=Path, required=True, help="a new JSONL file")
     args = parser.parse_args()
+    missing = [k for k in args.adapters if not (build.WORK / "repaired" / k / "gate").is_dir()]
+    if missing:
+        parser.error(f"no gated repair of {', '.join(missing)}: run `make efficacy` first")
     efficacy.new_samples(args.samples)
     with tempfile.TemporaryDirectory(prefix="shrink-") as temporary:
         folders, labels = [], ["ALIGNED"]
