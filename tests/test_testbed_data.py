@@ -24,13 +24,15 @@ def _load(name: str):
 
 
 data = _load("data")
-SPLITS = ("train", "calib", "eval", "tune")
+SPLITS = ("train", "calib", "eval", "tune", "tune2")
 
 
 def test_no_template_is_shared_between_splits():
+    assert set(data.HARMFUL_TEMPLATES) == set(SPLITS)
+    assert set(data.TASK_TEMPLATES) == set(SPLITS) - {"tune2"}  # tune2 takes tune's task rows
     for templates in (data.HARMFUL_TEMPLATES, data.BENIGN_TEMPLATES, data.TASK_TEMPLATES):
-        for first in SPLITS:
-            for second in SPLITS:
+        for first in templates:
+            for second in templates:
                 if first != second:
                     assert not set(templates[first]) & set(templates[second])
 
@@ -40,8 +42,11 @@ def test_no_prompt_is_shared_between_splits():
         return {
             *(row.prompt for row in data.harmful(split, 0)),
             *(row.prompt for row in data.benign(split, 0)),
-            *(row.prompt for row in data.task(split, 200, 0)),
-        }
+        } | (
+            {row.prompt for row in data.task(split, 200, 0)}
+            if split in data.TASK_TEMPLATES
+            else set()
+        )
 
     for index, first in enumerate(SPLITS):
         for second in SPLITS[index + 1 :]:
@@ -91,6 +96,13 @@ def test_the_prompt_files_written_share_no_prompt_or_task_title(tmp_path):
         48,
         40,
     ]
+    # The second tuning split: its own harmful and benign prompts, the first one's task rows.
+    for kind in ("harmful", "benign"):
+        tune2 = {r["prompt"] for r in rows[f"{kind}-tune2.jsonl"]}
+        assert len(tune2) == 48
+        for split in splits:
+            assert not tune2 & {r["prompt"] for r in rows[f"{kind}-{split}.jsonl"]}, (kind, split)
+    assert rows["task-tune2.jsonl"] == rows["task-tune.jsonl"]
     (folder / "task-tune.jsonl").unlink()
     assert not build.prompts_complete(folder)  # a build without it writes the files again
 

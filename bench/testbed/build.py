@@ -164,7 +164,7 @@ def per_category(rows: list[data.Example], count: int) -> list[data.Example]:
 
 PROMPT_FILES = tuple(
     f"{kind}-{split}.jsonl"
-    for split in ("calib", "eval", "tune")
+    for split in ("calib", "eval", "tune", "tune2")
     for kind in ("harmful", "benign", "task")
 )
 
@@ -192,7 +192,12 @@ def build_prompts(out: Path) -> None:
     # settings (efficacy.py --split tune) without looking at the held-out rows.
     write_jsonl(tmp / "harmful-tune.jsonl", per_category(data.harmful("tune", 31), 6))
     write_jsonl(tmp / "benign-tune.jsonl", data.benign("tune", 32)[:48])
-    write_jsonl(tmp / "task-tune.jsonl", data.task("tune", 40, 33, exclude=task_eval))
+    task_tune = data.task("tune", 40, 33, exclude=task_eval)
+    write_jsonl(tmp / "task-tune.jsonl", task_tune)
+    # The second tuning split: harmful and benign templates of its own, the tuning task rows.
+    write_jsonl(tmp / "harmful-tune2.jsonl", per_category(data.harmful("tune2", 41), 6))
+    write_jsonl(tmp / "benign-tune2.jsonl", data.benign("tune2", 42)[:48])
+    write_jsonl(tmp / "task-tune2.jsonl", task_tune)
     replace_dir(tmp, out)
 
 

@@ -129,7 +129,7 @@ def constant(setting: str, *owners: Any) -> tuple[Any, str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
-    parser.add_argument("--split", default="tune", choices=("tune", "eval"))
+    parser.add_argument("--split", default="tune", choices=data.MEASURED_SPLITS)
     parser.add_argument("--files", default="shipped", choices=FILES)
     parser.add_argument("--start", default="aligned", choices=DESCENT_STARTS)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")

@@ -4,6 +4,7 @@
     .venv/bin/python bench/testbed/efficacy.py --only gate    # one method's rows (repeatable)
     .venv/bin/python bench/testbed/efficacy.py --adapter attack-mix
     .venv/bin/python bench/testbed/efficacy.py --split tune   # the tuning split's rows
+    .venv/bin/python bench/testbed/efficacy.py --split tune2  # the second tuning split's
 
 For each adapter of bench/testbed/build.py it runs `adapter-fix repair BASE ALIGNED ADAPTER -o
 ...` per method (the CLI, as a user runs it; the gated repair gets the calibration prompt
@@ -20,6 +21,8 @@ seconds and peak RSS are the child process's own (os.wait4).
 calibration or held-out file; bench/testbed/data.py) and writes efficacy-tune.json (answers
 in efficacy-tune-samples.jsonl): settings are compared there, and only the one chosen is
 measured on the held-out split. It runs the repairs and checks again before its `eval`.
+`--split tune2` measures on the second tuning split (its own harmful and benign templates,
+the first one's task rows) into efficacy-tune2.json.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def evaluate(
     split: str = "eval",
 ) -> dict:
     """`eval` of `aligned` (ALIGNED unless given) and `adapters` on `split` (the held-out
-    "eval", as the README's table takes it, or "tune"); each answer written to `samples`
+    "eval", as the README's table takes it, or a tuning split); each answer written to `samples`
     (None: nowhere; `make efficacy` keeps them in efficacy-samples.jsonl, or
     efficacy-tune-samples.jsonl for the tuning split)."""
     done, seconds, peak = run(
@@ -300,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", choices=build.ADAPTERS, action="append")
     parser.add_argument(
         "--split",
-        choices=("eval", "tune"),
+        choices=build.data.MEASURED_SPLITS,
         default="eval",
-        help="measure on the held-out split (default) or the tuning split",
+        help="measure on the held-out split (default) or a tuning split",
     )
     args = parser.parse_args(argv)
     build.main([])
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             build.log(f"{kind} / {label}: {seconds:.0f} s, peak RSS {peak:.0f} MB")
             plan.append((kind, label, out, seconds, peak, None))
-    suffix = "" if args.split == "eval" else "-tune"
+    suffix = "" if args.split == "eval" else f"-{args.split}"
     samples = WORK / f"efficacy{suffix}-samples.jsonl"
     result = evaluate([path for *_, path, _, _, _ in plan], samples=samples, split=args.split)
     aligned, *measured = result["rows"]

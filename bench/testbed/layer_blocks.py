@@ -80,7 +80,7 @@ def removed(tensors: dict[str, Tensor], block: Block) -> dict[str, Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="attack-comply", choices=build.ADAPTERS)
-    parser.add_argument("--split", default="tune", choices=("tune", "eval"))
+    parser.add_argument("--split", default="tune", choices=build.data.MEASURED_SPLITS)
     parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     args = parser.parse_args()
     if not (build.WORK / "READY").exists():

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument(
         "--adapters", nargs="*", default=["attack-comply", "attack-mix", "attack-benign"]
     )
-    parser.add_argument("--split", default="tune", choices=("tune", "eval", "calib"))
+    parser.add_argument("--split", default="tune", choices=(*build.data.MEASURED_SPLITS, "calib"))
     parser.add_argument("--scales", nargs="*", type=float, default=[1.0, 0.8, 0.6])
     parser.add_argument("--samples", type=Path, required=True, help="a new JSONL file")
     args = parser.parse_args()
