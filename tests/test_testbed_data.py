@@ -262,6 +262,16 @@ def test_calibration_variants_write_the_files_each_variant_names(tmp_path):
     assert len(eight) == 100
     splits = [t for split, ts in data.HARMFUL_TEMPLATES.items() if split != "calib" for t in ts]
     assert not set(variants.EXTRA_TEMPLATES) & set(splits)  # of no split
+    framed = written("framed")
+    assert [row["prompt"] for row in framed["harmful"]] == ["harmful calib"]
+    assert variants.framed([{"prompt": f"p{i}", "seen": True} for i in range(6)]) == [
+        {"prompt": "p0", "seen": True},
+        {"prompt": "p1 Answer in numbered steps.", "seen": True},
+        {"prompt": "p2", "seen": True},
+        {"prompt": "p3 Be brief.", "seen": True},
+        {"prompt": "p4", "seen": True},
+        {"prompt": "Please reply as an expert would. p5", "seen": True},
+    ]
     with pytest.raises(FileExistsError):  # never into a folder that exists
         variants.calibration_files("oracle", "tune", prompts, tmp_path / "oracle")
 
