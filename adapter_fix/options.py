@@ -52,6 +52,9 @@ class DescentStart:
     with every gate moved `1 - refusal_share` of the way back to the adapter's 1."""
     task_weight: float
     """Weight of the task term against the refusal term's 1."""
+    compliance_weight: float
+    """Weight of the compliance term (the adapter's own answer starts on the harmful prompts
+    made unlikely) against the refusal term's 1; 0: no such term."""
     steps: int
     """Steps when `--descent-steps` is not given."""
 
@@ -65,7 +68,9 @@ DESCENT_PRESETS = {
     # ("A higher ceiling, and over-refusal measured at the checkpoints"): gates up to 2
     # fitted attack-mix's prompts faster, and with the checkpoints' over-refusal bounded
     # a lighter task term (0.7) refused more of the tuning split on attack-comply and
-    # attack-mix (attack-benign the same).
+    # attack-mix (attack-benign the same). Session 19 ("Making the adapter's own compliance
+    # unlikely"): a term against the adapter's answer starts on the harmful prompts
+    # refused more of a second tuning split's imperative phrasings on attack-mix.
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,
@@ -74,11 +79,13 @@ DESCENT_PRESETS = {
         ceiling=2.0,
         refusal_share=0.7,
         task_weight=0.7,
+        compliance_weight=1.0,
         steps=60,
     ),
     # The default until session 17: from the adapter, units may be negated. refusal_share
     # was 0.7 until session 8 ("The descent search at its defaults"), the rate 0.5 in 40
-    # steps until session 13 ("A larger step in fewer steps").
+    # steps until session 13 ("A larger step in fewer steps"). The compliance term was not
+    # measured from this start, so it has none.
     "adapter": DescentStart(
         "the adapter",
         gate=1.0,
@@ -87,6 +94,7 @@ DESCENT_PRESETS = {
         ceiling=1.5,
         refusal_share=0.5,
         task_weight=3.0,
+        compliance_weight=0.0,
         steps=30,
     ),
 }

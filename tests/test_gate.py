@@ -36,6 +36,7 @@ from adapter_fix.errors import UsageError  # noqa: E402
 from adapter_fix.evaluate.objectives import (  # noqa: E402
     Scored,
     greedy_matches,
+    scored_logprobs,
     shared_prefix,
     token_nll,
 )
@@ -371,6 +372,29 @@ def test_separation_keeps_the_update_and_gives_each_new_unit_a_gate(lora_model):
 
 
 @pytest.mark.model
+def test_the_compliance_term_is_the_mean_per_token_probability_of_the_starts(lora_model):
+    """Its gradient is `weight` times that of the mean over the step's rows of
+    `exp(logprob / tokens)`: it pushes a likely start down and stops once it is unlikely."""
+    model, names = lora_model
+    gated = GatedModel(model, names, "component")
+    prompts, starts = [[1, 5, 7], [2, 4, 6, 8], [3, 9]], [[30, 31], [32], []]
+    try:
+        with mock.patch.object(gate_module, "DESCENT_COMPLIANCE_CHUNKS", 1):
+            gated.set_values(gated.values())
+            gate_module._compliance_backward(model, prompts, starts, 1, 0.5, pad=0, batch=2)
+            term = gated.gradients()
+        gated.set_values(gated.values())
+        rows = [Scored([*p, *s], len(s)) for p, s in zip(prompts[:2], starts[:2], strict=True)]
+        logprobs = scored_logprobs(model, rows, 0)  # the empty start has no row
+        ((logprobs / torch.tensor([2.0, 1.0])).exp().mean() * 0.5).backward()
+        by_hand = gated.gradients()
+    finally:
+        gated.remove()
+    torch.testing.assert_close(term, by_hand, atol=1e-6, rtol=1e-5)
+    assert float(term.abs().max()) > 0
+
+
+@pytest.mark.model
 def test_a_step_pass_is_the_weighted_sum_of_its_groups_mean_nll(lora_model):
     model, names = lora_model
     gated = GatedModel(model, names, "component")
@@ -511,11 +535,12 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
     assert torch.equal(partial_change(gates, 1.0), gates)
 
 
-def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
+def _descent(model, names, rates, kept, steps=20, start="aligned", over=None, compliance=()):
     """`_descend` on the tiny model from `start` with measured rates and kept task given by
     the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
     every 10 steps; `over` (None: no benign prompts) the benign prompts' refusals at ALIGNED,
-    then at each checkpoint. Returns its result, the gates it left and the refusal starts'
+    then at each checkpoint; `compliance` the adapter's answer starts on the harmful prompts.
+    Returns its result, the gates it left and the refusal starts'
     NLL there; the model's weights are put back after."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     gated = GatedModel(model, names, "component")
@@ -544,6 +569,7 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None):
                 refusal=(harmful, starts),
                 task=([[11, 12], [13, 14, 15]], [[20, 21], [22, 23]]),
                 benign=benign,
+                compliance=compliance,
                 measure_refusals=lambda: next(measured),
                 measure_over_refusals=measure_over,
                 kept_task=lambda: next(kept_measured),
@@ -676,11 +702,35 @@ def test_descent_takes_its_starts_share_weight_and_steps(lora_model, start):
         model.load_state_dict(state)
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("start", ["aligned", "adapter"])
+def test_descent_makes_the_adapters_answers_unlikely_at_its_starts_weight(lora_model, start):
+    """The compliance term takes the adapter's answer starts on the harmful prompts, each
+    step, with the start's weight; a weight of 0 takes none."""
+    model, names = lora_model
+    preset = DESCENT_PRESETS[start]
+    calls: list[tuple] = []
+
+    def recorded(model_, prompts, starts, step, weight, **kwargs):
+        calls.append((prompts, starts, step, weight))
+
+    compliance = [[40, 41], [40, 42]]
+    with mock.patch.object(gate_module, "_compliance_backward", recorded):
+        _descent(
+            model, names, [[True, True]], [1.0, 1.0], steps=3, start=start, compliance=compliance
+        )
+    expected = [(2, compliance, step, preset.compliance_weight) for step in (1, 2, 3)]
+    assert [(len(p), s, step, w) for p, s, step, w in calls] == (
+        expected if preset.compliance_weight else []
+    )
+
+
 def test_descent_settings_record_the_start_and_its_steps():
     aligned = descent_settings(GateOptions(search="descent"))
     assert aligned["start"] == "aligned" and aligned["start_gate"] == 0.0
     assert aligned["ceiling"] == DESCENT_PRESETS["aligned"].ceiling
     assert aligned["over_refusal_slack"] == DESCENT_OVER_REFUSAL_SLACK
+    assert aligned["compliance_weight"] == DESCENT_PRESETS["aligned"].compliance_weight > 0
     assert aligned["steps"] == DESCENT_PRESETS["aligned"].steps and aligned["floor"] == 0.0
     adapter = descent_settings(GateOptions(descent_start="adapter", descent_steps=7))
     assert (adapter["start"], adapter["steps"], adapter["floor"]) == ("adapter", 7, -1.0)

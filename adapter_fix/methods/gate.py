@@ -24,11 +24,12 @@ task, when a round is undone, or after `rounds`.
 gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
 (every gate 1, and a gate may then negate its unit); a gate may amplify its
 unit. The refusal term asks for ALIGNED's refusal start with part of the
-adapter's update added back, the task term for the references at the gates
-shrunk; each step takes its gradient on a share of the prompts, in turn; the
-checkpoint refusing most within the task budget, and over-refusing the benign
-calibration prompts at most `DESCENT_OVER_REFUSAL_SLACK` more than ALIGNED, is
-kept.
+adapter's update added back, and from ALIGNED a compliance term there makes
+the adapter's own answer starts on the harmful prompts unlikely; the task term
+asks for the references at the gates shrunk; each step takes its gradient on
+a share of the prompts, in turn; the checkpoint refusing most within the task
+budget, and over-refusing the benign calibration prompts at most
+`DESCENT_OVER_REFUSAL_SLACK` more than ALIGNED, is kept.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from adapter_fix.evaluate.objectives import (
     greedy_matches,
     pass_memory,
     refusal_margins,
+    scored_logprobs,
     token_nll,
     with_stop,
 )
@@ -102,6 +104,12 @@ DESCENT_BENIGN_WEIGHT = 1.0
 on the benign calibration prompts it does not refuse, at the task's stressed gates) against
 the refusal term's 1, whatever the start's task weight: the search must keep answering what
 the adapter answers."""
+DESCENT_COMPLIANCE_CHUNKS = 10
+"""The compliance term (the start's `compliance_weight`) takes each step's gradient on one
+in DESCENT_COMPLIANCE_CHUNKS of the harmful prompts, in turn (`step_rows`): half the
+refusal term's share, which on the testbed's attack-mix refused as much of the second
+tuning split as the refusal term's share did, in 26 s less (bench/README.md, "Making the
+adapter's own compliance unlikely")."""
 SEPARATION_RIDGE = 1e-3
 """`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
 SEPARATION_TOLERANCE = 1e-3
@@ -593,6 +601,7 @@ def gate_repair(
             gated,
             options,
             refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
+            compliance=[answer[:DESCENT_START_TOKENS] for answer in adapter_outputs],
             task=(task_prompts, task_targets),
             benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
@@ -816,6 +825,7 @@ def _descend(
     refusal: tuple[list[list[int]], list[list[int]]],
     task: tuple[list[list[int]], list[list[int]]],
     benign: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
+    compliance: Sequence[Sequence[int]] = (),
     measure_refusals: Callable[[], list[bool]],
     measure_over_refusals: Callable[[], list[bool]],
     kept_task: Callable[[], float | None],
@@ -833,7 +843,10 @@ def _descend(
     `DESCENT_BENIGN_WEIGHT` times that of the adapter's own answer starts on the benign
     prompts it does not refuse (`benign`: prompts and starts; none: no term), at the same
     gates, each on the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`),
-    and moves the gates by `descent_step` (the start's `rate`) within the start's `[floor,
+    plus the start's `compliance_weight` times that of the compliance term
+    (`_compliance_backward`: the adapter's own answer starts on the harmful prompts,
+    `compliance`, made unlikely; none: no term) at the refusal term's gates, and moves
+    the gates by `descent_step` (the start's `rate`) within the start's `[floor,
     ceiling]`. `options.descent_steps` steps (None: the start's `steps`). Every
     `DESCENT_CHECK_EVERY` steps, and after the last, a checkpoint measures the refusal rate
     (generation and the judge), the over-refusal (`measure_over_refusals`: on the benign
@@ -882,6 +895,10 @@ def _descend(
     for step in range(1, steps + 1):
         gated.set_values(partial_change(values, start.refusal_share))
         _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
+        if start.compliance_weight and compliance:
+            _compliance_backward(
+                model, harmful, compliance, step, start.compliance_weight, pad=pad_id, batch=batch
+            )
         gradient = start.refusal_share * gated.gradients()
         gated.set_values(values * DESCENT_TASK_SCALE)
         _step_backward(
@@ -982,6 +999,29 @@ def _step_backward(
     batched_logprobs(model, rows, pad=pad, batch_size=batch, weights=weights, backward=True)
 
 
+def _compliance_backward(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    starts: Sequence[Sequence[int]],
+    step: int,
+    weight: float,
+    *,
+    pad: int,
+    batch: int,
+) -> None:
+    """Back-propagate `weight` times the mean over step `step`'s share of the rows of each
+    start's per-token probability after its prompt (`exp(logprob / tokens)`): a term that
+    stops pushing once the start is unlikely."""
+    chosen = [i for i in step_rows(len(prompts), step, DESCENT_COMPLIANCE_CHUNKS) if starts[i]]
+    rows = [Scored([*prompts[i], *starts[i]], len(starts[i])) for i in chosen]
+    for first in range(0, len(rows), batch):
+        part = rows[first : first + batch]
+        logprobs = scored_logprobs(model, part, pad)
+        tokens = torch.tensor([row.scored for row in part], device=logprobs.device)
+        if logprobs.requires_grad:
+            ((logprobs / tokens).exp().sum() * (weight / len(rows))).backward()
+
+
 @dataclass(frozen=True)
 class GateCounts:
     """Per gate, whether it is off (`|g| < MOVED`), negated (`g <= -MOVED`) or amplified
@@ -1029,6 +1069,8 @@ def descent_settings(options: GateOptions) -> dict[str, str | float | int]:
         "refusal_share": preset.refusal_share,
         "task_scale": DESCENT_TASK_SCALE,
         "task_weight": preset.task_weight,
+        "compliance_weight": preset.compliance_weight,
+        "compliance_chunks": DESCENT_COMPLIANCE_CHUNKS,
         "start_tokens": DESCENT_START_TOKENS,
         "check_every": DESCENT_CHECK_EVERY,
         "chunks": DESCENT_CHUNKS,

@@ -23,10 +23,10 @@ calibration folder, written from the testbed's prompt files (`calibration_files`
 
 `--start` picks the descent's start (`repair --descent-start`); `--set NAME=VALUE` sets a
 field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `gate`, `rate`,
-`floor`, `ceiling`, `refusal_share`, `task_weight`, `steps`) or a constant of
-`adapter_fix.methods.gate` (its type kept); arguments after `--` go to `repair`. The
-repair runs in this process (its time and this process's peak RSS are printed), then one
-`eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary
+`floor`, `ceiling`, `refusal_share`, `task_weight`, `compliance_weight`, `steps`) or a
+constant of `adapter_fix.methods.gate` (its type kept), several after one `--set`;
+arguments after `--` go to `repair`. The repair runs in this process (its time and this
+process's peak RSS are printed), then one `eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary
 folder, removed after; `--samples PATH` keeps the answers (in a new file: an existing one
 is refused, exit 2).
 """
