@@ -26,9 +26,9 @@ field of that start's settings (`adapter_fix.options.DESCENT_PRESETS`: `gate`, `
 `floor`, `ceiling`, `refusal_share`, `task_weight`, `compliance_weight`, `steps`) or a
 constant of `adapter_fix.methods.gate` (its type kept), several after one `--set`;
 arguments after `--` go to `repair`. The repair runs in this process (its time and this
-process's peak RSS are printed), then one `eval` of ALIGNED and the repair. The folders and the repaired adapter go in a temporary
-folder, removed after; `--samples PATH` keeps the answers (in a new file: an existing one
-is refused, exit 2).
+process's peak RSS are printed), then one `eval` of ALIGNED and the repair. The folders
+and the repaired adapter go in a temporary folder, removed after; `--samples PATH` keeps
+the answers (in a new file: an existing one is refused, exit 2).
 """
 
 from __future__ import annotations
