@@ -503,6 +503,51 @@ def test_a_round_that_restores_no_refusal_is_undone_and_stops_the_repair(lora_mo
         model.load_state_dict(state)
 
 
+@pytest.mark.model
+def test_the_compliance_term_takes_only_the_answers_the_adapter_does_not_refuse(lora_model):
+    """An adapter that still refuses a harmful prompt gives it no compliance start: the term
+    would otherwise push its refusal down."""
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "component")
+    harmful = [[1, 5, 7], [2, 4, 6], [3, 9]]
+
+    calls: list[int] = []
+
+    def judge(prompts, answers):  # ALIGNED (the first call) refuses all; then only the first
+        calls.append(len(answers))
+        return [len(calls) == 1 or list(p) == harmful[0] for p in prompts]
+
+    captured: dict = {}
+
+    def descend(*_args, **kwargs):
+        captured.update(kwargs)
+        return [], 0.0, 1.0, "stopped"
+
+    try:
+        with mock.patch.object(gate_module, "_descend", descend):
+            gate_repair(
+                gated,
+                Calibration(
+                    harmful=harmful,
+                    benign=[],
+                    task=[[11, 12], [13, 14, 15]],
+                    task_references=[[20, 21], [22, 23]],
+                ),
+                GateOptions(search="descent", max_new_tokens=3, batch_size=2),
+                judge_refusals=judge,
+                decode=lambda ids: " ".join(map(str, ids)),
+                pad_id=0,
+                stop_ids=[39],
+            )
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+    compliance = captured["compliance"]
+    assert len(compliance) == 3 and compliance[0] == []
+    assert all(compliance[1:]) and all(len(start) <= 4 for start in compliance)
+
+
 def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
     gates = torch.tensor([1.0, 1.0, 0.2, -0.9])
     gradient = torch.tensor([4.0, -2.0, 0.0, 8.0])

@@ -601,7 +601,10 @@ def gate_repair(
             gated,
             options,
             refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
-            compliance=[answer[:DESCENT_START_TOKENS] for answer in adapter_outputs],
+            compliance=[  # the adapter's answers, where they are not refusals
+                [] if refused_ else answer[:DESCENT_START_TOKENS]
+                for answer, refused_ in zip(adapter_outputs, refused, strict=True)
+            ],
             task=(task_prompts, task_targets),
             benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
