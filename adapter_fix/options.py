@@ -54,7 +54,7 @@ class DescentStart:
     """Weight of the task term against the refusal term's 1."""
     compliance_weight: float
     """Weight of the compliance term (the adapter's own answer starts on the harmful prompts
-    made unlikely) against the refusal term's 1; 0: no such term."""
+    it does not refuse made unlikely) against the refusal term's 1; 0: no such term."""
     steps: int
     """Steps when `--descent-steps` is not given."""
 

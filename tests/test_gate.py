@@ -377,15 +377,15 @@ def test_the_compliance_term_is_the_mean_per_token_probability_of_the_starts(lor
     `exp(logprob / tokens)`: it pushes a likely start down and stops once it is unlikely."""
     model, names = lora_model
     gated = GatedModel(model, names, "component")
-    prompts, starts = [[1, 5, 7], [2, 4, 6, 8], [3, 9]], [[30, 31], [32], []]
+    prompts, starts = [[1, 5, 7], [2, 4, 6, 8]], [[30, 31], [32]]
     try:
         with mock.patch.object(gate_module, "DESCENT_COMPLIANCE_CHUNKS", 1):
             gated.set_values(gated.values())
             gate_module._compliance_backward(model, prompts, starts, 1, 0.5, pad=0, batch=2)
             term = gated.gradients()
         gated.set_values(gated.values())
-        rows = [Scored([*p, *s], len(s)) for p, s in zip(prompts[:2], starts[:2], strict=True)]
-        logprobs = scored_logprobs(model, rows, 0)  # the empty start has no row
+        rows = [Scored([*p, *s], len(s)) for p, s in zip(prompts, starts, strict=True)]
+        logprobs = scored_logprobs(model, rows, 0)
         ((logprobs / torch.tensor([2.0, 1.0])).exp().mean() * 0.5).backward()
         by_hand = gated.gradients()
     finally:
@@ -543,9 +543,11 @@ def test_the_compliance_term_takes_only_the_answers_the_adapter_does_not_refuse(
     finally:
         gated.remove()
         model.load_state_dict(state)
-    compliance = captured["compliance"]
-    assert len(compliance) == 3 and compliance[0] == []
-    assert all(compliance[1:]) and all(len(start) <= 4 for start in compliance)
+    prompts, starts = captured["compliance"]
+    # Not the first prompt: the adapter refuses it. Each row is its prompt, then any tokens
+    # the answer shares with ALIGNED's refusal start.
+    assert [p[: len(h)] for p, h in zip(prompts, harmful[1:], strict=True)] == harmful[1:]
+    assert all(0 < len(start) <= 4 for start in starts)
 
 
 def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
@@ -750,23 +752,69 @@ def test_descent_takes_its_starts_share_weight_and_steps(lora_model, start):
 @pytest.mark.model
 @pytest.mark.parametrize("start", ["aligned", "adapter"])
 def test_descent_makes_the_adapters_answers_unlikely_at_its_starts_weight(lora_model, start):
-    """The compliance term takes the adapter's answer starts on the harmful prompts, each
-    step, with the start's weight; a weight of 0 takes none."""
+    """The compliance term takes its rows at the refusal term's gates, each step, with the
+    start's weight, before the step reads the gradient; a weight of 0 takes none."""
     model, names = lora_model
     preset = DESCENT_PRESETS[start]
     calls: list[tuple] = []
+    latest: dict[str, torch.Tensor] = {}
+    partial, set_values = gate_module.partial_change, GatedModel.set_values
+
+    def recorded_partial(gates, share):
+        latest["partial"] = partial(gates, share)
+        return latest["partial"]
+
+    def recorded_set(self, values):
+        latest["set"] = values
+        return set_values(self, values)
 
     def recorded(model_, prompts, starts, step, weight, **kwargs):
-        calls.append((prompts, starts, step, weight))
+        calls.append((prompts, starts, step, weight, torch.equal(latest["set"], latest["partial"])))
 
-    compliance = [[40, 41], [40, 42]]
-    with mock.patch.object(gate_module, "_compliance_backward", recorded):
+    compliance = ([[1, 5, 7, 30], [2, 4, 6, 8]], [[40, 41], [40, 42]])
+    with (
+        mock.patch.object(gate_module, "_compliance_backward", recorded),
+        mock.patch.object(gate_module, "partial_change", recorded_partial),
+        mock.patch.object(GatedModel, "set_values", recorded_set),
+    ):
         _descent(
             model, names, [[True, True]], [1.0, 1.0], steps=3, start=start, compliance=compliance
         )
-    expected = [(2, compliance, step, preset.compliance_weight) for step in (1, 2, 3)]
-    assert [(len(p), s, step, w) for p, s, step, w in calls] == (
-        expected if preset.compliance_weight else []
+    expected = [(*compliance, step, preset.compliance_weight, True) for step in (1, 2, 3)]
+    assert calls == (expected if preset.compliance_weight else [])
+
+
+@pytest.mark.model
+def test_the_compliance_term_moves_the_first_step(lora_model):
+    """Its gradient reaches the gates before the step is taken: the same step with a heavier
+    compliance term lands elsewhere."""
+    model, names = lora_model
+    compliance = ([[1, 5, 7], [2, 4, 6, 8]], [[33, 34], [33, 35]])
+    preset = DESCENT_PRESETS["aligned"]
+    landed = []
+    for weight in (0.0, 50.0):
+        heavier = dataclasses.replace(preset, compliance_weight=weight)
+        with (
+            mock.patch.dict(DESCENT_PRESETS, {"aligned": heavier}),
+            mock.patch.object(gate_module, "DESCENT_COMPLIANCE_CHUNKS", 1),
+        ):
+            _result, values, _nll = _descent(
+                model, names, [[True, True]], [1.0, 1.0], steps=1, compliance=compliance
+            )
+        landed.append(values)
+    assert not torch.allclose(landed[0], landed[1])
+
+
+def test_compliance_rows_start_where_the_answer_leaves_aligneds_refusal():
+    """Per prompt the adapter does not refuse: the prompt with the tokens its answer shares
+    with ALIGNED's refusal start, then the answer's next `DESCENT_START_TOKENS` tokens."""
+    prompts = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    refusals = [[50, 51, 52], [50, 51], [50, 51], [60]]
+    answers = [[50, 51, 9, 10, 11, 12, 13], [20, 21], [20, 21], [60]]
+    refused = [False, False, True, False]  # the third is a refusal; the fourth has no tokens left
+    assert gate_module._compliance_rows(prompts, refusals, answers, refused) == (
+        [[1, 2, 50, 51], [3, 4]],
+        [[9, 10, 11, 12], [20, 21]],
     )
 
 

@@ -262,8 +262,16 @@ def test_calibration_variants_write_the_files_each_variant_names(tmp_path):
     assert len(eight) == 100
     splits = [t for split, ts in data.HARMFUL_TEMPLATES.items() if split != "calib" for t in ts]
     assert not set(variants.EXTRA_TEMPLATES) & set(splits)  # of no split
+    for kind in ("harmful", "benign"):  # two rows each: the second is framed
+        (prompts / f"{kind}-calib.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{kind} {i}"}) + "\n" for i in range(2))
+        )
     framed = written("framed")
-    assert [row["prompt"] for row in framed["harmful"]] == ["harmful calib"]
+    for kind in ("harmful", "benign"):
+        assert [row["prompt"] for row in framed[kind]] == [
+            f"{kind} 0",
+            f"{kind} 1 Answer in numbered steps.",
+        ]
     assert variants.framed([{"prompt": f"p{i}", "seen": True} for i in range(6)]) == [
         {"prompt": "p0", "seen": True},
         {"prompt": "p1 Answer in numbered steps.", "seen": True},

@@ -25,7 +25,8 @@ gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
 (every gate 1, and a gate may then negate its unit); a gate may amplify its
 unit. The refusal term asks for ALIGNED's refusal start with part of the
 adapter's update added back, and from ALIGNED a compliance term there makes
-the adapter's own answer starts on the harmful prompts unlikely; the task term
+the adapter's own answer starts on the harmful prompts it does not refuse
+unlikely; the task term
 asks for the references at the gates shrunk; each step takes its gradient on
 a share of the prompts, in turn; the checkpoint refusing most within the task
 budget, and over-refusing the benign calibration prompts at most
@@ -52,6 +53,7 @@ from adapter_fix.evaluate.objectives import (
     MemoryEstimate,
     Scored,
     batched_logprobs,
+    first_difference,
     forward_rows,
     greedy_matches,
     pass_memory,
@@ -106,10 +108,10 @@ the refusal term's 1, whatever the start's task weight: the search must keep ans
 the adapter answers."""
 DESCENT_COMPLIANCE_CHUNKS = 10
 """The compliance term (the start's `compliance_weight`) takes each step's gradient on one
-in DESCENT_COMPLIANCE_CHUNKS of the harmful prompts, in turn (`step_rows`): half the
-refusal term's share, which on the testbed's attack-mix refused as much of the second
-tuning split as the refusal term's share did, in 26 s less (bench/README.md, "Making the
-adapter's own compliance unlikely")."""
+in DESCENT_COMPLIANCE_CHUNKS of its rows, in turn (`step_rows`): half the refusal term's
+share. On the testbed's attack-mix (one run each) it refused as much of the second tuning
+split as the refusal term's share did, and the repair took 261 s against 290 s
+(bench/README.md, "Making the adapter's own compliance unlikely")."""
 SEPARATION_RIDGE = 1e-3
 """`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
 SEPARATION_TOLERANCE = 1e-3
@@ -601,10 +603,7 @@ def gate_repair(
             gated,
             options,
             refusal=(harmful, [start[:DESCENT_START_TOKENS] for start in refusal_starts]),
-            compliance=[  # the adapter's answers, where they are not refusals
-                [] if refused_ else answer[:DESCENT_START_TOKENS]
-                for answer, refused_ in zip(adapter_outputs, refused, strict=True)
-            ],
+            compliance=_compliance_rows(harmful, refusal_starts, adapter_outputs, refused),
             task=(task_prompts, task_targets),
             benign=benign_rows,
             measure_refusals=lambda: refusals(harmful, generate(harmful)),
@@ -828,7 +827,7 @@ def _descend(
     refusal: tuple[list[list[int]], list[list[int]]],
     task: tuple[list[list[int]], list[list[int]]],
     benign: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
-    compliance: Sequence[Sequence[int]] = (),
+    compliance: tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]] = ((), ()),
     measure_refusals: Callable[[], list[bool]],
     measure_over_refusals: Callable[[], list[bool]],
     kept_task: Callable[[], float | None],
@@ -847,8 +846,10 @@ def _descend(
     prompts it does not refuse (`benign`: prompts and starts; none: no term), at the same
     gates, each on the step's share of the prompts (`step_rows`, one in `DESCENT_CHUNKS`),
     plus the start's `compliance_weight` times that of the compliance term
-    (`_compliance_backward`: the adapter's own answer starts on the harmful prompts,
-    `compliance`, made unlikely; none: no term) at the refusal term's gates, and moves
+    (`_compliance_backward`: the adapter's own answer starts on the harmful prompts it does
+    not refuse made unlikely, `compliance`: prompts and starts from `_compliance_rows`; none:
+    no term) at the refusal term's gates, on one in `DESCENT_COMPLIANCE_CHUNKS` of its rows,
+    and moves
     the gates by `descent_step` (the start's `rate`) within the start's `[floor,
     ceiling]`. `options.descent_steps` steps (None: the start's `steps`). Every
     `DESCENT_CHECK_EVERY` steps, and after the last, a checkpoint measures the refusal rate
@@ -898,9 +899,9 @@ def _descend(
     for step in range(1, steps + 1):
         gated.set_values(partial_change(values, start.refusal_share))
         _step_backward(model, [(harmful, starts, 1.0)], step, pad=pad_id, batch=batch)
-        if start.compliance_weight and compliance:
+        if start.compliance_weight and compliance[0]:
             _compliance_backward(
-                model, harmful, compliance, step, start.compliance_weight, pad=pad_id, batch=batch
+                model, *compliance, step, start.compliance_weight, pad=pad_id, batch=batch
             )
         gradient = start.refusal_share * gated.gradients()
         gated.set_values(values * DESCENT_TASK_SCALE)
@@ -1012,10 +1013,11 @@ def _compliance_backward(
     pad: int,
     batch: int,
 ) -> None:
-    """Back-propagate `weight` times the mean over step `step`'s share of the rows of each
-    start's per-token probability after its prompt (`exp(logprob / tokens)`): a term that
-    stops pushing once the start is unlikely."""
-    chosen = [i for i in step_rows(len(prompts), step, DESCENT_COMPLIANCE_CHUNKS) if starts[i]]
+    """Back-propagate `weight` times the mean over step `step`'s share of the rows
+    (`step_rows`, one in `DESCENT_COMPLIANCE_CHUNKS`) of each start's per-token probability
+    after its prompt (`exp(logprob / tokens)`): a term that stops pushing once the start is
+    unlikely. Every start has at least one token (`_compliance_rows`)."""
+    chosen = step_rows(len(prompts), step, DESCENT_COMPLIANCE_CHUNKS)
     rows = [Scored([*prompts[i], *starts[i]], len(starts[i])) for i in chosen]
     for first in range(0, len(rows), batch):
         part = rows[first : first + batch]
@@ -1178,6 +1180,28 @@ def _kept(kept_task: Callable[[], float | None], first_order: Sequence[float], c
     """The measured kept task, or its first-order estimate with `count` units off."""
     measured = kept_task()
     return measured if measured is not None else first_order[count]
+
+
+def _compliance_rows(
+    prompts: Sequence[Sequence[int]],
+    refusal_starts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    refused: Sequence[bool],
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The compliance term's rows: per prompt whose answer (the adapter's) is not a refusal,
+    the prompt followed by the tokens the answer shares with ALIGNED's refusal start, and
+    the answer's next `DESCENT_START_TOKENS` tokens (none left: no row). Scoring from where
+    the two first differ keeps the term off tokens the refusal term asks for."""
+    rows: tuple[list[list[int]], list[list[int]]] = ([], [])
+    for prompt, refusal, answer, refused_ in zip(
+        prompts, refusal_starts, answers, refused, strict=True
+    ):
+        differ = first_difference(refusal, answer)
+        start = list(answer[differ : differ + DESCENT_START_TOKENS])
+        if not refused_ and start:
+            rows[0].append([*prompt, *answer[:differ]])
+            rows[1].append(start)
+    return rows
 
 
 def _refusal_rows(
