@@ -582,7 +582,7 @@ def test_the_refusal_term_sees_part_of_the_gates_change():
     assert torch.equal(partial_change(gates, 1.0), gates)
 
 
-def _descent(model, names, rates, kept, steps=20, start="aligned", over=None, compliance=()):
+def _descent(model, names, rates, kept, steps=20, start="aligned", over=None, compliance=((), ())):
     """`_descend` on the tiny model from `start` with measured rates and kept task given by
     the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
     every 10 steps; `over` (None: no benign prompts) the benign prompts' refusals at ALIGNED,
