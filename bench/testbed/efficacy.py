@@ -93,7 +93,7 @@ def evaluate(
     """`eval` of `aligned` (ALIGNED unless given) and `adapters` on `split` (the held-out
     "eval", as the README's table takes it, or a tuning split); each answer written to `samples`
     (None: nowhere; `make efficacy` keeps them in efficacy-samples.jsonl, or
-    efficacy-tune-samples.jsonl for the tuning split)."""
+    efficacy-tune-samples.jsonl and efficacy-tune2-samples.jsonl for the tuning splits)."""
     done, seconds, peak = run(
         [
             "eval",
