@@ -69,8 +69,9 @@ DESCENT_PRESETS = {
     # fitted attack-mix's prompts faster, and with the checkpoints' over-refusal bounded
     # a lighter task term (0.7) refused more of the tuning split on attack-comply and
     # attack-mix (attack-benign the same). Session 19 ("Making the adapter's own compliance
-    # unlikely"): a term against the adapter's answer starts on the harmful prompts
-    # refused more of a second tuning split's imperative phrasings on attack-mix.
+    # unlikely"): a term against the adapter's answer starts on the harmful prompts it does
+    # not refuse refused more of a second tuning split's imperative phrasings on attack-mix
+    # and attack-benign (attack-comply the same).
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,

@@ -586,7 +586,7 @@ def _descent(model, names, rates, kept, steps=20, start="aligned", over=None, co
     """`_descend` on the tiny model from `start` with measured rates and kept task given by
     the caller (`kept`: the kept task at the adapter, then at each checkpoint), a checkpoint
     every 10 steps; `over` (None: no benign prompts) the benign prompts' refusals at ALIGNED,
-    then at each checkpoint; `compliance` the adapter's answer starts on the harmful prompts.
+    then at each checkpoint; `compliance` the compliance term's rows (prompts and starts).
     Returns its result, the gates it left and the refusal starts'
     NLL there; the model's weights are put back after."""
     state = {k: v.clone() for k, v in model.state_dict().items()}

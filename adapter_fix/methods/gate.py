@@ -26,11 +26,10 @@ gate at once (`_descend`), from ALIGNED (every gate 0) or from the adapter
 unit. The refusal term asks for ALIGNED's refusal start with part of the
 adapter's update added back, and from ALIGNED a compliance term there makes
 the adapter's own answer starts on the harmful prompts it does not refuse
-unlikely; the task term
-asks for the references at the gates shrunk; each step takes its gradient on
-a share of the prompts, in turn; the checkpoint refusing most within the task
-budget, and over-refusing the benign calibration prompts at most
-`DESCENT_OVER_REFUSAL_SLACK` more than ALIGNED, is kept.
+unlikely; the task term asks for the references at the gates shrunk; each step
+takes its gradient on a share of the prompts, in turn; the checkpoint refusing
+most within the task budget, and over-refusing the benign calibration prompts
+at most `DESCENT_OVER_REFUSAL_SLACK` more than ALIGNED, is kept.
 """
 
 from __future__ import annotations
@@ -849,8 +848,7 @@ def _descend(
     (`_compliance_backward`: the adapter's own answer starts on the harmful prompts it does
     not refuse made unlikely, `compliance`: prompts and starts from `_compliance_rows`; none:
     no term) at the refusal term's gates, on one in `DESCENT_COMPLIANCE_CHUNKS` of its rows,
-    and moves
-    the gates by `descent_step` (the start's `rate`) within the start's `[floor,
+    and moves the gates by `descent_step` (the start's `rate`) within the start's `[floor,
     ceiling]`. `options.descent_steps` steps (None: the start's `steps`). Every
     `DESCENT_CHECK_EVERY` steps, and after the last, a checkpoint measures the refusal rate
     (generation and the judge), the over-refusal (`measure_over_refusals`: on the benign
