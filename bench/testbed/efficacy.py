@@ -4,7 +4,7 @@
     .venv/bin/python bench/testbed/efficacy.py --only gate    # one method's rows (repeatable)
     .venv/bin/python bench/testbed/efficacy.py --adapter attack-mix
     .venv/bin/python bench/testbed/efficacy.py --split tune   # the tuning split's rows
-    .venv/bin/python bench/testbed/efficacy.py --split tune2  # the second tuning split's
+    .venv/bin/python bench/testbed/efficacy.py --split tune2  # the second one's rows
 
 For each adapter of bench/testbed/build.py it runs `adapter-fix repair BASE ALIGNED ADAPTER -o
 ...` per method (the CLI, as a user runs it; the gated repair gets the calibration prompt
