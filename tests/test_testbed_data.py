@@ -107,6 +107,17 @@ def test_the_prompt_files_written_share_no_prompt_or_task_title(tmp_path):
     assert not build.prompts_complete(folder)  # a build without it writes the files again
 
 
+def test_a_build_is_ready_only_with_every_prompt_file(tmp_path, monkeypatch):
+    build = _load("build")
+    monkeypatch.setattr(build, "WORK", tmp_path)
+    build.build_prompts(tmp_path / "prompts")
+    assert not build.is_ready()  # no READY yet
+    (tmp_path / "READY").write_text("built\n")
+    assert build.is_ready()
+    (tmp_path / "prompts" / "harmful-tune2.jsonl").unlink()  # a build from before tune2
+    assert not build.is_ready()
+
+
 def test_half_the_categories_are_seen_and_every_split_covers_all_of_them():
     assert len(data.SEEN) * 2 == len(data.CATEGORIES)
     for split in SPLITS:

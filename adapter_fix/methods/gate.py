@@ -1317,8 +1317,9 @@ def memory_needed(
     """The largest working set of one pass of the gated repair beside the loaded weights
     (`evaluate.objectives.pass_memory`): margin (two rows per prompt, with gradients), task
     loss (with gradients) and, with the descent search, its refusal term and its task pass
-    with the benign term's rows; greedy generation
-    takes `generation_batch` prompts, sized to fit in the same memory."""
+    with the benign term's rows (its compliance term's rows, a harmful prompt and at most
+    its generated answer, one row per prompt, fit within the margin's pass); greedy
+    generation takes `generation_batch` prompts, sized to fit in the same memory."""
     shape = _shape(model)
     batch = options.batch_size
     longest = max((len(p) for p in calibration.harmful), default=0)

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0, 2, 4, 8])
     args = parser.parse_args()
-    if not (WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     if args.idea == "extrapolate":
         extrapolate(args.strength, args.adapters or ["attack-mix", "attack-comply"])

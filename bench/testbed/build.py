@@ -170,9 +170,16 @@ PROMPT_FILES = tuple(
 
 
 def prompts_complete(folder: Path) -> bool:
-    """Whether every prompt file is there (a build from before the tuning split lacks those:
+    """Whether every prompt file is there (a build from before a tuning split lacks its files:
     the files are deterministic, so writing them again changes none that existed)."""
     return all((folder / name).exists() for name in PROMPT_FILES)
+
+
+def is_ready() -> bool:
+    """Whether the experiment scripts may run: a whole build (`READY`) whose prompt files are
+    all there (a build from before a tuning split is READY without that split's files; a
+    `build.py` run writes them)."""
+    return (WORK / "READY").exists() and prompts_complete(WORK / "prompts")
 
 
 def build_prompts(out: Path) -> None:

@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     parser.add_argument("repair_args", nargs="*", help="after --: more `repair` arguments")
     args = parser.parse_args()
-    if not (build.WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     efficacy.new_samples(args.samples)
     from adapter_fix.cli import main as cli

@@ -252,7 +252,7 @@ def main() -> None:
         help="the gate value a unit taken off the adapter gets (below 0: the unit negated)",
     )
     args = parser.parse_args()
-    if not (WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     print(f"frontier: {args.adapter}, {args.units} units; load {os.getloadavg()[0]:.2f}")
     captured: dict[str, Any] = {}

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--split", default="tune", choices=build.data.MEASURED_SPLITS)
     parser.add_argument("--samples", type=Path, help="write every answer here (JSONL)")
     args = parser.parse_args()
-    if not (build.WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     efficacy.new_samples(args.samples)
     source = build.WORK / "adapters" / args.adapter

@@ -90,7 +90,7 @@ def main() -> None:
     )
     parser.add_argument("--save-gates", type=Path, help="write the last gates here (safetensors)")
     args = parser.parse_args()
-    if not (build.WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     print(f"optimize gates: {vars(args)}; load {os.getloadavg()[0]:.2f}", flush=True)
 

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1, 0.8, 0.7, 0.6, 0])
     parser.add_argument("--extra-template", default="")
     args = parser.parse_args()
-    if not (WORK / "READY").exists():
+    if not build.is_ready():
         parser.error("the testbed is not built: run `make efficacy` (or build.py) first")
     loaded = load_model(open_source(str(WORK / "aligned")), "cpu", "float32")
     attach_adapters(loaded, [open_source(str(WORK / "adapters" / args.adapter))])
