@@ -8,7 +8,8 @@ For each count N, a fresh child process loads the testbed's ALIGNED with attack-
 makes, over N harmful prompts and the 32 task calibration prompts, at the repair's default
 batch sizes: greedy generation of the calibration answers, the refusal margin with its
 backward pass (against the attack's compliance text), the teacher-forced refusal check, the
-descent's refusal term (ALIGNED's 4-token refusal starts) and the task loss, each with its
+descent's refusal term (ALIGNED's 4-token refusal starts), its compliance term (the
+attack's compliance start, every row once) and the task loss, each with its
 backward pass (a descent step runs those two on a fifth of the prompts), and the descent's
 moments' pass (no gradient) over the prompts with an answer after each.
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
@@ -111,7 +112,13 @@ def measure_passes(
         token_nll,
         with_stop,
     )
-    from adapter_fix.methods.gate import DESCENT_START_TOKENS, generation_batch, memory_needed
+    from adapter_fix.methods.gate import (
+        DESCENT_COMPLIANCE_CHUNKS,
+        DESCENT_START_TOKENS,
+        _compliance_backward,
+        generation_batch,
+        memory_needed,
+    )
 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -165,6 +172,19 @@ def measure_passes(
         sum(len(p) + len(r) for p, r in zip(harmful, starts, strict=True)),
         lambda: token_nll(model, harmful, starts, pad=pad, batch_size=batch, backward=True),
     )
+    # The descent's compliance term: the attack's compliance start after each prompt, every
+    # row once (one run of its chunks).
+    compliance = [comply[:DESCENT_START_TOKENS]] * len(harmful)
+
+    def compliance_round() -> None:
+        for step in range(1, DESCENT_COMPLIANCE_CHUNKS + 1):
+            _compliance_backward(model, harmful, compliance, step, 1.0, pad=pad, batch=batch)
+
+    timed(
+        "compliance_backward",
+        sum(len(p) + len(c) for p, c in zip(harmful, compliance, strict=True)),
+        compliance_round,
+    )
     task_tokens = sum(len(p) + len(r) for p, r in zip(task, references, strict=True))
     timed(
         "task_backward",
@@ -190,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         "| prompts | generation batch | loaded MB | peak MB | peak - loaded "
         "| generation ms/prompt token "
         "| margin fwd+bwd ms/token | refusal check ms/token | descent refusal fwd+bwd ms/token "
-        "| task fwd+bwd ms/token | moments ms/token |"
+        "| compliance fwd+bwd ms/token | task fwd+bwd ms/token | moments ms/token |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for count in args.counts:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(count)],
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['peak_mb'] - r['loaded_mb']:.0f} "
             f"| {r['generate_ms_per_token']:.2f} | {r['margin_backward_ms_per_token']:.2f} "
             f"| {r['refusal_check_ms_per_token']:.2f} | {r['descent_backward_ms_per_token']:.2f} "
+            f"| {r['compliance_backward_ms_per_token']:.2f} "
             f"| {r['task_backward_ms_per_token']:.2f} | {r['moments_ms_per_token']:.2f} |",
             flush=True,
         )
