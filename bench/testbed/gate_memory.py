@@ -14,7 +14,8 @@ backward pass (a descent step runs those two on a fifth of the prompts), and the
 moments' pass (no gradient) over the prompts with an answer after each.
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
 weight paged in) and at its peak (`ru_maxrss`)
-and each pass's seconds per token, then the load average before and after. Peak memory
+and each pass's seconds per token, then the peak once each pass has run (which pass sets
+it), and the load average before and after. Peak memory
 over the loaded model should not grow with N (one batch at a time); the per-token costs
 are what bench/README.md's 8B estimate starts from.
 """
@@ -39,6 +40,16 @@ if TYPE_CHECKING:
     from adapter_fix.methods.gate import Calibration, GateOptions
 
 WORK = build.WORK
+PASSES = (
+    "generate",
+    "margin_backward",
+    "refusal_check",
+    "descent_backward",
+    "compliance_backward",
+    "task_backward",
+    "moments",
+)
+"""The passes `child` runs, in order."""
 
 
 def child(count: int) -> dict:
@@ -81,6 +92,7 @@ def child(count: int) -> dict:
     gated.inner_moments(answered, pad=pad, batch=options.batch_size)
     moments_tokens = sum(len(row) for row in answered)
     costs["moments_ms_per_token"] = (time.perf_counter() - start) / moments_tokens * 1000
+    costs["moments_rss_mb"] = peak_mb()
     return {"prompts": count, "loaded_mb": loaded_mb, "peak_mb": peak_mb(), **costs}
 
 
@@ -98,8 +110,9 @@ def measure_passes(
 
     `comply`: the token ids of the compliance start, the margin's other row. Returns each
     pass's milliseconds per token (`*_ms_per_token`; generation's per prompt token, the
-    others' per token of the rows they score), the generation and gradient batch
-    sizes, and on CUDA each pass's peak allocated memory above what was allocated before it
+    others' per token of the rows they score), the process's peak RSS once it has run
+    (`*_rss_mb`: which pass sets the peak), the generation and gradient batch sizes, and on
+    CUDA each pass's peak allocated memory above what was allocated before it
     (`*_peak_mib`) beside the repair's own estimate of the largest pass (`estimate_mib`).
     """
     import torch
@@ -137,6 +150,7 @@ def measure_passes(
             torch.cuda.synchronize(device)
             results[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         results[f"{name}_ms_per_token"] = (time.perf_counter() - start) / max(tokens, 1) * 1000
+        results[f"{name}_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
 
     new = options.max_new_tokens
@@ -213,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "| compliance fwd+bwd ms/token | task fwd+bwd ms/token | moments ms/token |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows: list[dict] = []
     for count in args.counts:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(count)],
@@ -221,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         r = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(r)
         print(
             f"| {r['prompts']} | {r['generation_batch']} | {r['loaded_mb']:.0f} "
             f"| {r['peak_mb']:.0f} "
@@ -231,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['task_backward_ms_per_token']:.2f} | {r['moments_ms_per_token']:.2f} |",
             flush=True,
         )
+    print("\nPeak RSS (MB) once each pass has run, in the order they run:\n")
+    print("| prompts | " + " | ".join(PASSES) + " |")
+    print("| --- |" + " --- |" * len(PASSES))
+    for r in rows:
+        print(f"| {r['prompts']} | " + " | ".join(f"{r[f'{p}_rss_mb']:.0f}" for p in PASSES) + " |")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
