@@ -42,6 +42,19 @@ def test_bfloat16_on_a_cpu_without_it_warns_and_names_the_faster_dtype(
         assert "avx512_bf16" in warnings[0] and "--dtype auto" in warnings[0]
 
 
+@pytest.mark.parametrize(("cpuinfo", "count"), [(BF16, 1), (AVX2, 2), ("", 1)])
+def test_bfloat16_with_gradients_on_the_cpu_warns_of_memory_whatever_the_flags(
+    cpuinfo: str, count: int
+) -> None:
+    """The gated repair's backward passes in bfloat16 on the CPU took 2.7x float32's memory
+    on a CPU with native bfloat16: that warning comes on any CPU, after the speed one."""
+    warnings = dtype_warnings("cpu", "bfloat16", cpuinfo, gradients=True)
+    assert len(warnings) == count
+    assert "saves no memory" in warnings[-1] and "--dtype auto" in warnings[-1]
+    assert dtype_warnings("cpu", "float32", cpuinfo, gradients=True) == []
+    assert dtype_warnings("cpu", "bfloat16", cpuinfo) == warnings[:-1]
+
+
 def test_no_warning_where_the_model_runs_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
@@ -71,6 +84,23 @@ def test_eval_and_check_warn_before_they_load_the_model(
     result = run_cli(*command, "--device", "cpu", "--dtype", "bfloat16")
     assert result.exit_code == 3, result.stderr  # a missing input
     assert result.stderr.index("--dtype bfloat16 on this CPU") < result.stderr.index("missing")
+
+
+@pytest.mark.model
+def test_the_gated_repair_warns_of_bfloat16s_memory_before_it_loads_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """On a CPU with native bfloat16 too: the memory warning comes before any input is read."""
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: BF16)
+    result = run_cli(
+        "repair",
+        *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
+        *("-o", tmp_path / "out", "--method", "gate", "--harmful", "missing.jsonl"),
+        *("--device", "cpu", "--dtype", "bfloat16"),
+    )
+    assert result.exit_code == 3, result.stderr  # a missing input
+    assert "on this CPU" not in result.stderr
+    assert result.stderr.index("saves no memory") < result.stderr.index("missing")
 
 
 def test_no_warning_where_no_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:

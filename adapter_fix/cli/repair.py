@@ -399,7 +399,9 @@ def repair(
     if options.method == "gate":
         from adapter_fix.evaluate.model import dtype_warnings
 
-        render_warnings(dtype_warnings(options.subspace.device, gate["dtype"]), console)
+        render_warnings(
+            dtype_warnings(options.subspace.device, gate["dtype"], gradients=True), console
+        )
     done = run(
         sources,
         options,

@@ -99,22 +99,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def dtype_warnings(device: str, dtype: str, cpuinfo: str | None = None) -> list[str]:
-    """A warning when the model would run in bfloat16 on an x86 CPU whose flags (`cpuinfo`,
-    read from `/proc/cpuinfo` when None) show no native bfloat16 arithmetic: its matrix
-    products are emulated there (7x float32's time for a 64-row product, one thread, on an
-    AVX2 machine). Nothing where the CPU's flags cannot be read."""
+def dtype_warnings(
+    device: str, dtype: str, cpuinfo: str | None = None, *, gradients: bool = False
+) -> list[str]:
+    """Warnings for a model run in bfloat16 on the CPU: on an x86 CPU whose flags
+    (`cpuinfo`, read from `/proc/cpuinfo` when None) show no native bfloat16 arithmetic,
+    its matrix products are emulated (7x float32's time for a 64-row product, one thread,
+    on an AVX2 machine; nothing where the flags cannot be read); with `gradients` (a
+    command that back-propagates through the model), on any CPU, it is no memory saving
+    (bench/README.md, "Session 20")."""
     if dtype != "bfloat16" or resolve_device(device).type != "cpu":
         return []
+    warnings = []
     flags = cpu_flags(cpuinfo)
-    if flags is None or flags.intersection(BFLOAT16_CPU_FLAGS):
-        return []
-    return [
-        "--dtype bfloat16 on this CPU, which has no native bfloat16 arithmetic (no "
-        f"{' or '.join(BFLOAT16_CPU_FLAGS)} among its flags): its matrix products are "
-        "emulated, slower than float32's (7x for a batch of 64 rows, 1.5x for one, on an AVX2 "
-        "machine); --dtype auto (float32 on the CPU) is likely faster here."
-    ]
+    if flags is not None and not flags.intersection(BFLOAT16_CPU_FLAGS):
+        warnings.append(
+            "--dtype bfloat16 on this CPU, which has no native bfloat16 arithmetic (no "
+            f"{' or '.join(BFLOAT16_CPU_FLAGS)} among its flags): its matrix products are "
+            "emulated, slower than float32's (7x for a batch of 64 rows, 1.5x for one, on an "
+            "AVX2 machine); --dtype auto (float32 on the CPU) is likely faster here."
+        )
+    if gradients:
+        warnings.append(
+            "--dtype bfloat16 on the CPU saves no memory in the gated repair: its backward "
+            "passes peaked at 2.7x float32's resident memory on a 135M model (7.4 GB against "
+            "2.7 GB, on a CPU with native bfloat16; oneDNN's cache of bfloat16 primitives, "
+            "most likely). Where memory is short, use --dtype auto (float32 on the CPU)."
+        )
+    return warnings
 
 
 def available_memory(device: torch.device) -> int | None:
