@@ -60,6 +60,7 @@ def test_no_warning_where_the_model_runs_on_a_gpu(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert dtype_warnings("auto", "bfloat16", AVX2) == []
+    assert dtype_warnings("auto", "bfloat16", BF16, gradients=True) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert dtype_warnings("auto", "bfloat16", AVX2)  # auto is the CPU here
 
@@ -88,7 +89,7 @@ def test_eval_and_check_warn_before_they_load_the_model(
 
 @pytest.mark.model
 def test_the_gated_repair_warns_of_bfloat16s_memory_before_it_loads_the_model(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """On a CPU with native bfloat16 too: the memory warning comes before any input is read."""
     monkeypatch.setattr(hardware, "_cpuinfo", lambda: BF16)

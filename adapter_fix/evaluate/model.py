@@ -106,27 +106,27 @@ def dtype_warnings(
     (`cpuinfo`, read from `/proc/cpuinfo` when None) show no native bfloat16 arithmetic,
     its matrix products are emulated (7x float32's time for a 64-row product, one thread,
     on an AVX2 machine; nothing where the flags cannot be read); with `gradients` (a
-    command that back-propagates through the model), on any CPU, it is no memory saving
-    (bench/README.md, "Session 20")."""
+    command that back-propagates through the model), on any CPU, it was no memory saving
+    where measured (bench/README.md, "Session 20: what was tried and not kept")."""
     if dtype != "bfloat16" or resolve_device(device).type != "cpu":
         return []
-    warnings = []
+    messages: list[str] = []
     flags = cpu_flags(cpuinfo)
     if flags is not None and not flags.intersection(BFLOAT16_CPU_FLAGS):
-        warnings.append(
+        messages.append(
             "--dtype bfloat16 on this CPU, which has no native bfloat16 arithmetic (no "
             f"{' or '.join(BFLOAT16_CPU_FLAGS)} among its flags): its matrix products are "
             "emulated, slower than float32's (7x for a batch of 64 rows, 1.5x for one, on an "
             "AVX2 machine); --dtype auto (float32 on the CPU) is likely faster here."
         )
     if gradients:
-        warnings.append(
-            "--dtype bfloat16 on the CPU saves no memory in the gated repair: its backward "
-            "passes peaked at 2.7x float32's resident memory on a 135M model (7.4 GB against "
-            "2.7 GB, on a CPU with native bfloat16; oneDNN's cache of bfloat16 primitives, "
-            "most likely). Where memory is short, use --dtype auto (float32 on the CPU)."
+        messages.append(
+            "--dtype bfloat16 on the CPU saves no memory in the gated repair: on a 135M model "
+            "it peaked at 7.4 GB of resident memory against float32's 2.7 GB (measured on one "
+            "CPU with native bfloat16; oneDNN's cache of bfloat16 primitives, it seems). "
+            "Where memory is short, use --dtype auto (float32 on the CPU)."
         )
-    return warnings
+    return messages
 
 
 def available_memory(device: torch.device) -> int | None:

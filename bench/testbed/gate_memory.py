@@ -14,10 +14,13 @@ backward pass (a descent step runs those two on a fifth of the prompts), and the
 moments' pass (no gradient) over the prompts with an answer after each.
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
 weight paged in) and at its peak (`ru_maxrss`)
-and each pass's seconds per token, then the peak once each pass has run (which pass sets
-it), and the load average before and after. Peak memory
-over the loaded model should not grow with N (one batch at a time); the per-token costs
-are what bench/README.md's 8B estimate starts from.
+and each pass's milliseconds per token, then the peak once each pass has run (which pass
+sets it), and the load average before and after. The memory the passes use should not
+grow with N (one batch at a time); the RSS also holds what glibc's allocator keeps after
+tensors are freed, which grew 6-8% from 50 to 400 prompts (`MALLOC_MMAP_THRESHOLD_=131072`
+in the environment hands large freed buffers back: bench/README.md, "Where the memory
+growth comes from"). The per-token costs are what bench/README.md's 8B estimate starts
+from.
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "| compliance fwd+bwd ms/token | task fwd+bwd ms/token | moments ms/token |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for count in args.counts:
         done = subprocess.run(
             [sys.executable, __file__, "--child", str(count)],
