@@ -46,8 +46,8 @@ def test_bfloat16_on_a_cpu_without_it_warns_and_names_the_faster_dtype(
 def test_bfloat16_with_gradients_on_the_cpu_warns_of_memory_whatever_the_flags(
     cpuinfo: str, count: int
 ) -> None:
-    """The gated repair's backward passes in bfloat16 on the CPU took 2.7x float32's memory
-    on a CPU with native bfloat16: that warning comes on any CPU, after the speed one."""
+    """The gated repair in bfloat16 on the CPU peaked at 2.7x float32's resident memory on
+    a CPU with native bfloat16: that warning comes on any CPU, after the speed one."""
     warnings = dtype_warnings("cpu", "bfloat16", cpuinfo, gradients=True)
     assert len(warnings) == count
     assert "saves no memory" in warnings[-1] and "--dtype auto" in warnings[-1]
