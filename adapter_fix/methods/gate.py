@@ -109,8 +109,10 @@ DESCENT_COMPLIANCE_CHUNKS = 10
 """The compliance term (the start's `compliance_weight`) takes each step's gradient on one
 in DESCENT_COMPLIANCE_CHUNKS of its rows, in turn (`step_rows`): half the refusal term's
 share. On the testbed's attack-mix (one run each) it refused as much of the second tuning
-split as the refusal term's share did, and the repair took 261 s against 290 s
-(bench/README.md, "Making the adapter's own compliance unlikely")."""
+split as the refusal term's share did, and the repair took 261 s against 290 s; the same
+default took 299 s in a later session, so the saving is within the machine's drift
+between runs (bench/README.md, "Making the adapter's own compliance unlikely", "Session
+20"). A twentieth refused one prompt fewer there."""
 SEPARATION_RIDGE = 1e-3
 """`separating_basis`'s ridge on the other prompts' moment, as a share of its mean eigenvalue."""
 SEPARATION_TOLERANCE = 1e-3

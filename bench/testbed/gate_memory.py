@@ -10,7 +10,8 @@ batch sizes: greedy generation of the calibration answers, the refusal margin wi
 backward pass (against the attack's compliance text), the teacher-forced refusal check, the
 descent's refusal term (ALIGNED's 4-token refusal starts), its compliance term (the
 attack's compliance start, every row once) and the task loss, each with its
-backward pass (a descent step runs those two on a fifth of the prompts), and the descent's
+backward pass (a descent step runs the refusal and task passes on a fifth of the prompts
+and the compliance pass on a tenth), and the descent's
 moments' pass (no gradient) over the prompts with an answer after each.
 It prints, per N, the child's resident memory once loaded and run on one prompt (every
 weight paged in) and at its peak (`ru_maxrss`)
