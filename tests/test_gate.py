@@ -550,6 +550,71 @@ def test_the_compliance_term_takes_only_the_answers_the_adapter_does_not_refuse(
     assert all(0 < len(start) <= 4 for start in starts)
 
 
+@pytest.mark.model
+def test_checkpoint_refusals_generate_only_where_the_answer_does_not_begin_refusing(lora_model):
+    """A descent checkpoint's refusals are the judge's verdicts on the greedy answers; those
+    that begin with the judged refusal start are told by one teacher-forced pass, and only the
+    others are generated."""
+    model, names = lora_model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gated = GatedModel(model, names, "component")
+    harmful = [[1, 5, 7], [2, 4, 6], [3, 9], [8, 2, 5], [6, 6, 1], [4, 10]]
+    first: dict[tuple[int, ...], str] = {}
+
+    def judge(prompts, answers):  # a refusal: ALIGNED's first token, recorded on its answers
+        if not first:
+            first.update({tuple(p): a.split(" ")[0] for p, a in zip(prompts, answers, strict=True)})
+        pairs = zip(prompts, answers, strict=True)
+        return [bool(a) and a.split(" ")[0] == first[tuple(p)] for p, a in pairs]
+
+    captured: dict = {}
+
+    def descend(*_args, **kwargs):
+        captured.update(kwargs)
+        return [], 0.0, 1.0, "stopped"
+
+    generated: list[int] = []
+    generate_ids = gate_module.generate_ids
+
+    def counted(model_, prompts, **kwargs):
+        generated.append(len(prompts))
+        return generate_ids(model_, prompts, **kwargs)
+
+    options = GateOptions(search="descent", max_new_tokens=3, batch_size=2)
+    try:
+        with mock.patch.object(gate_module, "_descend", descend):
+            gate_repair(
+                gated,
+                Calibration(
+                    harmful=harmful,
+                    benign=[],
+                    task=[[11, 12], [13, 14, 15]],
+                    task_references=[[20, 21], [22, 23]],
+                ),
+                options,
+                judge_refusals=judge,
+                decode=lambda ids: " ".join(map(str, ids)),
+                pad_id=0,
+                stop_ids=[39],
+            )
+        kept = [p for p in harmful if first[tuple(p)]]
+        seen = set()
+        for seed in range(6):  # gates at which some answers begin refusing and some do not
+            torch.manual_seed(seed)
+            gated.set_values(torch.rand_like(gated.values()) * 2)
+            answers = generate_ids(model, kept, pad=0, stops=[39], max_new_tokens=3, batch_size=2)
+            expected = judge(kept, [" ".join(map(str, a)) for a in answers])
+            generated.clear()
+            with mock.patch.object(gate_module, "generate_ids", counted):
+                assert captured["measure_refusals"]() == expected
+            assert sum(generated) == expected.count(False)
+            seen.add(tuple(expected))
+        assert any(0 < sum(e) < len(e) for e in seen)
+    finally:
+        gated.remove()
+        model.load_state_dict(state)
+
+
 def test_a_descent_step_moves_the_steepest_gate_by_the_rate_within_the_bounds():
     gates = torch.tensor([1.0, 1.0, 0.2, -0.9])
     gradient = torch.tensor([4.0, -2.0, 0.0, 8.0])
