@@ -539,27 +539,10 @@ def gate_repair(
 
     refusal_rows = _refusal_rows(harmful, refusal_starts, refusal_starts_judged)
 
-    def begins_refusal() -> list[bool]:
-        """Per harmful prompt, whether the gated model's greedy answer begins with the prompt's
-        judged refusal start (`refusal_rows`), by one teacher-forced pass."""
+    def refusal_share() -> float:
         matches = greedy_matches(model, refusal_rows, pad=pad_id, batch_size=batch, stops=stop_ids)
         # A start with nothing to write (an empty refusal) tells nothing: not a refusal here.
-        return [m and r.scored > 0 for m, r in zip(matches, refusal_rows, strict=True)]
-
-    def refusal_share() -> float:
-        return _share(begins_refusal())
-
-    def judged_refusals() -> list[bool]:
-        """The judge's verdicts on the gated model's greedy answers to the harmful prompts,
-        generated only where the answer does not begin with the judged refusal start (an
-        answer that does is judged a refusal: `begins_refusal` tells it in one pass)."""
-        verdicts = begins_refusal()
-        rest = [i for i, begins in enumerate(verdicts) if not begins]
-        if rest:
-            prompts = [harmful[i] for i in rest]
-            for i, verdict in zip(rest, refusals(prompts, generate(prompts)), strict=True):
-                verdicts[i] = verdict
-        return verdicts
+        return _share([m and r.scored > 0 for m, r in zip(matches, refusal_rows, strict=True)])
 
     outputs = generate(harmful)
     adapter_outputs = outputs
@@ -624,7 +607,7 @@ def gate_repair(
             compliance=_compliance_rows(harmful, refusal_starts, adapter_outputs, refused),
             task=(task_prompts, task_targets),
             benign=benign_rows,
-            measure_refusals=judged_refusals,
+            measure_refusals=lambda: refusals(harmful, generate(harmful)),
             measure_over_refusals=lambda: refusals(benign_rows[0], generate(benign_rows[0])),
             kept_task=kept_task,
             start_rate=original_rate,
