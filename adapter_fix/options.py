@@ -71,17 +71,19 @@ DESCENT_PRESETS = {
     # attack-mix (attack-benign the same). Session 19 ("Making the adapter's own compliance
     # unlikely"): a term against the adapter's answer starts on the harmful prompts it does
     # not refuse refused more of a second tuning split's imperative phrasings on attack-mix
-    # and attack-benign (attack-comply the same).
+    # and attack-benign (attack-comply the same). Session 21 ("A larger step in 45 steps"):
+    # a step of 7.5 in 45 steps (from 5.6 in 60) took a quarter less time and refused as
+    # many or more of the second tuning split, at over-refusal within a prompt or two.
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,
-        rate=5.6,
+        rate=7.5,
         floor=0.0,
         ceiling=2.0,
         refusal_share=0.7,
         task_weight=0.7,
         compliance_weight=1.0,
-        steps=60,
+        steps=45,
     ),
     # The default until session 17: from the adapter, units may be negated. refusal_share
     # was 0.7 until session 8 ("The descent search at its defaults"), the rate 0.5 in 40

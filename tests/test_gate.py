@@ -1214,8 +1214,15 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     descent = calibration["descent"]  # the settings it ran with: ALIGNED's start, 60 steps
     assert (descent["start"], descent["steps"], descent["refusal_share"]) == ("aligned", 60, 0.7)
     assert report["parameters"]["descent"] == calibration["descent"]  # and the adapter's record
-    # With the whole task budget, the checkpoint that refuses most is kept.
-    best = max(r["refusal_rate"] for r in calibration["rounds"])
+    # With the whole task budget, the checkpoint that refuses most within the over-refusal
+    # bound (ALIGNED's share of the benign prompts, from the stop reason, plus the slack).
+    aligned = re.search(r"ALIGNED refuses (\d+)/(\d+) of the benign", calibration["stop_reason"])
+    assert aligned
+    bound = int(aligned[1]) / int(aligned[2]) + DESCENT_OVER_REFUSAL_SLACK + 1e-9
+    rounds = calibration["rounds"]
+    best = max(
+        r["refusal_rate"] for r in rounds if r["over_refusals"] / r["benign_prompts"] <= bound
+    )
     assert best > calibration["original_refusal_rate"]
     assert calibration["refusal_rate"] == best
     original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
