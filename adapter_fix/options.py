@@ -71,10 +71,10 @@ DESCENT_PRESETS = {
     # attack-mix (attack-benign the same). Session 19 ("Making the adapter's own compliance
     # unlikely"): a term against the adapter's answer starts on the harmful prompts it does
     # not refuse refused more of a second tuning split's imperative phrasings on attack-mix
-    # and attack-benign (attack-comply the same). Session 21 ("Session 21: a larger step"):
-    # a step of 7.5 in 45 steps (from 5.6 in 60) took a quarter less time and refused one
-    # or two prompts more of the second tuning split per attack; held-out, as well or a
-    # prompt or two worse (attack-benign one seen prompt short of the goal it had met).
+    # and attack-benign (attack-comply the same). Session 21 ("Session 21: a larger step in
+    # 45 steps, ..."): a step of 7.5 in 45 steps (from 5.6 in 60) took 12-24% less time and
+    # refused one or two prompts more of the second tuning split per attack; held-out, as
+    # well or a prompt or two worse (attack-benign still at the goal, by its bound).
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,

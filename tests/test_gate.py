@@ -1220,9 +1220,11 @@ def test_descent_writes_each_component_times_its_gate_and_reports_its_checkpoint
     assert aligned
     bound = int(aligned[1]) / int(aligned[2]) + DESCENT_OVER_REFUSAL_SLACK + 1e-9
     rounds = calibration["rounds"]
-    best = max(
+    within = [
         r["refusal_rate"] for r in rounds if r["over_refusals"] / r["benign_prompts"] <= bound
-    )
+    ]
+    assert within
+    best = max(within)
     assert best > calibration["original_refusal_rate"]
     assert calibration["refusal_rate"] == best
     original = load_file(str(CHAT / "chat-attack" / "adapter_model.safetensors"))
