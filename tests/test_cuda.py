@@ -63,6 +63,41 @@ def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtyp
     assert any(m["action"] == "gated" for m in report["modules"])
 
 
+def _descent(out: Path, device: str, dtype: str):
+    """The gated repair's default search with `--task` (the descent from ALIGNED), with
+    benign prompts (the over-refusal bound and the benign term), on `device`."""
+    return run_cli(
+        "repair",
+        *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
+        *("-o", out, "--method", "gate"),
+        *("--harmful", PROMPTS / "harmful-calib.jsonl"),
+        *("--benign", PROMPTS / "benign-calib.jsonl"),
+        *("--task", PROMPTS / "task-calib.jsonl"),
+        *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
+        *("--calibration-share", "0.3", "--task-budget", "1", "--descent-steps", "20"),
+        *("--calibration-tokens", "8", "--device", device, "--dtype", dtype, "-q"),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    result = _descent(out, "cuda", dtype)
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads((out / "repair_report.json").read_text())["calibration"]
+    assert calibration["options"]["search"] == "descent"
+    assert calibration["descent"]["start"] == "aligned"
+    assert [r["steps"] for r in calibration["rounds"]] == [15, 20]
+    assert all(r["benign_prompts"] for r in calibration["rounds"])
+    assert calibration["descent"]["separated_layers"] > 0
+    original = load_file(str(FIXTURES / "chat-attack" / "adapter_model.safetensors"))
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
+    assert all(bool(t.isfinite().all()) for t in written.values())
+
+
 def test_eval_on_cuda_agrees_with_the_cpu():
     def rates(device: str) -> list[float]:
         result = run_cli(
