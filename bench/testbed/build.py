@@ -182,6 +182,19 @@ def is_ready() -> bool:
     return (WORK / "READY").exists() and prompts_complete(WORK / "prompts")
 
 
+def ensure_built() -> None:
+    """Build what is missing, in a child process, for the scripts that measure their own
+    children: a child takes its parent's peak RSS so far as the floor of its own (on Linux,
+    `subprocess` starts children with vfork, and exec records the shared memory's high-water
+    mark), so training in the measuring process would set every later figure's floor at the
+    training's peak. Exits with the build's status when it fails."""
+    if is_ready():
+        return
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve())], check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/testbed/build.py failed (exit {done.returncode})")
+
+
 def build_prompts(out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -69,7 +69,8 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     """The CLI as a subprocess: (result, seconds, the child's own peak RSS in MB).
 
     The child is reaped with os.wait4, whose rusage is that child's alone (output goes to
-    temporary files so that nothing waits on pipes).
+    temporary files so that nothing waits on pipes), but its peak is at least this
+    process's peak so far (`build.ensure_built`): this process loads no model.
     """
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         help="measure on the held-out split (default) or a tuning split",
     )
     args = parser.parse_args(argv)
-    build.main([])
+    build.ensure_built()
     kinds = args.adapter or list(build.ADAPTERS)
     methods = [(m, o) for m, o in METHODS if not args.only or m in args.only]
     out_root = WORK / "repaired"

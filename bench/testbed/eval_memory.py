@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[50, 100, 200, 400])
     args = parser.parse_args(argv)
-    build.main([])
+    build.ensure_built()
     harmful = [row for split in SPLITS for row in build.data.harmful(split, 5)]
     if max(args.counts) > len(harmful):
         parser.error(f"--counts: at most {len(harmful)} harmful prompts")

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.child)))
         return 0
-    build.main([])
+    build.ensure_built()
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(
         "| prompts | generation batch | loaded MB | peak MB | peak - loaded "
