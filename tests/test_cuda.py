@@ -63,10 +63,12 @@ def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtyp
     assert any(m["action"] == "gated" for m in report["modules"])
 
 
-def _descent(out: Path, device: str, dtype: str):
-    """The gated repair's default search with `--task` (the descent from ALIGNED), with
-    benign prompts (the over-refusal bound and the benign term), on `device`."""
-    return run_cli(
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    result = run_cli(  # the default search with --task, benign prompts included
         "repair",
         *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
         *("-o", out, "--method", "gate"),
@@ -75,16 +77,8 @@ def _descent(out: Path, device: str, dtype: str):
         *("--task", PROMPTS / "task-calib.jsonl"),
         *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
         *("--calibration-share", "0.3", "--task-budget", "1", "--descent-steps", "20"),
-        *("--calibration-tokens", "8", "--device", device, "--dtype", dtype, "-q"),
+        *("--calibration-tokens", "8", "--device", "cuda", "--dtype", dtype, "-q"),
     )
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "out"
-    result = _descent(out, "cuda", dtype)
     assert result.exit_code == 0, result.stderr
     calibration = json.loads((out / "repair_report.json").read_text())["calibration"]
     assert calibration["options"]["search"] == "descent"
