@@ -68,7 +68,7 @@ def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tm
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    result = run_cli(  # the default search with --task, benign prompts included
+    result = run_cli(  # --descent-steps asks for the descent; benign prompts included
         "repair",
         *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
         *("-o", out, "--method", "gate"),
@@ -82,7 +82,7 @@ def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tm
     assert result.exit_code == 0, result.stderr
     calibration = json.loads((out / "repair_report.json").read_text())["calibration"]
     assert calibration["options"]["search"] == "descent"
-    assert calibration["descent"]["start"] == "aligned"
+    assert calibration["descent"]["start"] == "aligned"  # the default start
     assert [r["steps"] for r in calibration["rounds"]] == [15, 20]
     assert all(r["benign_prompts"] for r in calibration["rounds"])
     assert calibration["descent"]["separated_layers"] > 0

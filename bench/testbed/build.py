@@ -183,16 +183,17 @@ def is_ready() -> bool:
 
 
 def ensure_built() -> None:
-    """Build what is missing, in a child process, for the scripts that measure their own
-    children: a child takes its parent's peak RSS so far as the floor of its own (on Linux,
-    `subprocess` starts children with vfork, and exec records the shared memory's high-water
-    mark), so training in the measuring process would set every later figure's floor at the
-    training's peak. Exits with the build's status when it fails."""
+    """Run `build.py` in a child process when the testbed is not `is_ready()`, for the
+    scripts that measure their own children: on Linux CPython starts a `subprocess` child
+    with vfork where it may, and exec records in the child's rusage the high-water mark of
+    the address space it leaves, the parent's, so training in the measuring process would
+    set every later figure's floor at the training's peak. A failed build ends the script
+    with the build's exit status (its messages are on stderr)."""
     if is_ready():
         return
     done = subprocess.run([sys.executable, str(Path(__file__).resolve())], check=False)
     if done.returncode != 0:
-        raise SystemExit(f"bench/testbed/build.py failed (exit {done.returncode})")
+        raise SystemExit(done.returncode)
 
 
 def build_prompts(out: Path) -> None:

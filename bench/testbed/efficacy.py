@@ -69,8 +69,8 @@ def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     """The CLI as a subprocess: (result, seconds, the child's own peak RSS in MB).
 
     The child is reaped with os.wait4, whose rusage is that child's alone (output goes to
-    temporary files so that nothing waits on pipes), but its peak is at least this
-    process's peak so far (`build.ensure_built`): this process loads no model.
+    temporary files so that nothing waits on pipes), but as a vfork child its peak is at
+    least this process's peak so far (`build.ensure_built`): this process loads no model.
     """
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
