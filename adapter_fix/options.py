@@ -74,7 +74,8 @@ DESCENT_PRESETS = {
     # and attack-benign (attack-comply the same). Session 21 ("Session 21: a larger step in
     # 45 steps, ..."): a step of 7.5 in 45 steps (from 5.6 in 60) took 12-24% less time and
     # refused one or two prompts more of the second tuning split per attack; held-out, as
-    # well or a prompt or two worse (attack-benign still at the goal, by its bound).
+    # well or a prompt or two worse (attack-benign at the goal by its bound on the float32
+    # build; a prompt short on the default build, session 22).
     "aligned": DescentStart(
         "ALIGNED",
         gate=0.0,

@@ -40,8 +40,20 @@ def test_gates_live_on_the_models_device_and_factors_come_back_on_the_cpu(lora_m
         model.to("cpu")
 
 
+SEARCHES = {
+    "order": ("--rounds", "1"),
+    # --descent-steps asks for the descent (from ALIGNED, the default start); with benign
+    # prompts, for the over-refusal bound and the benign term: checkpoints at 15 and 20.
+    "descent": (
+        *("--benign", PROMPTS / "benign-calib.jsonl"),
+        *("--descent-steps", "20", "--calibration-tokens", "8"),
+    ),
+}
+
+
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
+def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype, search):
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
@@ -52,44 +64,24 @@ def test_gated_repair_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtyp
         *("--harmful", PROMPTS / "harmful-calib.jsonl"),
         *("--task", PROMPTS / "task-calib.jsonl"),
         *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
-        *("--calibration-share", "0.3", "--rounds", "1", "--task-budget", "1"),
+        *("--calibration-share", "0.3", "--task-budget", "1", *SEARCHES[search]),
         *("--device", "cuda", "--dtype", dtype, "-q"),
     )
     assert result.exit_code == 0, result.stderr
     original = load_file(str(FIXTURES / "chat-attack" / "adapter_model.safetensors"))
     written = load_file(str(out / "adapter_model.safetensors"))
     assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
-    report = json.loads((out / "repair_report.json").read_text())
-    assert any(m["action"] == "gated" for m in report["modules"])
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_the_descent_from_aligned_on_cuda_writes_the_adapters_keys_and_dtypes(tmp_path, dtype):
-    from safetensors.torch import load_file
-
-    out = tmp_path / "out"
-    result = run_cli(  # --descent-steps asks for the descent; benign prompts included
-        "repair",
-        *(FIXTURES / name for name in ("chat-base", "chat-aligned", "chat-attack")),
-        *("-o", out, "--method", "gate"),
-        *("--harmful", PROMPTS / "harmful-calib.jsonl"),
-        *("--benign", PROMPTS / "benign-calib.jsonl"),
-        *("--task", PROMPTS / "task-calib.jsonl"),
-        *("--refusal-patterns", PROMPTS / "refusal-phrases.txt"),
-        *("--calibration-share", "0.3", "--task-budget", "1", "--descent-steps", "20"),
-        *("--calibration-tokens", "8", "--device", "cuda", "--dtype", dtype, "-q"),
-    )
-    assert result.exit_code == 0, result.stderr
-    calibration = json.loads((out / "repair_report.json").read_text())["calibration"]
-    assert calibration["options"]["search"] == "descent"
-    assert calibration["descent"]["start"] == "aligned"  # the default start
-    assert [r["steps"] for r in calibration["rounds"]] == [15, 20]
-    assert all(r["benign_prompts"] for r in calibration["rounds"])
-    assert calibration["descent"]["separated_layers"] > 0
-    original = load_file(str(FIXTURES / "chat-attack" / "adapter_model.safetensors"))
-    written = load_file(str(out / "adapter_model.safetensors"))
-    assert {k: t.dtype for k, t in written.items()} == {k: t.dtype for k, t in original.items()}
     assert all(bool(t.isfinite().all()) for t in written.values())
+    report = json.loads((out / "repair_report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["options"]["search"] == search
+    if search == "order":
+        assert any(m["action"] == "gated" for m in report["modules"])
+    else:  # the miniature's checkpoints may not pass the bounds: the adapter then stays
+        assert calibration["descent"]["start"] == "aligned"
+        assert [r["steps"] for r in calibration["rounds"]] == [15, 20]
+        assert all(r["benign_prompts"] for r in calibration["rounds"])
+        assert calibration["descent"]["separated_layers"] > 0
 
 
 def test_eval_on_cuda_agrees_with_the_cpu():
